@@ -1,0 +1,393 @@
+"""The seed's stateful API as thin facades over the pure state and ops.
+
+Each facade holds a state pytree, calls a jitted pure function, and swaps in the state it returns.
+It adds argument checks, the mapping from user `seq_id`s to block-table rows, and host-side
+slicing of padded results; no cache logic of its own.
+
+Shapes follow the seed: heads first. A sequence's chunk is [K, T, D], a batch's is [B, K, T, D].
+Chunks are padded to a power-of-two T before the jitted call, so compilations grow with
+log(T), not with the number of distinct chunk lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged import ops
+from jaxpaged.config import CacheConfig
+from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read, init_contiguous
+from jaxpaged.state import BlockAllocatorState, PagedKVState, init_allocator, init_state
+from jaxpaged.stats import MemoryStats, contiguous_memory_stats, paged_memory_stats
+
+
+class OutOfBlocksError(RuntimeError):
+    """The pool has too few free blocks (or a block-table row is full); the cache is unchanged."""
+
+
+class CacheFullError(RuntimeError):
+    """Every sequence slot of the block table is taken; the cache is unchanged."""
+
+
+class UnknownSequenceError(KeyError):
+    """No live sequence has this id (never allocated, or already freed)."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class DoubleFreeError(RuntimeError):
+    """A block that is already free was freed again; the allocator is unchanged."""
+
+
+def _bucket(n: int) -> int:
+    """The next power of two >= n (and >= 1): the padded size that keys a compilation."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _as_array(x: Any, dtype, name: str) -> jax.Array:
+    """x as a jax array of exactly `dtype`: never a silent cast."""
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if jnp.dtype(x.dtype) != jnp.dtype(dtype):
+        raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {jnp.dtype(dtype).name}")
+    return jnp.asarray(x)
+
+
+def _check_layer(layer_idx: Any, num_layers: int) -> int:
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, (int, np.integer)) or not 0 <= layer_idx < num_layers:
+        raise IndexError(f"layer_idx must be an int in [0, {num_layers}), got {layer_idx!r}")
+    return int(layer_idx)
+
+
+def _pad_tokens(x: jax.Array, axis: int) -> jax.Array:
+    """Pads the token axis with zeros up to its bucket size."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, _bucket(x.shape[axis]) - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A read-only view of one block of one layer (the seed's Block, K and V apart)."""
+
+    block_id: int
+    k_data: jax.Array  # [K, P, D]
+    v_data: jax.Array  # [K, P, D]
+
+
+class BlockAllocator:
+    """Hands out and takes back block ids; a facade over `BlockAllocatorState` and its pure ops.
+
+    Standalone (`BlockAllocator(num_blocks)`) it owns its state; `PagedKVCache.allocator` returns
+    one bound to the cache's state, so blocks it hands out are ones no sequence can take.
+    """
+
+    def __init__(self, num_blocks: int):
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        own = {"state": init_allocator(int(num_blocks))}
+        self._get = lambda: own["state"]
+        self._set = lambda state: own.__setitem__("state", state)
+
+    @classmethod
+    def _bound(cls, get, set_) -> BlockAllocator:
+        allocator = cls.__new__(cls)
+        allocator._get, allocator._set = get, set_
+        return allocator
+
+    @property
+    def state(self) -> BlockAllocatorState:
+        return self._get()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.state.free_ids.shape[0]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return int(self.state.num_free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def allocate(self) -> int:
+        """Takes one free block and returns its id. Raises OutOfBlocksError when none is free."""
+        new_state, ids, ok = ops.allocate_blocks(self.state, count=1)
+        self._set(new_state)
+        if not bool(ok):
+            raise OutOfBlocksError(f"all {self.num_blocks} blocks are in use")
+        return int(ids[0])
+
+    def free(self, block_id: int) -> None:
+        """Gives a block back. Raises DoubleFreeError if it is already free."""
+        if isinstance(block_id, bool) or not isinstance(block_id, (int, np.integer)) or not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block_id must be an int in [0, {self.num_blocks}), got {block_id!r}")
+        new_state, ok = ops.free_blocks(self.state, jnp.asarray([block_id], jnp.int32))
+        self._set(new_state)
+        if not bool(ok):
+            raise DoubleFreeError(f"block {block_id} is already free")
+
+    def ref_count(self, block_id: int) -> int:
+        return int(self.state.ref_counts[block_id])
+
+    def stats(self) -> dict:
+        """Total, used and free blocks, and the used share."""
+        used = self.num_used_blocks
+        return {"total_blocks": self.num_blocks, "used_blocks": used, "free_blocks": self.num_blocks - used,
+                "utilisation": used / self.num_blocks}
+
+
+class PagedKVCache:
+    """A paged KV cache for many sequences, each appended to layer by layer.
+
+    Args:
+      config: a `CacheConfig`, or any model config with layers, kv heads and head dim
+        (see `CacheConfig.from_model_config`).
+      block_size: P, positions per block (a power of two).
+      num_blocks: N, blocks in the pool shared by all sequences.
+      max_seqs: sequences that can be live at once.
+      max_blocks_per_seq: M, the most blocks one sequence may hold; default N.
+      dtype: element type of the pools; default the config's.
+    """
+
+    def __init__(self, config: Any, block_size: int = 16, num_blocks: int = 256, *, max_seqs: int = 32,
+                 max_blocks_per_seq: int | None = None, dtype: Any = None):
+        overrides = dict(block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq)
+        if dtype is not None:
+            overrides["dtype"] = dtype
+        self.config = CacheConfig.from_model_config(config, **overrides)
+        self.state: PagedKVState = init_state(self.config)
+        self._rows: dict[Hashable, int] = {}
+
+    # -- sequences
+
+    @property
+    def seq_ids(self) -> list:
+        return list(self._rows)
+
+    def _row(self, seq_id: Hashable) -> int:
+        try:
+            return self._rows[seq_id]
+        except (KeyError, TypeError):
+            raise UnknownSequenceError(f"unknown sequence {seq_id!r} (never allocated, or already freed)") from None
+
+    def allocate_sequence(self, seq_id: Hashable, initial_len: int = 0) -> None:
+        """Starts a sequence with blocks reserved for `initial_len` positions; its length starts at 0.
+
+        Raises ValueError for a duplicate id, CacheFullError when no slot is left, OutOfBlocksError
+        when the reservation does not fit; the cache is unchanged in each case.
+        """
+        if not isinstance(seq_id, Hashable):
+            raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}")
+        if seq_id in self._rows:
+            raise ValueError(f"sequence {seq_id!r} is already allocated")
+        if isinstance(initial_len, bool) or not isinstance(initial_len, (int, np.integer)) or initial_len < 0:
+            raise ValueError(f"initial_len must be a non-negative int, got {initial_len!r}")
+        taken = set(self._rows.values())
+        row = next((r for r in range(self.config.max_seqs) if r not in taken), None)
+        if row is None:
+            raise CacheFullError(f"all {self.config.max_seqs} sequence slots are in use; free one or raise max_seqs")
+        self.state, ok = ops.reserve(self.state, jnp.asarray([row], jnp.int32), jnp.asarray([initial_len], jnp.int32),
+                                     max_new_tokens=_bucket(initial_len))
+        if not bool(ok):
+            raise OutOfBlocksError(f"no room for {initial_len} positions: {self.num_free_blocks} free blocks of "
+                                   f"{self.config.block_size}, at most {self.config.max_blocks_per_seq} per sequence")
+        self._rows[seq_id] = row
+
+    def append_tokens(self, seq_id: Hashable, layer_idx: int, k: Any, v: Any) -> bool:
+        """Appends T positions to one layer of a sequence, taking blocks as needed.
+
+        Args:
+          k, v: [K, T, D] in the cache dtype.
+
+        Returns:
+          True on success; False when the blocks ran out (nothing changed).
+        """
+        row = self._row(seq_id)
+        layer = _check_layer(layer_idx, self.config.num_layers)
+        k, v = (_as_array(x, self.config.dtype, name) for x, name in ((k, "k"), (v, "v")))
+        c = self.config
+        if k.ndim != 3 or k.shape[0] != c.num_kv_heads or k.shape[2] != c.head_dim or v.shape != k.shape:
+            raise ValueError(f"k and v must be [K={c.num_kv_heads}, T, D={c.head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        num_tokens = jnp.asarray([k.shape[1]], jnp.int32)
+        k, v = (_pad_tokens(jnp.swapaxes(x, 0, 1)[None], axis=1) for x in (k, v))  # [1, T', K, D]
+        self.state, ok = ops.append(self.state, layer, jnp.asarray([row], jnp.int32), k, v, num_tokens)
+        return bool(ok)
+
+    def get_seq_len(self, seq_id: Hashable, layer_idx: int = 0) -> int:
+        """Positions written to `layer_idx` of the sequence."""
+        return int(self.state.table.seq_lens[_check_layer(layer_idx, self.config.num_layers), self._row(seq_id)])
+
+    def get_kv(self, seq_id: Hashable, layer_idx: int) -> tuple[jax.Array, jax.Array]:
+        """The sequence's K and V so far in one layer, each [K, S, D] with S its length."""
+        row = self._row(seq_id)
+        layer = _check_layer(layer_idx, self.config.num_layers)
+        seq_len = self.get_seq_len(seq_id, layer)
+        k, v, _ = ops.gather_kv(self.state, layer, jnp.asarray([row], jnp.int32), max_len=_bucket(seq_len))
+        return tuple(jnp.swapaxes(x[0, :seq_len], 0, 1) for x in (k, v))
+
+    def free_sequence(self, seq_id: Hashable) -> None:
+        """Ends a sequence; its blocks become free for others. Raises UnknownSequenceError if not live."""
+        row = self._row(seq_id)
+        self.state, ok = ops.free_seqs(self.state, jnp.asarray([row], jnp.int32))
+        if not bool(ok):  # the pure layer refused: a block of this row is already free
+            raise DoubleFreeError(f"sequence {seq_id!r} holds a block that is already free")
+        del self._rows[seq_id]
+
+    # -- blocks and statistics
+
+    @property
+    def allocator(self) -> BlockAllocator:
+        """A BlockAllocator bound to this cache's free list."""
+        return BlockAllocator._bound(lambda: self.state.allocator,
+                                     lambda alloc: setattr(self, "state", self.state.replace(allocator=alloc)))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return int(self.state.allocator.num_free)
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        """The ids of the blocks a sequence holds, in position order."""
+        ids = np.asarray(self.state.table.block_ids[self._row(seq_id)])
+        return [int(i) for i in ids[ids < self.config.num_blocks]]
+
+    def get_block(self, block_id: int, layer_idx: int) -> Block:
+        """A view of one block of one layer: k_data and v_data, each [K, P, D]."""
+        if not 0 <= block_id < self.config.num_blocks:
+            raise IndexError(f"block_id must be in [0, {self.config.num_blocks}), got {block_id}")
+        layer = _check_layer(layer_idx, self.config.num_layers)
+        return Block(block_id, jnp.swapaxes(self.state.pools.k[layer, block_id], 0, 1),
+                     jnp.swapaxes(self.state.pools.v[layer, block_id], 0, 1))
+
+    def memory_stats(self) -> MemoryStats:
+        return paged_memory_stats(self.state)
+
+
+class KVCache:
+    """The classic contiguous cache: [B, K, max_len, D] preallocated per layer.
+
+    Args:
+      config: a CacheConfig or any model config with layers, kv heads and head dim.
+      batch_size: B.
+      max_len: S, positions preallocated per row.
+      dtype: element type; default the config's.
+    """
+
+    def __init__(self, config: Any, batch_size: int, max_len: int, dtype: Any = None):
+        overrides = {"num_blocks": 1} if dtype is None else {"num_blocks": 1, "dtype": dtype}
+        shape = CacheConfig.from_model_config(config, **overrides)
+        self.config = shape
+        self.num_layers = shape.num_layers
+        self.state: ContiguousKVState = init_contiguous(shape.num_layers, batch_size, shape.num_kv_heads, max_len,
+                                                        shape.head_dim, shape.jnp_dtype)
+
+    def update(self, layer_idx: int, k: Any, v: Any, num_tokens: Any = None) -> tuple[jax.Array, jax.Array]:
+        """Appends k, v [B, K, T, D] to one layer and returns its K and V so far, each [B, K, S, D].
+
+        Args:
+          num_tokens: optional [B] valid tokens per row (the rest of the T is padding). S is the
+            longest row; shorter rows read as zeros past their length.
+        """
+        layer = _check_layer(layer_idx, self.num_layers)
+        k, v = (_as_array(x, self.state.k.dtype, name) for x, name in ((k, "k"), (v, "v")))
+        if num_tokens is not None:
+            num_tokens = jnp.asarray(num_tokens, jnp.int32)
+        self.state, ok = contiguous_append(self.state, layer, k, v, num_tokens)
+        if not bool(ok):
+            raise OutOfBlocksError(f"a row would pass max_len={self.state.k.shape[3]}")
+        k_all, v_all, seq_lens = contiguous_read(self.state, layer)
+        longest = int(jnp.max(seq_lens))
+        return k_all[:, :, :longest], v_all[:, :, :longest]
+
+    def seq_lens(self, layer_idx: int = 0) -> np.ndarray:
+        return np.asarray(self.state.seq_lens[_check_layer(layer_idx, self.num_layers)])
+
+    def reset(self) -> None:
+        num_layers, batch, heads, max_len, head_dim = self.state.k.shape
+        self.state = init_contiguous(num_layers, batch, heads, max_len, head_dim, self.state.k.dtype)
+
+    def memory_stats(self) -> MemoryStats:
+        return contiguous_memory_stats(self.state)
+
+
+class PagedKVCacheAdapter:
+    """`KVCache.update()` backed by paged blocks: the same results, bit for bit.
+
+    Batch row b is the sequence `b` of an inner PagedKVCache, which takes blocks only as rows grow.
+
+    Args:
+      config: a CacheConfig or any model config with layers, kv heads and head dim.
+      batch_size: B.
+      block_size: P.
+      num_blocks: N, the shared pool; default enough for every row to reach max_len.
+      max_len: the most positions one row may hold; default N * P.
+      dtype: element type; default the config's.
+    """
+
+    def __init__(self, config: Any, batch_size: int, block_size: int = 16, num_blocks: int | None = None,
+                 max_len: int | None = None, dtype: Any = None):
+        if num_blocks is None and max_len is None:
+            raise ValueError("give num_blocks, max_len or both")
+        blocks_per_row = None if max_len is None else -(-max_len // block_size)
+        if num_blocks is None:
+            num_blocks = batch_size * blocks_per_row
+        self.batch_size = batch_size
+        self.cache = PagedKVCache(config, block_size, num_blocks, max_seqs=batch_size,
+                                  max_blocks_per_seq=blocks_per_row, dtype=dtype)
+        self.config = self.cache.config
+        self.reset()
+
+    def reset(self) -> None:
+        """Frees every row and starts them again empty."""
+        for seq_id in self.cache.seq_ids:
+            self.cache.free_sequence(seq_id)
+        for row in range(self.batch_size):
+            self.cache.allocate_sequence(row)
+
+    def update(self, layer_idx: int, k: Any, v: Any, num_tokens: Any = None) -> tuple[jax.Array, jax.Array]:
+        """Appends k, v [B, K, T, D] to one layer and returns its K and V so far, each [B, K, S, D].
+
+        Raises OutOfBlocksError (nothing changed) when the pool cannot hold the new positions.
+        """
+        layer = _check_layer(layer_idx, self.config.num_layers)
+        k, v = (_as_array(x, self.config.dtype, name) for x, name in ((k, "k"), (v, "v")))
+        c = self.config
+        if k.ndim != 4 or k.shape[0] != self.batch_size or k.shape[1] != c.num_kv_heads or k.shape[3] != c.head_dim:
+            raise ValueError(f"k must be [B={self.batch_size}, K={c.num_kv_heads}, T, D={c.head_dim}], got {tuple(k.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        chunk = k.shape[2]
+        num_tokens = jnp.full((self.batch_size,), chunk, jnp.int32) if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
+        k, v = (_pad_tokens(jnp.swapaxes(x, 1, 2), axis=1) for x in (k, v))  # [B, T', K, D]
+        seq_idx = jnp.arange(self.batch_size, dtype=jnp.int32)
+        cache = self.cache
+        cache.state, ok = ops.append(cache.state, layer, seq_idx, k, v, num_tokens)
+        if not bool(ok):
+            raise OutOfBlocksError(f"no room for {chunk} more positions: {cache.num_free_blocks} free blocks, "
+                                   f"at most {c.max_seq_len} positions per row")
+        longest = int(jnp.max(cache.state.table.seq_lens[layer]))
+        k_all, v_all, _ = ops.gather_kv(cache.state, layer, seq_idx, max_len=_bucket(longest))
+        return tuple(jnp.swapaxes(x[:, :longest], 1, 2) for x in (k_all, v_all))
+
+    def seq_lens(self, layer_idx: int = 0) -> np.ndarray:
+        return np.asarray(self.cache.state.table.seq_lens[_check_layer(layer_idx, self.config.num_layers)])
+
+    def memory_stats(self) -> MemoryStats:
+        return self.cache.memory_stats()
+
+
+def create_paged_kv_cache(config: Any, batch_size: int, block_size: int = 16, blocks_per_seq: int = 32,
+                          dtype: Any = None) -> PagedKVCacheAdapter:
+    """The seed's factory: an adapter for `batch_size` rows of up to `blocks_per_seq` blocks each.
+
+    The pool holds batch_size * blocks_per_seq blocks, so every row can reach its maximum.
+    """
+    return PagedKVCacheAdapter(config, batch_size, block_size, num_blocks=batch_size * blocks_per_seq,
+                               max_len=blocks_per_seq * block_size, dtype=dtype)

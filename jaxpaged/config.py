@@ -1,0 +1,122 @@
+"""Cache geometry: one frozen, hashable config that every static size of the state comes from.
+
+Axis letters: L layers, N blocks in the pool, P block size, K kv heads, D head dim,
+B sequence slots in the block table, M blocks per sequence (block-table width).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """Normalises 'bfloat16', jnp.bfloat16, np.dtype('float16') ... to a canonical name."""
+    import jax.numpy as jnp  # local: keep the module import cheap
+
+    name = jnp.dtype(dtype).name
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported cache dtype {name!r}; choose one of {SUPPORTED_DTYPES}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Static geometry of a paged KV cache.
+
+    Frozen and hashable, so it can be a static argument of a jitted function and a static
+    field of the state pytrees.
+    """
+
+    num_layers: int  # L: transformer layers, each with its own K and V pool
+    num_kv_heads: int  # K: key/value heads per layer
+    head_dim: int  # D: features per head
+    num_blocks: int  # N: blocks in the pool, shared by all sequences
+    block_size: int = 16  # P: token positions per block, a power of two
+    max_seqs: int = 32  # B: sequence slots (rows) in the block table
+    max_blocks_per_seq: int | None = None  # M: block-table width; None means num_blocks
+    dtype: str = "float32"  # element type of the pools: float32, float16 or bfloat16
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "max_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CacheConfig.{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"CacheConfig.block_size must be a power of two, got {self.block_size}")
+        width = self.num_blocks if self.max_blocks_per_seq is None else self.max_blocks_per_seq
+        if not isinstance(width, (int, np.integer)) or width < 1:
+            raise ValueError(f"CacheConfig.max_blocks_per_seq must be a positive int, got {width!r}")
+        object.__setattr__(self, "max_blocks_per_seq", int(min(width, self.num_blocks)))
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+
+    @classmethod
+    def from_model_config(cls, model_config: Any, **overrides: Any) -> CacheConfig:
+        """Builds a cache config from any model config that names its layers, kv heads and head dim.
+
+        Accepts the field names used by this project's `ModelConfig` (`num_layers`, `num_kv_heads`,
+        `head_dim`) and the Hugging Face spellings (`num_hidden_layers`, `num_key_value_heads`,
+        `hidden_size / num_attention_heads`). `overrides` set or replace any field.
+        """
+        if isinstance(model_config, CacheConfig):
+            return dataclasses.replace(model_config, **overrides)
+
+        def first(*names):
+            for name in names:
+                value = getattr(model_config, name, None)
+                if value is not None:
+                    return value
+            return None
+
+        fields = {
+            "num_layers": first("num_layers", "num_hidden_layers", "n_layers", "n_layer"),
+            "num_kv_heads": first("num_kv_heads", "num_key_value_heads", "n_kv_heads"),
+            "head_dim": first("head_dim"),
+            "dtype": first("cache_dtype", "dtype"),
+        }
+        if fields["num_kv_heads"] is None:
+            fields["num_kv_heads"] = first("num_heads", "num_attention_heads", "n_heads")
+        if fields["head_dim"] is None:
+            width, heads = first("hidden_size", "dim", "n_embd"), first("num_heads", "num_attention_heads", "n_heads")
+            if width is not None and heads:
+                fields["head_dim"] = width // heads
+        fields = {k: v for k, v in fields.items() if v is not None}
+        fields.update(overrides)
+        missing = {"num_layers", "num_kv_heads", "head_dim", "num_blocks"} - fields.keys()
+        if missing:
+            raise ValueError(f"cannot build a CacheConfig from {type(model_config).__name__}: missing {sorted(missing)}")
+        return cls(**fields)
+
+    @property
+    def jnp_dtype(self):
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return self.jnp_dtype.itemsize
+
+    @property
+    def max_seq_len(self) -> int:
+        """Most positions one sequence can hold: M * P."""
+        return self.max_blocks_per_seq * self.block_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K plus V for one position across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_token
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes reserved by the K and V pools of all layers."""
+        return self.num_blocks * self.bytes_per_block

@@ -1,0 +1,72 @@
+"""The classic contiguous KV cache as a pytree and pure jitted functions: the baseline the paged cache is measured against.
+
+Axis letters: L layers, B batch rows, K kv heads, S max positions, T tokens in a chunk, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class ContiguousKVState:
+    """Preallocated K and V, [B, K, S, D] per layer, and positions written per layer and row."""
+
+    k: jax.Array  # [L, B, K, S, D]
+    v: jax.Array  # [L, B, K, S, D]
+    seq_lens: jax.Array  # [L, B] int32
+
+
+def init_contiguous(num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, dtype) -> ContiguousKVState:
+    """Zeroed buffers for `batch_size` rows of up to `max_len` positions."""
+    shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+    return ContiguousKVState(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), seq_lens=jnp.zeros((num_layers, batch_size), jnp.int32)
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def contiguous_append(state: ContiguousKVState, layer, k: jax.Array, v: jax.Array, num_tokens=None):
+    """Writes k, v [B, K, T, D] after each row's length in `layer`. DONATES state.
+
+    Args:
+      num_tokens: [B] int32 valid tokens per row (the rest is padding); default T.
+
+    Returns:
+      (state, ok); ok is False, and nothing changes, when a row would pass max_len.
+    """
+    _, batch, heads, max_len, head_dim = state.k.shape
+    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim or k.ndim != 4:
+        raise ValueError(f"k must be [B={batch}, K={heads}, T, D={head_dim}], got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != state.k.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {state.k.dtype}")
+    chunk = k.shape[2]
+    if num_tokens is None:
+        num_tokens = jnp.full((batch,), chunk, jnp.int32)
+    num_tokens = jnp.clip(num_tokens, 0, chunk)
+    starts = state.seq_lens[layer]  # [B]
+    ok = jnp.all(starts + num_tokens <= max_len)
+    t = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    positions = jnp.where((t < num_tokens[:, None]) & ok, starts[:, None] + t, max_len)  # [B, T]; max_len is dropped
+    rows = jnp.arange(batch)[:, None]
+    new_k = state.k.at[layer, rows, :, positions].set(jnp.swapaxes(k, 1, 2), mode="drop")
+    new_v = state.v.at[layer, rows, :, positions].set(jnp.swapaxes(v, 1, 2), mode="drop")
+    seq_lens = state.seq_lens.at[layer].add(jnp.where(ok, num_tokens, 0))
+    return ContiguousKVState(k=new_k, v=new_v, seq_lens=seq_lens), ok
+
+
+@jax.jit
+def contiguous_read(state: ContiguousKVState, layer):
+    """One layer's K and V, [B, K, S, D] each, zero past each row's length, and seq_lens [B]."""
+    seq_lens = state.seq_lens[layer]
+    positions = jnp.arange(state.k.shape[3])
+    live = (positions[None, :] < seq_lens[:, None])[:, None, :, None]  # [B, 1, S, 1]
+    k, v = state.k[layer], state.v[layer]
+    return jnp.where(live, k, jnp.zeros_like(k)), jnp.where(live, v, jnp.zeros_like(v)), seq_lens

@@ -1,0 +1,259 @@
+"""Pure jitted functions over the paged state: allocate, write (scatter), gather, free.
+
+Every function that changes the state takes it first, returns a new one, and is jitted with the
+state donated, so XLA updates the pools in place; the caller must drop its reference to the old
+state. Nothing loops per block: allocation pops a whole batch's blocks off the free-list stack at
+once (a cumsum gives each sequence its slice of the stack).
+
+Axis letters: L layers, N blocks, P block size, K kv heads, D head dim, B sequences in a batch
+(each names a row of the block table by `seq_idx`), T tokens per sequence in a chunk, S gathered
+positions, M blocks per sequence.
+
+Failure is reported, never silent: functions that can run out of blocks return `ok`, a bool
+scalar, and when it is False they return the state unchanged (same contents) and drop the writes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.state import BlockAllocatorState, PagedKVState
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+# ----------------------------------------------------------------------------- the allocator
+
+
+def _pop_blocks(alloc: BlockAllocatorState, counts: jax.Array, width: int):
+    """Pops counts[b] blocks for each b off the free stack, all or none.
+
+    Returns (allocator, ids [B, width] with N past counts[b], fits).
+    """
+    num_blocks = alloc.free_ids.shape[0]
+    total = jnp.sum(counts)
+    fits = total <= alloc.num_free
+    first = jnp.cumsum(counts) - counts  # [B] where each sequence's run starts, from the top
+    j = jnp.arange(width, dtype=jnp.int32)
+    take = (j[None, :] < counts[:, None]) & fits  # [B, width]
+    stack_pos = alloc.num_free - 1 - (first[:, None] + j[None, :])
+    ids = jnp.where(take, alloc.free_ids.at[stack_pos].get(mode="fill", fill_value=num_blocks), num_blocks)
+    new_alloc = alloc.replace(
+        num_free=alloc.num_free - jnp.where(fits, total, 0),
+        ref_counts=alloc.ref_counts.at[ids].add(1, mode="drop"),
+    )
+    return new_alloc, ids, fits
+
+
+def _release_blocks(alloc: BlockAllocatorState, ids: jax.Array):
+    """Drops one reference per entry of `ids` (any shape; N entries ignored), all or none.
+
+    Blocks whose count reaches 0 go back on the free stack. Returns (allocator, ok); ok is False,
+    and nothing changes, when some block would drop below zero references (a double free).
+    """
+    num_blocks = alloc.free_ids.shape[0]
+    drops = jnp.zeros((num_blocks,), jnp.int32).at[ids.ravel()].add(1, mode="drop")
+    ok = jnp.all(drops <= alloc.ref_counts)
+    drops = jnp.where(ok, drops, 0)
+    ref_counts = alloc.ref_counts - drops
+    became_free = (drops > 0) & (ref_counts == 0)
+    push_pos = alloc.num_free + jnp.cumsum(became_free, dtype=jnp.int32) - 1
+    free_ids = alloc.free_ids.at[jnp.where(became_free, push_pos, num_blocks)].set(
+        jnp.arange(num_blocks, dtype=jnp.int32), mode="drop"
+    )
+    new_alloc = BlockAllocatorState(
+        free_ids=free_ids,
+        num_free=alloc.num_free + jnp.sum(became_free, dtype=jnp.int32),
+        ref_counts=ref_counts,
+    )
+    return new_alloc, ok
+
+
+@functools.partial(jax.jit, static_argnames=("count",), donate_argnames=("alloc",))
+def allocate_blocks(alloc: BlockAllocatorState, count: int):
+    """Takes `count` free blocks. DONATES alloc.
+
+    Returns:
+      (allocator, ids [count] int32, ok); when ok is False nothing is taken and ids are N.
+    """
+    new_alloc, ids, ok = _pop_blocks(alloc, jnp.full((1,), count, jnp.int32), count)
+    return new_alloc, ids[0], ok
+
+
+@functools.partial(jax.jit, donate_argnames=("alloc",))
+def free_blocks(alloc: BlockAllocatorState, ids: jax.Array):
+    """Drops one reference to each block in `ids` [n]; blocks left with none become free. DONATES alloc.
+
+    Returns:
+      (allocator, ok); ok is False, and nothing changes, on a double free.
+    """
+    return _release_blocks(alloc, ids)
+
+
+# ----------------------------------------------------------------------------- sequences
+
+
+def _seq_lens_of(state: PagedKVState, layer, seq_idx):
+    return state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)  # [B]
+
+
+def _reserve(state: PagedKVState, seq_idx, target_lens, max_new_blocks: int):
+    """Grows each sequence's blocks to cover target_lens [B] positions. Returns (state, ok)."""
+    c = state.config
+    rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
+    held = jnp.sum(rows < c.num_blocks, axis=-1, dtype=jnp.int32)  # [B]
+    needed = _ceil_div(target_lens, c.block_size)
+    width_ok = jnp.all(needed <= c.max_blocks_per_seq)
+    counts = jnp.where(width_ok, jnp.maximum(needed - held, 0), 0)
+    allocator, new_ids, fits = _pop_blocks(state.allocator, counts, max_new_blocks)
+    cols = held[:, None] + jnp.arange(max_new_blocks, dtype=jnp.int32)[None, :]  # [B, J]
+    target_rows = jnp.where(new_ids < c.num_blocks, seq_idx[:, None], c.max_seqs)
+    block_ids = state.table.block_ids.at[target_rows, cols].set(new_ids, mode="drop")
+    new_state = state.replace(table=state.table.replace(block_ids=block_ids), allocator=allocator)
+    return new_state, fits & width_ok
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",), donate_argnames=("state",))
+def reserve(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, layer=0, *, max_new_tokens: int):
+    """Makes room for num_tokens [B] more positions past each sequence's length in `layer`. DONATES state.
+
+    Lengths do not change; only blocks are taken. `max_new_tokens` (static) bounds num_tokens and
+    sizes the work. Sequence indices must be distinct, except padding rows (index B) or rows asking
+    for 0 tokens.
+
+    Returns:
+      (state, ok); ok is False, and nothing changes, when the pool or a block-table row is full.
+    """
+    num_tokens = jnp.clip(num_tokens, 0, max_new_tokens)
+    target = _seq_lens_of(state, layer, seq_idx) + num_tokens
+    return _reserve(state, seq_idx, target, _ceil_div(max_new_tokens, state.config.block_size) or 1)
+
+
+def _check_chunk(state: PagedKVState, seq_idx, k, v):
+    c = state.config
+    if k.ndim != 4 or k.shape[2:] != (c.num_kv_heads, c.head_dim):
+        raise ValueError(f"k must be [B, T, K={c.num_kv_heads}, D={c.head_dim}], got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != c.jnp_dtype:
+            raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {c.dtype}")
+    if seq_idx.shape != k.shape[:1]:
+        raise ValueError(f"seq_idx must be [B={k.shape[0]}], got {tuple(seq_idx.shape)}")
+
+
+def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tokens: int):
+    """Flat pool slots (block * P + offset) for T positions from starts [B]; unique sentinels past num_tokens.
+
+    Returns:
+      slots [B, T] int32; the padding positions get N*P + (b*T + t), out of range and distinct,
+      so a scatter may declare its indices unique and still drop them.
+    """
+    c = state.config
+    t = jnp.arange(num_chunk_tokens, dtype=jnp.int32)
+    positions = starts[:, None] + t[None, :]  # [B, T]
+    rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
+    blocks = jnp.take_along_axis(rows, jnp.minimum(positions // c.block_size, c.max_blocks_per_seq - 1), axis=1)
+    slots = blocks * c.block_size + positions % c.block_size
+    sentinel = c.num_blocks * c.block_size + jnp.arange(slots.size, dtype=jnp.int32).reshape(slots.shape)
+    valid = (t[None, :] < num_tokens[:, None]) & (blocks < c.num_blocks)
+    return jnp.where(valid, slots, sentinel)
+
+
+def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVState:
+    """Scatters k, v [B, T, K, D] into `layer`'s pools at slots [B, T]; out-of-range slots are dropped."""
+    c = state.config
+    flat_shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
+    flat_slots = slots.reshape(-1)
+    new_pools = []
+    for pool, x in ((state.pools.k, k), (state.pools.v, v)):
+        pool = pool.reshape(flat_shape)  # [L, N*P, K, D], free: same bytes
+        pool = pool.at[layer, flat_slots].set(
+            x.reshape(-1, c.num_kv_heads, c.head_dim), mode="drop", unique_indices=True
+        )
+        new_pools.append(pool.reshape(state.pools.k.shape))
+    return state.replace(pools=state.pools.replace(k=new_pools[0], v=new_pools[1]))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.Array, num_tokens=None):
+    """Appends a chunk of tokens to each of B sequences in one layer, taking blocks as needed. DONATES state.
+
+    Prefill is a chunk of T tokens; decode is T = 1. Works inside jit and `lax.fori_loop`.
+
+    Args:
+      state: the cache.
+      layer: [] int, the layer written.
+      seq_idx: [B] int32 block-table rows, distinct except padding rows (index B = `max_seqs`).
+      k, v: [B, T, K, D] in the cache dtype.
+      num_tokens: [B] int32, valid tokens per row (the rest is padding); default T. Clipped to [0, T].
+
+    Returns:
+      (state, ok). When ok is False (out of blocks or past the block-table width) the state is
+      returned unchanged: no block taken, nothing written, no length advanced.
+    """
+    _check_chunk(state, seq_idx, k, v)
+    num_chunk_tokens = k.shape[1]
+    if num_tokens is None:
+        num_tokens = jnp.full(seq_idx.shape, num_chunk_tokens, jnp.int32)
+    num_tokens = jnp.clip(num_tokens, 0, num_chunk_tokens)
+    starts = _seq_lens_of(state, layer, seq_idx)
+    state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, state.config.block_size))
+    num_tokens = jnp.where(ok, num_tokens, 0)
+    slots = slot_mapping(state, seq_idx, starts, num_tokens, num_chunk_tokens)
+    state = write_slots(state, layer, slots, k, v)
+    seq_lens = state.table.seq_lens.at[layer, seq_idx].add(num_tokens, mode="drop")
+    return state.replace(table=state.table.replace(seq_lens=seq_lens)), ok
+
+
+@functools.partial(jax.jit, static_argnames=("max_len",))
+def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
+    """Reads B sequences of one layer as contiguous, zero-padded arrays.
+
+    Positions at or past a sequence's length read as 0, whatever the block holds: a freed or
+    reused block never shows its previous owner's data.
+
+    Args:
+      layer: [] int.
+      seq_idx: [B] int32 block-table rows (index B = a padding row, which reads as empty).
+      max_len: S, static; positions past it are not read.
+
+    Returns:
+      (k [B, S, K, D], v [B, S, K, D], seq_lens [B] int32).
+    """
+    c = state.config
+    seq_lens = _seq_lens_of(state, layer, seq_idx)
+    positions = jnp.arange(max_len, dtype=jnp.int32)
+    rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
+    blocks = rows.at[:, positions // c.block_size].get(mode="fill", fill_value=c.num_blocks)  # [B, S]
+    slots = blocks * c.block_size + positions % c.block_size
+    slots = jnp.where(positions[None, :] < seq_lens[:, None], slots, c.num_blocks * c.block_size)
+    flat_shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
+    k, v = (pool.reshape(flat_shape).at[layer, slots].get(mode="fill", fill_value=0) for pool in (state.pools.k, state.pools.v))
+    return k, v, seq_lens
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def free_seqs(state: PagedKVState, seq_idx: jax.Array):
+    """Ends sequences: their blocks lose a reference (and are free at zero), their rows empty. DONATES state.
+
+    Args:
+      seq_idx: [B] int32 rows to free; padding rows (index B) are ignored.
+
+    Returns:
+      (state, ok); ok is False, and nothing changes, if a block would be freed twice.
+    """
+    c = state.config
+    rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
+    allocator, ok = _release_blocks(state.allocator, rows)
+    cleared = jnp.where(ok, seq_idx, c.max_seqs)
+    table = state.table.replace(
+        block_ids=state.table.block_ids.at[cleared].set(c.num_blocks, mode="drop"),
+        seq_lens=state.table.seq_lens.at[:, cleared].set(0, mode="drop"),
+    )
+    return state.replace(table=table, allocator=allocator), ok

@@ -1,0 +1,80 @@
+"""The paged cache's state: immutable pytrees whose sizes are static fields.
+
+Axis letters: L layers, N blocks in the pool, P block size, K kv heads, D head dim,
+B sequence slots (rows of the block table), M blocks per sequence.
+
+Sentinels, never a reserved garbage block:
+- a block-table entry of N (`config.num_blocks`) means "no block";
+- a sequence index of B (`config.max_seqs`) means "no sequence" (a padding row of a batch).
+Reads through a sentinel are masked, writes through one are dropped (`mode="drop"`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxpaged.config import CacheConfig
+
+
+@struct.dataclass
+class KVPools:
+    """Block pools, K and V apart, one pair per layer stacked on the leading axis."""
+
+    k: jax.Array  # [L, N, P, K, D]
+    v: jax.Array  # [L, N, P, K, D]
+
+
+@struct.dataclass
+class BlockAllocatorState:
+    """The free list (a stack) and per-block reference counts.
+
+    Invariant: `free_ids[:num_free]` are exactly the blocks whose reference count is 0.
+    """
+
+    free_ids: jax.Array  # [N] int32; entries past num_free are stale
+    num_free: jax.Array  # [] int32
+    ref_counts: jax.Array  # [N] int32
+
+
+@struct.dataclass
+class BlockTable:
+    """Which blocks each sequence slot owns, and how many positions each layer has written."""
+
+    block_ids: jax.Array  # [B, M] int32; a sequence's blocks form a prefix of its row, N after it
+    seq_lens: jax.Array  # [L, B] int32; positions written per layer and sequence
+
+
+@struct.dataclass
+class PagedKVState:
+    """Everything a paged KV cache holds on the device."""
+
+    pools: KVPools
+    table: BlockTable
+    allocator: BlockAllocatorState
+    config: CacheConfig = struct.field(pytree_node=False)
+
+
+def init_allocator(num_blocks: int) -> BlockAllocatorState:
+    """All blocks free; they leave the stack from the top, block 0 first."""
+    return BlockAllocatorState(
+        free_ids=jnp.arange(num_blocks - 1, -1, -1, dtype=jnp.int32),
+        num_free=jnp.asarray(num_blocks, jnp.int32),
+        ref_counts=jnp.zeros((num_blocks,), jnp.int32),
+    )
+
+
+def init_state(config: CacheConfig) -> PagedKVState:
+    """An empty cache: zeroed pools, no sequence owns a block, every block free."""
+    c = config
+    pool_shape = (c.num_layers, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)
+    return PagedKVState(
+        pools=KVPools(k=jnp.zeros(pool_shape, c.jnp_dtype), v=jnp.zeros(pool_shape, c.jnp_dtype)),
+        table=BlockTable(
+            block_ids=jnp.full((c.max_seqs, c.max_blocks_per_seq), c.num_blocks, jnp.int32),
+            seq_lens=jnp.zeros((c.num_layers, c.max_seqs), jnp.int32),
+        ),
+        allocator=init_allocator(c.num_blocks),
+        config=c,
+    )
