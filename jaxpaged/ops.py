@@ -108,8 +108,9 @@ def _reserve(state: PagedKVState, seq_idx, target_lens, max_new_blocks: int):
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     held = jnp.sum(rows < c.num_blocks, axis=-1, dtype=jnp.int32)  # [B]
     needed = _ceil_div(target_lens, c.block_size)
-    width_ok = jnp.all(needed <= c.max_blocks_per_seq)
-    counts = jnp.where(width_ok, jnp.maximum(needed - held, 0), 0)
+    real_row = (seq_idx >= 0) & (seq_idx < c.max_seqs)  # padding rows take no blocks
+    width_ok = jnp.all((needed <= c.max_blocks_per_seq) | ~real_row)
+    counts = jnp.where(width_ok & real_row, jnp.maximum(needed - held, 0), 0)
     allocator, new_ids, fits = _pop_blocks(state.allocator, counts, max_new_blocks)
     cols = held[:, None] + jnp.arange(max_new_blocks, dtype=jnp.int32)[None, :]  # [B, J]
     target_rows = jnp.where(new_ids < c.num_blocks, seq_idx[:, None], c.max_seqs)
@@ -201,7 +202,7 @@ def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.
     num_chunk_tokens = k.shape[1]
     if num_tokens is None:
         num_tokens = jnp.full(seq_idx.shape, num_chunk_tokens, jnp.int32)
-    num_tokens = jnp.clip(num_tokens, 0, num_chunk_tokens)
+    num_tokens = jnp.where(seq_idx < state.config.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
     starts = _seq_lens_of(state, layer, seq_idx)
     state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, state.config.block_size))
     num_tokens = jnp.where(ok, num_tokens, 0)
@@ -231,7 +232,7 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     positions = jnp.arange(max_len, dtype=jnp.int32)
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     blocks = rows.at[:, positions // c.block_size].get(mode="fill", fill_value=c.num_blocks)  # [B, S]
-    slots = blocks * c.block_size + positions % c.block_size
+    slots = blocks * c.block_size + (positions % c.block_size)[None, :]
     slots = jnp.where(positions[None, :] < seq_lens[:, None], slots, c.num_blocks * c.block_size)
     flat_shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
     k, v = (pool.reshape(flat_shape).at[layer, slots].get(mode="fill", fill_value=0) for pool in (state.pools.k, state.pools.v))

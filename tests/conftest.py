@@ -1,0 +1,32 @@
+"""Strict settings for every test, and small helpers shared by the test files."""
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def random_array(rng: np.random.Generator, shape, dtype) -> jax.Array:
+    """Random normal values in `dtype`; never zeros, which would hide unwritten slots."""
+    return jax.numpy.asarray(rng.standard_normal(shape).astype(np.float32) + 0.5).astype(dtype)
+
+
+def bits(x) -> bytes:
+    """The raw bytes of an array: equality of these is bit-for-bit equality, NaN and -0.0 included."""
+    return np.ascontiguousarray(np.asarray(x)).tobytes()
+
+
+def assert_bit_equal(actual, expected, what=""):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert bits(actual) == bits(expected), f"{what}: values differ"
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's name, so each test draws its own reproducible data."""
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
