@@ -1,0 +1,70 @@
+"""Attention over cached keys and values: one entry point for the paged cache, one for contiguous K/V.
+
+`paged_attention` is what a model calls; today it runs the reference path (gather the blocks, then
+attend); GPU kernels that read the pools directly plug in behind the same function.
+
+Axis letters: B sequences, T query tokens, S key positions, H query heads, K kv heads,
+G = H / K query heads per kv head, D head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged import ops
+from jaxpaged.state import PagedKVState
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_lens: jax.Array,
+           scale: float | None = None) -> jax.Array:
+    """Causal grouped-query attention of T queries per sequence over S key positions.
+
+    Query t of sequence b sits at position q_positions[b, t]; it sees keys at positions
+    s <= q_positions[b, t] with s < kv_lens[b]. A query that sees no key returns a finite
+    average instead of NaN (it is padding). Scores and softmax are float32.
+
+    Args:
+      q: [B, T, H, D].
+      k, v: [B, S, K, D], with H a multiple of K.
+      q_positions: [B, T] int32.
+      kv_lens: [B] int32.
+      scale: defaults to 1 / sqrt(D).
+
+    Returns:
+      [B, T, H, D] in q's dtype.
+    """
+    batch, num_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    scale = head_dim**-0.5 if scale is None else scale
+    q = q.reshape(batch, num_q, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, T, K, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    key_pos = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]  # [1, 1, S]
+    visible = (key_pos <= q_positions[:, :, None]) & (key_pos < kv_lens[:, None, None])  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, num_q, num_heads, head_dim).astype(q.dtype)
+
+
+def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array, q_positions: jax.Array,
+                    *, max_len: int | None = None, scale: float | None = None) -> jax.Array:
+    """Causal attention of q over one layer of the paged cache.
+
+    Args:
+      q: [B, T, H, D], the queries of tokens whose K and V are already appended.
+      state: the paged cache.
+      layer: [] int.
+      seq_idx: [B] int32 block-table rows (index B = padding row).
+      q_positions: [B, T] int32 positions of the queries.
+      max_len: static bound on the positions read; default the block-table capacity M * P.
+      scale: defaults to 1 / sqrt(D).
+
+    Returns:
+      [B, T, H, D] in q's dtype.
+    """
+    max_len = state.config.max_seq_len if max_len is None else max_len
+    k, v, seq_lens = ops.gather_kv(state, layer, seq_idx, max_len=max_len)
+    return attend(q, k, v, q_positions, seq_lens, scale)
