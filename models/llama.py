@@ -130,6 +130,13 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache, ok
 
 
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """L decoder layers as one DecoderLayer whose parameters carry a leading [L] axis (for lax.scan)."""
+    layers = [nnx.split(DecoderLayer(config, rngs)) for _ in range(config.num_layers)]
+    stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *[state for _, state in layers])
+    return nnx.merge(layers[0][0], stacked)
+
+
 class MiniLLM(nnx.Module):
     """The Llama-family decoder. Build with `MiniLLM(config, rngs=nnx.Rngs(seed))`; load weights with models.weights."""
 
@@ -137,7 +144,7 @@ class MiniLLM(nnx.Module):
         self.config = config
         dtype = jnp.dtype(config.dtype)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.layers = _stacked_layers(config, rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs)
 
@@ -147,10 +154,22 @@ class MiniLLM(nnx.Module):
 
     def _run(self, input_ids, cache, positions, step: CacheStep, logit_index):
         x = self.embed_tokens(input_ids)  # [B, T, E]
-        all_ok = jnp.asarray(True)
-        for layer, block in enumerate(self.layers):
-            x, cache, ok = block(x, positions, cache, layer, step)
-            all_ok &= ok
+        layer_def, layer_params = nnx.split(self.layers)  # every leaf [L, ...]
+        if isinstance(cache, (KVCache, PagedKVCacheAdapter)):  # stateful facades: a Python loop, eager
+            for layer in range(self.config.num_layers):
+                block = nnx.merge(layer_def, jax.tree.map(lambda p: p[layer], layer_params))
+                x, cache, _ = block(x, positions, cache, layer, step)
+            all_ok = jnp.asarray(True)
+        else:  # one traced layer body, scanned: compile time does not grow with L
+
+            def body(carry, per_layer):
+                x, cache, all_ok = carry
+                params, layer = per_layer
+                x, cache, ok = nnx.merge(layer_def, params)(x, positions, cache, layer, step)
+                return (x, cache, all_ok & ok), None
+
+            layers = (layer_params, jnp.arange(self.config.num_layers, dtype=jnp.int32))
+            (x, cache, all_ok), _ = jax.lax.scan(body, (x, cache, jnp.asarray(True)), layers)
         x = self.norm(x)
         if logit_index is not None:  # only the rows we sample from: [B, E]
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]

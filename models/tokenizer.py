@@ -22,6 +22,19 @@ _GPT2_PRE = {"gpt2", "default", "smollm", None}
 _CONTROL_TOKEN = 3  # GGUF token type
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, the alphabet of byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
 class Tokenizer:
     """Encodes and decodes text; knows its BOS, EOS and chat template."""
 
@@ -64,6 +77,16 @@ class Tokenizer:
             bos_token=special(self.bos_token_id) or "",
             eos_token=special(self.eos_token_ids[0]) if self.eos_token_ids else "",
         )
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """One token per byte (ids 0-255) and <|endoftext|> (id 256) as EOS: for training from scratch."""
+        chars = _bytes_to_unicode()
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+        return cls(backend, bos_token_id=None, eos_token_ids=[256], chat_template=None)
 
     @classmethod
     def from_gguf_fields(cls, fields: dict) -> Tokenizer:

@@ -36,13 +36,22 @@ def hf_name(path) -> tuple[str, bool]:
     return (name if keys[0] == "lm_head" else "model." + name), leaf == "kernel"
 
 
+def _layer_name(name: str, layer: int) -> str:
+    """model.layers.mlp.up_proj.weight -> model.layers.{layer}.mlp.up_proj.weight"""
+    return name.replace("model.layers.", f"model.layers.{layer}.", 1)
+
+
 def to_hf_tensors(model: MiniLLM) -> dict[str, jax.Array]:
     """Every parameter under its Hugging Face name, in Hugging Face layout ([out, in] for linears)."""
     _, state = nnx.split(model)
     tensors = {}
     for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
         name, transposed = hf_name(path)
-        tensors[name] = value.T if transposed else value
+        if name.startswith("model.layers."):  # stacked [L, ...]: one tensor per layer
+            for layer in range(value.shape[0]):
+                tensors[_layer_name(name, layer)] = value[layer].T if transposed else value[layer]
+        else:
+            tensors[name] = value.T if transposed else value
     return tensors
 
 
@@ -56,18 +65,24 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
     dtype = jnp.dtype(config.dtype)
     problems = []
 
-    def fill(path, spec):
-        name, transposed = hf_name(path)
+    def one(name, transposed, shape):
         if name not in tensors:
             problems.append(f"missing {name}")
-            return jnp.zeros(spec.shape, spec.dtype)
+            return np.zeros(shape, np.float32)
         value = np.asarray(tensors[name])
         value = value.T if transposed else value
-        if value.shape != spec.shape:
+        if value.shape != shape:
             problems.append(f"{name}: shape {value.shape[::-1] if transposed else value.shape}, expected "
-                            f"{spec.shape[::-1] if transposed else spec.shape}")
-            return jnp.zeros(spec.shape, spec.dtype)
-        return jnp.asarray(value, dtype)
+                            f"{shape[::-1] if transposed else shape}")
+            return np.zeros(shape, np.float32)
+        return value
+
+    def fill(path, spec):
+        name, transposed = hf_name(path)
+        if name.startswith("model.layers."):  # stacked [L, ...]
+            return jnp.asarray(np.stack([one(_layer_name(name, layer), transposed, spec.shape[1:])
+                                         for layer in range(spec.shape[0])]), dtype)
+        return jnp.asarray(one(name, transposed, spec.shape), dtype)
 
     state = jax.tree_util.tree_map_with_path(fill, abstract)
     if problems:

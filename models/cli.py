@@ -1,0 +1,189 @@
+"""The `jaxpaged` command: generate text through the paged cache, or train a MiniLLM.
+
+    jaxpaged generate "The capital of France is"            # the embedded SmolLM2-135M-Instruct
+    jaxpaged generate --chat "Tell me a joke" --temperature 0.7 --top-p 0.9
+    jaxpaged train --text corpus.txt --out my-model && jaxpaged generate --model my-model "Once"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _power_of_two(text: str) -> int:
+    value = _positive_int(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text from prompts", description=(
+        "Generate text through the paged KV cache. Prompts come from the arguments or a file (one per line). "
+        "With one prompt the text streams as it is produced; memory statistics and tokens/s follow."))
+    gen.add_argument("prompts", nargs="*", help="prompt texts")
+    gen.add_argument("--file", help="a file with one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template as a user message")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate per prompt (default 64)")
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 (default) keeps all")
+    gen.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling threshold (default 1: off)")
+    gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    gen.add_argument("--cache", choices=("paged", "contiguous"), default="paged", help="KV cache kind (default paged)")
+    gen.add_argument("--block-size", type=_power_of_two, default=16, help="positions per block (default 16)")
+    gen.add_argument("--num-blocks", type=_positive_int, default=None,
+                     help="blocks in the paged pool (default: enough for every prompt to reach its maximum)")
+    gen.add_argument("--model", default=None,
+                     help="a .gguf file or a checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and cache dtype (default float32)")
+    gen.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per jitted call (default 16)")
+
+    train = commands.add_parser("train", help="train or fine-tune a MiniLLM on a text file", description=(
+        "Train a MiniLLM with optax (AdamW) on a text file and save a checkpoint directory that "
+        "`jaxpaged generate --model` loads. From scratch with a preset and a byte-level tokenizer, "
+        "or fine-tune a model given by --init."))
+    train.add_argument("--text", required=True, help="the training text file")
+    train.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    train.add_argument("--preset", default="tiny", help="architecture when training from scratch (default tiny)")
+    train.add_argument("--init", default=None, help="fine-tune this model (.gguf or checkpoint directory) instead")
+    train.add_argument("--steps", type=_positive_int, default=200, help="optimiser steps (default 200)")
+    train.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step (default 8)")
+    train.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per window (default 64)")
+    train.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the windows (default 0)")
+    return parser
+
+
+def _read_prompts(args, parser) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as error:
+            parser.error(f"cannot read --file: {error}")
+    if not prompts:
+        parser.error("give at least one prompt, as an argument or with --file")
+    return prompts
+
+
+def run_generate(args, parser) -> int:
+    import jax
+
+    from models.checkpoint import load_model
+    from models.generate import generate
+    from models.sampling import SamplingParams
+
+    prompts = _read_prompts(args, parser)
+    if args.top_k < 0:
+        parser.error("--top-k must be >= 0")
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json: cannot turn text into tokens")
+    if args.chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    ids = [tokenizer.encode(p) for p in prompts]
+    if any(not i for i in ids):
+        parser.error("a prompt encodes to no tokens")
+    eos = tuple(dict.fromkeys(tokenizer.eos_token_ids + model.config.eos_token_ids))
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    streamed = [[] for _ in prompts]
+    shown = [""]
+
+    def stream(new_tokens):
+        streamed[0].extend(new_tokens[0])
+        text = tokenizer.decode(streamed[0])
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0] if not args.chat else "")
+    result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
+                      cache=args.cache, block_size=args.block_size, num_blocks=args.num_blocks, eos_token_ids=eos,
+                      chunk_size=args.chunk_size, on_tokens=stream if len(prompts) == 1 else None)
+    if len(prompts) == 1:
+        sys.stdout.write("\n")
+    else:
+        for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens)):
+            print(f"--- [{i}] {prompt if not args.chat else ''}{tokenizer.decode(tokens)}")
+    print(f"--- {args.cache} cache, peak memory:")
+    print(result.peak_memory.format())
+    print(f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tokens/s; "
+          f"decode: {result.decode_tokens} tokens, {result.decode_tokens_per_second:.1f} tokens/s "
+          f"(wall time on {jax.devices()[0].platform}, first calls include compilation)")
+    return 0
+
+
+def run_train(args, parser) -> int:
+    import numpy as np
+    from flax import nnx
+
+    from models.checkpoint import load_model, save_checkpoint
+    from models.config import preset
+    from models.llama import MiniLLM
+    from models.tokenizer import Tokenizer
+    from models.train import train
+
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        parser.error(f"cannot read --text: {error}")
+    if args.init:
+        model, tokenizer = load_model(args.init)
+        if tokenizer is None:
+            raise ValueError(f"{args.init} has no tokenizer")
+    else:
+        tokenizer = Tokenizer.byte_level()
+        config = preset(args.preset, vocab_size=tokenizer.vocab_size, eos_token_ids=tokenizer.eos_token_ids)
+        model = MiniLLM(config, rngs=nnx.Rngs(args.seed))
+    token_ids = np.asarray(tokenizer.encode(text), np.int32)
+    model, losses = train(model, token_ids, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                          learning_rate=args.learning_rate, seed=args.seed)
+    save_checkpoint(model, args.out, tokenizer)
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; saved to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = {"generate": run_generate, "train": run_train}[args.command]
+    try:
+        return command(args, parser)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"jaxpaged {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Batched generation through the paged (or contiguous) cache: one prefill, then jitted multi-step decode chunks.
+
+A batch of prompts of different lengths is right-padded into one prefill call. Decoding runs as
+`lax.while_loop` chunks of up to `chunk_size` steps with no host round trip per token; between
+chunks the host streams the new tokens. A sequence stops at an EOS token or after max_new_tokens,
+and a finished sequence frees its blocks inside the loop, at the step it finishes.
+
+Shapes are padded to buckets (batch and prompt length to powers of two, the context to a power of
+two multiple of the block size), so the number of compilations stays small.
+
+Axis letters: B batch, T prompt tokens, S context positions, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
+from jaxpaged.ops import free_seqs
+from jaxpaged.state import PagedKVState
+from models.llama import MiniLLM
+from models.sampling import SamplingParams, sample
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What came out, how it ended, and what it cost."""
+
+    tokens: list[list[int]]  # new tokens of each prompt, EOS excluded
+    finish_reasons: list[str]  # "eos" or "length"
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_tokens: int
+    decode_tokens: int  # tokens produced by decode steps (the first token of each prompt comes from prefill)
+    peak_memory: MemoryStats  # when the cache held the most blocks
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len"), donate_argnames=("cache",))
+def _prefill(graphdef, params, cache, tokens, seq_idx, num_tokens, key, *, sampling, max_len):
+    """Writes every prompt into the cache and samples each one's first new token."""
+    model = nnx.merge(graphdef, params)
+    last = jnp.maximum(num_tokens - 1, 0)
+    logits, cache, ok = model.step(tokens, cache, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
+                                   logit_index=last)
+    return cache, sample(logits, key, sampling), ok
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "chunk_size", "eos_ids"),
+                   donate_argnames=("cache",))
+def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generated, max_new_tokens, key, *,
+                  sampling, max_len, chunk_size, eos_ids):
+    """Up to chunk_size decode steps, stopping early once no sequence is active.
+
+    Returns (cache, tokens [chunk_size, B], emitted [chunk_size, B] bool, active, generated, ok).
+    """
+    model = nnx.merge(graphdef, params)
+    batch = last_tokens.shape[0]
+    out_tokens = jnp.zeros((chunk_size, batch), jnp.int32)
+    emitted = jnp.zeros((chunk_size, batch), bool)
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    no_row = cache.config.max_seqs if isinstance(cache, PagedKVState) else None
+
+    def cond(carry):
+        i, _, _, active, *_ = carry
+        return (i < chunk_size) & jnp.any(active)
+
+    def body(carry):
+        i, cache, last_tokens, active, generated, out_tokens, emitted, all_ok = carry
+        logits, cache, ok = model.step(last_tokens[:, None], cache, seq_idx=seq_idx, num_tokens=active.astype(jnp.int32),
+                                       max_len=max_len, logit_index=jnp.zeros((batch,), jnp.int32))
+        step_key = jax.random.fold_in(key, generated.max())
+        next_tokens = jnp.where(active, sample(logits, step_key, sampling), 0)
+        generated = generated + active
+        still_active = active & ~jnp.isin(next_tokens, eos) & (generated < max_new_tokens)
+        if no_row is not None:  # a finished sequence gives its blocks back now
+            cache, _ = free_seqs(cache, jnp.where(active & ~still_active, seq_idx, no_row))
+        out_tokens = out_tokens.at[i].set(next_tokens)
+        emitted = emitted.at[i].set(active)
+        return i + 1, cache, next_tokens, still_active, generated, out_tokens, emitted, all_ok & ok
+
+    carry = (jnp.asarray(0), cache, last_tokens, active, generated, out_tokens, emitted, jnp.asarray(True))
+    _, cache, _, active, generated, out_tokens, emitted, ok = jax.lax.while_loop(cond, body, carry)
+    return cache, out_tokens, emitted, active, generated, ok
+
+
+def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             sampling: SamplingParams = SamplingParams(), key: jax.Array | None = None, cache: str = "paged",
+             block_size: int = 16, num_blocks: int | None = None, eos_token_ids: Sequence[int] | None = None,
+             chunk_size: int = 16, on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+    """Generates up to max_new_tokens for each prompt (lists of token ids).
+
+    Args:
+      cache: "paged" (blocks taken as sequences grow, freed when they finish) or "contiguous".
+      num_blocks: the paged pool's size; default enough for every prompt to reach its maximum.
+      eos_token_ids: default the model config's.
+      on_tokens: called after each chunk with the new tokens of every prompt (possibly empty lists).
+
+    Raises:
+      ValueError for an empty prompt or bad sizes; RuntimeError if the pool runs out of blocks.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cache not in ("paged", "contiguous"):
+        raise ValueError(f"cache must be 'paged' or 'contiguous', got {cache!r}")
+    config = model.config
+    key = jax.random.key(0) if key is None else key
+    eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    batch = _bucket(len(prompts))
+    prompt_len = _bucket(max(len(p) for p in prompts), minimum=8)
+    max_len = _bucket(max(len(p) for p in prompts) + max_new_tokens, minimum=block_size)
+
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    num_tokens = np.zeros((batch,), np.int32)
+    for b, prompt in enumerate(prompts):
+        tokens[b, : len(prompt)] = prompt
+        num_tokens[b] = len(prompt)
+    real = np.arange(batch) < len(prompts)
+    if cache == "paged":
+        blocks_per_seq = max_len // block_size
+        cache_config = CacheConfig.from_model_config(
+            config, num_blocks=num_blocks or len(prompts) * blocks_per_seq, block_size=block_size, max_seqs=batch,
+            max_blocks_per_seq=blocks_per_seq, dtype=config.dtype)
+        state = init_state(cache_config)
+        seq_idx = np.where(real, np.arange(batch), batch).astype(np.int32)  # padding rows -> sentinel
+        memory_of = paged_memory_stats
+    else:
+        state = init_contiguous(config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim, config.dtype)
+        seq_idx = np.arange(batch, dtype=np.int32)
+        memory_of = contiguous_memory_stats
+
+    graphdef, params = nnx.split(model)
+    prefill_key, decode_key = jax.random.split(key)
+    start = time.perf_counter()
+    state, first, ok = _prefill(graphdef, params, state, jnp.asarray(tokens), jnp.asarray(seq_idx),
+                                jnp.asarray(num_tokens), prefill_key, sampling=sampling, max_len=max_len)
+    first = np.asarray(first)
+    prefill_seconds = time.perf_counter() - start
+    if not bool(ok):
+        raise RuntimeError("the cache has too few blocks for the prompts; raise num_blocks")
+    peak = memory_of(state)
+
+    outputs = [[int(first[b])] for b in range(len(prompts))]
+    finish = ["eos" if int(first[b]) in eos_ids else ("length" if max_new_tokens == 1 else "") for b in range(len(prompts))]
+    if on_tokens:
+        on_tokens([[t for t in out if t not in eos_ids] for out in outputs])
+    active = np.array([b < len(prompts) and not finish[b] for b in range(batch)])
+    generated = np.ones((batch,), np.int32)
+    last = first
+    decode_seconds, decode_tokens = 0.0, 0
+    while active.any():
+        start = time.perf_counter()
+        state, chunk, emitted, active_now, generated, ok = _decode_chunk(
+            graphdef, params, state, jnp.asarray(last), jnp.asarray(seq_idx), jnp.asarray(active), jnp.asarray(generated),
+            jnp.asarray(max_new_tokens, jnp.int32), decode_key, sampling=sampling, max_len=max_len,
+            chunk_size=chunk_size, eos_ids=eos_ids)
+        chunk, emitted, active_now = np.asarray(chunk), np.asarray(emitted), np.asarray(active_now)
+        decode_seconds += time.perf_counter() - start
+        if not bool(ok):
+            raise RuntimeError("the paged pool ran out of blocks during decoding; raise num_blocks")
+        decode_tokens += int(emitted.sum())
+        new = [[int(t) for t, e in zip(chunk[:, b], emitted[:, b]) if e] for b in range(len(prompts))]
+        for b in range(len(prompts)):
+            outputs[b].extend(new[b])
+            if active[b] and not active_now[b]:
+                finish[b] = "eos" if new[b] and new[b][-1] in eos_ids else "length"
+        if on_tokens:
+            on_tokens([[t for t in n if t not in eos_ids] for n in new])
+        stats = memory_of(state)
+        peak = max(peak, stats, key=lambda m: (m.used_blocks, m.bytes_live))
+        last = np.where(emitted.any(axis=0), chunk[np.maximum(emitted.sum(axis=0) - 1, 0), np.arange(batch)], last)
+        active = active_now
+
+    return GenerationResult(
+        tokens=[[t for t in out if t not in eos_ids] for out in outputs],
+        finish_reasons=[f or "length" for f in finish], prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+        prompt_tokens=int(num_tokens.sum()), decode_tokens=decode_tokens, peak_memory=peak)
