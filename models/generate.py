@@ -2,8 +2,9 @@
 
 A batch of prompts of different lengths is right-padded into one prefill call. Decoding runs as
 `lax.while_loop` chunks of up to `chunk_size` steps with no host round trip per token; between
-chunks the host streams the new tokens. A sequence stops at an EOS token or after max_new_tokens,
-and a finished sequence frees its blocks inside the loop, at the step it finishes.
+chunks the host streams the new tokens. A sequence stops at an EOS token or after max_new_tokens;
+a finished sequence stops taking blocks at once and gives its blocks back at the end of the chunk
+(sequences only grow inside a chunk, so the memory read there is the exact peak).
 
 Shapes are padded to buckets (batch and prompt length to powers of two, the context to a power of
 two multiple of the block size), so the number of compilations stays small.
@@ -25,7 +26,6 @@ from flax import nnx
 
 from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
 from jaxpaged.ops import free_seqs
-from jaxpaged.state import PagedKVState
 from models.llama import MiniLLM
 from models.sampling import SamplingParams, sample
 
@@ -78,7 +78,6 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
     out_tokens = jnp.zeros((chunk_size, batch), jnp.int32)
     emitted = jnp.zeros((chunk_size, batch), bool)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-    no_row = cache.config.max_seqs if isinstance(cache, PagedKVState) else None
 
     def cond(carry):
         i, _, _, active, *_ = carry
@@ -92,8 +91,6 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
         next_tokens = jnp.where(active, sample(logits, step_key, sampling), 0)
         generated = generated + active
         still_active = active & ~jnp.isin(next_tokens, eos) & (generated < max_new_tokens)
-        if no_row is not None:  # a finished sequence gives its blocks back now
-            cache, _ = free_seqs(cache, jnp.where(active & ~still_active, seq_idx, no_row))
         out_tokens = out_tokens.at[i].set(next_tokens)
         emitted = emitted.at[i].set(active)
         return i + 1, cache, next_tokens, still_active, generated, out_tokens, emitted, all_ok & ok
@@ -187,8 +184,12 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
                 finish[b] = "eos" if new[b] and new[b][-1] in eos_ids else "length"
         if on_tokens:
             on_tokens([[t for t in n if t not in eos_ids] for n in new])
-        stats = memory_of(state)
-        peak = max(peak, stats, key=lambda m: (m.used_blocks, m.bytes_live))
+        peak = max(peak, memory_of(state), key=lambda m: (m.used_blocks, m.bytes_live))
+        finished = active & ~active_now
+        if cache == "paged" and finished.any():
+            state, freed = free_seqs(state, jnp.asarray(np.where(finished, seq_idx, batch), jnp.int32))
+            if not bool(freed):
+                raise RuntimeError("freeing finished sequences found a block already free")
         last = np.where(emitted.any(axis=0), chunk[np.maximum(emitted.sum(axis=0) - 1, 0), np.arange(batch)], last)
         active = active_now
 
