@@ -1,0 +1,100 @@
+"""Model files: a GGUF written as llama.cpp lays it out, checkpoint directories, and clear errors on bad files."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from model_files import write_llama_gguf
+
+from models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from models.config import preset
+from models.gguf_weights import load_gguf, read_gguf_config
+from models.llama import MiniLLM
+from models.tokenizer import Tokenizer
+from models.weights import model_from_hf_tensors, to_hf_tensors
+
+IDS = jnp.asarray([[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return MiniLLM(preset("tiny", vocab_size=260, tie_embeddings=False), rngs=nnx.Rngs(4))
+
+
+def test_gguf_round_trip_undoes_the_rotary_permutation(tiny, tmp_path):
+    path = str(tmp_path / "tiny.gguf")
+    write_llama_gguf(path, tiny)
+    config = read_gguf_config(path)
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, config.tie_embeddings) == (
+        2, 4, 2, 16, False)
+    model, tokenizer = load_gguf(path)
+    np.testing.assert_allclose(np.asarray(model(IDS)), np.asarray(tiny(IDS)), atol=1e-5, rtol=0)
+    assert tokenizer.decode(tokenizer.encode("héllo <|endoftext|>"), skip_special_tokens=False) == "héllo <|endoftext|>"
+    assert tokenizer.eos_token_ids == (256,)
+
+
+def test_gguf_quantised_tensors_load_as_their_dequantised_values(tiny, tmp_path):
+    import gguf
+
+    kinds = {"ffn_up.weight": gguf.GGMLQuantizationType.Q8_0, "attn_q.weight": gguf.GGMLQuantizationType.Q4_1}
+    path = str(tmp_path / "q.gguf")
+    write_llama_gguf(path, tiny, quantize=kinds)
+    model, _ = load_gguf(path)
+    # Quantisation works on rows, so it commutes with the row permutation: the expected model holds
+    # dequantise(quantise(w)) for exactly the quantised tensors.
+    tensors = {k: np.asarray(v, np.float32) for k, v in to_hf_tensors(tiny).items()}
+    for name in tensors:
+        kind = kinds.get("ffn_up.weight" if "mlp.up_proj" in name else "attn_q.weight" if "q_proj" in name else "")
+        if kind is not None:
+            tensors[name] = gguf.quants.dequantize(gguf.quants.quantize(tensors[name], kind), kind)
+    expected = model_from_hf_tensors(tiny.config, tensors)
+    np.testing.assert_allclose(np.asarray(model(IDS)), np.asarray(expected(IDS)), atol=1e-5, rtol=0)
+    assert not np.allclose(np.asarray(model(IDS)), np.asarray(tiny(IDS)), atol=1e-3), "the tensors were quantised"
+
+
+def test_bad_gguf_files_give_clear_errors(tiny, tmp_path):
+    import gguf
+
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_gguf(str(tmp_path / "absent.gguf"))
+    good = str(tmp_path / "good.gguf")
+    write_llama_gguf(good, tiny)
+    truncated = str(tmp_path / "truncated.gguf")
+    with open(good, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read()[: os.path.getsize(good) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_gguf(truncated)
+    other = str(tmp_path / "gpt2.gguf")
+    write_llama_gguf(other, tiny, architecture="gpt2")
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        load_gguf(other)
+    exotic = str(tmp_path / "iq.gguf")
+    write_llama_gguf(exotic, tiny, quantize={"ffn_up.weight": gguf.GGMLQuantizationType.IQ4_NL})
+    with pytest.raises(ValueError, match="unsupported quantisation IQ4_NL"):
+        load_gguf(exotic)
+
+
+def test_checkpoint_directory_round_trip_and_errors(tiny, tmp_path):
+    tokenizer = Tokenizer.byte_level()
+    save_checkpoint(tiny, str(tmp_path / "ckpt"), tokenizer)
+    model, loaded_tokenizer = load_model(str(tmp_path / "ckpt"))
+    np.testing.assert_array_equal(np.asarray(model(IDS)), np.asarray(tiny(IDS)))
+    assert loaded_tokenizer.encode("hi!") == [104, 105, 33] and loaded_tokenizer.eos_token_ids == (256,)
+
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(str(tmp_path))
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"],
+                                                               "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        load_checkpoint(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(str(tmp_path / "ckpt"))

@@ -1,0 +1,129 @@
+"""MiniLLM through every cache kind against one full forward pass; weights round trip; the seed's one-liner."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxpaged as jp
+from models.config import ModelConfig, preset
+from models.llama import MiniLLM
+from models.weights import model_from_hf_tensors, to_hf_tensors
+
+PROMPT_LENS = (5, 1, 8)  # ragged: mid-block, a single token, exactly one block of 8
+DECODE_STEPS = 11  # crosses block boundaries for every row
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MiniLLM(preset("tiny", vocab_size=97), rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def token_rows():
+    rng = np.random.default_rng(7)
+    return [rng.integers(0, 97, size=n + DECODE_STEPS).astype(np.int32) for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def full_logits(model, token_rows):
+    """Each row alone, one causal pass, no cache: the oracle."""
+    return [np.asarray(model(jnp.asarray(row)[None]))[0] for row in token_rows]
+
+
+def _padded_prompts(token_rows):
+    width = max(PROMPT_LENS)
+    tokens = np.zeros((len(token_rows), width), np.int32)
+    for b, (row, n) in enumerate(zip(token_rows, PROMPT_LENS)):
+        tokens[b, :n] = row[:n]
+    return jnp.asarray(tokens), jnp.asarray(PROMPT_LENS, jnp.int32)
+
+
+def _check(prefill_logits, decode_logits, full_logits):
+    for b, n in enumerate(PROMPT_LENS):
+        np.testing.assert_allclose(np.asarray(prefill_logits)[b, :n], full_logits[b][:n], atol=1e-5, rtol=0)
+        for step, logits in enumerate(decode_logits):
+            np.testing.assert_allclose(np.asarray(logits)[b], full_logits[b][n + step], atol=1e-5, rtol=0)
+
+
+def _decode_tokens(token_rows, step):
+    return jnp.asarray([[row[n + step]] for row, n in zip(token_rows, PROMPT_LENS)])
+
+
+def test_paged_state_incremental_equals_full_pass(model, token_rows, full_logits):
+    config = jp.CacheConfig.from_model_config(model.config, num_blocks=12, block_size=8, max_seqs=4)
+    state = jp.init_state(config)
+    seq_idx = jnp.asarray([2, 0, 3], jnp.int32)  # any rows of the block table
+    tokens, lens = _padded_prompts(token_rows)
+    prefill, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=lens, max_len=32)
+    assert bool(ok)
+    step_fn = jax.jit(lambda params, state, ids: nnx.merge(graphdef, params).step(ids, state, seq_idx=seq_idx, max_len=32))
+    graphdef, params = nnx.split(model)
+    decoded = []
+    for step in range(DECODE_STEPS):
+        logits, state, ok = step_fn(params, state, _decode_tokens(token_rows, step))
+        assert bool(ok)
+        decoded.append(logits[:, 0])
+    _check(prefill, decoded, full_logits)
+    assert step_fn._cache_size() == 1
+
+
+def test_contiguous_state_incremental_equals_full_pass(model, token_rows, full_logits):
+    c = model.config
+    state = jp.init_contiguous(c.num_layers, 3, c.num_kv_heads, 32, c.head_dim, jnp.float32)
+    tokens, lens = _padded_prompts(token_rows)
+    prefill, state, ok = model.step(tokens, state, num_tokens=lens)
+    decoded = []
+    for step in range(DECODE_STEPS):
+        logits, state, ok = model.step(_decode_tokens(token_rows, step), state)
+        assert bool(ok)
+        decoded.append(logits[:, 0])
+    _check(prefill, decoded, full_logits)
+
+
+@pytest.mark.parametrize("kind", ["KVCache", "PagedKVCacheAdapter"])
+def test_stateful_caches_incremental_equal_full_pass(kind, model, token_rows, full_logits):
+    if kind == "KVCache":
+        cache = jp.KVCache(model.config, batch_size=3, max_len=32)
+    else:
+        cache = jp.create_paged_kv_cache(model.config, batch_size=3, block_size=8, blocks_per_seq=4)
+    tokens, lens = _padded_prompts(token_rows)
+    prefill = model(tokens, kv_cache=cache, num_tokens=lens)  # the seed's one-liner, ragged
+    decoded = [model(_decode_tokens(token_rows, step), kv_cache=cache)[:, 0] for step in range(DECODE_STEPS)]
+    _check(prefill, decoded, full_logits)
+    np.testing.assert_array_equal(cache.seq_lens(1), np.asarray(PROMPT_LENS) + DECODE_STEPS)
+
+
+def test_step_reports_out_of_blocks(model):
+    config = jp.CacheConfig.from_model_config(model.config, num_blocks=1, block_size=8, max_seqs=1)
+    state = jp.init_state(config)
+    _, state, ok = model.step(jnp.ones((1, 9), jnp.int32), state, seq_idx=jnp.zeros((1,), jnp.int32))
+    assert not bool(ok)
+    assert int(state.allocator.num_free) == 1 and not np.any(np.asarray(state.table.seq_lens))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weights_round_trip_through_hf_names(tied):
+    model = MiniLLM(preset("tiny", tie_embeddings=tied), rngs=nnx.Rngs(3))
+    tensors = {k: np.asarray(v) for k, v in to_hf_tensors(model).items()}
+    assert ("lm_head.weight" in tensors) is not tied
+    assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 16, 64)  # [out, in]
+    rebuilt = model_from_hf_tensors(model.config, tensors)
+    ids = jnp.arange(12)[None] % 256
+    np.testing.assert_array_equal(np.asarray(rebuilt(ids)), np.asarray(model(ids)))
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    tensors["model.norm.weight"] = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="missing model.layers.0.mlp.up_proj.weight.*model.norm.weight: shape"):
+        model_from_hf_tensors(model.config, tensors)
+
+
+def test_model_config_validates():
+    with pytest.raises(ValueError, match="multiple"):
+        ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=3, num_kv_heads=2, head_dim=4,
+                    intermediate_size=8)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("gpt-5")
+    big = preset("llama-1b")
+    assert (big.num_layers, big.hidden_size, big.num_heads, big.num_kv_heads, big.head_dim, big.intermediate_size,
+            big.vocab_size) == (16, 2048, 32, 8, 64, 8192, 128256)
