@@ -1,0 +1,127 @@
+"""Prefill and decode tokens/s of batched generation, paged cache against contiguous, same batch, same run.
+
+Each configuration is generated once to compile, then timed `--repeats` times; the table gives
+medians. Prompts are random token ids of one length, EOS is disabled so every sequence decodes
+the full `--new-tokens`, and greedy paged and contiguous outputs are checked to be identical.
+
+Examples:
+  python benchmarks/generate.py --preset tiny --batch-sizes 1 8
+  python benchmarks/generate.py --preset smollm2-135m --batch-sizes 1 4          # real weights
+  python benchmarks/generate.py --preset llama-1b --batch-sizes 1 32 128 --dtype bfloat16 --random-weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from models.config import preset
+from models.generate import generate
+from models.llama import MiniLLM
+
+
+def load(args) -> MiniLLM:
+    if args.preset == "smollm2-135m" and not args.random_weights:
+        from models.gguf_weights import load_gguf
+
+        return load_gguf(dtype=args.dtype)[0]
+    return MiniLLM(preset(args.preset, dtype=args.dtype), rngs=nnx.Rngs(0))
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return getattr(device, "device_kind", device.platform)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="tiny, smollm2-135m or llama-1b (default tiny)")
+    parser.add_argument("--random-weights", action="store_true", help="random weights even for smollm2-135m")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=32, help="decode steps per jitted call")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate_<preset>_<device>.json)")
+    parser.add_argument("--plot", default=None, help="PNG path for a plot of decode tokens/s (needs matplotlib)")
+    args = parser.parse_args()
+
+    model = load(args)
+    device = device_name()
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in tqdm(args.batch_sizes, desc="batch sizes"):
+        prompts = rng.integers(0, model.config.vocab_size, size=(batch, args.prompt_len)).tolist()
+        results = {}
+        for cache in ("paged", "contiguous"):
+            def run():
+                return generate(model, prompts, max_new_tokens=args.new_tokens, cache=cache, block_size=args.block_size,
+                                eos_token_ids=[], chunk_size=args.chunk_size)
+
+            first = run()  # compiles
+            timed = [run() for _ in range(args.repeats)]
+            results[cache] = {
+                "tokens": first.tokens,
+                "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_second for r in timed),
+                "decode_tokens_per_s": statistics.median(r.decode_tokens_per_second for r in timed),
+                "peak_bytes_used": first.peak_memory.bytes_used,
+            }
+        paged, dense = results["paged"], results["contiguous"]
+        rows.append({
+            "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "paged_prefill_tokens_per_s": paged["prefill_tokens_per_s"],
+            "contiguous_prefill_tokens_per_s": dense["prefill_tokens_per_s"],
+            "paged_decode_tokens_per_s": paged["decode_tokens_per_s"],
+            "contiguous_decode_tokens_per_s": dense["decode_tokens_per_s"],
+            "decode_ratio_paged_over_contiguous": paged["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+            "prefill_ratio_paged_over_contiguous": paged["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+            "greedy_tokens_identical": paged["tokens"] == dense["tokens"],
+            "paged_peak_bytes_used": paged["peak_bytes_used"], "contiguous_bytes_reserved": dense["peak_bytes_used"],
+        })
+
+    print(f"\n{args.preset} ({args.dtype}, {'random' if args.random_weights or args.preset != 'smollm2-135m' else 'real'} "
+          f"weights) on {device}, prompt {args.prompt_len}, {args.new_tokens} new tokens, block size {args.block_size}")
+    print(f"{'batch':>6}{'prefill paged':>15}{'prefill contig':>16}{'decode paged':>14}{'decode contig':>15}"
+          f"{'decode ratio':>14}{'same tokens':>13}")
+    for r in rows:
+        print(f"{r['batch']:>6}{r['paged_prefill_tokens_per_s']:>15.0f}{r['contiguous_prefill_tokens_per_s']:>16.0f}"
+              f"{r['paged_decode_tokens_per_s']:>14.0f}{r['contiguous_decode_tokens_per_s']:>15.0f}"
+              f"{r['decode_ratio_paged_over_contiguous']:>13.2f}x{str(r['greedy_tokens_identical']):>13}")
+
+    out = args.out or f"benchmarks/results/generate_{args.preset}_{device.replace(' ', '_')}.json"
+    with open(out, "w") as f:
+        json.dump({"preset": args.preset, "dtype": args.dtype, "device": device, "jax": jax.__version__,
+                   "block_size": args.block_size, "chunk_size": args.chunk_size, "repeats": args.repeats, "rows": rows}, f,
+                  indent=2)
+    print(f"wrote {out}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        batches = [r["batch"] for r in rows]
+        plt.figure(figsize=(6, 4))
+        plt.plot(batches, [r["paged_decode_tokens_per_s"] for r in rows], "o-", label="paged")
+        plt.plot(batches, [r["contiguous_decode_tokens_per_s"] for r in rows], "s--", label="contiguous")
+        plt.xscale("log", base=2)
+        plt.yscale("log")
+        plt.xlabel("batch")
+        plt.ylabel("decode tokens/s")
+        plt.title(f"{args.preset} {args.dtype} on {device}")
+        plt.legend()
+        plt.tight_layout()
+        plt.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
