@@ -212,6 +212,32 @@ def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.
     return state.replace(table=state.table.replace(seq_lens=seq_lens)), ok
 
 
+@functools.partial(jax.jit, static_argnames=("num_chunk_tokens",), donate_argnames=("state",))
+def allocate_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, *, num_chunk_tokens: int):
+    """Takes blocks for a model step that writes every layer, once: the slot mapping. DONATES state.
+
+    Every layer of each sequence must hold the same length (as after model steps). The new
+    positions start at that length; every layer's length advances by num_tokens now, so each layer
+    then only scatters its K/V with `write_slots` and attends.
+
+    Args:
+      seq_idx: [B] int32 block-table rows, distinct except padding rows (index B).
+      num_tokens: [B] int32 new positions per row, at most num_chunk_tokens (T, static).
+
+    Returns:
+      (state, slots [B, T] int32, ok). When ok is False nothing changes and every slot is a
+      dropped sentinel.
+    """
+    c = state.config
+    num_tokens = jnp.where(seq_idx < c.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
+    starts = _seq_lens_of(state, 0, seq_idx)
+    state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, c.block_size))
+    num_tokens = jnp.where(ok, num_tokens, 0)
+    slots = slot_mapping(state, seq_idx, starts, num_tokens, num_chunk_tokens)
+    seq_lens = state.table.seq_lens.at[:, seq_idx].add(num_tokens[None, :], mode="drop")
+    return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok
+
+
 @functools.partial(jax.jit, static_argnames=("max_len",))
 def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     """Reads B sequences of one layer as contiguous, zero-padded arrays.

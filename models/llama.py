@@ -23,7 +23,7 @@ from flax import nnx
 from jaxpaged.attention import attend, paged_attention
 from jaxpaged.cache import KVCache, PagedKVCacheAdapter
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read
-from jaxpaged.ops import append
+from jaxpaged.ops import allocate_slots, write_slots
 from jaxpaged.state import PagedKVState
 from models.config import ModelConfig
 
@@ -59,10 +59,10 @@ def _linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.
 
 
 class CacheStep:
-    """What one call tells every layer about the cache: rows, valid tokens, read bound."""
+    """What one call tells every layer about the cache: rows, valid tokens, read bound, paged slots."""
 
-    def __init__(self, seq_idx, num_tokens, max_len):
-        self.seq_idx, self.num_tokens, self.max_len = seq_idx, num_tokens, max_len
+    def __init__(self, seq_idx, num_tokens, max_len, slots=None):
+        self.seq_idx, self.num_tokens, self.max_len, self.slots = seq_idx, num_tokens, max_len, slots
 
 
 def _attend_with_cache(cache, layer: int, q, k, v, positions, step: CacheStep):
@@ -72,9 +72,9 @@ def _attend_with_cache(cache, layer: int, q, k, v, positions, step: CacheStep):
     """
     if cache is None:
         return attend(q, k, v, positions, step.num_tokens), None, jnp.asarray(True)
-    if isinstance(cache, PagedKVState):
-        cache, ok = append(cache, layer, step.seq_idx, k, v, step.num_tokens)
-        return paged_attention(q, cache, layer, step.seq_idx, positions, max_len=step.max_len), cache, ok
+    if isinstance(cache, PagedKVState):  # blocks were taken and lengths advanced once, before the layers
+        cache = write_slots(cache, layer, step.slots, k, v)
+        return paged_attention(q, cache, layer, step.seq_idx, positions, max_len=step.max_len), cache, jnp.asarray(True)
     if isinstance(cache, ContiguousKVState):
         cache, ok = contiguous_append(cache, layer, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), step.num_tokens)
         k_all, v_all, seq_lens = contiguous_read(cache, layer)  # [B, K, S, D]
@@ -203,18 +203,21 @@ class MiniLLM(nnx.Module):
           logit_index: [B] int32; if given, logits only at that token of each row: [B, V].
 
         Returns:
-          (logits [B, T, V] or [B, V] float32, cache, ok); ok is False if a write found no room, and
-          then that layer's cache is unchanged: reserve blocks first (jaxpaged.reserve) to rule it out.
+          (logits [B, T, V] or [B, V] float32, cache, ok). ok is False when the cache had no room for
+          the tokens; the cache is then unchanged and the logits are not to be used.
         """
         batch, length = input_ids.shape
         num_tokens = jnp.full((batch,), length, jnp.int32) if num_tokens is None else num_tokens
+        step = CacheStep(seq_idx, num_tokens, max_len)
         if isinstance(cache, PagedKVState):
             if seq_idx is None:
                 raise ValueError("a PagedKVState needs seq_idx, the block-table row of each batch row")
             starts = cache.table.seq_lens.at[0, seq_idx].get(mode="fill", fill_value=0)
+            cache, step.slots, slots_ok = allocate_slots(cache, seq_idx, num_tokens, num_chunk_tokens=length)
         elif isinstance(cache, ContiguousKVState):
-            starts = cache.seq_lens[0]
+            starts, slots_ok = cache.seq_lens[0], jnp.asarray(True)
         else:
             raise TypeError(f"step takes a PagedKVState or ContiguousKVState, got {type(cache).__name__}")
         positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-        return self._run(input_ids, cache, positions, CacheStep(seq_idx, num_tokens, max_len), logit_index)
+        logits, cache, ok = self._run(input_ids, cache, positions, step, logit_index)
+        return logits, cache, ok & slots_ok

@@ -206,3 +206,31 @@ def test_append_updates_pools_in_place():
     old_pool = state.pools.k
     state, _ = ops.append(state, 0, seq_idx, k, k)
     assert old_pool.is_deleted()
+
+
+def test_allocate_slots_once_then_write_every_layer(rng):
+    """The model's path: one slot mapping per step, then each layer only scatters."""
+    state = make_state(block_size=8, num_blocks=6, max_seqs=3)
+    seq_idx = jnp.asarray([2, 0, 3], jnp.int32)  # row 3 == max_seqs: padding
+    written = {layer: [[], [], []] for layer in range(2)}
+    for lengths in ((5, 8, 4), (1, 1, 1), (9, 3, 2)):
+        chunk = max(lengths)
+        state, slots, ok = ops.allocate_slots(state, seq_idx, jnp.asarray(lengths, jnp.int32), num_chunk_tokens=chunk)
+        assert bool(ok) and slots.shape == (3, chunk)
+        for layer in range(2):
+            k = random_array(rng, (3, chunk, 3, 5), "float32")
+            state = ops.write_slots(state, layer, slots, k, -k)
+            for b in range(2):
+                written[layer][b].append(np.asarray(k[b, : lengths[b]]))
+    for layer in range(2):
+        k_all, v_all, lens = ops.gather_kv(state, layer, seq_idx, max_len=24)
+        assert list(np.asarray(lens)) == [15, 12, 0]
+        for b in range(2):
+            expected = np.concatenate(written[layer][b])
+            assert_bit_equal(k_all[b, : len(expected)], expected, f"layer {layer} row {b}")
+            assert_bit_equal(v_all[b, : len(expected)], -expected, f"v layer {layer} row {b}")
+    before = state_bytes(state)
+    state, slots, ok = ops.allocate_slots(state, seq_idx, jnp.asarray([25, 0, 0], jnp.int32), num_chunk_tokens=32)
+    assert not bool(ok) and np.all(np.asarray(slots) >= 6 * 8), "refused: every slot is a dropped sentinel"
+    for a, b in zip(before, state_bytes(state)):
+        np.testing.assert_array_equal(a, b)
