@@ -16,6 +16,14 @@ from jaxpaged import ops
 from jaxpaged.state import PagedKVState
 
 
+def _dot_operand(x: jax.Array) -> jax.Array:
+    """XLA:CPU has no half-precision dot with a float32 result, so on the CPU operands are upcast."""
+    if jax.default_backend() == "cpu" and x.dtype in (jnp.bfloat16, jnp.float16):
+        return x.astype(jnp.float32)
+    return x
+
+
+@jax.jit
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_lens: jax.Array,
            scale: float | None = None) -> jax.Array:
     """Causal grouped-query attention of T queries per sequence over S key positions.
@@ -40,12 +48,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_
         raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
     scale = head_dim**-0.5 if scale is None else scale
     q = q.reshape(batch, num_q, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, T, K, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bskd->bkgts", _dot_operand(q), _dot_operand(k), preferred_element_type=jnp.float32)
+    scores = scores * scale
     key_pos = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]  # [1, 1, S]
     visible = (key_pos <= q_positions[:, :, None]) & (key_pos < kv_lens[:, None, None])  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bskd->btkgd", _dot_operand(probs), _dot_operand(v), preferred_element_type=jnp.float32)
     return out.reshape(batch, num_q, num_heads, head_dim).astype(q.dtype)
 
 

@@ -82,7 +82,10 @@ def _attend_with_cache(cache, layer: int, q, k, v, positions, step: CacheStep):
     if isinstance(cache, (KVCache, PagedKVCacheAdapter)):  # stateful facades raise instead of returning ok
         k_all, v_all = cache.update(layer, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), step.num_tokens)
         seq_lens = jnp.asarray(cache.seq_lens(layer))
-        return attend(q, jnp.swapaxes(k_all, 1, 2), jnp.swapaxes(v_all, 1, 2), positions, seq_lens), cache, jnp.asarray(True)
+        # Pad S to a power of two (masked anyway): attention compiles per bucket, not per length.
+        pad = [(0, 0), (0, 0), (0, (1 << max(k_all.shape[2] - 1, 0).bit_length()) - k_all.shape[2]), (0, 0)]
+        k_all, v_all = (jnp.swapaxes(jnp.pad(x, pad), 1, 2) for x in (k_all, v_all))
+        return attend(q, k_all, v_all, positions, seq_lens), cache, jnp.asarray(True)
     raise TypeError(f"unsupported kv_cache type {type(cache).__name__}")
 
 

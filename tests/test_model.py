@@ -74,9 +74,11 @@ def test_contiguous_state_incremental_equals_full_pass(model, token_rows, full_l
     state = jp.init_contiguous(c.num_layers, 3, c.num_kv_heads, 32, c.head_dim, jnp.float32)
     tokens, lens = _padded_prompts(token_rows)
     prefill, state, ok = model.step(tokens, state, num_tokens=lens)
+    graphdef, params = nnx.split(model)
+    step_fn = jax.jit(lambda params, state, ids: nnx.merge(graphdef, params).step(ids, state))
     decoded = []
     for step in range(DECODE_STEPS):
-        logits, state, ok = model.step(_decode_tokens(token_rows, step), state)
+        logits, state, ok = step_fn(params, state, _decode_tokens(token_rows, step))
         assert bool(ok)
         decoded.append(logits[:, 0])
     _check(prefill, decoded, full_logits)
