@@ -17,6 +17,7 @@ import json
 import statistics
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from models.config import preset
 from models.generate import generate
 from models.llama import MiniLLM
+from timing import copy_ceiling
 
 
 def load(args) -> MiniLLM:
@@ -56,6 +58,10 @@ def main():
 
     model = load(args)
     device = device_name()
+    ceiling = copy_ceiling(2**31 if jax.default_backend() == "gpu" else 2**26)
+    c = model.config
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(jnp.dtype(c.dtype)).itemsize
     rng = np.random.default_rng(0)
     rows = []
     for batch in tqdm(args.batch_sizes, desc="batch sizes"):
@@ -75,7 +81,13 @@ def main():
                 "peak_bytes_used": first.peak_memory.bytes_used,
             }
         paged, dense = results["paged"], results["contiguous"]
+        # The decode roofline: each step reads every weight once and every live K/V once.
+        step_bytes = weight_bytes + batch * (args.prompt_len + args.new_tokens / 2) * kv_bytes_per_token
+        floor_seconds = step_bytes / ceiling
         rows.append({
+            "roofline_fraction_paged": floor_seconds * paged["decode_tokens_per_s"] / batch,
+            "roofline_fraction_contiguous": floor_seconds * dense["decode_tokens_per_s"] / batch,
+            "decode_step_floor_ms": floor_seconds * 1e3,
             "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "paged_prefill_tokens_per_s": paged["prefill_tokens_per_s"],
             "contiguous_prefill_tokens_per_s": dense["prefill_tokens_per_s"],
@@ -90,15 +102,18 @@ def main():
     print(f"\n{args.preset} ({args.dtype}, {'random' if args.random_weights or args.preset != 'smollm2-135m' else 'real'} "
           f"weights) on {device}, prompt {args.prompt_len}, {args.new_tokens} new tokens, block size {args.block_size}")
     print(f"{'batch':>6}{'prefill paged':>15}{'prefill contig':>16}{'decode paged':>14}{'decode contig':>15}"
-          f"{'decode ratio':>14}{'same tokens':>13}")
+          f"{'decode ratio':>14}{'same tokens':>13}{'roofline':>10}")
     for r in rows:
         print(f"{r['batch']:>6}{r['paged_prefill_tokens_per_s']:>15.0f}{r['contiguous_prefill_tokens_per_s']:>16.0f}"
               f"{r['paged_decode_tokens_per_s']:>14.0f}{r['contiguous_decode_tokens_per_s']:>15.0f}"
-              f"{r['decode_ratio_paged_over_contiguous']:>13.2f}x{str(r['greedy_tokens_identical']):>13}")
+              f"{r['decode_ratio_paged_over_contiguous']:>13.2f}x{str(r['greedy_tokens_identical']):>13}"
+              f"{r['roofline_fraction_paged']:>10.0%}")
+    print(f"weights {weight_bytes / 1e9:.2f} GB; copy ceiling {ceiling / 1e12:.2f} TB/s (read + write), measured in this run")
 
     out = args.out or f"benchmarks/results/generate_{args.preset}_{device.replace(' ', '_')}.json"
     with open(out, "w") as f:
         json.dump({"preset": args.preset, "dtype": args.dtype, "device": device, "jax": jax.__version__,
+                   "copy_ceiling_Bps": ceiling, "weight_bytes": weight_bytes,
                    "block_size": args.block_size, "chunk_size": args.chunk_size, "repeats": args.repeats, "rows": rows}, f,
                   indent=2)
     print(f"wrote {out}")

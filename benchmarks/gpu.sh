@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# One GPU session: check the CPU-tested code on the GPU's jax, then benchmark generation.
-# Usage: bash benchmarks/gpu.sh OUTPUT_DIR   (run from the repository root; needs no network)
+# GPU sessions, in two parts that each fit one call:
+#   bash benchmarks/gpu.sh OUTPUT_DIR kernels    # tests on the GPU's jax, then benchmarks/attention.py
+#   bash benchmarks/gpu.sh OUTPUT_DIR generate   # benchmarks/generate.py: llama-1b, kernel on and off
+# Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_ops.py tests/test_cache.py tests/test_model.py \
-  tests/test_generate.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
-python3 benchmarks/generate.py --preset llama-1b --dtype bfloat16 --random-weights --batch-sizes 1 32 128 \
-  --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/generate_llama-1b_gpu.json" \
-  --plot "$out/generate_llama-1b_gpu.png" 2>&1 | grep -v "it/s]" | tee "$out/generate.txt"
+if [ "$part" = kernels ]; then
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_ops.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 420 python3 benchmarks/attention.py --out-dir "$out" 2>&1 | tee "$out/attention.txt"
+else
+  for kernel in 1 0; do
+    JAXPAGED_DECODE_KERNEL=$kernel python3 benchmarks/generate.py --preset llama-1b --dtype bfloat16 --random-weights \
+      --batch-sizes 1 32 128 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/generate_kernel$kernel.json" \
+      $([ $kernel = 1 ] && echo --plot "$out/generate_llama-1b.png") 2>&1 | grep -v "it/s]" | tee "$out/generate_kernel$kernel.txt"
+  done
+fi

@@ -1,6 +1,7 @@
 """jaxpaged: a paged KV cache whose state is immutable arrays and pytrees, changed by jitted pure functions."""
 
 from jaxpaged import ops
+from jaxpaged.attention import attend, paged_attention
 from jaxpaged.cache import (
     Block,
     BlockAllocator,
@@ -20,6 +21,7 @@ from jaxpaged.state import BlockAllocatorState, BlockTable, KVPools, PagedKVStat
 from jaxpaged.stats import MemoryStats, contiguous_memory_stats, paged_memory_stats
 
 __all__ = [
+    "attend", "paged_attention",
     "Block", "BlockAllocator", "BlockAllocatorState", "BlockTable", "CacheConfig", "CacheFullError",
     "ContiguousKVState", "DoubleFreeError", "KVCache", "KVPools", "MemoryStats", "OutOfBlocksError",
     "PagedKVCache", "PagedKVCacheAdapter", "PagedKVState", "UnknownSequenceError", "allocate_blocks", "allocate_slots",

@@ -9,6 +9,8 @@ G = H / K query heads per kv head, D head dim.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -58,9 +60,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_
     return out.reshape(batch, num_q, num_heads, head_dim).astype(q.dtype)
 
 
+def _use_decode_kernel(q: jax.Array, state: PagedKVState, scale) -> bool:
+    """The GPU decode kernel serves T = 1 on a GPU unless JAXPAGED_DECODE_KERNEL=0 (read when tracing)."""
+    from jaxpaged.kernels import triton_decode
+
+    c = state.config
+    enabled = os.environ.get("JAXPAGED_DECODE_KERNEL", "1") != "0"
+    return (enabled and jax.default_backend() == "gpu" and q.shape[1] == 1 and scale is None
+            and triton_decode.supported(q.shape[2], c.num_kv_heads, c.head_dim, c.block_size, c.max_blocks_per_seq))
+
+
 def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array, q_positions: jax.Array,
                     *, max_len: int | None = None, scale: float | None = None) -> jax.Array:
     """Causal attention of q over one layer of the paged cache.
+
+    On a GPU, decode (T = 1) runs a kernel that reads the pools in place through the block
+    table; elsewhere, and for T > 1, the reference gathers the blocks and attends.
 
     Args:
       q: [B, T, H, D], the queries of tokens whose K and V are already appended.
@@ -74,6 +89,17 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
     Returns:
       [B, T, H, D] in q's dtype.
     """
-    max_len = state.config.max_seq_len if max_len is None else max_len
+    c = state.config
+    if _use_decode_kernel(q, state, scale):
+        from jaxpaged.kernels.triton_decode import paged_decode_attention
+
+        rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
+        seq_lens = state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)
+        visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it
+        flat = (c.num_layers * c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)  # a free reshape
+        out = paged_decode_attention(q[:, 0], state.pools.k.reshape(flat), state.pools.v.reshape(flat), layer, rows,
+                                     visible, num_layers=c.num_layers, blocks_per_step=min(8, c.max_blocks_per_seq))
+        return out[:, None]
+    max_len = c.max_seq_len if max_len is None else max_len
     k, v, seq_lens = ops.gather_kv(state, layer, seq_idx, max_len=max_len)
     return attend(q, k, v, q_positions, seq_lens, scale)

@@ -1,0 +1,34 @@
+"""Shared timing helpers for the benchmark scripts: medians of back-to-back calls, and the device copy ceiling."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def median_time(fn, inputs, rounds=5, calls=20, sync=None):
+    """Median seconds per call over `rounds` rounds of `calls` back-to-back calls, after warm-up.
+
+    `inputs` is a list of argument tuples used in turn (rotate over copies to defeat caches).
+    """
+    sync = sync or jax.block_until_ready
+    for args in inputs[:2]:
+        sync(fn(*args))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for i in range(calls):
+            out = fn(*inputs[i % len(inputs)])
+        sync(out)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def copy_ceiling(size_bytes=2**31) -> float:
+    """Bytes per second of a device-to-device pass over a buffer, counting bytes read plus written."""
+    x = jnp.ones((size_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
+    return 2 * size_bytes / median_time(copy, [(x,)])
