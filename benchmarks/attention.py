@@ -4,8 +4,9 @@ Peers: jax's Pallas paged kernel (`jax.experimental.pallas.ops.gpu.paged_attenti
 parameters tuned per shape), XLA gather-then-attend (jaxpaged's reference path), XLA dense
 attention over a contiguous cache, and torch's scaled_dot_product_attention over a contiguous cache.
 Every sequence holds the full context; block tables are random permutations (fragmented pools).
-Times are medians of 5 rounds of 20 back-to-back calls after warm-up; inputs rotate over enough
-copies to exceed the 50 MB L2 cache. Effective bandwidth counts the K and V bytes read once.
+Times are medians of 5 rounds after warm-up: for the JAX paths a round is one jitted loop of 20
+calls (one dispatch, so small shapes time the device, not the host); for torch, 20 back-to-back
+calls. Inputs rotate over enough copies to exceed the 50 MB L2 cache. Effective bandwidth counts the K and V bytes read once.
 A device copy measured in the same run gives the ceiling.
 
 Also measured: prefill (causal, T = context) tokens/s, the cost of the decode KV write, and the
@@ -31,7 +32,7 @@ import numpy as np
 import jaxpaged as jp
 from jaxpaged.attention import attend
 from jaxpaged.kernels.triton_decode import paged_decode_attention
-from timing import copy_ceiling, median_time
+from timing import copy_ceiling, median_time, median_time_in_loop
 
 L2_BYTES = 50 * 2**20
 
@@ -75,6 +76,7 @@ def xla_dense(q, k, v, lengths):
 
 
 def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, ceiling, interpret, with_torch):
+    time_jax = median_time if interpret else median_time_in_loop
     kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
     copies = 1 if interpret else max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
     sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copies)
@@ -94,26 +96,27 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
 
     # Ours: tune blocks per step and warps.
     ours = {}
-    for bps, warps in ((8, 4), (16, 4), (16, 8)):
-        if blocks_per_seq % bps == 0:
-            ours[(bps, warps)] = functools.partial(paged_decode_attention, num_layers=1, layout="NPKD",
-                                                   blocks_per_step=bps, num_warps=warps, interpret=interpret)
+    for bps, splits in ((8, None), (8, 4), (8, 16), (16, None)):
+        steps = blocks_per_seq // bps
+        if blocks_per_seq % bps == 0 and (splits is None or splits <= steps):
+            ours[(bps, splits)] = functools.partial(paged_decode_attention, num_layers=1, layout="NPKD",
+                                                    blocks_per_step=bps, num_splits=splits, interpret=interpret)
     results = {}
     best = None
     for params, fn in ours.items():
         args = [(x["q"], x["pool_k"], x["pool_v"], 0, x["tables"], x["lengths"]) for x in sets]
         err = rel_err(fn(*args[0]))
-        seconds = median_time(fn, args)
+        seconds = time_jax(fn, args)
         if err < 2e-2 and (best is None or seconds < best[1]):
             best = (params, seconds, err)
     row["jaxpaged_params"], results["jaxpaged"], row["jaxpaged_rel_err"] = best
-    bps, warps = best[0]
+    bps, splits = best[0]
     knpd = [(x["q"], jnp.transpose(x["pool_k"], (2, 0, 1, 3)), jnp.transpose(x["pool_v"], (2, 0, 1, 3)), 0,
              x["tables"], x["lengths"]) for x in sets]
-    fn = functools.partial(paged_decode_attention, num_layers=1, layout="KNPD", blocks_per_step=bps, num_warps=warps,
+    fn = functools.partial(paged_decode_attention, num_layers=1, layout="KNPD", blocks_per_step=bps, num_splits=splits,
                            interpret=interpret)
     row["jaxpaged_knpd_rel_err"] = rel_err(fn(*knpd[0]))
-    results["jaxpaged_knpd_layout"] = median_time(fn, knpd)
+    results["jaxpaged_knpd_layout"] = time_jax(fn, knpd)
 
     # jax's Pallas paged kernel, tuned over its block parameters.
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
@@ -128,7 +131,7 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
             args = [((x[0].astype(jnp.float32) * head_dim**-0.5).astype(x[0].dtype), x[1], x[2], x[4], x[5]) for x in knpd]
             try:
                 err = rel_err(fn(*args[0]))
-                seconds = median_time(fn, args)
+                seconds = time_jax(fn, args)
             except Exception as error:  # a parameter set the kernel refuses
                 print(f"  jax paged kernel ppcb={ppcb} k_splits={splits}: {type(error).__name__}")
                 continue
@@ -139,10 +142,10 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
 
     args = [(x["q"], x["pool_k"], x["pool_v"], x["tables"], x["lengths"]) for x in sets]
     row["xla_gather_rel_err"] = rel_err(xla_gather_attend(*args[0]))
-    results["xla_gather_attend"] = median_time(xla_gather_attend, args)
+    results["xla_gather_attend"] = time_jax(xla_gather_attend, args)
     dense_sets = [(x["q"], *dense_from_paged(x, block_size), x["lengths"]) for x in sets]
     row["xla_dense_rel_err"] = rel_err(xla_dense(*dense_sets[0]))
-    results["xla_dense"] = median_time(xla_dense, dense_sets)
+    results["xla_dense"] = time_jax(xla_dense, dense_sets)
 
     if with_torch:
         import torch

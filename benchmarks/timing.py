@@ -32,3 +32,22 @@ def copy_ceiling(size_bytes=2**31) -> float:
     x = jnp.ones((size_bytes // 2,), jnp.bfloat16)
     copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
     return 2 * size_bytes / median_time(copy, [(x,)])
+
+
+def median_time_in_loop(fn, inputs, reps=20, rounds=5):
+    """Median seconds per call of a JAX function run `reps` times inside one jitted loop.
+
+    One dispatch per round instead of per call, so small shapes measure the device, not the host.
+    Each iteration's first argument depends on the previous output (by an exact +0), so XLA can
+    neither hoist nor merge the calls.
+    """
+
+    @jax.jit
+    def looped(*args):
+        def body(_, carry):
+            out = fn(args[0] + carry.astype(args[0].dtype), *args[1:])
+            return carry + 0 * jnp.ravel(out)[0].astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
+
+    return median_time(looped, inputs, rounds=rounds, calls=1) / reps
