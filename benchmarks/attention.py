@@ -96,7 +96,7 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
 
     # Ours: tune blocks per step and warps.
     ours = {}
-    for bps, splits in ((8, None), (8, 4), (8, 16), (16, None)):
+    for bps, splits in ((4, None), (4, 4), (8, None)):
         steps = blocks_per_seq // bps
         if blocks_per_seq % bps == 0 and (splits is None or splits <= steps):
             ours[(bps, splits)] = functools.partial(paged_decode_attention, num_layers=1, layout="NPKD",

@@ -67,7 +67,7 @@ def _use_decode_kernel(q: jax.Array, state: PagedKVState, scale) -> bool:
     c = state.config
     enabled = os.environ.get("JAXPAGED_DECODE_KERNEL", "1") != "0"
     return (enabled and jax.default_backend() == "gpu" and q.shape[1] == 1 and scale is None
-            and triton_decode.supported(q.shape[2], c.num_kv_heads, c.head_dim, c.block_size, c.max_blocks_per_seq))
+            and triton_decode.supported(c.head_dim, c.block_size))
 
 
 def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array, q_positions: jax.Array,
@@ -98,7 +98,7 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
         visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it
         flat = (c.num_layers * c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)  # a free reshape
         out = paged_decode_attention(q[:, 0], state.pools.k.reshape(flat), state.pools.v.reshape(flat), layer, rows,
-                                     visible, num_layers=c.num_layers, blocks_per_step=min(8, c.max_blocks_per_seq))
+                                     visible, num_layers=c.num_layers)
         return out[:, None]
     max_len = c.max_seq_len if max_len is None else max_len
     k, v, seq_lens = ops.gather_kv(state, layer, seq_idx, max_len=max_len)
