@@ -72,8 +72,6 @@ def _num_splits(batch: int, kv_heads: int, steps: int, target_programs: int = 25
     return max(1, min(steps, want))
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers", "layout", "blocks_per_step", "num_splits", "num_warps",
-                                             "num_stages", "interpret"))
 def default_blocks_per_step(block_size: int, max_blocks: int) -> int:
     """64 positions per loop step (the fastest in the H100 sweep), dividing the block-table width."""
     blocks = max(1, 64 // block_size)
@@ -82,6 +80,8 @@ def default_blocks_per_step(block_size: int, max_blocks: int) -> int:
     return blocks
 
 
+@functools.partial(jax.jit, static_argnames=("num_layers", "layout", "blocks_per_step", "num_splits", "num_warps",
+                                             "num_stages", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, num_layers: int, layout: str = "NPKD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
