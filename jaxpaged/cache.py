@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged import ops
-from jaxpaged.config import CacheConfig
+from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read, init_contiguous
 from jaxpaged.state import BlockAllocatorState, PagedKVState, init_allocator, init_state
 from jaxpaged.stats import MemoryStats, contiguous_memory_stats, paged_memory_stats
@@ -45,11 +45,6 @@ class DoubleFreeError(RuntimeError):
     """A block that is already free was freed again; the allocator is unchanged."""
 
 
-def _bucket(n: int) -> int:
-    """The next power of two >= n (and >= 1): the padded size that keys a compilation."""
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _as_array(x: Any, dtype, name: str) -> jax.Array:
     """x as a jax array of exactly `dtype`: never a silent cast."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
@@ -68,7 +63,7 @@ def _check_layer(layer_idx: Any, num_layers: int) -> int:
 def _pad_tokens(x: jax.Array, axis: int) -> jax.Array:
     """Pads the token axis with zeros up to its bucket size."""
     pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, _bucket(x.shape[axis]) - x.shape[axis])
+    pad[axis] = (0, bucket(x.shape[axis]) - x.shape[axis])
     return jnp.pad(x, pad)
 
 
@@ -195,7 +190,7 @@ class PagedKVCache:
         if row is None:
             raise CacheFullError(f"all {self.config.max_seqs} sequence slots are in use; free one or raise max_seqs")
         self.state, ok = ops.reserve(self.state, jnp.asarray([row], jnp.int32), jnp.asarray([initial_len], jnp.int32),
-                                     max_new_tokens=_bucket(initial_len))
+                                     max_new_tokens=bucket(initial_len))
         if not bool(ok):
             raise OutOfBlocksError(f"no room for {initial_len} positions: {self.num_free_blocks} free blocks of "
                                    f"{self.config.block_size}, at most {self.config.max_blocks_per_seq} per sequence")
@@ -230,7 +225,7 @@ class PagedKVCache:
         row = self._row(seq_id)
         layer = _check_layer(layer_idx, self.config.num_layers)
         seq_len = self.get_seq_len(seq_id, layer)
-        k, v, _ = ops.gather_kv(self.state, layer, jnp.asarray([row], jnp.int32), max_len=_bucket(seq_len))
+        k, v, _ = ops.gather_kv(self.state, layer, jnp.asarray([row], jnp.int32), max_len=bucket(seq_len))
         return tuple(jnp.swapaxes(x[0, :seq_len], 0, 1) for x in (k, v))
 
     def free_sequence(self, seq_id: Hashable) -> None:
@@ -373,7 +368,7 @@ class PagedKVCacheAdapter:
             raise OutOfBlocksError(f"no room for {chunk} more positions: {cache.num_free_blocks} free blocks, "
                                    f"at most {c.max_seq_len} positions per row")
         longest = int(jnp.max(cache.state.table.seq_lens[layer]))
-        k_all, v_all, _ = ops.gather_kv(cache.state, layer, seq_idx, max_len=_bucket(longest))
+        k_all, v_all, _ = ops.gather_kv(cache.state, layer, seq_idx, max_len=bucket(longest))
         return tuple(jnp.swapaxes(x[:, :longest], 1, 2) for x in (k_all, v_all))
 
     def seq_lens(self, layer_idx: int = 0) -> np.ndarray:

@@ -14,6 +14,11 @@ import numpy as np
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= n and >= minimum: the padded size that keys a compilation."""
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
 def _dtype_name(dtype: Any) -> str:
     """Normalises 'bfloat16', jnp.bfloat16, np.dtype('float16') ... to a canonical name."""
     import jax.numpy as jnp  # local: keep the module import cheap

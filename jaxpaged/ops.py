@@ -181,6 +181,18 @@ def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: j
     return state.replace(pools=state.pools.replace(k=new_pools[0], v=new_pools[1]))
 
 
+def _take_slots(state: PagedKVState, layer, seq_idx, num_tokens, num_chunk_tokens: int):
+    """Blocks for num_tokens [B] more positions past `layer`'s lengths, and the slots they land in.
+
+    Returns (state, slots [B, T], num_tokens as granted [B], ok); lengths are not advanced.
+    """
+    num_tokens = jnp.where(seq_idx < state.config.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
+    starts = _seq_lens_of(state, layer, seq_idx)
+    state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, state.config.block_size))
+    num_tokens = jnp.where(ok, num_tokens, 0)
+    return state, slot_mapping(state, seq_idx, starts, num_tokens, num_chunk_tokens), num_tokens, ok
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.Array, num_tokens=None):
     """Appends a chunk of tokens to each of B sequences in one layer, taking blocks as needed. DONATES state.
@@ -199,14 +211,9 @@ def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.
       returned unchanged: no block taken, nothing written, no length advanced.
     """
     _check_chunk(state, seq_idx, k, v)
-    num_chunk_tokens = k.shape[1]
     if num_tokens is None:
-        num_tokens = jnp.full(seq_idx.shape, num_chunk_tokens, jnp.int32)
-    num_tokens = jnp.where(seq_idx < state.config.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
-    starts = _seq_lens_of(state, layer, seq_idx)
-    state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, state.config.block_size))
-    num_tokens = jnp.where(ok, num_tokens, 0)
-    slots = slot_mapping(state, seq_idx, starts, num_tokens, num_chunk_tokens)
+        num_tokens = jnp.full(seq_idx.shape, k.shape[1], jnp.int32)
+    state, slots, num_tokens, ok = _take_slots(state, layer, seq_idx, num_tokens, k.shape[1])
     state = write_slots(state, layer, slots, k, v)
     seq_lens = state.table.seq_lens.at[layer, seq_idx].add(num_tokens, mode="drop")
     return state.replace(table=state.table.replace(seq_lens=seq_lens)), ok
@@ -228,12 +235,7 @@ def allocate_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Arra
       (state, slots [B, T] int32, ok). When ok is False nothing changes and every slot is a
       dropped sentinel.
     """
-    c = state.config
-    num_tokens = jnp.where(seq_idx < c.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
-    starts = _seq_lens_of(state, 0, seq_idx)
-    state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, c.block_size))
-    num_tokens = jnp.where(ok, num_tokens, 0)
-    slots = slot_mapping(state, seq_idx, starts, num_tokens, num_chunk_tokens)
+    state, slots, num_tokens, ok = _take_slots(state, 0, seq_idx, num_tokens, num_chunk_tokens)
     seq_lens = state.table.seq_lens.at[:, seq_idx].add(num_tokens[None, :], mode="drop")
     return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok
 

@@ -25,13 +25,10 @@ import numpy as np
 from flax import nnx
 
 from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
+from jaxpaged.config import bucket
 from jaxpaged.ops import free_seqs
 from models.llama import MiniLLM
 from models.sampling import SamplingParams, sample
-
-
-def _bucket(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
 
 
 @dataclasses.dataclass
@@ -124,9 +121,9 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
     config = model.config
     key = jax.random.key(0) if key is None else key
     eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    batch = _bucket(len(prompts))
-    prompt_len = _bucket(max(len(p) for p in prompts), minimum=8)
-    max_len = _bucket(max(len(p) for p in prompts) + max_new_tokens, minimum=block_size)
+    batch = bucket(len(prompts))
+    prompt_len = bucket(max(len(p) for p in prompts), minimum=8)
+    max_len = bucket(max(len(p) for p in prompts) + max_new_tokens, minimum=block_size)
 
     tokens = np.zeros((batch, prompt_len), np.int32)
     num_tokens = np.zeros((batch,), np.int32)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxpaged.attention import attend, paged_attention
 from jaxpaged.cache import KVCache, PagedKVCacheAdapter
+from jaxpaged.config import bucket
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read
 from jaxpaged.ops import allocate_slots, write_slots
 from jaxpaged.state import PagedKVState
@@ -83,7 +84,7 @@ def _attend_with_cache(cache, layer: int, q, k, v, positions, step: CacheStep):
         k_all, v_all = cache.update(layer, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), step.num_tokens)
         seq_lens = jnp.asarray(cache.seq_lens(layer))
         # Pad S to a power of two (masked anyway): attention compiles per bucket, not per length.
-        pad = [(0, 0), (0, 0), (0, (1 << max(k_all.shape[2] - 1, 0).bit_length()) - k_all.shape[2]), (0, 0)]
+        pad = [(0, 0), (0, 0), (0, bucket(k_all.shape[2]) - k_all.shape[2]), (0, 0)]
         k_all, v_all = (jnp.swapaxes(jnp.pad(x, pad), 1, 2) for x in (k_all, v_all))
         return attend(q, k_all, v_all, positions, seq_lens), cache, jnp.asarray(True)
     raise TypeError(f"unsupported kv_cache type {type(cache).__name__}")

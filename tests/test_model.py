@@ -51,6 +51,18 @@ def _decode_tokens(token_rows, step):
     return jnp.asarray([[row[n + step]] for row, n in zip(token_rows, PROMPT_LENS)])
 
 
+def _decode_jitted(model, state, token_rows, **step_args):
+    """DECODE_STEPS one-token steps through one jitted `model.step`; returns (logits per step, state, the jitted step)."""
+    graphdef, params = nnx.split(model)
+    step_fn = jax.jit(lambda params, state, ids: nnx.merge(graphdef, params).step(ids, state, **step_args))
+    decoded = []
+    for step in range(DECODE_STEPS):
+        logits, state, ok = step_fn(params, state, _decode_tokens(token_rows, step))
+        assert bool(ok)
+        decoded.append(logits[:, 0])
+    return decoded, state, step_fn
+
+
 def test_paged_state_incremental_equals_full_pass(model, token_rows, full_logits):
     config = jp.CacheConfig.from_model_config(model.config, num_blocks=12, block_size=8, max_seqs=4)
     state = jp.init_state(config)
@@ -58,13 +70,7 @@ def test_paged_state_incremental_equals_full_pass(model, token_rows, full_logits
     tokens, lens = _padded_prompts(token_rows)
     prefill, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=lens, max_len=32)
     assert bool(ok)
-    step_fn = jax.jit(lambda params, state, ids: nnx.merge(graphdef, params).step(ids, state, seq_idx=seq_idx, max_len=32))
-    graphdef, params = nnx.split(model)
-    decoded = []
-    for step in range(DECODE_STEPS):
-        logits, state, ok = step_fn(params, state, _decode_tokens(token_rows, step))
-        assert bool(ok)
-        decoded.append(logits[:, 0])
+    decoded, state, step_fn = _decode_jitted(model, state, token_rows, seq_idx=seq_idx, max_len=32)
     _check(prefill, decoded, full_logits)
     assert step_fn._cache_size() == 1
 
@@ -74,13 +80,7 @@ def test_contiguous_state_incremental_equals_full_pass(model, token_rows, full_l
     state = jp.init_contiguous(c.num_layers, 3, c.num_kv_heads, 32, c.head_dim, jnp.float32)
     tokens, lens = _padded_prompts(token_rows)
     prefill, state, ok = model.step(tokens, state, num_tokens=lens)
-    graphdef, params = nnx.split(model)
-    step_fn = jax.jit(lambda params, state, ids: nnx.merge(graphdef, params).step(ids, state))
-    decoded = []
-    for step in range(DECODE_STEPS):
-        logits, state, ok = step_fn(params, state, _decode_tokens(token_rows, step))
-        assert bool(ok)
-        decoded.append(logits[:, 0])
+    decoded, _, _ = _decode_jitted(model, state, token_rows)
     _check(prefill, decoded, full_logits)
 
 
