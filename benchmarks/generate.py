@@ -32,8 +32,10 @@ def load(args) -> MiniLLM:
     if args.preset == "smollm2-135m" and not args.random_weights:
         from models.gguf_weights import load_gguf
 
-        return load_gguf(dtype=args.dtype)[0]
-    return MiniLLM(preset(args.preset, dtype=args.dtype), rngs=nnx.Rngs(0))
+        model = load_gguf(dtype=args.dtype)[0]
+        model.config = model.config.replace(scan_layers=not args.unroll_layers)
+        return model
+    return MiniLLM(preset(args.preset, dtype=args.dtype, scan_layers=not args.unroll_layers), rngs=nnx.Rngs(0))
 
 
 def device_name() -> str:
@@ -52,6 +54,7 @@ def main():
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=32, help="decode steps per jitted call")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unroll-layers", action="store_true", help="a Python loop over layers instead of lax.scan")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate_<preset>_<device>.json)")
     parser.add_argument("--plot", default=None, help="PNG path for a plot of decode tokens/s (needs matplotlib)")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # the output projection reuses the token embedding
     max_position_embeddings: int = 2048  # longest context the model was trained for
     dtype: str = "float32"  # parameter and activation dtype: float32, float16 or bfloat16
+    scan_layers: bool = True  # one traced layer body under lax.scan (fast compiles) or an unrolled loop
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
 

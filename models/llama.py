@@ -159,11 +159,12 @@ class MiniLLM(nnx.Module):
     def _run(self, input_ids, cache, positions, step: CacheStep, logit_index):
         x = self.embed_tokens(input_ids)  # [B, T, E]
         layer_def, layer_params = nnx.split(self.layers)  # every leaf [L, ...]
-        if isinstance(cache, (KVCache, PagedKVCacheAdapter)):  # stateful facades: a Python loop, eager
+        if isinstance(cache, (KVCache, PagedKVCacheAdapter)) or not self.config.scan_layers:  # a Python loop
+            all_ok = jnp.asarray(True)
             for layer in range(self.config.num_layers):
                 block = nnx.merge(layer_def, jax.tree.map(lambda p: p[layer], layer_params))
-                x, cache, _ = block(x, positions, cache, layer, step)
-            all_ok = jnp.asarray(True)
+                x, cache, ok = block(x, positions, cache, layer, step)
+                all_ok &= ok
         else:  # one traced layer body, scanned: compile time does not grow with L
 
             def body(carry, per_layer):

@@ -129,3 +129,17 @@ def test_model_config_validates():
     big = preset("llama-1b")
     assert (big.num_layers, big.hidden_size, big.num_heads, big.num_kv_heads, big.head_dim, big.intermediate_size,
             big.vocab_size) == (16, 2048, 32, 8, 64, 8192, 128256)
+
+
+def test_unrolled_layers_equal_scanned_layers(model, token_rows, full_logits):
+    unrolled = nnx.merge(*nnx.split(model))
+    unrolled.config = model.config.replace(scan_layers=False)
+    config = jp.CacheConfig.from_model_config(model.config, num_blocks=12, block_size=8, max_seqs=3)
+    tokens, lens = _padded_prompts(token_rows)
+    outputs = []
+    for m in (model, unrolled):
+        logits, state, ok = m.step(tokens, jp.init_state(config), seq_idx=jnp.arange(3, dtype=jnp.int32),
+                                   num_tokens=lens, max_len=32)
+        assert bool(ok)
+        outputs.append(np.asarray(logits))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5, rtol=0)
