@@ -1,0 +1,60 @@
+"""Where a decode step's time goes on the GPU: one jitted decode chunk under the JAX profiler, device
+kernels aggregated by name (the top ones printed, all written as JSON).
+
+Run: python benchmarks/profile_decode.py --out-dir DIR [--batch 1] [--unroll-layers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from models.config import preset
+from models.generate import generate
+from models.llama import MiniLLM
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--unroll-layers", action="store_true")
+    args = parser.parse_args()
+    model = MiniLLM(preset("llama-1b", dtype="bfloat16", scan_layers=not args.unroll_layers), rngs=nnx.Rngs(0))
+    prompts = np.random.default_rng(0).integers(0, 1000, size=(args.batch, 128)).tolist()
+    run = lambda: generate(model, prompts, max_new_tokens=65, eos_token_ids=[], chunk_size=32)  # noqa: E731
+    run()  # compile
+    trace_dir = os.path.join(args.out_dir, "trace")
+    jax.profiler.start_trace(trace_dir)
+    result = run()
+    jax.profiler.stop_trace()
+    steps = result.decode_tokens // args.batch
+    totals, counts = collections.Counter(), collections.Counter()
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
+        with gzip.open(path) as f:
+            trace = json.load(f)
+        pids = {p["pid"]: p.get("args", {}).get("name", "") for p in trace["traceEvents"] if p.get("ph") == "M"
+                and p.get("name") == "process_name"}
+        for event in trace["traceEvents"]:
+            if event.get("ph") == "X" and "/device:GPU" in pids.get(event.get("pid"), ""):
+                totals[event["name"]] += event.get("dur", 0)
+                counts[event["name"]] += 1
+    total = sum(totals.values())
+    print(f"batch {args.batch}: {steps} decode steps, device busy {total / 1e3:.1f} ms over the run "
+          f"(decode wall {result.decode_seconds * 1e3:.1f} ms, prefill wall {result.prefill_seconds * 1e3:.1f} ms)")
+    for name, us in totals.most_common(20):
+        print(f"{us / 1e3:9.2f} ms {counts[name]:6d}x  {name[:110]}")
+    with open(os.path.join(args.out_dir, f"profile_decode_b{args.batch}.json"), "w") as f:
+        json.dump({"steps": steps, "kernels_us": dict(totals), "counts": dict(counts)}, f)
+
+
+if __name__ == "__main__":
+    main()
