@@ -29,13 +29,14 @@ from timing import copy_ceiling
 
 
 def load(args) -> MiniLLM:
+    scan = {"auto": None, "scan": True, "unroll": False}[args.layers]
     if args.preset == "smollm2-135m" and not args.random_weights:
         from models.gguf_weights import load_gguf
+        from models.weights import model_from_hf_tensors, to_hf_tensors
 
         model = load_gguf(dtype=args.dtype)[0]
-        model.config = model.config.replace(scan_layers=not args.unroll_layers)
-        return model
-    return MiniLLM(preset(args.preset, dtype=args.dtype, scan_layers=not args.unroll_layers), rngs=nnx.Rngs(0))
+        return model_from_hf_tensors(model.config.replace(scan_layers=scan), to_hf_tensors(model))
+    return MiniLLM(preset(args.preset, dtype=args.dtype, scan_layers=scan), rngs=nnx.Rngs(0))
 
 
 def device_name() -> str:
@@ -54,7 +55,8 @@ def main():
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=32, help="decode steps per jitted call")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--unroll-layers", action="store_true", help="a Python loop over layers instead of lax.scan")
+    parser.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto",
+                        help="scanned [L, ...] stack or separate unrolled layers (auto: scan on the CPU only)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate_<preset>_<device>.json)")
     parser.add_argument("--plot", default=None, help="PNG path for a plot of decode tokens/s (needs matplotlib)")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Where a decode step's time goes on the GPU: one jitted decode chunk under the JAX profiler, device
 kernels aggregated by name (the top ones printed, all written as JSON).
 
-Run: python benchmarks/profile_decode.py --out-dir DIR [--batch 1] [--unroll-layers]
+Run: python benchmarks/profile_decode.py --out-dir DIR [--batch 1] [--layers auto|scan|unroll]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--unroll-layers", action="store_true")
+    parser.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto")
     args = parser.parse_args()
-    model = MiniLLM(preset("llama-1b", dtype="bfloat16", scan_layers=not args.unroll_layers), rngs=nnx.Rngs(0))
+    model = MiniLLM(preset("llama-1b", dtype="bfloat16", scan_layers={"auto": None, "scan": True, "unroll": False}[args.layers]), rngs=nnx.Rngs(0))
     prompts = np.random.default_rng(0).integers(0, 1000, size=(args.batch, 128)).tolist()
     run = lambda: generate(model, prompts, max_new_tokens=65, eos_token_ids=[], chunk_size=32)  # noqa: E731
     run()  # compile

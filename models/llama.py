@@ -148,7 +148,9 @@ class MiniLLM(nnx.Module):
         self.config = config
         dtype = jnp.dtype(config.dtype)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.layers = _stacked_layers(config, rngs)
+        scan = jax.default_backend() == "cpu" if config.scan_layers is None else config.scan_layers
+        self.layers = _stacked_layers(config, rngs) if scan else nnx.List([DecoderLayer(config, rngs)
+                                                                             for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs)
 
@@ -158,13 +160,17 @@ class MiniLLM(nnx.Module):
 
     def _run(self, input_ids, cache, positions, step: CacheStep, logit_index):
         x = self.embed_tokens(input_ids)  # [B, T, E]
-        layer_def, layer_params = nnx.split(self.layers)  # every leaf [L, ...]
-        if isinstance(cache, (KVCache, PagedKVCacheAdapter)) or not self.config.scan_layers:  # a Python loop
-            all_ok = jnp.asarray(True)
-            for layer in range(self.config.num_layers):
-                block = nnx.merge(layer_def, jax.tree.map(lambda p: p[layer], layer_params))
+        all_ok = jnp.asarray(True)
+        if isinstance(self.layers, nnx.List):  # layers kept apart: an unrolled loop, no weight slicing
+            for layer, block in enumerate(self.layers):
                 x, cache, ok = block(x, positions, cache, layer, step)
                 all_ok &= ok
+            return self._head(x, cache, all_ok, logit_index)
+        layer_def, layer_params = nnx.split(self.layers)  # every leaf [L, ...]
+        if isinstance(cache, (KVCache, PagedKVCacheAdapter)):  # stateful facades: a Python loop, eager
+            for layer in range(self.config.num_layers):
+                block = nnx.merge(layer_def, jax.tree.map(lambda p: p[layer], layer_params))
+                x, cache, _ = block(x, positions, cache, layer, step)
         else:  # one traced layer body, scanned: compile time does not grow with L
 
             def body(carry, per_layer):
@@ -174,7 +180,10 @@ class MiniLLM(nnx.Module):
                 return (x, cache, all_ok & ok), None
 
             layers = (layer_params, jnp.arange(self.config.num_layers, dtype=jnp.int32))
-            (x, cache, all_ok), _ = jax.lax.scan(body, (x, cache, jnp.asarray(True)), layers)
+            (x, cache, all_ok), _ = jax.lax.scan(body, (x, cache, all_ok), layers)
+        return self._head(x, cache, all_ok, logit_index)
+
+    def _head(self, x, cache, all_ok, logit_index):
         x = self.norm(x)
         if logit_index is not None:  # only the rows we sample from: [B, E]
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]

@@ -131,13 +131,16 @@ def test_model_config_validates():
             big.vocab_size) == (16, 2048, 32, 8, 64, 8192, 128256)
 
 
-def test_unrolled_layers_equal_scanned_layers(model, token_rows, full_logits):
-    unrolled = nnx.merge(*nnx.split(model))
-    unrolled.config = model.config.replace(scan_layers=False)
+def test_layers_kept_apart_equal_scanned_layers(model, token_rows):
+    """The same weights stored as a scanned [L, ...] stack and as separate layers give the same logits."""
+    assert not isinstance(model.layers, nnx.List), "on the CPU the default is the scanned stack"
+    apart = model_from_hf_tensors(model.config.replace(scan_layers=False), to_hf_tensors(model))
+    assert isinstance(apart.layers, nnx.List)
+    assert set(to_hf_tensors(apart)) == set(to_hf_tensors(model))
     config = jp.CacheConfig.from_model_config(model.config, num_blocks=12, block_size=8, max_seqs=3)
     tokens, lens = _padded_prompts(token_rows)
     outputs = []
-    for m in (model, unrolled):
+    for m in (model, apart):
         logits, state, ok = m.step(tokens, jp.init_state(config), seq_idx=jnp.arange(3, dtype=jnp.int32),
                                    num_tokens=lens, max_len=32)
         assert bool(ok)
