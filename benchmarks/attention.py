@@ -9,8 +9,9 @@ calls (one dispatch, so small shapes time the device, not the host); for torch, 
 calls. Inputs rotate over enough copies to exceed the 50 MB L2 cache. Effective bandwidth counts the K and V bytes read once.
 A device copy measured in the same run gives the ceiling.
 
-Also measured: prefill (causal, T = context) tokens/s, the cost of the decode KV write, and the
-write's in-place update (donation, HLO aliasing, temporary bytes).
+Also measured: prefill (causal, T = context) tokens/s of jaxpaged's prefill kernel and of its
+reference path, the cost of the decode KV write, and the write's in-place update (donation, HLO
+aliasing, temporary bytes).
 
 Run: python benchmarks/attention.py --out-dir DIR   (add --quick for a small smoke test; --interpret on a CPU)
 """
@@ -180,10 +181,17 @@ def bench_prefill(rng, batch, context, heads, kv_heads, head_dim, block_size, wi
     state, _ = jp.append(state, 0, seq_idx, k, v)
     positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     lengths = jnp.full((batch,), context, jnp.int32)
-    paged = jax.jit(lambda q, state: jp.paged_attention(q, state, 0, seq_idx, positions, max_len=context))
     dense = jax.jit(lambda q, k, v: attend(q, k, v, positions, lengths))
-    results = {"jaxpaged_reference": median_time(paged, [(q, state)], rounds=3, calls=5),
-               "xla_dense": median_time(dense, [(q, k, v)], rounds=3, calls=5)}
+    results = {}
+    for name, kernel in (("jaxpaged", "1"), ("jaxpaged_reference", "0")):
+        os.environ["JAXPAGED_KERNELS"] = kernel  # read when paged_attention is traced, just below
+        paged = jax.jit(lambda q, state: jp.paged_attention(q, state, 0, seq_idx, positions, max_len=context))
+        jax.block_until_ready(paged(q, state))
+        results[name] = median_time(paged, [(q, state)], rounds=3, calls=5)
+    os.environ.pop("JAXPAGED_KERNELS")
+    expected = np.asarray(dense(q, k, v), np.float32)
+    error = np.linalg.norm(np.asarray(paged(q, state), np.float32) - expected) / np.linalg.norm(expected)
+    results["xla_dense"] = median_time(dense, [(q, k, v)], rounds=3, calls=5)
     if with_torch:
         import torch
         import torch.nn.functional as F
@@ -192,6 +200,7 @@ def bench_prefill(rng, batch, context, heads, kv_heads, head_dim, block_size, wi
         sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
         results["torch_sdpa"] = median_time(sdpa, [(tq, tk, tv)], rounds=3, calls=5, sync=lambda _: torch.cuda.synchronize())
     return {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "reference_rel_err_vs_dense": float(error),
             "tokens_per_s": {name: batch * context / sec for name, sec in results.items()}}
 
 
@@ -228,6 +237,7 @@ def main():
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode (CPU smoke test)")
+    parser.add_argument("--only", choices=("all", "prefill"), default="all", help="prefill: skip the decode sweep")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     with_torch = on_gpu
@@ -239,7 +249,7 @@ def main():
     head_shapes = [(32, 8, 128)] if args.quick else [(32, 8, 128), (32, 8, 64), (9, 3, 64)]
     batches, contexts = ((1, 4), (128, 256)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192))
     decode = []
-    for heads, kv_heads, head_dim in head_shapes:
+    for heads, kv_heads, head_dim in head_shapes if args.only == "all" else ():
         for batch in batches:
             for context in contexts:
                 if (heads, kv_heads, head_dim) != (32, 8, 128) and (batch < 32 or context < 2048):
@@ -258,7 +268,7 @@ def main():
     result = {"device": device, "jax": jax.__version__, "copy_ceiling_Bps": ceiling, "decode": decode, "prefill": prefill,
               "kv_write": write}
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "attention.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "attention.json" if args.only == "all" else "prefill.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
 
     print("\nprefill tokens/s:", *(f"B{p['batch']} S{p['context']}: " + ", ".join(f"{k} {v:,.0f}" for k, v in p["tokens_per_s"].items()) for p in prefill), sep="\n  ")
@@ -272,6 +282,8 @@ def main():
         print(f"{name:<22}{r['bandwidth_GBps']['jaxpaged']:>10.0f}{r['fraction_of_copy_ceiling']:>8.0%}{sp('speedup_vs_torch_sdpa'):>9}"
               f"{sp('speedup_vs_jax_pallas_paged'):>8}{sp('speedup_vs_xla_gather_attend'):>10}{sp('speedup_vs_xla_dense'):>9}"
               f"  {r['seconds']['jaxpaged_knpd_layout'] / r['seconds']['jaxpaged']:.2f}")
+    if not decode:
+        return
     try:
         plot(decode, os.path.join(args.out_dir, "attention.png"), device, ceiling)
     except ImportError:

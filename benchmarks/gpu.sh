@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU sessions, in two parts that each fit one call:
 #   bash benchmarks/gpu.sh OUTPUT_DIR kernels    # tests on the GPU's jax, then benchmarks/attention.py
-#   bash benchmarks/gpu.sh OUTPUT_DIR generate   # benchmarks/generate.py: llama-1b, kernel on and off
+#   bash benchmarks/gpu.sh OUTPUT_DIR generate   # kernel tests, prefill attention, then benchmarks/generate.py:
+#                                                # llama-1b, kernels on and off
 # Run from the repository root; needs no network.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate}
@@ -13,8 +14,10 @@ if [ "$part" = kernels ]; then
   timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   timeout 470 python3 benchmarks/attention.py --out-dir "$out" 2>&1 | tee "$out/attention.txt"
 else
+  timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 150 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
   for kernel in 1 0; do
-    JAXPAGED_DECODE_KERNEL=$kernel python3 benchmarks/generate.py --preset llama-1b --dtype bfloat16 --random-weights \
+    JAXPAGED_KERNELS=$kernel python3 benchmarks/generate.py --preset llama-1b --dtype bfloat16 --random-weights \
       --batch-sizes 1 32 128 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/generate_kernel$kernel.json" \
       $([ $kernel = 1 ] && echo --plot "$out/generate_llama-1b.png") 2>&1 | grep -v "it/s]" | tee "$out/generate_kernel$kernel.txt"
   done

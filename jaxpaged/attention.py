@@ -60,13 +60,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_
     return out.reshape(batch, num_q, num_heads, head_dim).astype(q.dtype)
 
 
-def _use_decode_kernel(q: jax.Array, state: PagedKVState, scale) -> bool:
-    """The GPU decode kernel serves T = 1 on a GPU unless JAXPAGED_DECODE_KERNEL=0 (read when tracing)."""
+def _use_kernels(state: PagedKVState, scale) -> bool:
+    """The GPU kernels serve on a GPU unless JAXPAGED_KERNELS=0 (read when tracing)."""
     from jaxpaged.kernels import triton_decode
 
     c = state.config
-    enabled = os.environ.get("JAXPAGED_DECODE_KERNEL", "1") != "0"
-    return (enabled and jax.default_backend() == "gpu" and q.shape[1] == 1 and scale is None
+    enabled = os.environ.get("JAXPAGED_KERNELS", "1") != "0"
+    return (enabled and jax.default_backend() == "gpu" and scale is None
             and triton_decode.supported(c.head_dim, c.block_size))
 
 
@@ -74,8 +74,9 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
                     *, max_len: int | None = None, scale: float | None = None) -> jax.Array:
     """Causal attention of q over one layer of the paged cache.
 
-    On a GPU, decode (T = 1) runs a kernel that reads the pools in place through the block
-    table; elsewhere, and for T > 1, the reference gathers the blocks and attends.
+    On a GPU, kernels read the pools in place through the block table: a flash-decoding kernel
+    for T = 1 and a causal one for T > 1 (prefill, or a chunk on a cached prefix). Elsewhere the
+    reference gathers the blocks and attends.
 
     Args:
       q: [B, T, H, D], the queries of tokens whose K and V are already appended.
@@ -90,16 +91,17 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
       [B, T, H, D] in q's dtype.
     """
     c = state.config
-    if _use_decode_kernel(q, state, scale):
-        from jaxpaged.kernels.triton_decode import paged_decode_attention
+    if _use_kernels(state, scale):
+        from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill_attention
 
         rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
         seq_lens = state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)
-        visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it
         flat = (c.num_layers * c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)  # a free reshape
-        out = paged_decode_attention(q[:, 0], state.pools.k.reshape(flat), state.pools.v.reshape(flat), layer, rows,
-                                     visible, num_layers=c.num_layers)
-        return out[:, None]
+        pools = (state.pools.k.reshape(flat), state.pools.v.reshape(flat))
+        if q.shape[1] > 1:
+            return paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions, num_layers=c.num_layers)
+        visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it
+        return paged_decode_attention(q[:, 0], *pools, layer, rows, visible, num_layers=c.num_layers)[:, None]
     max_len = c.max_seq_len if max_len is None else max_len
     k, v, seq_lens = ops.gather_kv(state, layer, seq_idx, max_len=max_len)
     return attend(q, k, v, q_positions, seq_lens, scale)

@@ -96,3 +96,33 @@ def test_paged_attention_uses_the_kernel_on_a_gpu_and_agrees_with_the_reference(
     k, v, lens = jp.gather_kv(state, 1, seq_idx, max_len=128)
     np.testing.assert_allclose(np.asarray(out), np.asarray(attend(q, k, v, positions, lens)),
                                atol=2e-3 if ON_GPU else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(8, 2, 64, 16), (9, 3, 64, 8), (4, 4, 128, 16)])
+def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads, head_dim, block_size):
+    """T new queries per sequence on top of a cached prefix, causal, ragged, with padding queries."""
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    rng = np.random.default_rng(heads + block_size)
+    lengths = [37, 5, 16, 0]  # after the chunk was appended
+    chunk = [20, 5, 3, 0]  # how many of those are this chunk's queries
+    k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=head_dim,
+                                             block_size=block_size, lengths=lengths)
+    num_q = max(chunk)
+    q = jnp.asarray(rng.standard_normal((4, num_q, heads, head_dim)), jnp.float32)
+    positions = np.full((4, num_q), -1, np.int32)
+    for b, (n, c) in enumerate(zip(lengths, chunk)):
+        positions[b, :c] = np.arange(n - c, n)
+    out = np.asarray(paged_prefill_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                             jnp.asarray(positions), num_layers=2, blocks_per_step=2,
+                                             query_rows=32, interpret=not ON_GPU))
+    assert np.isfinite(out).all()
+    block = np.asarray(tables)
+    pos = np.arange(block.shape[1] * block_size)
+    slots = np.minimum(block[:, pos // block_size], num_blocks - 1) + num_blocks
+    dense_k = jnp.asarray(np.nan_to_num(np.asarray(k)[slots, pos % block_size]))
+    dense_v = jnp.asarray(np.nan_to_num(np.asarray(v)[slots, pos % block_size]))
+    expected = np.asarray(attend(q, dense_k, dense_v, jnp.asarray(positions), jnp.asarray(lengths, jnp.int32)))
+    for b, c in enumerate(chunk):
+        np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
+        assert not out[b, c:].any(), "padding queries return zeros"

@@ -166,3 +166,108 @@ def supported(head_dim: int, block_size: int) -> bool:
     """Whether the kernel takes this shape; the caller falls back to the reference otherwise."""
     return head_dim in (64, 128, 256) and block_size >= 8
 
+
+
+def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
+                    block_size: int, blocks_per_step: int, num_blocks: int, scale: float):
+    """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal."""
+    length = lengths_ref[0]
+    layer_base = layer_base_ref[0]
+    rows, head_dim = q_ref.shape
+    chunk = blocks_per_step * block_size
+    q = q_ref[...]
+    q_pos = q_pos_ref[...]  # [rows]; -1 marks a padding row
+    last = jnp.minimum(length, q_pos.max() + 1)
+
+    def body(step, carry):
+        o, m, l = carry
+        ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
+        ids = layer_base + jnp.minimum(ids, num_blocks - 1)
+        k = k_ref[ids].reshape(chunk, head_dim)
+        v = v_ref[ids].reshape(chunk, head_dim)
+        positions = step * chunk + jnp.arange(chunk)
+        live = positions < length
+        visible = live[None, :] & (positions[None, :] <= q_pos[:, None])  # [rows, chunk]
+        logits = jnp.where(visible, plgpu.dot(q, k.T) * scale, _MASK)
+        m_new = jnp.maximum(m, logits.max(axis=-1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+        o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return o, m_new, l * correction + p.sum(axis=-1)
+
+    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, _, l = jax.lax.fori_loop(0, pl.cdiv(last, chunk), body, init)
+    o_ref[...] = (o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers", "blocks_per_step", "query_rows", "num_warps", "num_stages",
+                                             "interpret"))
+def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
+                            lengths: jax.Array, q_positions: jax.Array, *, num_layers: int,
+                            blocks_per_step: int | None = None, query_rows: int = 64, num_warps: int = 4,
+                            num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
+
+    Query t of sequence b sits at q_positions[b, t] and sees cached positions <= it and < lengths[b]
+    (its own K/V must already be in the pools). Pools in jaxpaged's layout, [L * N, P, K, D].
+
+    Args:
+      q: [B, T, H, D].
+      block_tables: [B, M] int32; lengths: [B] int32; q_positions: [B, T] int32 (-1: a padding query).
+      query_rows: rows (tokens x query heads of one kv head) per program, a power of two >= 16.
+
+    Returns:
+      [B, T, H, D] in q's dtype; padding queries return zeros.
+    """
+    batch, num_q, num_heads, head_dim = q.shape
+    total_blocks, block_size, kv_heads, _ = k_pool.shape
+    num_blocks = total_blocks // num_layers
+    max_blocks = block_tables.shape[1]
+    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
+    group = num_heads // kv_heads
+    group_pad = 1 << (group - 1).bit_length()
+    tokens_per_program = max(1, query_rows // group_pad)
+    rows = max(_MIN_ROWS, tokens_per_program * group_pad)
+    num_q_blocks = -(-num_q // tokens_per_program)
+    padded_q = num_q_blocks * tokens_per_program
+
+    q = jnp.pad(q, ((0, 0), (0, padded_q - num_q), (0, 0), (0, 0)))
+    q = q.reshape(batch, num_q_blocks, tokens_per_program, kv_heads, group, head_dim)
+    q = jnp.pad(q, ((0, 0),) * 4 + ((0, group_pad - group), (0, 0)))
+    q = q.transpose(0, 3, 1, 2, 4, 5).reshape(batch, kv_heads, num_q_blocks, tokens_per_program * group_pad, head_dim)
+    q = jnp.pad(q, ((0, 0),) * 3 + ((0, rows - tokens_per_program * group_pad), (0, 0)))  # [B, K, nq, rows, D]
+    positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, padded_q - num_q)), constant_values=-1)
+    row_pos = jnp.repeat(positions.reshape(batch, num_q_blocks, tokens_per_program), group_pad, axis=2)
+    head_pad = (jnp.arange(tokens_per_program * group_pad) % group_pad) < group  # padded heads: no position
+    row_pos = jnp.where(head_pad[None, None, :], row_pos, -1)
+    row_pos = jnp.pad(row_pos, ((0, 0), (0, 0), (0, rows - tokens_per_program * group_pad)), constant_values=-1)
+
+    layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
+    kernel = functools.partial(_prefill_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
+                               num_blocks=num_blocks, scale=head_dim**-0.5)
+    pool_spec = pl.BlockSpec((total_blocks, block_size, None, head_dim), lambda b, h, j: (0, 0, h, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, num_q_blocks),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, j: (0,)),
+            pl.BlockSpec((1,), lambda b, h, j: (b,)),
+            pl.BlockSpec((None, max_blocks), lambda b, h, j: (b, 0)),
+            pl.BlockSpec((None, None, rows), lambda b, h, j: (b, j, 0)),
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
+            pool_spec,
+            pool_spec,
+        ],
+        out_specs=pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, num_q_blocks, rows, head_dim), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="jaxpaged_prefill",
+    )(layer_base, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), row_pos, q, k_pool, v_pool)
+
+    out = out[:, :, :, : tokens_per_program * group_pad].reshape(batch, kv_heads, num_q_blocks, tokens_per_program,
+                                                                  group_pad, head_dim)[:, :, :, :, :group]
+    out = out.transpose(0, 2, 3, 1, 4, 5).reshape(batch, padded_q, num_heads, head_dim)
+    return out[:, :num_q]
