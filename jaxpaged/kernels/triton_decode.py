@@ -1,6 +1,8 @@
-"""Paged decode attention in Pallas, lowered through Triton: one query token per sequence, K and V
-read straight from the block pools through the block table, the context split across programs
-(flash-decoding) when the batch alone does not fill the GPU.
+"""Paged attention in Pallas, lowered through Triton, K and V read straight from the block pools
+through the block table. `paged_decode_attention`: one query token per sequence, the context split
+across programs (flash-decoding) when the batch alone does not fill the GPU.
+`paged_prefill_attention`: T causal queries per sequence on a cached prefix, one program per block
+of query rows.
 
 Why the Triton lowering: it runs on the jax this project supports on GPUs (0.11, where it is
 deprecated but present), it is what jax's own paged kernel uses, so the comparison is like for
