@@ -32,37 +32,50 @@ _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot tile
 
 
+def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, q_pos, *, block_size: int,
+                  blocks_per_step: int, num_blocks: int, scale: float):
+    """One loop step of both kernels: load `blocks_per_step` blocks of K/V, update the online softmax.
+
+    q_pos: [rows] positions of the queries (causal limit), or None for decode (the length is the limit).
+    Positions at or past the length get probability 0 and their V rows are zeroed, so NaN or another
+    sequence's data in an unused slot can not reach the output.
+    """
+    o, m, l = carry
+    rows, head_dim = q.shape
+    chunk = blocks_per_step * block_size
+    ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
+    ids = layer_base + jnp.minimum(ids, num_blocks - 1)  # the sentinel N reads a real block, then is masked
+    k = k_ref[ids].reshape(chunk, head_dim)
+    v = v_ref[ids].reshape(chunk, head_dim)
+    positions = step * chunk + jnp.arange(chunk)
+    live = positions < length
+    visible = live[None, :] if q_pos is None else live[None, :] & (positions[None, :] <= q_pos[:, None])
+    logits = jnp.where(visible, plgpu.dot(q, k.T) * scale, _MASK)  # [rows, chunk] float32
+    m_new = jnp.maximum(m, logits.max(axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+    v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+    o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return o, m_new, l * correction + p.sum(axis=-1)
+
+
+def _empty_carry(rows: int, head_dim: int):
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
 def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, scale: float):
     split = pl.program_id(2)
     length = lengths_ref[0]
-    layer_base = layer_base_ref[0]
-    rows, head_dim = q_ref.shape
     chunk = blocks_per_step * block_size
-    q = q_ref[...]
     first_step = split * steps_per_split
     last_step = jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk))
-
-    def body(step, carry):
-        o, m, l = carry
-        ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
-        ids = layer_base + jnp.minimum(ids, num_blocks - 1)  # the sentinel N reads a real block, then is masked
-        k = k_ref[ids].reshape(chunk, head_dim)
-        v = v_ref[ids].reshape(chunk, head_dim)
-        positions = step * chunk + jnp.arange(chunk)
-        live = positions < length
-        logits = plgpu.dot(q, k.T) * scale  # [rows, chunk] float32
-        logits = jnp.where(live[None, :], logits, _MASK)
-        m_new = jnp.maximum(m, logits.max(axis=-1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(logits - m_new[:, None])
-        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
-        o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return o, m_new, l * correction + p.sum(axis=-1)
-
-    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(first_step, jnp.maximum(last_step, first_step), body, init)
+    q = q_ref[...]
+    body = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
+                             layer_base=layer_base_ref[0], length=length, q_pos=None, block_size=block_size,
+                             blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale)
+    o, m, l = jax.lax.fori_loop(first_step, jnp.maximum(last_step, first_step), body, _empty_carry(*q.shape))
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
@@ -174,33 +187,13 @@ def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k
                     block_size: int, blocks_per_step: int, num_blocks: int, scale: float):
     """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal."""
     length = lengths_ref[0]
-    layer_base = layer_base_ref[0]
-    rows, head_dim = q_ref.shape
-    chunk = blocks_per_step * block_size
     q = q_ref[...]
     q_pos = q_pos_ref[...]  # [rows]; -1 marks a padding row
+    body = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
+                             layer_base=layer_base_ref[0], length=length, q_pos=q_pos, block_size=block_size,
+                             blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale)
     last = jnp.minimum(length, q_pos.max() + 1)
-
-    def body(step, carry):
-        o, m, l = carry
-        ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
-        ids = layer_base + jnp.minimum(ids, num_blocks - 1)
-        k = k_ref[ids].reshape(chunk, head_dim)
-        v = v_ref[ids].reshape(chunk, head_dim)
-        positions = step * chunk + jnp.arange(chunk)
-        live = positions < length
-        visible = live[None, :] & (positions[None, :] <= q_pos[:, None])  # [rows, chunk]
-        logits = jnp.where(visible, plgpu.dot(q, k.T) * scale, _MASK)
-        m_new = jnp.maximum(m, logits.max(axis=-1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
-        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
-        o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return o, m_new, l * correction + p.sum(axis=-1)
-
-    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    o, _, l = jax.lax.fori_loop(0, pl.cdiv(last, chunk), body, init)
+    o, _, l = jax.lax.fori_loop(0, pl.cdiv(last, blocks_per_step * block_size), body, _empty_carry(*q.shape))
     o_ref[...] = (o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]).astype(o_ref.dtype)
 
 
