@@ -53,7 +53,9 @@ def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, 
     logits = jnp.where(visible, plgpu.dot(q, k.T) * scale, _MASK)  # [rows, chunk] float32
     m_new = jnp.maximum(m, logits.max(axis=-1))
     correction = jnp.exp(m - m_new)
-    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+    p = jnp.exp(logits - m_new[:, None])
+    if q_pos is not None:  # a padding or early query row can see nothing in a whole chunk: keep it at 0
+        p = jnp.where(visible, p, 0.0)
     v = jnp.where(live[:, None], v, jnp.zeros_like(v))
     o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return o, m_new, l * correction + p.sum(axis=-1)
