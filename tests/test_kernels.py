@@ -55,9 +55,11 @@ def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_si
     k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=head_dim,
                                              block_size=block_size, lengths=lengths)
     q = jnp.asarray(rng.standard_normal((4, heads, head_dim)), jnp.float32)
-    for layer, splits in ((0, 1), (1, 3)):
+    variants = [(0, 1, False, False), (1, 3, True, False), (1, 1, False, True), (0, 3, True, True), (1, 4, False, True)]
+    for layer, splits, mask_tail_only, prefetch in variants:
         out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32), num_layers=2,
-                                     blocks_per_step=2, num_splits=splits, interpret=not ON_GPU)
+                                     blocks_per_step=2, num_splits=splits, mask_tail_only=mask_tail_only,
+                                     prefetch=prefetch, interpret=not ON_GPU)
         out = np.asarray(out)
         assert np.isfinite(out).all(), "a NaN in an unused slot reached the output"
         expected = _reference(q, k, v, tables, lengths, layer, num_blocks)
@@ -104,13 +106,13 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
     from jaxpaged.kernels.triton_decode import paged_prefill_attention
 
     rng = np.random.default_rng(heads + block_size)
-    lengths = [37, 5, 16, 0]  # after the chunk was appended
-    chunk = [20, 5, 3, 0]  # how many of those are this chunk's queries
-    k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=head_dim,
-                                             block_size=block_size, lengths=lengths)
+    lengths = [37, 5, 16, 0, 77]  # after the chunk was appended
+    chunk = [20, 5, 3, 0, 9]  # how many of those are this chunk's queries (the last has unmasked steps)
+    k, v, tables, num_blocks = _random_cache(rng, batch=5, kv_heads=kv_heads, head_dim=head_dim,
+                                             block_size=block_size, lengths=lengths, max_blocks=16)
     num_q = max(chunk)
-    q = jnp.asarray(rng.standard_normal((4, num_q, heads, head_dim)), jnp.float32)
-    positions = np.full((4, num_q), -1, np.int32)
+    q = jnp.asarray(rng.standard_normal((5, num_q, heads, head_dim)), jnp.float32)
+    positions = np.full((5, num_q), -1, np.int32)
     for b, (n, c) in enumerate(zip(lengths, chunk)):
         positions[b, :c] = np.arange(n - c, n)
     out = np.asarray(paged_prefill_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),

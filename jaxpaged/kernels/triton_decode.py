@@ -32,33 +32,67 @@ _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot tile
 
 
-def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, q_pos, *, block_size: int,
-                  blocks_per_step: int, num_blocks: int, scale: float):
-    """One loop step of both kernels: load `blocks_per_step` blocks of K/V, update the online softmax.
+def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int):
+    """The pool rows of loop step `step`'s blocks; the sentinel N reads a real block, then is masked."""
+    ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
+    return layer_base + jnp.minimum(ids, num_blocks - 1)
+
+
+def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None):
+    """K and V of the blocks `ids`: two [blocks * P, D] tiles."""
+    if eviction_policy is None:
+        k, v = k_ref[ids], v_ref[ids]
+    else:  # (a GPU-only path: interpret mode can not load a gather through `plgpu.load`)
+        k, v = (plgpu.load(ref.at[ids], eviction_policy=eviction_policy) for ref in (k_ref, v_ref))
+    return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+
+
+def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True):
+    """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
 
     q_pos: [rows] positions of the queries (causal limit), or None for decode (the length is the limit).
-    Positions at or past the length get probability 0 and their V rows are zeroed, so NaN or another
-    sequence's data in an unused slot can not reach the output.
+    masked: whether the chunk may reach past the length (or the causal limit). If so, positions at or
+    past the length get probability 0 and their V rows are zeroed, so NaN or another sequence's data in
+    an unused slot can not reach the output; a chunk known to be inside both limits skips that work.
     """
     o, m, l = carry
-    rows, head_dim = q.shape
-    chunk = blocks_per_step * block_size
-    ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
-    ids = layer_base + jnp.minimum(ids, num_blocks - 1)  # the sentinel N reads a real block, then is masked
-    k = k_ref[ids].reshape(chunk, head_dim)
-    v = v_ref[ids].reshape(chunk, head_dim)
-    positions = step * chunk + jnp.arange(chunk)
-    live = positions < length
-    visible = live[None, :] if q_pos is None else live[None, :] & (positions[None, :] <= q_pos[:, None])
-    logits = jnp.where(visible, plgpu.dot(q, k.T) * scale, _MASK)  # [rows, chunk] float32
+    chunk = k.shape[0]
+    logits = plgpu.dot(q, k.T) * scale  # [rows, chunk] float32
+    if masked:
+        positions = step * chunk + jnp.arange(chunk)
+        live = positions < length
+        visible = live[None, :] if q_pos is None else live[None, :] & (positions[None, :] <= q_pos[:, None])
+        logits = jnp.where(visible, logits, _MASK)
+        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, logits.max(axis=-1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(logits - m_new[:, None])
-    if q_pos is not None:  # a padding or early query row can see nothing in a whole chunk: keep it at 0
+    if masked and q_pos is not None:  # a padding or early query row can see nothing in a whole chunk: keep it at 0
         p = jnp.where(visible, p, 0.0)
-    v = jnp.where(live[:, None], v, jnp.zeros_like(v))
     o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return o, m_new, l * correction + p.sum(axis=-1)
+
+
+def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, q_pos, *, blocks_per_step: int,
+                  num_blocks: int, scale: float, masked: bool = True, eviction_policy: str | None = None):
+    """One loop step: load step `step`'s K/V, then update the online softmax."""
+    ids = _load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks)
+    k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=eviction_policy)
+    return _update(carry, q, k, v, step, length, q_pos, scale=scale, masked=masked)
+
+
+def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last: int,
+                       blocks_per_step: int, num_blocks: int, scale: float, masked: bool = True,
+                       eviction_policy: str | None = None):
+    """One loop step that first issues the loads of step + 1 (and the block ids of step + 2), then
+    computes step `step` from tiles loaded one step earlier, so memory latency overlaps the math.
+    `last` is the last valid step: the loads past it read it again (and are not used)."""
+    (ids_next, k, v), softmax = carry
+    k_next, v_next = _load_kv(ids_next, k_ref, v_ref, eviction_policy=eviction_policy)
+    ids_after = _load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
+                          num_blocks=num_blocks)
+    softmax = _update(softmax, q, k, v, step, length, None, scale=scale, masked=masked)
+    return (ids_after, k_next, v_next), softmax
 
 
 def _empty_carry(rows: int, head_dim: int):
@@ -66,43 +100,95 @@ def _empty_carry(rows: int, head_dim: int):
             jnp.zeros((rows,), jnp.float32))
 
 
-def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-            block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, scale: float):
+def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
+            block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, scale: float,
+            mask_tail_only: bool, prefetch: bool, eviction_policy: str | None):
+    """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
+
+    It reads its G query heads straight from q ([H, D] of sequence b), as `rows` rows of which the
+    ones past G are zeros. With one output ref ([H, D], q's dtype) it writes its G normalised rows
+    there (one split); with three, the unnormalised o and its running max and sum, merged outside.
+    """
+    head_rows = pl.ds(pl.program_id(1) * group, rows)
+    real = jnp.arange(rows) < group
+    q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0.0)
     split = pl.program_id(2)
     length = lengths_ref[0]
     chunk = blocks_per_step * block_size
+    steps = tables_ref.shape[0] // blocks_per_step
     first_step = split * steps_per_split
-    last_step = jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk))
-    q = q_ref[...]
-    body = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
-                             layer_base=layer_base_ref[0], length=length, q_pos=None, block_size=block_size,
-                             blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale)
-    o, m, l = jax.lax.fori_loop(first_step, jnp.maximum(last_step, first_step), body, _empty_carry(*q.shape))
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
+    layer_base = layer_base_ref[0]
+    shared = dict(q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base, length=length,
+                  blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale, eviction_policy=eviction_policy)
+    if prefetch:
+        last = jnp.clip(last_step - 1, 0, steps - 1)
+        ids = functools.partial(_load_ids, tables_ref=tables_ref, layer_base=layer_base,
+                                blocks_per_step=blocks_per_step, num_blocks=num_blocks)
+        k, v = _load_kv(ids(jnp.minimum(first_step, last)), k_ref, v_ref, eviction_policy=eviction_policy)
+        carry = ((ids(jnp.minimum(first_step + 1, last)), k, v), _empty_carry(*q.shape))
+        step = functools.partial(_attend_prefetched, last=last, **shared)
+    else:
+        carry = _empty_carry(*q.shape)
+        step = functools.partial(_attend_chunk, q_pos=None, **shared)
+    if mask_tail_only:  # only the chunk holding the length can reach past it
+        full = jnp.clip(length // chunk, first_step, last_step)
+        carry = jax.lax.fori_loop(first_step, full, functools.partial(step, masked=False), carry)
+        first_step = full
+    carry = jax.lax.fori_loop(first_step, last_step, step, carry)
+    o, m, l = carry[1] if prefetch else carry
+    if len(out_refs) == 1:
+        o = (o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]).astype(out_refs[0].dtype)
+        plgpu.store(out_refs[0].at[head_rows], o, mask=real[:, None])
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = o
+        m_ref[...] = m
+        l_ref[...] = l
 
 
-def _num_splits(batch: int, kv_heads: int, steps: int, target_programs: int = 256) -> int:
-    """About two programs per SM of a 132-SM H100, never more splits than steps (measured: see tune_decode)."""
-    want = max(1, -(-target_programs // (batch * kv_heads)))
-    return max(1, min(steps, want))
+_ONE_WAVE = 256  # programs: about two per SM of a 132-SM H100
 
 
-def default_blocks_per_step(block_size: int, max_blocks: int) -> int:
-    """64 positions per loop step (the fastest in the H100 sweep), dividing the block-table width."""
-    blocks = max(1, 64 // block_size)
+def default_launch(batch: int, kv_heads: int, head_dim: int, steps: int) -> tuple[int, bool]:
+    """The decode kernel's default splits per sequence and kv head, and whether it prefetches.
+
+    Splits: enough for about one wave of programs, never more than the steps; then twice as many,
+    up to two waves, while each split keeps at least 64 steps (4096 positions). Prefetch (loads a
+    step ahead, in registers): with head dim 128 it leaves room for two programs per SM, so only
+    when the grid is one wave of those (at most 256 programs); with head dim 64 always; and never
+    when the splits were doubled for a long context. Measured on an H100 (benchmarks/tune_kernels.py,
+    attention.py): each choice was the faster one at the shapes of the attention benchmark.
+    """
+    programs = batch * kv_heads
+    splits = max(1, min(steps, -(-_ONE_WAVE // programs)))
+    doubled = False
+    while programs * splits < 2 * _ONE_WAVE and steps // (2 * splits) >= 64:
+        splits, doubled = splits * 2, True
+    return splits, not doubled and default_prefetch(programs * splits, head_dim)
+
+
+def default_prefetch(programs: int, head_dim: int) -> bool:
+    """Whether the decode kernel issues its loads a step ahead, given its grid size (see `default_launch`)."""
+    return head_dim <= 64 or programs <= _ONE_WAVE
+
+
+def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
+    """Blocks per loop step covering `positions` positions (64: the fastest decode step in the H100
+    sweep; prefill uses 128), dividing the block-table width."""
+    blocks = max(1, positions // block_size)
     while max_blocks % blocks:
         blocks //= 2
     return blocks
 
 
 @functools.partial(jax.jit, static_argnames=("num_layers", "layout", "blocks_per_step", "num_splits", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, num_layers: int, layout: str = "NPKD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool = False) -> jax.Array:
+                           mask_tail_only: bool = False, prefetch: bool | None = None,
+                           eviction_policy: str | None = None, interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
@@ -115,7 +201,13 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
       num_layers: L (static), to find layer `layer`'s blocks in the flat pool.
       blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth.
-      num_splits: programs per sequence and kv head; default from the batch size.
+      num_splits: programs per sequence and kv head; default from the grid (`default_launch`). With
+        one split the kernel writes the normalised output itself; with more, they are merged after it.
+      mask_tail_only: mask only the loop step that holds the length (the others are inside it);
+        False masks every step.
+      prefetch: issue each step's loads one step ahead, in the loop carry; default from the grid
+        (`default_launch`).
+      eviction_policy: cache hint for the K/V loads ("evict_first", ...), None for the default.
 
     Returns:
       [B, H, D] in q's dtype.
@@ -137,41 +229,53 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     group = num_heads // kv_heads
     rows = max(_MIN_ROWS, 1 << (group - 1).bit_length())
     steps = max_blocks // blocks_per_step
-    splits = num_splits or _num_splits(batch, kv_heads, steps)
+    if num_splits:
+        splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, head_dim)
+    else:
+        splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps)
+    prefetch = auto_prefetch if prefetch is None else prefetch
     steps_per_split = -(-steps // splits)
 
-    q = q.reshape(batch, kv_heads, group, head_dim)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # [B, K, rows, D]
     layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
-    kernel = functools.partial(_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
-                               steps_per_split=steps_per_split, num_blocks=num_blocks, scale=head_dim**-0.5)
-    o, m, l = pl.pallas_call(
+    kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
+                               steps_per_split=steps_per_split, num_blocks=num_blocks, scale=head_dim**-0.5,
+                               mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy)
+    if splits == 1:  # every program writes its G rows of sequence b's [H, D]
+        out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
+        ]
+    out = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, splits),
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer base
             pl.BlockSpec((1,), lambda b, h, s: (b,)),  # length
             pl.BlockSpec((None, max_blocks), lambda b, h, s: (b, 0)),  # block-table row
-            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),  # q
+            pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0)),  # q of sequence b
             pool_spec,
             pool_spec,
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_decode",
     )(layer_base, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool)
 
+    if splits == 1:
+        return out
     # Merge the splits: rescale each to the common maximum, then normalise.
+    o, m, l = out
     m_all = m.max(axis=2, keepdims=True)  # [B, K, 1, rows]
     weight = jnp.exp(m - m_all)
     total = (l * weight).sum(axis=2)  # [B, K, rows]
@@ -187,23 +291,32 @@ def supported(head_dim: int, block_size: int) -> bool:
 
 def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
                     block_size: int, blocks_per_step: int, num_blocks: int, scale: float):
-    """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal."""
+    """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal.
+
+    Loop steps wholly before every row's causal limit and inside the length run unmasked; the
+    rest mask. Padding rows (position -1) are zeroed at the end.
+    """
     length = lengths_ref[0]
     q = q_ref[...]
     q_pos = q_pos_ref[...]  # [rows]; -1 marks a padding row
-    body = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
-                             layer_base=layer_base_ref[0], length=length, q_pos=q_pos, block_size=block_size,
+    chunk = blocks_per_step * block_size
+    step = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
+                             layer_base=layer_base_ref[0], length=length, q_pos=q_pos,
                              blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale)
-    last = jnp.minimum(length, q_pos.max() + 1)
-    o, _, l = jax.lax.fori_loop(0, pl.cdiv(last, blocks_per_step * block_size), body, _empty_carry(*q.shape))
-    o_ref[...] = (o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]).astype(o_ref.dtype)
+    last = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)
+    first_pos = jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max).min()  # the earliest real row
+    full = jnp.clip(jnp.minimum(length, first_pos + 1) // chunk, 0, last)
+    carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), _empty_carry(*q.shape))
+    o, _, l = jax.lax.fori_loop(full, last, step, carry)
+    o = o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]
+    o_ref[...] = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("num_layers", "blocks_per_step", "query_rows", "num_warps", "num_stages",
                                              "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                             lengths: jax.Array, q_positions: jax.Array, *, num_layers: int,
-                            blocks_per_step: int | None = None, query_rows: int = 64, num_warps: int = 4,
+                            blocks_per_step: int | None = None, query_rows: int = 128, num_warps: int = 8,
                             num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
 
@@ -222,7 +335,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     total_blocks, block_size, kv_heads, _ = k_pool.shape
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
-    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
+    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions=128)
     group = num_heads // kv_heads
     group_pad = 1 << (group - 1).bit_length()
     tokens_per_program = max(1, query_rows // group_pad)
