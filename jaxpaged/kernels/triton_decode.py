@@ -9,11 +9,14 @@ deprecated but present), it is what jax's own paged kernel uses, so the comparis
 like, and its ref gathers (`pool_ref[block_ids]`) express a page-table read in one line. The
 kernel is alone in this file so that a Mosaic GPU version can replace it.
 
-Grid: (B, K, splits). Program (b, h, s) takes sequence b, kv head h, and the s-th slice of the
-sequence's blocks; it loads its G query heads (padded to 16 rows, the smallest Triton dot) once,
-then walks `blocks_per_step` blocks at a time with an online softmax. Positions at or past the
+Decode grid: (B, K, splits). Program (b, h, s) takes sequence b, kv head h, and the s-th slice of
+the sequence's blocks; it loads its G query heads straight from q (as 16 rows or more, the
+smallest Triton dot, the extra ones zero), then walks `blocks_per_step` blocks at a time with an
+online softmax, optionally issuing each step's loads one step ahead. Positions at or past the
 length get probability 0 and their V rows are zeroed, so an unwritten or freed slot (NaN, or
-another sequence's data) can not reach the output. The splits are merged outside the kernel.
+another sequence's data) can not reach the output. With one split the program writes its G
+output rows in place, so the whole call is one launch; more splits are merged after the kernel.
+The prefill kernel masks only the steps that reach a causal limit or the length.
 
 Axis letters: B sequences, H query heads, K kv heads, G = H / K, D head dim, L layers,
 N blocks, P block size, M blocks per sequence.
