@@ -7,9 +7,6 @@ Run: python benchmarks/profile_decode.py --out-dir DIR [--batch 1] [--layers aut
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import os
 
@@ -20,6 +17,7 @@ from flax import nnx
 from models.config import preset
 from models.generate import generate
 from models.llama import MiniLLM
+from timing import device_kernel_times
 
 
 def main():
@@ -37,16 +35,7 @@ def main():
     result = run()
     jax.profiler.stop_trace()
     steps = result.decode_tokens // args.batch
-    totals, counts = collections.Counter(), collections.Counter()
-    for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
-        with gzip.open(path) as f:
-            trace = json.load(f)
-        pids = {p["pid"]: p.get("args", {}).get("name", "") for p in trace["traceEvents"] if p.get("ph") == "M"
-                and p.get("name") == "process_name"}
-        for event in trace["traceEvents"]:
-            if event.get("ph") == "X" and "/device:GPU" in pids.get(event.get("pid"), ""):
-                totals[event["name"]] += event.get("dur", 0)
-                counts[event["name"]] += 1
+    totals, counts, _ = device_kernel_times(trace_dir)
     total = sum(totals.values())
     print(f"batch {args.batch}: {steps} decode steps, device busy {total / 1e3:.1f} ms over the run "
           f"(decode wall {result.decode_seconds * 1e3:.1f} ms, prefill wall {result.prefill_seconds * 1e3:.1f} ms)")
