@@ -4,10 +4,14 @@ Peers: jax's Pallas paged kernel (`jax.experimental.pallas.ops.gpu.paged_attenti
 parameters tuned per shape), XLA gather-then-attend (jaxpaged's reference path), XLA dense
 attention over a contiguous cache, and torch's scaled_dot_product_attention over a contiguous cache.
 Every sequence holds the full context; block tables are random permutations (fragmented pools).
-Times are medians of 5 rounds after warm-up: for the JAX paths a round is one jitted loop of 20
-calls (one dispatch, so small shapes time the device, not the host); for torch, 20 back-to-back
-calls. Inputs rotate over enough copies to exceed the 50 MB L2 cache. Effective bandwidth counts the K and V bytes read once.
-A device copy measured in the same run gives the ceiling.
+Times are device time per call: 20 back-to-back calls under the profiler, the durations of all
+the kernels and copies they ran on the GPU summed and divided by 20, the same for every path
+(torch too, when the profiler sees its kernels; else its wall clock, as the JSON says), so that
+neither framework's host dispatch nor launch gaps count. Wall-clock times are recorded beside: for
+jaxpaged a jitted loop of 20 dependent calls, for torch 20 back-to-back calls. Inputs rotate over
+enough copies to exceed the 50 MB L2 cache. jaxpaged's kernel runs with its defaults (what the
+model uses); the best of those and two alternatives (prefetch flipped, twice the splits) is
+recorded beside. Effective bandwidth counts the K and V bytes read once. A device copy measured in the same run gives the ceiling.
 
 Also measured: prefill (causal, T = context) tokens/s of jaxpaged's prefill kernel and of its
 reference path, the cost of the decode KV write, and the write's in-place update (donation, HLO
@@ -33,7 +37,7 @@ import numpy as np
 import jaxpaged as jp
 from jaxpaged.attention import attend
 from jaxpaged.kernels.triton_decode import paged_decode_attention
-from timing import copy_ceiling, median_time, median_time_in_loop
+from timing import copy_ceiling, median_time, median_time_in_loop, seconds_per_call
 
 L2_BYTES = 50 * 2**20
 
@@ -77,7 +81,14 @@ def xla_dense(q, k, v, lengths):
 
 
 def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, ceiling, interpret, with_torch):
-    time_jax = median_time if interpret else median_time_in_loop
+    def time_jax(fn, args, name=None):
+        if interpret:
+            return median_time(fn, args)
+        seconds, _, kernels = seconds_per_call(fn, args)
+        if name:
+            row.setdefault("kernels_us_per_call", {})[name] = kernels
+        return seconds
+
     kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
     copies = 1 if interpret else max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
     sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copies)
@@ -95,29 +106,32 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
         out = np.asarray(out, np.float32)
         return float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) if np.isfinite(out).all() else float("inf")
 
-    # Ours: tune blocks per step and warps.
-    ours = {}
-    for bps, splits in ((4, None), (4, 4), (8, None)):
-        steps = blocks_per_seq // bps
-        if blocks_per_seq % bps == 0 and (splits is None or splits <= steps):
-            ours[(bps, splits)] = functools.partial(paged_decode_attention, num_layers=1, layout="NPKD",
-                                                    blocks_per_step=bps, num_splits=splits, interpret=interpret)
+    # Ours: the defaults (what the model runs), and the best of them and two alternatives.
+    from jaxpaged.kernels import triton_decode
+
+    auto_splits, auto_prefetch = triton_decode.default_launch(
+        batch, kv_heads, head_dim, blocks_per_seq // triton_decode.default_blocks_per_step(block_size, blocks_per_seq))
+    args = [(x["q"], x["pool_k"], x["pool_v"], 0, x["tables"], x["lengths"]) for x in sets]
     results = {}
     best = None
-    for params, fn in ours.items():
-        args = [(x["q"], x["pool_k"], x["pool_v"], 0, x["tables"], x["lengths"]) for x in sets]
+    for params in ({}, {"prefetch": not auto_prefetch}, {"num_splits": 2 * auto_splits}):
+        fn = functools.partial(paged_decode_attention, num_layers=1, interpret=interpret, **params)
         err = rel_err(fn(*args[0]))
-        seconds = time_jax(fn, args)
+        seconds = time_jax(fn, args, None if params else "jaxpaged")
+        if not params:
+            results["jaxpaged"], row["jaxpaged_rel_err"] = seconds, err
+            row["jaxpaged_defaults"] = {"num_splits": auto_splits, "prefetch": auto_prefetch}
+            if not interpret:
+                row["jaxpaged_wall_seconds_in_jitted_loop"] = median_time_in_loop(fn, args)
         if err < 2e-2 and (best is None or seconds < best[1]):
-            best = (params, seconds, err)
-    row["jaxpaged_params"], results["jaxpaged"], row["jaxpaged_rel_err"] = best
-    bps, splits = best[0]
+            best = (params, seconds)
+    row["jaxpaged_best_params"], results["jaxpaged_best"] = best
     knpd = [(x["q"], jnp.transpose(x["pool_k"], (2, 0, 1, 3)), jnp.transpose(x["pool_v"], (2, 0, 1, 3)), 0,
              x["tables"], x["lengths"]) for x in sets]
-    fn = functools.partial(paged_decode_attention, num_layers=1, layout="KNPD", blocks_per_step=bps, num_splits=splits,
-                           interpret=interpret)
-    row["jaxpaged_knpd_rel_err"] = rel_err(fn(*knpd[0]))
-    results["jaxpaged_knpd_layout"] = time_jax(fn, knpd)
+    if head_dim == 128:  # the pool-layout comparison, on the main head shape
+        fn = functools.partial(paged_decode_attention, num_layers=1, layout="KNPD", interpret=interpret)
+        row["jaxpaged_knpd_rel_err"] = rel_err(fn(*knpd[0]))
+        results["jaxpaged_knpd_layout"] = time_jax(fn, knpd)
 
     # jax's Pallas paged kernel, tuned over its block parameters.
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
@@ -143,10 +157,10 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
 
     args = [(x["q"], x["pool_k"], x["pool_v"], x["tables"], x["lengths"]) for x in sets]
     row["xla_gather_rel_err"] = rel_err(xla_gather_attend(*args[0]))
-    results["xla_gather_attend"] = time_jax(xla_gather_attend, args)
+    results["xla_gather_attend"] = time_jax(xla_gather_attend, args, "xla_gather_attend")
     dense_sets = [(x["q"], *dense_from_paged(x, block_size), x["lengths"]) for x in sets]
     row["xla_dense_rel_err"] = rel_err(xla_dense(*dense_sets[0]))
-    results["xla_dense"] = time_jax(xla_dense, dense_sets)
+    results["xla_dense"] = time_jax(xla_dense, dense_sets, "xla_dense")
 
     if with_torch:
         import torch
@@ -158,7 +172,10 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
         sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
         out = sdpa(*torch_sets[0])[:, :, 0].float().cpu().numpy()
         row["torch_sdpa_rel_err"] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-        results["torch_sdpa"] = median_time(sdpa, torch_sets, sync=lambda _: torch.cuda.synchronize())
+        sync = lambda _: torch.cuda.synchronize()  # noqa: E731
+        results["torch_sdpa"], row["torch_sdpa_timing"], kernels = seconds_per_call(sdpa, torch_sets, sync=sync)
+        row.setdefault("kernels_us_per_call", {})["torch_sdpa"] = kernels
+        row["torch_sdpa_wall_seconds_back_to_back"] = median_time(sdpa, torch_sets, sync=sync)
 
     row["seconds"] = results
     row["bandwidth_GBps"] = {name: kv_bytes / sec / 1e9 for name, sec in results.items()}
@@ -237,7 +254,11 @@ def main():
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode (CPU smoke test)")
-    parser.add_argument("--only", choices=("all", "prefill"), default="all", help="prefill: skip the decode sweep")
+    parser.add_argument("--only", choices=("all", "decode", "prefill"), default="all",
+                        help="decode: skip prefill and the KV write; prefill: skip the decode sweep")
+    parser.add_argument("--heads", nargs="*", default=["32/8/128", "32/8/64", "9/3/64"],
+                        help="decode head shapes, query/kv heads/head dim (the first at every size, the others at the large ones)")
+    parser.add_argument("--tag", default="", help="suffix for the output files")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     with_torch = on_gpu
@@ -246,10 +267,10 @@ def main():
     ceiling = copy_ceiling(2**24 if args.quick else 2**31)
     print(f"{device}: device copy {ceiling / 1e12:.2f} TB/s (read + write)")
 
-    head_shapes = [(32, 8, 128)] if args.quick else [(32, 8, 128), (32, 8, 64), (9, 3, 64)]
+    head_shapes = [(32, 8, 128)] if args.quick else [tuple(int(x) for x in h.split("/")) for h in args.heads]
     batches, contexts = ((1, 4), (128, 256)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192))
     decode = []
-    for heads, kv_heads, head_dim in head_shapes if args.only == "all" else ():
+    for heads, kv_heads, head_dim in head_shapes if args.only != "prefill" else ():
         for batch in batches:
             for context in contexts:
                 if (heads, kv_heads, head_dim) != (32, 8, 128) and (batch < 32 or context < 2048):
@@ -263,12 +284,14 @@ def main():
                 bw = row["bandwidth_GBps"]
                 print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch:>4} S{context:>5}: " + "  ".join(
                     f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {row['fraction_of_copy_ceiling']:.0%} of copy)")
-    prefill = [bench_prefill(rng, b, s, 32, 8, 128, 16, with_torch) for b, s in (((1, 128),) if args.quick else ((8, 2048), (1, 8192)))]
-    write = [bench_write(b, s, 8, 128, 16) for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048)))]
+    with_prefill = args.only != "decode"
+    prefill = [bench_prefill(rng, b, s, 32, 8, 128, 16, with_torch)
+               for b, s in (((1, 128),) if args.quick else ((8, 2048), (1, 8192))) if with_prefill]
+    write = [bench_write(b, s, 8, 128, 16) for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048))) if with_prefill]
     result = {"device": device, "jax": jax.__version__, "copy_ceiling_Bps": ceiling, "decode": decode, "prefill": prefill,
               "kv_write": write}
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "attention.json" if args.only == "all" else "prefill.json"), "w") as f:
+    with open(os.path.join(args.out_dir, f"{'prefill' if args.only == 'prefill' else 'attention'}{args.tag}.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
 
     print("\nprefill tokens/s:", *(f"B{p['batch']} S{p['context']}: " + ", ".join(f"{k} {v:,.0f}" for k, v in p["tokens_per_s"].items()) for p in prefill), sep="\n  ")
@@ -281,11 +304,11 @@ def main():
         sp = lambda k: f"{r.get(k, float('nan')):.2f}x"  # noqa: E731
         print(f"{name:<22}{r['bandwidth_GBps']['jaxpaged']:>10.0f}{r['fraction_of_copy_ceiling']:>8.0%}{sp('speedup_vs_torch_sdpa'):>9}"
               f"{sp('speedup_vs_jax_pallas_paged'):>8}{sp('speedup_vs_xla_gather_attend'):>10}{sp('speedup_vs_xla_dense'):>9}"
-              f"  {r['seconds']['jaxpaged_knpd_layout'] / r['seconds']['jaxpaged']:.2f}")
+              f"  {r['seconds'].get('jaxpaged_knpd_layout', float('nan')) / r['seconds']['jaxpaged']:.2f}")
     if not decode:
         return
     try:
-        plot(decode, os.path.join(args.out_dir, "attention.png"), device, ceiling)
+        plot(decode, os.path.join(args.out_dir, f"attention{args.tag}.png"), device, ceiling)
     except ImportError:
         print("matplotlib not installed: no plot")
 

@@ -1,52 +1,160 @@
-"""Sweep the decode kernel's launch parameters on a few shapes (GPU): blocks per step, warps, pipeline stages, splits.
+"""Sweep the paged kernels' variants and launch parameters on the GPU, torch SDPA in the same run.
 
-Prints GB/s per configuration (K and V bytes over the median time, timed inside one jitted loop)
-and writes the table as JSON. Run: python benchmarks/tune_decode.py --out FILE
+Decode: for each (batch, context) with 32/8 heads, head dim 128, bf16, block 16, GB/s (K and V
+bytes over the median time) of the default kernel and of the variants in DECODE_VARIANTS (masking
+only the last step, loads issued a step ahead, more splits, ...), as device time per call
+(`timing.seconds_per_call`, torch alike) over enough input copies to miss the L2 cache; the
+default also as wall clock in a jitted loop.
+Prefill: tokens/s over query rows, blocks per step, warps and stages.
+
+Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import itertools
+import importlib
 import json
+import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from attention import make_inputs
-from jaxpaged.kernels.triton_decode import paged_decode_attention
-from timing import median_time_in_loop
+from attention import L2_BYTES, make_inputs
+from jaxpaged.kernels import triton_decode
+from timing import median_time, median_time_in_loop, seconds_per_call
 
-SHAPES = [(32, 2048), (128, 2048), (8, 8192), (128, 8192)]  # (batch, context), 32/8 heads, head dim 128
+DECODE_SHAPES = [(8, 8192), (32, 2048), (128, 512), (32, 8192), (128, 2048), (128, 8192), (1, 8192), (8, 2048)]
+DECODE_VARIANTS = {
+    "default": {},
+    "prefetch": {"prefetch": True},
+    "no_prefetch": {"prefetch": False},
+    "mask_tail_only": {"mask_tail_only": True},
+    "splits_x2": ("splits_x2", {}),
+    "prefetch_blocks_per_step_2": {"prefetch": True, "blocks_per_step": 2},
+}
+PREFILL_SHAPES = [(8, 2048), (1, 8192)]
+PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 8, 8, 2), (128, 8, 8, 3), (256, 4, 8, 2),
+                   (256, 8, 8, 2)]  # (query rows, blocks per step, warps, stages)
+
+
+def _torch_sdpa_time(sets, causal=False):
+    import torch
+    import torch.nn.functional as F
+
+    def to_torch(x, seq_axis_first):
+        t = torch.from_dlpack(x)
+        return t.transpose(1, 2).contiguous() if seq_axis_first else t
+
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)  # noqa: E731
+    torch_sets = [tuple(to_torch(x, True) for x in s) for s in sets]
+    return seconds_per_call(sdpa, torch_sets, sync=lambda _: torch.cuda.synchronize())[0]
+
+
+def tune_decode(rng, old_kernel):
+    rows = []
+    for batch, context in DECODE_SHAPES:
+        kv_bytes = 2 * batch * context * 8 * 128 * 2
+        copies = max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
+        sets = make_inputs(rng, batch, context, 32, 8, 128, 16, copies)
+        args = [(s["q"], s["pool_k"], s["pool_v"], 0, s["tables"], s["lengths"]) for s in sets]
+        reference = np.asarray(triton_decode.paged_decode_attention(*args[0], num_layers=1), np.float32)
+        bps = triton_decode.default_blocks_per_step(16, context // 16)
+        auto_splits, _ = triton_decode.default_launch(batch, 8, 128, context // 16 // bps)
+        result = {"batch": batch, "context": context, "kv_bytes": kv_bytes, "auto_splits": auto_splits, "GBps": {}}
+
+        def record(name, fn, timer=lambda fn, args: seconds_per_call(fn, args)[0]):
+            try:
+                out = np.asarray(fn(*args[0]), np.float32)
+                err = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+                seconds = timer(fn, args)
+            except Exception as error:  # a configuration Triton can not compile
+                print(f"  B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
+                return
+            result["GBps"][name] = kv_bytes / seconds / 1e9
+            result.setdefault("rel_err_vs_default", {})[name] = err
+
+        for name, options in DECODE_VARIANTS.items():
+            if isinstance(options, tuple):  # twice the default splits
+                options = {**options[1], "num_splits": auto_splits * 2}
+                if auto_splits * 2 > context // 16 // bps:
+                    continue
+            record(name, functools.partial(triton_decode.paged_decode_attention, num_layers=1, **options))
+        record("default_wall_in_jitted_loop", functools.partial(triton_decode.paged_decode_attention, num_layers=1),
+               timer=median_time_in_loop)
+        if old_kernel is not None:
+            record("previous_kernel", functools.partial(old_kernel.paged_decode_attention, num_layers=1))
+        dense = [(s["q"][:, :, None], *(s[p][s["tables"]].reshape(batch, context, 8, 128) for p in ("pool_k", "pool_v")))
+                 for s in sets]
+        result["GBps"]["torch_sdpa"] = kv_bytes / _torch_sdpa_time([(q.transpose(0, 2, 1, 3), k, v) for q, k, v in dense]) / 1e9
+        del dense
+        rows.append(result)
+        gbps = result["GBps"]
+        print(f"B{batch:>4} S{context:>5}: " + "  ".join(f"{k} {v:.0f}" for k, v in gbps.items()), flush=True)
+    return rows
+
+
+def tune_prefill(old_kernel):
+    import jaxpaged as jp
+
+    rows = []
+    for batch, context in PREFILL_SHAPES:
+        config = jp.CacheConfig(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=batch * context // 16,
+                                block_size=16, max_seqs=batch, dtype="bfloat16")
+        state = jp.init_state(config)
+        keys = jax.random.split(jax.random.key(batch), 3)
+        k = jax.random.normal(keys[0], (batch, context, 8, 128), jnp.bfloat16)
+        v = jax.random.normal(keys[1], (batch, context, 8, 128), jnp.bfloat16)
+        q = jax.random.normal(keys[2], (batch, context, 32, 128), jnp.bfloat16)
+        state, _ = jp.append(state, 0, jnp.arange(batch, dtype=jnp.int32), k, v)
+        pools = [p.reshape(-1, *p.shape[2:]) for p in (state.pools.k, state.pools.v)]
+        tables = state.table.block_ids[:batch]
+        lengths = jnp.full((batch,), context, jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+        args = [(q, *pools, 0, tables, lengths, positions)]
+        result = {"batch": batch, "context": context, "tokens_per_s": {}}
+        reference = None
+        for rows_, bps, warps, stages in PREFILL_CONFIGS:
+            fn = functools.partial(triton_decode.paged_prefill_attention, num_layers=1, query_rows=rows_,
+                                   blocks_per_step=bps, num_warps=warps, num_stages=stages)
+            name = f"rows{rows_}_bps{bps}_warps{warps}_stages{stages}"
+            try:
+                out = np.asarray(fn(*args[0]), np.float32)
+                reference = out if reference is None else reference
+                err = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+                seconds = median_time(fn, args, rounds=3, calls=5)
+            except Exception as error:
+                print(f"  prefill B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            result["tokens_per_s"][name] = batch * context / seconds
+            result.setdefault("rel_err_vs_first", {})[name] = err
+        if old_kernel is not None:
+            fn = functools.partial(old_kernel.paged_prefill_attention, num_layers=1)
+            result["tokens_per_s"]["previous_kernel"] = batch * context / median_time(fn, args, rounds=3, calls=5)
+        result["tokens_per_s"]["torch_sdpa"] = batch * context / _torch_sdpa_time([(q, k, v)], causal=True)
+        rows.append(result)
+        print(f"prefill B{batch} S{context}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),
+              flush=True)
+    return rows
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="benchmarks/results/tune_decode.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/tune_kernels.json")
+    parser.add_argument("--part", choices=("decode", "prefill", "all"), default="all")
+    parser.add_argument("--previous", help="module name of an earlier kernel file to time beside the current one")
     args = parser.parse_args()
+    old_kernel = importlib.import_module(args.previous) if args.previous else None
     rng = np.random.default_rng(0)
-    rows = []
-    for batch, context in SHAPES:
-        sets = make_inputs(rng, batch, context, 32, 8, 128, 16, 1)
-        kv_bytes = 2 * batch * context * 8 * 128 * 2
-        arg_sets = [(s["q"], s["pool_k"], s["pool_v"], 0, s["tables"], s["lengths"]) for s in sets]
-        for bps, warps, stages, splits in itertools.product((4, 8, 16), (4, 8), (1, 2, 3, 4), (None, 4)):
-            fn = functools.partial(paged_decode_attention, num_layers=1, blocks_per_step=bps, num_warps=warps,
-                                   num_stages=stages, num_splits=splits)
-            try:
-                seconds = median_time_in_loop(fn, arg_sets, rounds=3)
-            except Exception as error:  # a configuration Triton cannot compile
-                print(f"B{batch} S{context} bps={bps} warps={warps} stages={stages} splits={splits}: {type(error).__name__}")
-                continue
-            rows.append(dict(batch=batch, context=context, blocks_per_step=bps, num_warps=warps, num_stages=stages,
-                             num_splits=splits, seconds=seconds, GBps=kv_bytes / seconds / 1e9))
-        best = sorted((r for r in rows if (r["batch"], r["context"]) == (batch, context)), key=lambda r: r["seconds"])[:5]
-        print(f"B{batch} S{context}: " + "; ".join(
-            f"bps={r['blocks_per_step']} w={r['num_warps']} st={r['num_stages']} sp={r['num_splits']}: {r['GBps']:.0f}"
-            for r in best))
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    if args.part in ("decode", "all"):
+        result["decode"] = tune_decode(rng, old_kernel)
+    if args.part in ("prefill", "all"):
+        result["prefill"] = tune_prefill(old_kernel)
     with open(args.out, "w") as f:
-        json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
+        json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
