@@ -84,7 +84,7 @@ def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, 
     return _update(carry, q, k, v, step, length, q_pos, scale=scale, masked=masked)
 
 
-def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last: int,
+def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last,
                        blocks_per_step: int, num_blocks: int, scale: float, masked: bool = True,
                        eviction_policy: str | None = None):
     """One loop step that first issues the loads of step + 1 (and the block ids of step + 2), then
