@@ -128,3 +128,68 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
     for b, c in enumerate(chunk):
         np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
         assert not out[b, c:].any(), "padding queries return zeros"
+
+
+_REL_TOL = {jnp.float32: 2e-3 if ON_GPU else 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def _rel_err(out, expected):
+    out, expected = np.asarray(out, np.float32), np.asarray(expected, np.float32)
+    return np.linalg.norm(out - expected) / max(np.linalg.norm(expected), 1e-30)
+
+
+@pytest.mark.parametrize("draw", range(40 if ON_GPU else 3))
+def test_kernels_on_random_shapes_lengths_and_launches(draw):
+    """Decode and prefill against the reference over random head shapes, block sizes, dtypes, ragged
+    lengths (0 and full included) and launch choices (splits, prefetch, blocks per step, masking)."""
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    rng = np.random.default_rng(1000 + draw)
+    kv_heads = int(rng.choice([1, 2, 4, 8]))
+    heads = kv_heads * int(rng.choice([1, 2, 3, 4, 8]))
+    head_dim = int(rng.choice([64, 128]))
+    block_size = int(rng.choice([8, 16, 32]))
+    max_blocks = int(rng.choice([4, 8, 16]))
+    batch = int(rng.integers(1, 6))
+    dtype = [jnp.float32, jnp.bfloat16, jnp.float16][int(rng.integers(3))]
+    lengths = rng.integers(0, max_blocks * block_size + 1, size=batch)
+    lengths[rng.integers(batch)] = max_blocks * block_size if rng.random() < 0.5 else 0
+    k, v, tables, num_blocks = _random_cache(rng, batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                                             block_size=block_size, lengths=lengths.tolist(), dtype=dtype,
+                                             max_blocks=max_blocks)
+    layer = int(rng.integers(2))
+    blocks_per_step = int(rng.choice([b for b in (1, 2, 4, 8) if max_blocks % b == 0 and b * block_size <= 64]))
+    launch = dict(num_splits=[None, 1, 2, 3][int(rng.integers(4))], prefetch=[None, True, False][int(rng.integers(3))],
+                  mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step)
+    lens = jnp.asarray(lengths, jnp.int32)
+    row_bytes = head_dim * jnp.dtype(dtype).itemsize
+
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), dtype)
+    out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), lens, num_layers=2, interpret=not ON_GPU, **launch)
+    assert out.shape == q.shape and out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all(), launch
+    expected = _reference(q, k, v, tables, lengths, layer, num_blocks)
+    live = lengths > 0
+    assert _rel_err(np.asarray(out)[live], expected[live]) < _REL_TOL[dtype], launch
+    assert not np.asarray(out, np.float32)[~live].any(), "an empty sequence attends to nothing"
+
+    # Prefill: the last `chunk` positions of each sequence as queries, causal, padded to the longest chunk.
+    chunk = np.minimum(lengths, rng.integers(1, 2 * block_size + 1, size=batch))
+    num_q = max(int(chunk.max()), 1)
+    positions = np.full((batch, num_q), -1, np.int32)
+    for b in range(batch):
+        positions[b, : chunk[b]] = np.arange(lengths[b] - chunk[b], lengths[b])
+    q = jnp.asarray(rng.standard_normal((batch, num_q, heads, head_dim)), dtype)
+    out = np.asarray(paged_prefill_attention(q, k, v, layer, jnp.asarray(tables), lens, jnp.asarray(positions),
+                                             num_layers=2, blocks_per_step=blocks_per_step,
+                                             query_rows=int(rng.choice([16, 32, 64] + [128] * (row_bytes <= 256))),
+                                             interpret=not ON_GPU),
+                     np.float32)
+    pos = np.arange(max_blocks * block_size)
+    slots = np.minimum(tables[:, pos // block_size], num_blocks - 1) + layer * num_blocks
+    dense = [jnp.asarray(np.nan_to_num(np.asarray(pool.astype(jnp.float32))[slots, pos % block_size])) for pool in (k, v)]
+    expected = np.asarray(attend(q.astype(jnp.float32), *dense, jnp.asarray(positions), lens))
+    real = positions >= 0
+    assert np.isfinite(out).all()
+    if real.any():
+        assert _rel_err(out[real], expected[real]) < _REL_TOL[dtype]
+    assert not out[~real].any(), "padding queries return zeros"

@@ -153,27 +153,31 @@ def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_r
 _ONE_WAVE = 256  # programs: about two per SM of a 132-SM H100
 
 
-def default_launch(batch: int, kv_heads: int, head_dim: int, steps: int) -> tuple[int, bool]:
+def default_launch(batch: int, kv_heads: int, head_dim: int, steps: int, itemsize: int = 2) -> tuple[int, bool]:
     """The decode kernel's default splits per sequence and kv head, and whether it prefetches.
 
     Splits: enough for about one wave of programs, never more than the steps; then twice as many,
-    up to two waves, while each split keeps at least 64 steps (4096 positions). Prefetch (loads a
-    step ahead, in registers): with head dim 128 it leaves room for two programs per SM, so only
-    when the grid is one wave of those (at most 256 programs); with head dim 64 always; and never
-    when the splits were doubled for a long context. Measured on an H100 (benchmarks/tune_kernels.py,
-    attention.py): each choice was the faster one at the shapes of the attention benchmark.
+    up to two waves, while each split keeps at least 64 steps (4096 positions). Prefetch: see
+    `default_prefetch`; never when the splits were doubled for a long context. Measured on an H100
+    with bfloat16 (benchmarks/tune_kernels.py, attention.py): each choice was the faster one at the
+    shapes of the attention benchmark.
     """
     programs = batch * kv_heads
     splits = max(1, min(steps, -(-_ONE_WAVE // programs)))
     doubled = False
     while programs * splits < 2 * _ONE_WAVE and steps // (2 * splits) >= 64:
         splits, doubled = splits * 2, True
-    return splits, not doubled and default_prefetch(programs * splits, head_dim)
+    return splits, not doubled and default_prefetch(programs * splits, head_dim * itemsize)
 
 
-def default_prefetch(programs: int, head_dim: int) -> bool:
-    """Whether the decode kernel issues its loads a step ahead, given its grid size (see `default_launch`)."""
-    return head_dim <= 64 or programs <= _ONE_WAVE
+def default_prefetch(programs: int, row_bytes: int) -> bool:
+    """Whether the decode kernel issues its loads a step ahead (K/V tiles held in registers).
+
+    With 128-byte rows (head dim 64 in 16 bits) always; with 256-byte rows (head dim 128) only when
+    the grid is about one wave (<= 256 programs), since the tiles leave room for two programs per
+    SM; with wider rows (float32 at head dim 128) never.
+    """
+    return row_bytes <= 128 or (row_bytes <= 256 and programs <= _ONE_WAVE)
 
 
 def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
@@ -233,9 +237,9 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     rows = max(_MIN_ROWS, 1 << (group - 1).bit_length())
     steps = max_blocks // blocks_per_step
     if num_splits:
-        splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, head_dim)
+        splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, head_dim * k_pool.dtype.itemsize)
     else:
-        splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps)
+        splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)
     prefetch = auto_prefetch if prefetch is None else prefetch
     steps_per_split = -(-steps // splits)
 
@@ -319,7 +323,7 @@ def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k
                                              "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                             lengths: jax.Array, q_positions: jax.Array, *, num_layers: int,
-                            blocks_per_step: int | None = None, query_rows: int = 128, num_warps: int = 8,
+                            blocks_per_step: int | None = None, query_rows: int | None = None, num_warps: int | None = None,
                             num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
 
@@ -329,7 +333,11 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     Args:
       q: [B, T, H, D].
       block_tables: [B, M] int32; lengths: [B] int32; q_positions: [B, T] int32 (-1: a padding query).
-      query_rows: rows (tokens x query heads of one kv head) per program, a power of two >= 16.
+      blocks_per_step, query_rows, num_warps: the tile (blocks per loop step; rows, i.e. tokens x
+        query heads of one kv head, per program, a power of two >= 16) and warps per program. By
+        default 128 positions x 128 rows with 8 warps (the H100 sweep's best with 16-bit pools), or
+        64 x 64 with 4 warps where K/V rows are wider than 256 bytes (float32 at head dim 128), so
+        the tiles fit in shared memory.
 
     Returns:
       [B, T, H, D] in q's dtype; padding queries return zeros.
@@ -338,7 +346,10 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     total_blocks, block_size, kv_heads, _ = k_pool.shape
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
-    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions=128)
+    wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: smaller tiles fit shared memory
+    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions=64 if wide else 128)
+    query_rows = query_rows or (64 if wide else 128)
+    num_warps = num_warps or (4 if wide else 8)
     group = num_heads // kv_heads
     group_pad = 1 << (group - 1).bit_length()
     tokens_per_program = max(1, query_rows // group_pad)
