@@ -1,6 +1,6 @@
 """Sweep the paged kernels' variants and launch parameters on the GPU, torch SDPA in the same run.
 
-Decode: for each (batch, context) with 32/8 heads, head dim 128, bf16, block 16, GB/s (K and V
+Decode: for each (batch, context) with 32/8 heads, head dim 128 (or `--heads`), bf16, block 16, GB/s (K and V
 bytes over the median time) of the default kernel and of the variants in DECODE_VARIANTS (masking
 only the last step, loads issued a step ahead, more splits, ...), as device time per call
 (`timing.seconds_per_call`, torch alike) over enough input copies to miss the L2 cache; the
@@ -53,16 +53,16 @@ def _torch_sdpa_time(sets, causal=False):
     return seconds_per_call(sdpa, torch_sets, sync=lambda _: torch.cuda.synchronize())[0]
 
 
-def tune_decode(rng, old_kernel):
+def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128):
     rows = []
     for batch, context in DECODE_SHAPES:
-        kv_bytes = 2 * batch * context * 8 * 128 * 2
+        kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         copies = max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
-        sets = make_inputs(rng, batch, context, 32, 8, 128, 16, copies)
+        sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, 16, copies)
         args = [(s["q"], s["pool_k"], s["pool_v"], 0, s["tables"], s["lengths"]) for s in sets]
         reference = np.asarray(triton_decode.paged_decode_attention(*args[0], num_layers=1), np.float32)
         bps = triton_decode.default_blocks_per_step(16, context // 16)
-        auto_splits, _ = triton_decode.default_launch(batch, 8, 128, context // 16 // bps)
+        auto_splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, context // 16 // bps)
         result = {"batch": batch, "context": context, "kv_bytes": kv_bytes, "auto_splits": auto_splits, "GBps": {}}
 
         def record(name, fn, timer=lambda fn, args: seconds_per_call(fn, args)[0]):
@@ -86,7 +86,7 @@ def tune_decode(rng, old_kernel):
                timer=median_time_in_loop)
         if old_kernel is not None:
             record("previous_kernel", functools.partial(old_kernel.paged_decode_attention, num_layers=1))
-        dense = [(s["q"][:, :, None], *(s[p][s["tables"]].reshape(batch, context, 8, 128) for p in ("pool_k", "pool_v")))
+        dense = [(s["q"][:, :, None], *(s[p][s["tables"]].reshape(batch, context, kv_heads, head_dim) for p in ("pool_k", "pool_v")))
                  for s in sets]
         result["GBps"]["torch_sdpa"] = kv_bytes / _torch_sdpa_time([(q.transpose(0, 2, 1, 3), k, v) for q, k, v in dense]) / 1e9
         del dense
@@ -144,13 +144,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/tune_kernels.json")
     parser.add_argument("--part", choices=("decode", "prefill", "all"), default="all")
+    parser.add_argument("--heads", default="32/8/128", help="decode head shape: query heads/kv heads/head dim")
     parser.add_argument("--previous", help="module name of an earlier kernel file to time beside the current one")
     args = parser.parse_args()
     old_kernel = importlib.import_module(args.previous) if args.previous else None
     rng = np.random.default_rng(0)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if args.part in ("decode", "all"):
-        result["decode"] = tune_decode(rng, old_kernel)
+        heads, kv_heads, head_dim = (int(x) for x in args.heads.split("/"))
+        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim)
     if args.part in ("prefill", "all"):
         result["prefill"] = tune_prefill(old_kernel)
     with open(args.out, "w") as f:
