@@ -63,7 +63,8 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128):
         reference = np.asarray(triton_decode.paged_decode_attention(*args[0], num_layers=1), np.float32)
         bps = triton_decode.default_blocks_per_step(16, context // 16)
         auto_splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, context // 16 // bps)
-        result = {"heads": f"{heads}/{kv_heads}/{head_dim}", "batch": batch, "context": context, "kv_bytes": kv_bytes, "auto_splits": auto_splits, "GBps": {}}
+        result = {"heads": f"{heads}/{kv_heads}/{head_dim}", "batch": batch, "context": context, "kv_bytes": kv_bytes,
+                  "auto_splits": auto_splits, "GBps": {}}
 
         def record(name, fn, timer=lambda fn, args: seconds_per_call(fn, args)[0]):
             try:
