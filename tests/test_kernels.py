@@ -55,11 +55,13 @@ def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_si
     k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=head_dim,
                                              block_size=block_size, lengths=lengths)
     q = jnp.asarray(rng.standard_normal((4, heads, head_dim)), jnp.float32)
-    variants = [(0, 1, False, False), (1, 3, True, False), (1, 1, False, True), (0, 3, True, True), (1, 4, False, True)]
-    for layer, splits, mask_tail_only, prefetch in variants:
+    variants = [(0, 1, False, False, False), (1, 3, True, False, False), (1, 1, False, True, False),
+                (0, 3, True, True, False), (1, 4, False, True, False), (1, 1, False, False, True),
+                (0, 3, True, True, True)]
+    for layer, splits, mask_tail_only, prefetch, transposed in variants:
         out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32), num_layers=2,
                                      blocks_per_step=2, num_splits=splits, mask_tail_only=mask_tail_only,
-                                     prefetch=prefetch, interpret=not ON_GPU)
+                                     prefetch=prefetch, transposed=transposed, interpret=not ON_GPU)
         out = np.asarray(out)
         assert np.isfinite(out).all(), "a NaN in an unused slot reached the output"
         expected = _reference(q, k, v, tables, lengths, layer, num_blocks)
@@ -160,7 +162,9 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     layer = int(rng.integers(2))
     blocks_per_step = int(rng.choice([b for b in (1, 2, 4, 8) if max_blocks % b == 0 and b * block_size <= 64]))
     launch = dict(num_splits=[None, 1, 2, 3][int(rng.integers(4))], prefetch=[None, True, False][int(rng.integers(3))],
-                  mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step)
+                  mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step,
+                  transposed=[None, True, False][int(rng.integers(3))],
+                  masked_loads=[None, True, False][int(rng.integers(3))])
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
 

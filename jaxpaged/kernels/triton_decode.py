@@ -12,10 +12,12 @@ kernel is alone in this file so that a Mosaic GPU version can replace it.
 Decode grid: (B, K, splits). Program (b, h, s) takes sequence b, kv head h, and the s-th slice of
 the sequence's blocks; it loads its G query heads straight from q (as 16 rows or more, the
 smallest Triton dot, the extra ones zero), then walks `blocks_per_step` blocks at a time with an
-online softmax, optionally issuing each step's loads one step ahead. Positions at or past the
-length get probability 0 and their V rows are zeroed, so an unwritten or freed slot (NaN, or
-another sequence's data) can not reach the output. With one split the program writes its G
-output rows in place, so the whole call is one launch; more splits are merged after the kernel.
+online softmax, optionally issuing each step's loads one step ahead (and then computing the
+transposed products, with the chunk rather than the query rows as the dots' long side). Positions
+at or past the length get probability 0 and their V rows are zeroed (or loaded as zeros), so an
+unwritten or freed slot (NaN, or another sequence's data) can not reach the output. With one
+split the program writes its G output rows in place, so the whole call is one launch; more splits
+are merged after the kernel.
 The prefill kernel masks only the steps that reach a causal limit or the length.
 
 Axis letters: B sequences, H query heads, K kv heads, G = H / K, D head dim, L layers,
@@ -41,22 +43,34 @@ def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks:
     return layer_base + jnp.minimum(ids, num_blocks - 1)
 
 
-def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None):
-    """K and V of the blocks `ids`: two [blocks * P, D] tiles."""
-    if eviction_policy is None:
+def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None, live=None):
+    """K and V of the blocks `ids`: two [blocks * P, D] tiles.
+
+    live: None, or [blocks * P] bool; V rows that are not live then load as zeros (a masked load,
+    so no select sits between the load and the dot).
+    """
+    if eviction_policy is None and live is None:
         k, v = k_ref[ids], v_ref[ids]
     else:  # (a GPU-only path: interpret mode can not load a gather through `plgpu.load`)
-        k, v = (plgpu.load(ref.at[ids], eviction_policy=eviction_policy) for ref in (k_ref, v_ref))
+        k = plgpu.load(k_ref.at[ids], eviction_policy=eviction_policy)
+        mask = None if live is None else jnp.broadcast_to(live.reshape(*ids.shape, -1, 1), v_ref.at[ids].shape)
+        v = plgpu.load(v_ref.at[ids], mask=mask, other=None if live is None else 0.0, eviction_policy=eviction_policy)
     return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
 
 
-def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True):
+def _live(step, length, chunk: int):
+    """[chunk] bool: which positions of loop step `step` are before the length."""
+    return step * chunk + jnp.arange(chunk) < length
+
+
+def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False):
     """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
 
     q_pos: [rows] positions of the queries (causal limit), or None for decode (the length is the limit).
     masked: whether the chunk may reach past the length (or the causal limit). If so, positions at or
     past the length get probability 0 and their V rows are zeroed, so NaN or another sequence's data in
     an unused slot can not reach the output; a chunk known to be inside both limits skips that work.
+    v_zeroed: the V rows past the length were loaded as zeros already.
     """
     o, m, l = carry
     chunk = k.shape[0]
@@ -66,7 +80,8 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
         live = positions < length
         visible = live[None, :] if q_pos is None else live[None, :] & (positions[None, :] <= q_pos[:, None])
         logits = jnp.where(visible, logits, _MASK)
-        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+        if not v_zeroed:
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, logits.max(axis=-1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(logits - m_new[:, None])
@@ -76,25 +91,58 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
     return o, m_new, l * correction + p.sum(axis=-1)
 
 
+def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False):
+    """Decode's `_update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
+    ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots
+    (Hopper's warpgroup MMA needs M >= 64; which instruction Triton picks here was not inspected).
+    Measured faster than `_update` only with prefetch (`default_transposed`).
+
+    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows].
+    """
+    o_t, m, l = carry
+    chunk = k.shape[0]
+    logits = plgpu.dot(k, q_t) * scale  # [chunk, rows] float32
+    if masked:
+        live = _live(step, length, chunk)
+        logits = jnp.where(live[:, None], logits, _MASK)
+        if not v_zeroed:
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+    m_new = jnp.maximum(m, logits.max(axis=0))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(logits - m_new[None, :])
+    o_t = o_t * correction[None, :] + plgpu.dot(v.T, p.astype(v.dtype))
+    return o_t, m_new, l * correction + p.sum(axis=0)
+
+
 def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, q_pos, *, blocks_per_step: int,
-                  num_blocks: int, scale: float, masked: bool = True, eviction_policy: str | None = None):
-    """One loop step: load step `step`'s K/V, then update the online softmax."""
+                  num_blocks: int, scale: float, masked: bool = True, eviction_policy: str | None = None,
+                  transposed: bool = False, masked_loads: bool = False):
+    """One loop step: load step `step`'s K/V, then update the online softmax.
+
+    transposed: decode's `_update_transposed` (q given as q^T). masked_loads: V rows past the
+    length load as zeros (a GPU-only load), instead of being zeroed after the load.
+    """
     ids = _load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks)
-    k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=eviction_policy)
-    return _update(carry, q, k, v, step, length, q_pos, scale=scale, masked=masked)
+    live = _live(step, length, ids.shape[0] * k_ref.shape[-2]) if masked_loads and masked else None
+    k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=eviction_policy, live=live)
+    update = _update_transposed if transposed else functools.partial(_update, q_pos=q_pos)
+    return update(carry, q, k, v, step, length, scale=scale, masked=masked, v_zeroed=live is not None)
 
 
 def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last,
                        blocks_per_step: int, num_blocks: int, scale: float, masked: bool = True,
-                       eviction_policy: str | None = None):
+                       eviction_policy: str | None = None, transposed: bool = False, masked_loads: bool = False):
     """One loop step that first issues the loads of step + 1 (and the block ids of step + 2), then
     computes step `step` from tiles loaded one step earlier, so memory latency overlaps the math.
     `last` is the last valid step: the loads past it read it again (and are not used)."""
     (ids_next, k, v), softmax = carry
-    k_next, v_next = _load_kv(ids_next, k_ref, v_ref, eviction_policy=eviction_policy)
+    chunk = ids_next.shape[0] * k_ref.shape[-2]
+    live = _live(jnp.minimum(step + 1, last), length, chunk) if masked_loads else None
+    k_next, v_next = _load_kv(ids_next, k_ref, v_ref, eviction_policy=eviction_policy, live=live)
     ids_after = _load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
                           num_blocks=num_blocks)
-    softmax = _update(softmax, q, k, v, step, length, None, scale=scale, masked=masked)
+    update = _update_transposed if transposed else functools.partial(_update, q_pos=None)
+    softmax = update(softmax, q, k, v, step, length, scale=scale, masked=masked, v_zeroed=masked_loads)
     return (ids_after, k_next, v_next), softmax
 
 
@@ -105,7 +153,8 @@ def _empty_carry(rows: int, head_dim: int):
 
 def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, scale: float,
-            mask_tail_only: bool, prefetch: bool, eviction_policy: str | None):
+            mask_tail_only: bool, prefetch: bool, eviction_policy: str | None, transposed: bool,
+            masked_loads: bool):
     """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
 
     It reads its G query heads straight from q ([H, D] of sequence b), as `rows` rows of which the
@@ -122,17 +171,23 @@ def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_r
     first_step = split * steps_per_split
     last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
     layer_base = layer_base_ref[0]
-    shared = dict(q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base, length=length,
-                  blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale, eviction_policy=eviction_policy)
+    shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
+                  length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
+                  eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads)
+    softmax = _empty_carry(*q.shape)
+    if transposed:
+        softmax = (softmax[0].T, *softmax[1:])
     if prefetch:
         last = jnp.clip(last_step - 1, 0, steps - 1)
         ids = functools.partial(_load_ids, tables_ref=tables_ref, layer_base=layer_base,
                                 blocks_per_step=blocks_per_step, num_blocks=num_blocks)
-        k, v = _load_kv(ids(jnp.minimum(first_step, last)), k_ref, v_ref, eviction_policy=eviction_policy)
-        carry = ((ids(jnp.minimum(first_step + 1, last)), k, v), _empty_carry(*q.shape))
+        first = jnp.minimum(first_step, last)
+        live = _live(first, length, chunk) if masked_loads else None
+        k, v = _load_kv(ids(first), k_ref, v_ref, eviction_policy=eviction_policy, live=live)
+        carry = ((ids(jnp.minimum(first_step + 1, last)), k, v), softmax)
         step = functools.partial(_attend_prefetched, last=last, **shared)
     else:
-        carry = _empty_carry(*q.shape)
+        carry = softmax
         step = functools.partial(_attend_chunk, q_pos=None, **shared)
     if mask_tail_only:  # only the chunk holding the length can reach past it
         full = jnp.clip(length // chunk, first_step, last_step)
@@ -140,6 +195,8 @@ def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_r
         first_step = full
     carry = jax.lax.fori_loop(first_step, last_step, step, carry)
     o, m, l = carry[1] if prefetch else carry
+    if transposed:
+        o = o.T
     if len(out_refs) == 1:
         o = (o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]).astype(out_refs[0].dtype)
         plgpu.store(out_refs[0].at[head_rows], o, mask=real[:, None])
@@ -180,6 +237,17 @@ def default_prefetch(programs: int, row_bytes: int) -> bool:
     return row_bytes <= 128 or (row_bytes <= 256 and programs <= _ONE_WAVE)
 
 
+def default_transposed(prefetch: bool, programs: int, row_bytes: int) -> bool:
+    """Whether the decode kernel computes the transposed products (and loads V rows past the
+    length as zeros): only on top of prefetch, and with head dim 64 in 16 bits only beyond one wave.
+
+    Measured on an H100 with bfloat16 (benchmarks/tune_kernels.py, same-run A/Bs): with prefetch,
+    +3-6% at 32/8/128 heads (32 x 2048, 8 x 8192) and at 32/8/64 x 128 sequences; 2-3% slower at
+    32/8/64 x 32 sequences (256 programs); without prefetch up to 30% slower.
+    """
+    return prefetch and (row_bytes > 128 or programs > _ONE_WAVE)
+
+
 def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
     """Blocks per loop step covering `positions` positions (64: the fastest decode step in the H100
     sweep; prefill uses 128), dividing the block-table width."""
@@ -190,12 +258,14 @@ def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 6
 
 
 @functools.partial(jax.jit, static_argnames=("num_layers", "layout", "blocks_per_step", "num_splits", "num_warps",
-                                             "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "interpret"))
+                                             "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "transposed",
+                                             "masked_loads", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, num_layers: int, layout: str = "NPKD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
-                           eviction_policy: str | None = None, interpret: bool = False) -> jax.Array:
+                           eviction_policy: str | None = None, transposed: bool | None = None,
+                           masked_loads: bool | None = None, interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
@@ -215,6 +285,10 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       prefetch: issue each step's loads one step ahead, in the loop carry; default from the grid
         (`default_launch`).
       eviction_policy: cache hint for the K/V loads ("evict_first", ...), None for the default.
+      transposed: compute K q^T and V^T p^T (the chunk as the dots' M side) instead of q K^T and p V;
+        default from the launch (`default_transposed`).
+      masked_loads: V rows past the length load as zeros (a masked load) rather than being zeroed
+        after the load (in interpret mode they are zeroed after it); default: as `transposed`.
 
     Returns:
       [B, H, D] in q's dtype.
@@ -241,12 +315,16 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     else:
         splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)
     prefetch = auto_prefetch if prefetch is None else prefetch
+    if transposed is None:
+        transposed = default_transposed(prefetch, batch * kv_heads * splits, head_dim * k_pool.dtype.itemsize)
+    masked_loads = transposed if masked_loads is None else masked_loads
     steps_per_split = -(-steps // splits)
 
     layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
     kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
                                steps_per_split=steps_per_split, num_blocks=num_blocks, scale=head_dim**-0.5,
-                               mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy)
+                               mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
+                               transposed=transposed, masked_loads=masked_loads and not interpret)
     if splits == 1:  # every program writes its G rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
