@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
 if [ "$part" = kernels ]; then
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
-  timeout 330 python3 benchmarks/attention.py --out-dir "$out" 2>&1 | tee "$out/attention.txt"
+  timeout 330 python3 benchmarks/attention.py --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention.txt"
 else
   timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "not random" 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   timeout 150 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"

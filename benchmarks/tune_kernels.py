@@ -7,7 +7,8 @@ only the last step, loads issued a step ahead, more splits, ...), as device time
 default also as wall clock in a jitted loop.
 Prefill: tokens/s over query rows, blocks per step, warps and stages.
 
-Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all]
+Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all] [--heads 32/8/128]
+     [--variants NAME ...] [--shapes 32x2048 ...]
 """
 
 from __future__ import annotations
@@ -27,13 +28,37 @@ from jaxpaged.kernels import triton_decode
 from timing import median_time, median_time_in_loop, seconds_per_call
 
 DECODE_SHAPES = [(8, 8192), (32, 2048), (128, 512), (32, 8192), (128, 2048), (128, 8192), (1, 8192), (8, 2048)]
-DECODE_VARIANTS = {
+_PLAIN = {"transposed": False, "masked_loads": False}
+_TML = {"transposed": True, "masked_loads": True}
+DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name means the same under other defaults
     "default": {},
-    "prefetch": {"prefetch": True},
-    "no_prefetch": {"prefetch": False},
+    "prefetch": {"prefetch": True, **_PLAIN},
+    "no_prefetch": {"prefetch": False, **_PLAIN},
     "mask_tail_only": {"mask_tail_only": True},
     "splits_x2": ("splits_x2", {}),
-    "prefetch_blocks_per_step_2": {"prefetch": True, "blocks_per_step": 2},
+    "prefetch_blocks_per_step_2": {"prefetch": True, "blocks_per_step": 2, **_PLAIN},
+    "transposed": {"transposed": True, "masked_loads": False},
+    "transposed_prefetch": {"transposed": True, "masked_loads": False, "prefetch": True},
+    "transposed_no_prefetch": {"transposed": True, "masked_loads": False, "prefetch": False},
+    "transposed_mask_tail_only": {"transposed": True, "masked_loads": False, "prefetch": False, "mask_tail_only": True},
+    "transposed_blocks_per_step_8": {"transposed": True, "masked_loads": False, "prefetch": False, "blocks_per_step": 8},
+    "transposed_stages_3": {"transposed": True, "masked_loads": False, "prefetch": False, "num_stages": 3},
+    "masked_loads": {"masked_loads": True, "transposed": False},
+    "masked_loads_no_prefetch": {"masked_loads": True, "transposed": False, "prefetch": False},
+    "masked_loads_stages_1": {"masked_loads": True, "transposed": False, "prefetch": False, "num_stages": 1},
+    "masked_loads_stages_3": {"masked_loads": True, "transposed": False, "prefetch": False, "num_stages": 3},
+    "transposed_masked_loads": {**_TML},
+    "transposed_masked_loads_no_prefetch": {**_TML, "prefetch": False},
+    "transposed_masked_loads_stages_1": {**_TML, "prefetch": False, "num_stages": 1},
+    "transposed_masked_loads_stages_3": {**_TML, "prefetch": False, "num_stages": 3},
+    "transposed_masked_loads_stages_4": {**_TML, "prefetch": False, "num_stages": 4},
+    "transposed_masked_loads_prefetch": {**_TML, "prefetch": True},
+    "transposed_masked_loads_warps_8": {**_TML, "prefetch": True, "num_warps": 8},
+    "transposed_masked_loads_128_warps_8": {**_TML, "prefetch": True, "blocks_per_step": 8, "num_warps": 8},
+    "transposed_masked_loads_evict_first": {**_TML, "prefetch": True, "eviction_policy": "evict_first"},
+    "transposed_masked_loads_prefetch_blocks_per_step_2": {**_TML, "prefetch": True, "blocks_per_step": 2},
+    "transposed_masked_loads_prefetch_mask_tail_only": {**_TML, "prefetch": True, "mask_tail_only": True},
+    "transposed_masked_loads_prefetch_stages_1": {**_TML, "prefetch": True, "num_stages": 1},
 }
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 8, 8, 2), (128, 8, 8, 3), (256, 4, 8, 2),
@@ -53,9 +78,9 @@ def _torch_sdpa_time(sets, causal=False):
     return seconds_per_call(sdpa, torch_sets, sync=lambda _: torch.cuda.synchronize())[0]
 
 
-def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128):
+def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=None, shapes=DECODE_SHAPES):
     rows = []
-    for batch, context in DECODE_SHAPES:
+    for batch, context in shapes:
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         copies = max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
         sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, 16, copies)
@@ -78,6 +103,8 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128):
             result.setdefault("rel_err_vs_default", {})[name] = err
 
         for name, options in DECODE_VARIANTS.items():
+            if variants and name not in variants:
+                continue
             if isinstance(options, tuple):  # twice the default splits
                 options = {**options[1], "num_splits": auto_splits * 2}
                 if auto_splits * 2 > context // 16 // bps:
@@ -147,13 +174,16 @@ def main():
     parser.add_argument("--part", choices=("decode", "prefill", "all"), default="all")
     parser.add_argument("--heads", default="32/8/128", help="decode head shape: query heads/kv heads/head dim")
     parser.add_argument("--previous", help="module name of an earlier kernel file to time beside the current one")
+    parser.add_argument("--variants", nargs="+", choices=list(DECODE_VARIANTS), help="decode variants to time (default all)")
+    parser.add_argument("--shapes", nargs="+", help="decode shapes as BATCHxCONTEXT (default: the eight in DECODE_SHAPES)")
     args = parser.parse_args()
     old_kernel = importlib.import_module(args.previous) if args.previous else None
     rng = np.random.default_rng(0)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if args.part in ("decode", "all"):
         heads, kv_heads, head_dim = (int(x) for x in args.heads.split("/"))
-        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim)
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else DECODE_SHAPES
+        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, args.variants, shapes)
     if args.part in ("prefill", "all"):
         result["prefill"] = tune_prefill(old_kernel)
     with open(args.out, "w") as f:
