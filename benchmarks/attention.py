@@ -17,7 +17,8 @@ Also measured: prefill (causal, T = context) tokens/s of jaxpaged's prefill kern
 reference path, the cost of the decode KV write, and the write's in-place update (donation, HLO
 aliasing, temporary bytes).
 
-Run: python benchmarks/attention.py --out-dir DIR   (add --quick for a small smoke test; --interpret on a CPU)
+Run: python benchmarks/attention.py --out-dir DIR   (add --quick for a small smoke test; --interpret on a CPU;
+     --heads 32/8/64 9/3/64 --all-sizes --only decode for the other head shapes at every size)
 """
 
 from __future__ import annotations
@@ -258,6 +259,8 @@ def main():
                         help="decode: skip prefill and the KV write; prefill: skip the decode sweep")
     parser.add_argument("--heads", nargs="*", default=["32/8/128", "32/8/64", "9/3/64"],
                         help="decode head shapes, query/kv heads/head dim (the first at every size, the others at the large ones)")
+    parser.add_argument("--all-sizes", action="store_true",
+                        help="every head shape at every batch and context (by default only the first)")
     parser.add_argument("--tag", default="", help="suffix for the output files")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
@@ -273,7 +276,8 @@ def main():
     for heads, kv_heads, head_dim in head_shapes if args.only != "prefill" else ():
         for batch in batches:
             for context in contexts:
-                if (heads, kv_heads, head_dim) != (32, 8, 128) and (batch < 32 or context < 2048):
+                large = batch >= 32 and context >= 2048
+                if (heads, kv_heads, head_dim) != head_shapes[0] and not large and not args.all_sizes:
                     continue  # the other head shapes at the large sizes only
                 try:
                     row = bench_decode(rng, batch, context, heads, kv_heads, head_dim, 16, ceiling, args.interpret, with_torch)
@@ -319,7 +323,8 @@ def plot(decode, path, device, ceiling):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in decode if (r["heads"], r["kv_heads"], r["head_dim"]) == (32, 8, 128)]
+    heads, kv_heads, head_dim = (decode[0][key] for key in ("heads", "kv_heads", "head_dim"))  # the first head shape
+    rows = [r for r in decode if (r["heads"], r["kv_heads"], r["head_dim"]) == (heads, kv_heads, head_dim)]
     labels = [f"B{r['batch']}\nS{r['context']}" for r in rows]
     peers = ["jaxpaged", "torch_sdpa", "jax_pallas_paged", "xla_gather_attend", "xla_dense"]
     x = np.arange(len(rows))
@@ -330,7 +335,7 @@ def plot(decode, path, device, ceiling):
     plt.axhline(ceiling / 1e9, color="k", linestyle="--", linewidth=1, label="device copy")
     plt.xticks(x, labels, fontsize=8)
     plt.ylabel("effective GB/s (K and V bytes / time)")
-    plt.title(f"Paged decode attention, 32 query / 8 kv heads, head dim 128, bf16, block 16 — {device}")
+    plt.title(f"Paged decode attention, {heads} query / {kv_heads} kv heads, head dim {head_dim}, bf16, block 16 — {device}")
     plt.legend(fontsize=8, ncol=3)
     plt.tight_layout()
     plt.savefig(path, dpi=120)
