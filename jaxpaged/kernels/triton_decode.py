@@ -93,9 +93,9 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
 
 def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False):
     """Decode's `_update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
-    ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots
-    (Hopper's warpgroup MMA needs M >= 64; which instruction Triton picks here was not inspected).
-    Measured faster than `_update` only with prefetch (`default_transposed`).
+    ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots:
+    compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `_update`'s
+    become mma.sync (benchmarks/kernel_asm.py). Faster only with prefetch (`default_transposed`).
 
     carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows].
     """
