@@ -61,13 +61,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_
 
 
 def _use_kernels(state: PagedKVState, scale) -> bool:
-    """The GPU kernels serve on a GPU unless JAXPAGED_KERNELS=0 (read when tracing)."""
+    """The GPU kernels serve on a GPU unless JAXPAGED_KERNELS=0 (read when tracing) or the shape is
+    one they do not take (`triton_decode.supported`)."""
     from jaxpaged.kernels import triton_decode
 
     c = state.config
     enabled = os.environ.get("JAXPAGED_KERNELS", "1") != "0"
     return (enabled and jax.default_backend() == "gpu" and scale is None
-            and triton_decode.supported(c.head_dim, c.block_size))
+            and triton_decode.supported(c.head_dim, c.block_size, state.pools.k.size))
 
 
 def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array, q_positions: jax.Array,
@@ -75,8 +76,9 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
     """Causal attention of q over one layer of the paged cache.
 
     On a GPU, kernels read the pools in place through the block table: a flash-decoding kernel
-    for T = 1 and a causal one for T > 1 (prefill, or a chunk on a cached prefix). Elsewhere the
-    reference gathers the blocks and attends.
+    for T = 1 and a causal one for T > 1 (prefill, or a chunk on a cached prefix). Elsewhere, and
+    for pools of more than 2^31 - 1 elements (the kernels' 32-bit offsets), the reference gathers
+    the blocks and attends.
 
     Args:
       q: [B, T, H, D], the queries of tokens whose K and V are already appended.

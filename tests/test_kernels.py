@@ -197,3 +197,34 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     if real.any():
         assert _rel_err(out[real], expected[real]) < _REL_TOL[dtype]
     assert not out[~real].any(), "padding queries return zeros"
+
+
+def test_kernels_refuse_a_pool_beyond_32_bit_offsets_and_the_model_falls_back():
+    """The kernels address a pool with 32-bit element offsets: a larger pool is refused with a clear
+    error (checked while tracing, nothing allocated), and on a GPU the dispatch takes the reference."""
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    kv_heads, head_dim, block_size = 8, 128, 16
+    blocks = 2**31 // (block_size * kv_heads * head_dim) + 1
+    pool = jax.ShapeDtypeStruct((blocks, block_size, kv_heads, head_dim), jnp.bfloat16)
+    tables, lengths = jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    q = jax.ShapeDtypeStruct((2, 32, head_dim), jnp.bfloat16)
+    with pytest.raises(ValueError, match="32-bit"):
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, num_layers=1), q, pool, pool,
+                       tables, lengths)
+    q = jax.ShapeDtypeStruct((2, 3, 32, head_dim), jnp.bfloat16)
+    positions = jax.ShapeDtypeStruct((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match="32-bit"):
+        jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p, num_layers=1), q, pool,
+                       pool, tables, lengths, positions)
+
+    def traced_attention(num_blocks):
+        config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=num_blocks,
+                                block_size=block_size, max_seqs=2, max_blocks_per_seq=4, dtype="bfloat16")
+        state = jax.eval_shape(lambda: jp.init_state(config))
+        q = jax.ShapeDtypeStruct((2, 1, 32, head_dim), jnp.bfloat16)
+        seq_idx, positions = jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2, 1), jnp.int32)
+        return str(jax.make_jaxpr(lambda q, s, i, p: jp.paged_attention(q, s, 0, i, p))(q, state, seq_idx, positions))
+
+    assert "pallas_call" not in traced_attention(blocks), "an unaddressable pool must take the reference path"
+    assert ("pallas_call" in traced_attention(64)) == ON_GPU

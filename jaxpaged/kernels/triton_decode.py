@@ -294,6 +294,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       [B, H, D] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
+    _check_pool_size(k_pool)
     if layout == "NPKD":
         total_blocks, block_size, kv_heads, _ = k_pool.shape
         pool_spec = pl.BlockSpec((total_blocks, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
@@ -368,9 +369,21 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
-def supported(head_dim: int, block_size: int) -> bool:
-    """Whether the kernel takes this shape; the caller falls back to the reference otherwise."""
-    return head_dim in (64, 128, 256) and block_size >= 8
+_MAX_POOL_SIZE = 2**31 - 1  # the kernels address a pool with 32-bit element offsets
+
+
+def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
+    """Whether the kernels take this shape (pool_size: elements of one whole K or V pool, all layers);
+    the caller falls back to the reference otherwise."""
+    return head_dim in (64, 128, 256) and block_size >= 8 and pool_size <= _MAX_POOL_SIZE
+
+
+def _check_pool_size(pool: jax.Array):
+    """The kernels compute element offsets into a pool in 32 bits: refuse a pool they can not address."""
+    if pool.size > _MAX_POOL_SIZE:
+        raise ValueError(f"a pool of {pool.size:,} elements {tuple(pool.shape)} is beyond the kernels' 32-bit "
+                         f"offsets (at most {_MAX_POOL_SIZE:,}); use the reference path (jaxpaged.attention) "
+                         "or fewer blocks")
 
 
 
@@ -421,6 +434,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       [B, T, H, D] in q's dtype; padding queries return zeros.
     """
     batch, num_q, num_heads, head_dim = q.shape
+    _check_pool_size(k_pool)
     total_blocks, block_size, kv_heads, _ = k_pool.shape
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
