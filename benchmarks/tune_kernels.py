@@ -59,6 +59,15 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
     "transposed_masked_loads_prefetch_blocks_per_step_2": {**_TML, "prefetch": True, "blocks_per_step": 2},
     "transposed_masked_loads_prefetch_mask_tail_only": {**_TML, "prefetch": True, "mask_tail_only": True},
     "transposed_masked_loads_prefetch_stages_1": {**_TML, "prefetch": True, "num_stages": 1},
+    # K/V gathered as [chunk, D] rows (row_gather): the loads can go straight to the dots through shared memory
+    "rows_prefetch": {"row_gather": True, "prefetch": True, **_PLAIN},
+    "rows_transposed_masked_loads_prefetch": {"row_gather": True, **_TML, "prefetch": True},
+    "rows_no_prefetch": {"row_gather": True, "prefetch": False, **_PLAIN},
+    "rows_masked_loads": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True},
+    "rows_transposed_masked_loads": {"row_gather": True, **_TML, "prefetch": False},
+    "rows_transposed_masked_loads_stages_3": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 3},
+    "rows_transposed_masked_loads_128_warps_8": {"row_gather": True, **_TML, "prefetch": False, "blocks_per_step": 8,
+                                                 "num_warps": 8},
 }
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 8, 8, 2), (128, 8, 8, 3), (256, 4, 8, 2),

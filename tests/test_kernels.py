@@ -55,13 +55,14 @@ def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_si
     k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=head_dim,
                                              block_size=block_size, lengths=lengths)
     q = jnp.asarray(rng.standard_normal((4, heads, head_dim)), jnp.float32)
-    variants = [(0, 1, False, False, False), (1, 3, True, False, False), (1, 1, False, True, False),
-                (0, 3, True, True, False), (1, 4, False, True, False), (1, 1, False, False, True),
-                (0, 3, True, True, True)]
-    for layer, splits, mask_tail_only, prefetch, transposed in variants:
+    variants = [(0, 1, False, False, False, False), (1, 3, True, False, False, False), (1, 1, False, True, False, False),
+                (0, 3, True, True, False, False), (1, 4, False, True, False, False), (1, 1, False, False, True, False),
+                (0, 3, True, True, True, False), (1, 1, False, False, True, True), (0, 3, False, True, False, True)]
+    for layer, splits, mask_tail_only, prefetch, transposed, row_gather in variants:
         out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32), num_layers=2,
                                      blocks_per_step=2, num_splits=splits, mask_tail_only=mask_tail_only,
-                                     prefetch=prefetch, transposed=transposed, interpret=not ON_GPU)
+                                     prefetch=prefetch, transposed=transposed, masked_loads=transposed,
+                                     row_gather=row_gather, interpret=not ON_GPU)
         out = np.asarray(out)
         assert np.isfinite(out).all(), "a NaN in an unused slot reached the output"
         expected = _reference(q, k, v, tables, lengths, layer, num_blocks)
@@ -164,7 +165,7 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     launch = dict(num_splits=[None, 1, 2, 3][int(rng.integers(4))], prefetch=[None, True, False][int(rng.integers(3))],
                   mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step,
                   transposed=[None, True, False][int(rng.integers(3))],
-                  masked_loads=[None, True, False][int(rng.integers(3))])
+                  masked_loads=[None, True, False][int(rng.integers(3))], row_gather=bool(rng.random() < 0.5))
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
 

@@ -37,10 +37,16 @@ _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot tile
 
 
-def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int):
-    """The pool rows of loop step `step`'s blocks; the sentinel N reads a real block, then is masked."""
-    ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
-    return layer_base + jnp.minimum(ids, num_blocks - 1)
+def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int, row_gather: int = 0):
+    """Where loop step `step`'s K/V are: its blocks' indices in the pool ([blocks]), or with
+    row_gather = P, the pool viewed as [L * N * P, D], its positions' rows ([blocks * P]). The
+    sentinel N reads a real block, then is masked."""
+    if not row_gather:
+        ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
+        return layer_base + jnp.minimum(ids, num_blocks - 1)
+    positions = step * blocks_per_step * row_gather + jnp.arange(blocks_per_step * row_gather)
+    blocks = tables_ref[positions // row_gather]  # each block id, once per position
+    return (layer_base + jnp.minimum(blocks, num_blocks - 1)) * row_gather + positions % row_gather
 
 
 def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None, live=None):
@@ -53,7 +59,8 @@ def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None, live=None):
         k, v = k_ref[ids], v_ref[ids]
     else:  # (a GPU-only path: interpret mode can not load a gather through `plgpu.load`)
         k = plgpu.load(k_ref.at[ids], eviction_policy=eviction_policy)
-        mask = None if live is None else jnp.broadcast_to(live.reshape(*ids.shape, -1, 1), v_ref.at[ids].shape)
+        shape = v_ref.at[ids].shape  # [blocks, P, D], or [blocks * P, D] for row ids
+        mask = None if live is None else jnp.broadcast_to(live.reshape(*shape[:-1], 1), shape)
         v = plgpu.load(v_ref.at[ids], mask=mask, other=None if live is None else 0.0, eviction_policy=eviction_policy)
     return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
 
@@ -116,14 +123,16 @@ def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: 
 
 def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, q_pos, *, blocks_per_step: int,
                   num_blocks: int, scale: float, masked: bool = True, eviction_policy: str | None = None,
-                  transposed: bool = False, masked_loads: bool = False):
+                  transposed: bool = False, masked_loads: bool = False, row_gather: int = 0):
     """One loop step: load step `step`'s K/V, then update the online softmax.
 
     transposed: decode's `_update_transposed` (q given as q^T). masked_loads: V rows past the
     length load as zeros (a GPU-only load), instead of being zeroed after the load.
     """
-    ids = _load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks)
-    live = _live(step, length, ids.shape[0] * k_ref.shape[-2]) if masked_loads and masked else None
+    ids = _load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
+                    row_gather=row_gather)
+    chunk = blocks_per_step * (row_gather or k_ref.shape[-2])
+    live = _live(step, length, chunk) if masked_loads and masked else None
     k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=eviction_policy, live=live)
     update = _update_transposed if transposed else functools.partial(_update, q_pos=q_pos)
     return update(carry, q, k, v, step, length, scale=scale, masked=masked, v_zeroed=live is not None)
@@ -131,16 +140,17 @@ def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, 
 
 def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last,
                        blocks_per_step: int, num_blocks: int, scale: float, masked: bool = True,
-                       eviction_policy: str | None = None, transposed: bool = False, masked_loads: bool = False):
+                       eviction_policy: str | None = None, transposed: bool = False, masked_loads: bool = False,
+                       row_gather: int = 0):
     """One loop step that first issues the loads of step + 1 (and the block ids of step + 2), then
     computes step `step` from tiles loaded one step earlier, so memory latency overlaps the math.
     `last` is the last valid step: the loads past it read it again (and are not used)."""
     (ids_next, k, v), softmax = carry
-    chunk = ids_next.shape[0] * k_ref.shape[-2]
+    chunk = blocks_per_step * (row_gather or k_ref.shape[-2])
     live = _live(jnp.minimum(step + 1, last), length, chunk) if masked_loads else None
     k_next, v_next = _load_kv(ids_next, k_ref, v_ref, eviction_policy=eviction_policy, live=live)
     ids_after = _load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
-                          num_blocks=num_blocks)
+                          num_blocks=num_blocks, row_gather=row_gather)
     update = _update_transposed if transposed else functools.partial(_update, q_pos=None)
     softmax = update(softmax, q, k, v, step, length, scale=scale, masked=masked, v_zeroed=masked_loads)
     return (ids_after, k_next, v_next), softmax
@@ -154,7 +164,7 @@ def _empty_carry(rows: int, head_dim: int):
 def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, scale: float,
             mask_tail_only: bool, prefetch: bool, eviction_policy: str | None, transposed: bool,
-            masked_loads: bool):
+            masked_loads: bool, row_gather: bool):
     """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
 
     It reads its G query heads straight from q ([H, D] of sequence b), as `rows` rows of which the
@@ -173,14 +183,16 @@ def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_r
     layer_base = layer_base_ref[0]
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
-                  eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads)
+                  eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads,
+                  row_gather=block_size if row_gather else 0)
     softmax = _empty_carry(*q.shape)
     if transposed:
         softmax = (softmax[0].T, *softmax[1:])
     if prefetch:
         last = jnp.clip(last_step - 1, 0, steps - 1)
         ids = functools.partial(_load_ids, tables_ref=tables_ref, layer_base=layer_base,
-                                blocks_per_step=blocks_per_step, num_blocks=num_blocks)
+                                blocks_per_step=blocks_per_step, num_blocks=num_blocks,
+                                row_gather=shared["row_gather"])
         first = jnp.minimum(first_step, last)
         live = _live(first, length, chunk) if masked_loads else None
         k, v = _load_kv(ids(first), k_ref, v_ref, eviction_policy=eviction_policy, live=live)
@@ -259,13 +271,14 @@ def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 6
 
 @functools.partial(jax.jit, static_argnames=("num_layers", "layout", "blocks_per_step", "num_splits", "num_warps",
                                              "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "transposed",
-                                             "masked_loads", "interpret"))
+                                             "masked_loads", "row_gather", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, num_layers: int, layout: str = "NPKD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
                            eviction_policy: str | None = None, transposed: bool | None = None,
-                           masked_loads: bool | None = None, interpret: bool = False) -> jax.Array:
+                           masked_loads: bool | None = None, row_gather: bool = False,
+                           interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
@@ -289,6 +302,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         default from the launch (`default_transposed`).
       masked_loads: V rows past the length load as zeros (a masked load) rather than being zeroed
         after the load (in interpret mode they are zeroed after it); default: as `transposed`.
+      row_gather: gather K/V as [chunk, D] rows of the pools viewed as [L * N * P, K, D] (NPKD
+        only), instead of [blocks, P, D] blocks reshaped in the kernel.
 
     Returns:
       [B, H, D] in q's dtype.
@@ -298,11 +313,14 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     if layout == "NPKD":
         total_blocks, block_size, kv_heads, _ = k_pool.shape
         pool_spec = pl.BlockSpec((total_blocks, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
-    elif layout == "KNPD":
+        if row_gather:  # a free reshape: the pool as rows of positions
+            k_pool, v_pool = (pool.reshape(total_blocks * block_size, kv_heads, head_dim) for pool in (k_pool, v_pool))
+            pool_spec = pl.BlockSpec((total_blocks * block_size, None, head_dim), lambda b, h, s: (0, h, 0))
+    elif layout == "KNPD" and not row_gather:
         kv_heads, total_blocks, block_size, _ = k_pool.shape
         pool_spec = pl.BlockSpec((None, total_blocks, block_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
     else:
-        raise ValueError(f"layout must be 'NPKD' or 'KNPD', got {layout!r}")
+        raise ValueError(f"layout must be 'NPKD' or 'KNPD' (NPKD with row_gather), got {layout!r}")
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
@@ -325,7 +343,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
                                steps_per_split=steps_per_split, num_blocks=num_blocks, scale=head_dim**-0.5,
                                mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
-                               transposed=transposed, masked_loads=masked_loads and not interpret)
+                               transposed=transposed, masked_loads=masked_loads and not interpret,
+                               row_gather=row_gather)
     if splits == 1:  # every program writes its G rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
