@@ -1,4 +1,4 @@
-"""What Triton makes of the decode kernel's variants, without a GPU: registers per thread, shared
+"""What Triton makes of the paged kernels' variants, without a GPU: registers per thread, shared
 memory per program, and the instructions that say how data moves (global loads, asynchronous
 copies into shared memory, shared-memory traffic, mma.sync or Hopper's wgmma, barriers).
 
@@ -9,7 +9,7 @@ ships with it (`-v` reports registers and spills). The Triton inside jax's GPU b
 reported the same shared memory (22,528 / 55,296 bytes with / without prefetch) and 220 / 124
 registers where this gives 232 / 127 (triton 3.6.0, jax 0.10.2).
 
-Run: pip install triton; python benchmarks/kernel_asm.py [--heads 32/8/128] [--shape 32x2048]
+Run: pip install triton; python benchmarks/kernel_asm.py [--kernel decode|prefill] [--heads 32/8/128] [--shape 32x2048]
      [--variants NAME ...] [--options JSON ...] [--out-dir DIR]   (DIR keeps each variant's IR and PTX)
 """
 
@@ -42,9 +42,10 @@ PATTERNS = {
 }
 
 
-def triton_ir(options: dict, heads: int, kv_heads: int, head_dim: int, batch: int, context: int,
+def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: int, batch: int, context: int,
               block_size: int = 16) -> str:
-    """The decode kernel's Triton IR (text) for these shapes and options, lowered for CUDA here."""
+    """The Triton IR (text) of the decode or prefill kernel for these shapes and options, lowered for
+    CUDA here. Prefill: T = context queries per sequence (a whole prompt)."""
     from jax._src.pallas.triton import pallas_call_registration as registration  # (private: the lowering hook)
 
     kept = []
@@ -55,16 +56,21 @@ def triton_ir(options: dict, heads: int, kv_heads: int, head_dim: int, batch: in
         kept.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    shapes = dict(q=(batch, heads, head_dim), pool=(batch * context // block_size, block_size, kv_heads, head_dim))
-    q = jax.ShapeDtypeStruct(shapes["q"], jnp.bfloat16)
-    pool = jax.ShapeDtypeStruct(shapes["pool"], jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((batch * context // block_size, block_size, kv_heads, head_dim), jnp.bfloat16)
     tables = jax.ShapeDtypeStruct((batch, context // block_size), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    decode = functools.partial(triton_decode.paged_decode_attention, num_layers=1, **options)
+    if kernel == "decode":
+        q = jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.bfloat16)
+        attend = functools.partial(triton_decode.paged_decode_attention, num_layers=1, **options)
+        fn, args = (lambda q, k, v, t, n: attend(q, k, v, 0, t, n)), (q, pool, pool, tables, lengths)
+    else:
+        q = jax.ShapeDtypeStruct((batch, context, heads, head_dim), jnp.bfloat16)
+        positions = jax.ShapeDtypeStruct((batch, context), jnp.int32)
+        attend = functools.partial(triton_decode.paged_prefill_attention, num_layers=1, **options)
+        fn, args = (lambda q, k, v, t, n, p: attend(q, k, v, 0, t, n, p)), (q, pool, pool, tables, lengths, positions)
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_keep
     try:
-        jax.jit(lambda q, k, v, t, l: decode(q, k, v, 0, t, l)).trace(q, pool, pool, tables, lengths).lower(
-            lowering_platforms=("cuda",))
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
     return kept[-1]
@@ -95,35 +101,39 @@ def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--heads", default="32/8/128", help="query heads/kv heads/head dim")
     parser.add_argument("--shape", default="32x2048", help="BATCHxCONTEXT (sets the default launch)")
     parser.add_argument("--variants", nargs="+", default=["default", "prefetch", "no_prefetch",
                                                           "transposed_masked_loads_prefetch", "transposed_no_prefetch"],
-                        choices=[name for name, options in DECODE_VARIANTS.items() if isinstance(options, dict)])
+                        choices=[name for name, options in DECODE_VARIANTS.items() if isinstance(options, dict)],
+                        help="decode variants (prefill: use --options)")
     parser.add_argument("--options", action="append", default=[], metavar="JSON",
                         help='a further variant as keyword arguments of paged_decode_attention, e.g. \'{"num_warps": 8}\'')
     parser.add_argument("--out-dir", help="keep each variant's Triton IR, TTGIR and PTX here")
     args = parser.parse_args()
     heads, kv_heads, head_dim = (int(x) for x in args.heads.split("/"))
     batch, context = (int(x) for x in args.shape.split("x"))
-    variants = {name: DECODE_VARIANTS[name] for name in args.variants}
+    variants = {name: DECODE_VARIANTS[name] for name in args.variants} if args.kernel == "decode" else {"default": {}}
     variants.update({text: json.loads(text) for text in args.options})
     rows = {}
     for name, options in variants.items():
-        ir = triton_ir(options, heads, kv_heads, head_dim, batch, context)
+        ir = triton_ir(args.kernel, options, heads, kv_heads, head_dim, batch, context)
         with tempfile.TemporaryDirectory() as scratch:
             keep_dir = os.path.join(args.out_dir, re.sub(r"\W+", "_", name).strip("_")) if args.out_dir else scratch
             os.makedirs(keep_dir, exist_ok=True)
-            rows[name] = compile_ir(ir, options.get("num_warps", 4), options.get("num_stages", 2), keep_dir)
+            warps = options.get("num_warps") or (4 if args.kernel == "decode" else 8)  # the kernels' defaults (bf16)
+            rows[name] = compile_ir(ir, warps, options.get("num_stages", 2), keep_dir)
     columns = list(next(iter(rows.values())))
-    print(f"{args.heads} heads, {args.shape}: " + ("Triton IR compiled by triton " + __import__("triton").__version__))
+    print(f"{args.kernel}, {args.heads} heads, {args.shape}: Triton IR compiled by triton "
+          + __import__("triton").__version__)
     width = max(len(name) for name in rows) + 2
     print(f"{'variant':<{width}}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in rows.items():
         print(f"{name:<{width}}" + "".join(f"{row[c]:>13}" for c in columns))
     if args.out_dir:
         with open(os.path.join(args.out_dir, "kernel_asm.json"), "w") as f:
-            json.dump({"heads": args.heads, "shape": args.shape, "jax": jax.__version__,
+            json.dump({"kernel": args.kernel, "heads": args.heads, "shape": args.shape, "jax": jax.__version__,
                        "triton": __import__("triton").__version__, "rows": rows}, f, indent=2)
 
 

@@ -269,6 +269,27 @@ def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 6
     return blocks
 
 
+def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
+    """The pools as the kernels read them, their BlockSpec (kv head h on grid axis 1), and (L * N, P, K).
+
+    NPKD pools, [L * N, P, K, D], are read as they are, or with row_gather as [L * N * P, K, D] (a
+    free reshape: rows of positions); KNPD pools, [K, L * N, P, D], as they are.
+    """
+    head_dim = k_pool.shape[-1]
+    if layout == "NPKD":
+        total_blocks, block_size, kv_heads, _ = k_pool.shape
+        spec = pl.BlockSpec((total_blocks, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
+        if row_gather:
+            k_pool, v_pool = (pool.reshape(total_blocks * block_size, kv_heads, head_dim) for pool in (k_pool, v_pool))
+            spec = pl.BlockSpec((total_blocks * block_size, None, head_dim), lambda b, h, s: (0, h, 0))
+    elif layout == "KNPD" and not row_gather:
+        kv_heads, total_blocks, block_size, _ = k_pool.shape
+        spec = pl.BlockSpec((None, total_blocks, block_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
+    else:
+        raise ValueError(f"layout must be 'NPKD' or 'KNPD' (NPKD only with row_gather), got {layout!r}")
+    return (k_pool, v_pool), spec, (total_blocks, block_size, kv_heads)
+
+
 @functools.partial(jax.jit, static_argnames=("num_layers", "layout", "blocks_per_step", "num_splits", "num_warps",
                                              "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "transposed",
                                              "masked_loads", "row_gather", "interpret"))
@@ -310,17 +331,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     """
     batch, num_heads, head_dim = q.shape
     _check_pool_size(k_pool)
-    if layout == "NPKD":
-        total_blocks, block_size, kv_heads, _ = k_pool.shape
-        pool_spec = pl.BlockSpec((total_blocks, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
-        if row_gather:  # a free reshape: the pool as rows of positions
-            k_pool, v_pool = (pool.reshape(total_blocks * block_size, kv_heads, head_dim) for pool in (k_pool, v_pool))
-            pool_spec = pl.BlockSpec((total_blocks * block_size, None, head_dim), lambda b, h, s: (0, h, 0))
-    elif layout == "KNPD" and not row_gather:
-        kv_heads, total_blocks, block_size, _ = k_pool.shape
-        pool_spec = pl.BlockSpec((None, total_blocks, block_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
-    else:
-        raise ValueError(f"layout must be 'NPKD' or 'KNPD' (NPKD with row_gather), got {layout!r}")
+    (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, layout, row_gather)
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
@@ -454,7 +465,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     """
     batch, num_q, num_heads, head_dim = q.shape
     _check_pool_size(k_pool)
-    total_blocks, block_size, kv_heads, _ = k_pool.shape
+    (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, "NPKD", False)
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
     wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: smaller tiles fit shared memory
@@ -482,7 +493,6 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
     kernel = functools.partial(_prefill_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
                                num_blocks=num_blocks, scale=head_dim**-0.5)
-    pool_spec = pl.BlockSpec((total_blocks, block_size, None, head_dim), lambda b, h, j: (0, 0, h, 0))
     out = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_q_blocks),
