@@ -70,8 +70,9 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
                                                  "num_warps": 8},
 }
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
-PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 8, 8, 2), (128, 8, 8, 3), (256, 4, 8, 2),
-                   (256, 8, 8, 2)]  # (query rows, blocks per step, warps, stages)
+PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 4, 8, 2), (128, 8, 8, 2), (128, 8, 8, 3),
+                   (256, 4, 8, 2), (256, 8, 8, 2)]  # (query rows, blocks per step, warps, stages)
+# (128, 8, 8, 2), the default, compiles for sm_90 with register spills and (128, 4, 8, 2) without (kernel_asm.py)
 
 
 def _torch_sdpa_time(sets, causal=False):
