@@ -4,16 +4,22 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR generate   # fixed-shape kernel tests, prefill attention, then benchmarks/generate.py:
 #                                                # llama-1b, kernels on and off
 #   bash benchmarks/gpu.sh OUTPUT_DIR heads64    # decode attention at every size with the llama-1b and SmolLM2 heads
+#   bash benchmarks/gpu.sh OUTPUT_DIR rows       # kernel tests, then the row-gather decode variants against the defaults
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
 if [ "$part" = kernels ]; then
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   timeout 330 python3 benchmarks/attention.py --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention.txt"
+elif [ "$part" = rows ]; then
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 320 python3 benchmarks/tune_kernels.py --part decode --out "$out/tune_rows.json" --variants default \
+    rows_transposed_masked_loads_prefetch rows_transposed_masked_loads rows_transposed_masked_loads_stages_3 \
+    rows_transposed_masked_loads_128_warps_8 rows_masked_loads 2>&1 | grep -v Deprecation | tee "$out/tune_rows.txt"
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"
