@@ -50,10 +50,10 @@ def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks:
 
 
 def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None, live=None):
-    """K and V of the blocks `ids`: two [blocks * P, D] tiles.
+    """K and V at `ids` (blocks or rows, from `_load_ids`): two [chunk, D] tiles.
 
-    live: None, or [blocks * P] bool; V rows that are not live then load as zeros (a masked load,
-    so no select sits between the load and the dot).
+    live: None, or [chunk] bool; V rows that are not live then load as zeros (a masked load, so
+    no select sits between the load and the dot).
     """
     if eviction_policy is None and live is None:
         k, v = k_ref[ids], v_ref[ids]
