@@ -229,3 +229,31 @@ def test_kernels_refuse_a_pool_beyond_32_bit_offsets_and_the_model_falls_back():
 
     assert "pallas_call" not in traced_attention(blocks), "an unaddressable pool must take the reference path"
     assert ("pallas_call" in traced_attention(64)) == ON_GPU
+
+
+_GOOD = dict(q=((2, 4, 64), jnp.float32), k=((16, 8, 2, 64), jnp.float32), v=((16, 8, 2, 64), jnp.float32),
+             tables=((2, 4), jnp.int32), lengths=((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=((2, 4, 32), jnp.float32)), "head dims must agree"),
+    (dict(q=((2, 3, 64), jnp.float32)), "multiple of the 2 kv heads"),
+    (dict(q=((3, 4, 64), jnp.float32)), "block_tables must be integers of shape"),
+    (dict(lengths=((1,), jnp.int32)), "lengths must be integers of shape"),
+    (dict(tables=((2, 4), jnp.float32)), "block_tables must be integers"),
+    (dict(v=((16, 8, 2, 32), jnp.float32)), "k_pool and v_pool differ"),
+    (dict(k=((15, 8, 2, 64), jnp.float32), v=((15, 8, 2, 64), jnp.float32)), "do not split into num_layers=2"),
+])
+def test_kernels_reject_inconsistent_inputs_with_a_clear_error(change, message):
+    """Inputs the kernels would read out of bounds or group wrongly fail while tracing, saying what is wrong."""
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in {**_GOOD, **change}.items()}
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, num_layers=2), spec["q"],
+                       spec["k"], spec["v"], spec["tables"], spec["lengths"])
+    q = jax.ShapeDtypeStruct((spec["q"].shape[0], 3, *spec["q"].shape[1:]), jnp.float32)
+    positions = jax.ShapeDtypeStruct((spec["q"].shape[0], 3), jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p, num_layers=2), q,
+                       spec["k"], spec["v"], spec["tables"], spec["lengths"], positions)

@@ -269,12 +269,38 @@ def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 6
     return blocks
 
 
+_MAX_POOL_SIZE = 2**31 - 1  # the kernels address a pool with 32-bit element offsets
+
+
+def _check_inputs(q, k_pool, v_pool, block_tables, lengths, q_positions=None, *, num_layers: int, kv_heads: int,
+                  total_blocks: int):
+    """Clear errors for inputs that the kernels would otherwise read out of bounds or group wrongly."""
+    if k_pool.size > _MAX_POOL_SIZE:
+        raise ValueError(f"a pool of {k_pool.size:,} elements {tuple(k_pool.shape)} is beyond the kernels' 32-bit "
+                         f"offsets (at most {_MAX_POOL_SIZE:,}); use the reference path (jaxpaged.attention) "
+                         "or fewer blocks")
+    if total_blocks % num_layers:
+        raise ValueError(f"the pools' {total_blocks} blocks do not split into num_layers={num_layers} layers")
+    batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+    if head_dim != k_pool.shape[-1] or heads % kv_heads:
+        raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}: the head dims must agree and the "
+                         f"query heads must be a multiple of the {kv_heads} kv heads")
+    expected = {"block_tables": (block_tables, (batch, block_tables.shape[-1])), "lengths": (lengths, (batch,))}
+    if q_positions is not None:
+        expected["q_positions"] = (q_positions, q.shape[:2])
+    for name, (x, shape) in expected.items():
+        if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers of shape {shape} (from q {q.shape}), got {x.dtype}{list(x.shape)}")
+
+
 def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
     """The pools as the kernels read them, their BlockSpec (kv head h on grid axis 1), and (L * N, P, K).
 
     NPKD pools, [L * N, P, K, D], are read as they are, or with row_gather as [L * N * P, K, D] (a
     free reshape: rows of positions); KNPD pools, [K, L * N, P, D], as they are.
     """
+    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
+        raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} {k_pool.dtype}, {v_pool.shape} {v_pool.dtype}")
     head_dim = k_pool.shape[-1]
     if layout == "NPKD":
         total_blocks, block_size, kv_heads, _ = k_pool.shape
@@ -330,8 +356,9 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       [B, H, D] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
-    _check_pool_size(k_pool)
     (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, layout, row_gather)
+    _check_inputs(q, k_pool, v_pool, block_tables, lengths, num_layers=num_layers, kv_heads=kv_heads,
+                  total_blocks=total_blocks)
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
@@ -399,21 +426,10 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
-_MAX_POOL_SIZE = 2**31 - 1  # the kernels address a pool with 32-bit element offsets
-
-
 def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
     """Whether the kernels take this shape (pool_size: elements of one whole K or V pool, all layers);
     the caller falls back to the reference otherwise."""
     return head_dim in (64, 128, 256) and block_size >= 8 and pool_size <= _MAX_POOL_SIZE
-
-
-def _check_pool_size(pool: jax.Array):
-    """The kernels compute element offsets into a pool in 32 bits: refuse a pool they can not address."""
-    if pool.size > _MAX_POOL_SIZE:
-        raise ValueError(f"a pool of {pool.size:,} elements {tuple(pool.shape)} is beyond the kernels' 32-bit "
-                         f"offsets (at most {_MAX_POOL_SIZE:,}); use the reference path (jaxpaged.attention) "
-                         "or fewer blocks")
 
 
 
@@ -464,8 +480,9 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       [B, T, H, D] in q's dtype; padding queries return zeros.
     """
     batch, num_q, num_heads, head_dim = q.shape
-    _check_pool_size(k_pool)
     (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, "NPKD", False)
+    _check_inputs(q, k_pool, v_pool, block_tables, lengths, q_positions, num_layers=num_layers, kv_heads=kv_heads,
+                  total_blocks=total_blocks)
     num_blocks = total_blocks // num_layers
     max_blocks = block_tables.shape[1]
     wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: smaller tiles fit shared memory
