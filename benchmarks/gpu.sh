@@ -5,10 +5,11 @@
 #                                                # llama-1b, kernels on and off
 #   bash benchmarks/gpu.sh OUTPUT_DIR heads64    # decode attention at every size with the llama-1b and SmolLM2 heads
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows       # kernel tests, then the row-gather decode variants against the defaults
+#   bash benchmarks/gpu.sh OUTPUT_DIR gemv       # llama-1b generation with XLA's dot strength reduction on and off
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|gemv}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|gemv}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -20,6 +21,12 @@ elif [ "$part" = rows ]; then
   timeout 320 python3 benchmarks/tune_kernels.py --part decode --out "$out/tune_rows.json" --variants default \
     rows_transposed_masked_loads_prefetch rows_transposed_masked_loads rows_transposed_masked_loads_stages_3 \
     rows_transposed_masked_loads_128_warps_8 rows_masked_loads 2>&1 | grep -v Deprecation | tee "$out/tune_rows.txt"
+elif [ "$part" = gemv ]; then  # batch-1 projections: XLA rewrites small matrix-vector dots as multiply + reduce
+  for reduce in true false; do
+    XLA_FLAGS="--xla_gpu_enable_dot_strength_reduction=$reduce" python3 benchmarks/generate.py --preset llama-1b \
+      --dtype bfloat16 --random-weights --batch-sizes 1 32 --prompt-len 128 --new-tokens 128 --repeats 3 \
+      --out "$out/generate_strength_reduction_$reduce.json" 2>&1 | grep -v "it/s]" | tee "$out/generate_strength_reduction_$reduce.txt"
+  done
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"
