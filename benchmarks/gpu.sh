@@ -19,7 +19,7 @@ if [ "$part" = kernels ]; then
 elif [ "$part" = rows ]; then
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   timeout 320 python3 benchmarks/tune_kernels.py --part decode --out "$out/tune_rows.json" --variants default \
-    rows_transposed_masked_loads_prefetch rows_transposed_masked_loads rows_transposed_masked_loads_stages_3 \
+    rows_transposed_masked_loads_prefetch rows_transposed_masked_loads rows_transposed_masked_loads_stages_5 \
     rows_transposed_masked_loads_128_warps_8 rows_masked_loads 2>&1 | grep -v Deprecation | tee "$out/tune_rows.txt"
 elif [ "$part" = gemv ]; then  # batch-1 projections: XLA rewrites small matrix-vector dots as multiply + reduce
   for reduce in true false; do

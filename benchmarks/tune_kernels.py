@@ -66,6 +66,8 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
     "rows_masked_loads": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True},
     "rows_transposed_masked_loads": {"row_gather": True, **_TML, "prefetch": False},
     "rows_transposed_masked_loads_stages_3": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 3},
+    # (stages 3 and 4 compile to the same two buffers as 2; 5 to three: 105 KB of shared memory, kernel_asm.py)
+    "rows_transposed_masked_loads_stages_5": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5},
     "rows_transposed_masked_loads_128_warps_8": {"row_gather": True, **_TML, "prefetch": False, "blocks_per_step": 8,
                                                  "num_warps": 8},
 }
