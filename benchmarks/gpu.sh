@@ -5,11 +5,12 @@
 #                                                # llama-1b, kernels on and off
 #   bash benchmarks/gpu.sh OUTPUT_DIR heads64    # decode attention at every size with the llama-1b and SmolLM2 heads
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows       # kernel tests, then the row-gather decode variants against the defaults
+#   bash benchmarks/gpu.sh OUTPUT_DIR rows2      # the row-gather variants' stages, warps, step and splits, three head shapes
 #   bash benchmarks/gpu.sh OUTPUT_DIR gemv       # llama-1b generation with XLA's dot strength reduction on and off
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|gemv}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|gemv}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|gemv}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|gemv}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -21,6 +22,14 @@ elif [ "$part" = rows ]; then
   timeout 320 python3 benchmarks/tune_kernels.py --part decode --out "$out/tune_rows.json" --variants default \
     rows_transposed_masked_loads_prefetch rows_transposed_masked_loads rows_transposed_masked_loads_stages_5 \
     rows_transposed_masked_loads_128_warps_8 rows_masked_loads 2>&1 | grep -v Deprecation | tee "$out/tune_rows.txt"
+elif [ "$part" = rows2 ]; then  # the row-gather kernel's stages, warps, step and splits, at three head shapes
+  for heads in 32/8/128 32/8/64 9/3/64; do
+    timeout 200 python3 benchmarks/tune_kernels.py --part decode --heads $heads --out "$out/tune_rows2_${heads//\//_}.json" \
+      --variants default rows_transposed_masked_loads_stages_5 rows_transposed_masked_loads_stages_7 \
+      rows_transposed_masked_loads_stages_9 rows_transposed_masked_loads_stages_5_warps_8 \
+      rows_transposed_masked_loads_stages_5_blocks_per_step_2 rows_transposed_masked_loads_stages_5_splits_x2 \
+      rows_masked_loads_stages_5 rows_masked_loads_stages_7 2>&1 | grep -v Deprecation | tee "$out/tune_rows2_${heads//\//_}.txt"
+  done
 elif [ "$part" = gemv ]; then  # batch-1 projections: XLA rewrites small matrix-vector dots as multiply + reduce
   for reduce in true false; do
     XLA_FLAGS="--xla_gpu_enable_dot_strength_reduction=$reduce" python3 benchmarks/generate.py --preset llama-1b \

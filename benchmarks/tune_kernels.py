@@ -70,6 +70,19 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
     "rows_transposed_masked_loads_stages_5": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5},
     "rows_transposed_masked_loads_128_warps_8": {"row_gather": True, **_TML, "prefetch": False, "blocks_per_step": 8,
                                                  "num_warps": 8},
+    # (7 and 8 compile to four buffers, 138 KB: one program per SM at head dim 128)
+    "rows_transposed_masked_loads_stages_7": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 7},
+    "rows_transposed_masked_loads_stages_9": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 9},
+    "rows_transposed_masked_loads_stages_5_warps_8": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5,
+                                                      "num_warps": 8},
+    "rows_transposed_masked_loads_stages_5_blocks_per_step_2": {"row_gather": True, **_TML, "prefetch": False,
+                                                                "num_stages": 5, "blocks_per_step": 2},
+    "rows_transposed_masked_loads_stages_5_splits_x2": ("splits_x2", {"row_gather": True, **_TML, "prefetch": False,
+                                                                      "num_stages": 5}),
+    "rows_masked_loads_stages_5": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
+                                   "num_stages": 5},
+    "rows_masked_loads_stages_7": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
+                                   "num_stages": 7},
 }
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 4, 8, 2), (128, 8, 8, 2), (128, 8, 8, 3),
