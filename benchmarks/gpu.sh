@@ -6,11 +6,12 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR heads64    # decode attention at every size with the llama-1b and SmolLM2 heads
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows       # kernel tests, then the row-gather decode variants against the defaults
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows2      # the row-gather variants' stages, warps, step and splits, three head shapes
+#   bash benchmarks/gpu.sh OUTPUT_DIR tune64     # the row gather at head dim 64: stages, 128-position steps, 2 warps
 #   bash benchmarks/gpu.sh OUTPUT_DIR gemv       # llama-1b generation with XLA's dot strength reduction on and off
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|gemv}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|gemv}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|gemv}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|gemv}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -29,6 +30,13 @@ elif [ "$part" = rows2 ]; then  # the row-gather kernel's stages, warps, step an
       rows_transposed_masked_loads_stages_9 rows_transposed_masked_loads_stages_5_warps_8 \
       rows_transposed_masked_loads_stages_5_blocks_per_step_2 rows_transposed_masked_loads_stages_5_splits_x2 \
       rows_masked_loads_stages_5 rows_masked_loads_stages_7 2>&1 | grep -v Deprecation | tee "$out/tune_rows2_${heads//\//_}.txt"
+  done
+elif [ "$part" = tune64 ]; then  # the row gather at head dim 64: steps in flight, step length, warps
+  for heads in 32/8/64 9/3/64; do
+    timeout 200 python3 benchmarks/tune_kernels.py --part decode --heads $heads --out "$out/tune64_${heads//\//_}.json" \
+      --variants default rows_masked_loads_stages_5 rows_transposed_masked_loads_stages_5 rows_masked_loads_stages_7 \
+      rows_masked_loads_stages_9 rows_masked_loads_128_stages_5 rows_transposed_masked_loads_128_stages_5 \
+      rows_masked_loads_stages_5_warps_2 2>&1 | grep -v Deprecation | tee "$out/tune64_${heads//\//_}.txt"
   done
 elif [ "$part" = gemv ]; then  # batch-1 projections: XLA rewrites small matrix-vector dots as multiply + reduce
   for reduce in true false; do

@@ -83,6 +83,15 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
                                    "num_stages": 5},
     "rows_masked_loads_stages_7": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
                                    "num_stages": 7},
+    # head dim 64: more steps in flight, or 128-position steps, or two warps (more programs per SM)
+    "rows_masked_loads_stages_9": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
+                                   "num_stages": 9},
+    "rows_masked_loads_128_stages_5": {"row_gather": True, "prefetch": False, "transposed": False,
+                                       "masked_loads": True, "num_stages": 5, "blocks_per_step": 8},
+    "rows_transposed_masked_loads_128_stages_5": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5,
+                                                  "blocks_per_step": 8},
+    "rows_masked_loads_stages_5_warps_2": {"row_gather": True, "prefetch": False, "transposed": False,
+                                           "masked_loads": True, "num_stages": 5, "num_warps": 2},
 }
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 4, 8, 2), (128, 8, 8, 2), (128, 8, 8, 3),

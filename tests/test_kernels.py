@@ -165,7 +165,8 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     launch = dict(num_splits=[None, 1, 2, 3][int(rng.integers(4))], prefetch=[None, True, False][int(rng.integers(3))],
                   mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step,
                   transposed=[None, True, False][int(rng.integers(3))],
-                  masked_loads=[None, True, False][int(rng.integers(3))], row_gather=bool(rng.random() < 0.5))
+                  masked_loads=[None, True, False][int(rng.integers(3))],
+                  row_gather=[None, True, False][int(rng.integers(3))])
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
 

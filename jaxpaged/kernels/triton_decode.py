@@ -12,10 +12,14 @@ kernel is alone in this file so that a Mosaic GPU version can replace it.
 Decode grid: (B, K, splits). Program (b, h, s) takes sequence b, kv head h, and the s-th slice of
 the sequence's blocks; it loads its G query heads straight from q (as 16 rows or more, the
 smallest Triton dot, the extra ones zero), then walks `blocks_per_step` blocks at a time with an
-online softmax, optionally issuing each step's loads one step ahead (and then computing the
-transposed products, with the chunk rather than the query rows as the dots' long side). Positions
-at or past the length get probability 0 and their V rows are zeroed (or loaded as zeros), so an
-unwritten or freed slot (NaN, or another sequence's data) can not reach the output. With one
+online softmax. By default it gathers each step's K and V as [chunk, D] rows of positions (the
+pool viewed as rows, the block table giving each row's block), which Triton copies asynchronously
+into shared memory, three steps in flight, and feeds to the dots from there; with head dim 128 the
+products are transposed (the chunk rather than the query rows as the dots' long side, so they
+become Hopper's wgmma). The alternative gathers whole [blocks, P, D] blocks, optionally issuing
+each step's loads one step ahead in registers. Positions at or past the length get probability 0
+and their V rows are loaded as zeros (or zeroed after the load), so an unwritten or freed slot
+(NaN, or another sequence's data) can not reach the output. With one
 split the program writes its G output rows in place, so the whole call is one launch; more splits
 are merged after the kernel.
 The prefill kernel masks only the steps that reach a causal limit or the length.
@@ -223,13 +227,15 @@ _ONE_WAVE = 256  # programs: about two per SM of a 132-SM H100
 
 
 def default_launch(batch: int, kv_heads: int, head_dim: int, steps: int, itemsize: int = 2) -> tuple[int, bool]:
-    """The decode kernel's default splits per sequence and kv head, and whether it prefetches.
+    """The decode kernel's default splits per sequence and kv head, and whether the block gather
+    prefetches.
 
     Splits: enough for about one wave of programs, never more than the steps; then twice as many,
     up to two waves, while each split keeps at least 64 steps (4096 positions). Prefetch: see
     `default_prefetch`; never when the splits were doubled for a long context. Measured on an H100
     with bfloat16 (benchmarks/tune_kernels.py, attention.py): each choice was the faster one at the
-    shapes of the attention benchmark.
+    shapes of the attention benchmark (the splits also with the row gather: twice as many was 1-17%
+    slower at 15 of 16 shapes).
     """
     programs = batch * kv_heads
     splits = max(1, min(steps, -(-_ONE_WAVE // programs)))
@@ -249,15 +255,35 @@ def default_prefetch(programs: int, row_bytes: int) -> bool:
     return row_bytes <= 128 or (row_bytes <= 256 and programs <= _ONE_WAVE)
 
 
-def default_transposed(prefetch: bool, programs: int, row_bytes: int) -> bool:
-    """Whether the decode kernel computes the transposed products (and loads V rows past the
-    length as zeros): only on top of prefetch, and with head dim 64 in 16 bits only beyond one wave.
+def default_transposed(prefetch: bool, programs: int, row_bytes: int, row_gather: bool = False) -> bool:
+    """Whether the decode kernel computes the transposed products.
 
-    Measured on an H100 with bfloat16 (benchmarks/tune_kernels.py, same-run A/Bs): with prefetch,
-    +3-6% at 32/8/128 heads (32 x 2048, 8 x 8192) and at 32/8/64 x 128 sequences; 2-3% slower at
-    32/8/64 x 32 sequences (256 programs); without prefetch up to 30% slower.
+    Row gather: with rows wider than 128 bytes (head dim 128 in 16 bits), and with narrower rows
+    beyond two waves (> 512 programs). Measured on an H100 with bfloat16, same runs
+    (tune_kernels.py): at 32/8/128 heads 2,746-3,038 GB/s against 2,709-3,011 without at the six
+    shapes of >= 64k positions (0.3-9% ahead at four, 1% behind at one); at head dim 64, +2-6% at
+    32/8/64 x 128 sequences (1,024 programs), 1-4% slower at up to 512 programs (32/8/64 x 32 and
+    fewer sequences) and 1-7% slower at every 9/3/64 shape (at most 384 programs).
+    Block gather: only on top of prefetch, and with head dim 64 in 16 bits only beyond one wave:
+    with prefetch +3-6% at 32/8/128 heads (32 x 2048, 8 x 8192) and at 32/8/64 x 128 sequences;
+    2-3% slower at 32/8/64 x 32 sequences (256 programs); without prefetch up to 30% slower.
     """
+    if row_gather:
+        return row_bytes > 128 or programs > 2 * _ONE_WAVE
     return prefetch and (row_bytes > 128 or programs > _ONE_WAVE)
+
+
+def default_stages(row_gather: bool, step_bytes: int) -> int:
+    """Triton's num_stages for the decode loop: 5 with the row gather when a step's K and V tiles
+    take at most 32 KiB (Triton then keeps three steps' tiles in flight in shared memory, 105 KB
+    at head dim 128 in bfloat16), else 2.
+
+    Measured on an H100 with bfloat16 (tune_kernels.py, same run): with 5 stages the row gather
+    read 2,746-3,038 GB/s at 32/8/128 heads and >= 64k positions, against 2,532-2,942 for the
+    block gather with prefetch, 2,635-2,978 with 2 stages (two steps in flight) and 2,578-3,014
+    with 7 (four steps, 138 KB: one program per SM).
+    """
+    return 5 if row_gather and step_bytes <= 32 * 1024 else 2
 
 
 def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
@@ -321,10 +347,10 @@ def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
                                              "masked_loads", "row_gather", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, num_layers: int, layout: str = "NPKD", blocks_per_step: int | None = None,
-                           num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                           num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
                            eviction_policy: str | None = None, transposed: bool | None = None,
-                           masked_loads: bool | None = None, row_gather: bool = False,
+                           masked_loads: bool | None = None, row_gather: bool | None = None,
                            interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
@@ -340,22 +366,25 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth.
       num_splits: programs per sequence and kv head; default from the grid (`default_launch`). With
         one split the kernel writes the normalised output itself; with more, they are merged after it.
+      num_stages: Triton's software-pipelining depth; default `default_stages`.
       mask_tail_only: mask only the loop step that holds the length (the others are inside it);
         False masks every step.
-      prefetch: issue each step's loads one step ahead, in the loop carry; default from the grid
-        (`default_launch`).
+      prefetch: issue each step's loads one step ahead, in the loop carry; default: never with the
+        row gather, else from the grid (`default_launch`).
       eviction_policy: cache hint for the K/V loads ("evict_first", ...), None for the default.
       transposed: compute K q^T and V^T p^T (the chunk as the dots' M side) instead of q K^T and p V;
         default from the launch (`default_transposed`).
       masked_loads: V rows past the length load as zeros (a masked load) rather than being zeroed
-        after the load (in interpret mode they are zeroed after it); default: as `transposed`.
+        after the load (in interpret mode they are zeroed after it); default: with the row gather
+        or the transposed products.
       row_gather: gather K/V as [chunk, D] rows of the pools viewed as [L * N * P, K, D] (NPKD
-        only), instead of [blocks, P, D] blocks reshaped in the kernel.
+        only), instead of [blocks, P, D] blocks reshaped in the kernel; default: with NPKD.
 
     Returns:
       [B, H, D] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
+    row_gather = layout == "NPKD" if row_gather is None else row_gather
     (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, layout, row_gather)
     _check_inputs(q, k_pool, v_pool, block_tables, lengths, num_layers=num_layers, kv_heads=kv_heads,
                   total_blocks=total_blocks)
@@ -367,14 +396,16 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     group = num_heads // kv_heads
     rows = max(_MIN_ROWS, 1 << (group - 1).bit_length())
     steps = max_blocks // blocks_per_step
+    row_bytes = head_dim * k_pool.dtype.itemsize
     if num_splits:
-        splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, head_dim * k_pool.dtype.itemsize)
+        splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, row_bytes)
     else:
         splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)
-    prefetch = auto_prefetch if prefetch is None else prefetch
+    prefetch = auto_prefetch and not row_gather if prefetch is None else prefetch
     if transposed is None:
-        transposed = default_transposed(prefetch, batch * kv_heads * splits, head_dim * k_pool.dtype.itemsize)
-    masked_loads = transposed if masked_loads is None else masked_loads
+        transposed = default_transposed(prefetch, batch * kv_heads * splits, row_bytes, row_gather)
+    masked_loads = transposed or row_gather if masked_loads is None else masked_loads
+    num_stages = num_stages or default_stages(row_gather, 2 * blocks_per_step * block_size * row_bytes)
     steps_per_split = -(-steps // splits)
 
     layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
