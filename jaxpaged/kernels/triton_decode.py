@@ -255,21 +255,23 @@ def default_prefetch(programs: int, row_bytes: int) -> bool:
     return row_bytes <= 128 or (row_bytes <= 256 and programs <= _ONE_WAVE)
 
 
-def default_transposed(prefetch: bool, programs: int, row_bytes: int, row_gather: bool = False) -> bool:
+def default_transposed(prefetch: bool, programs: int, row_bytes: int, row_gather: bool = False,
+                       splits: int = 1) -> bool:
     """Whether the decode kernel computes the transposed products.
 
     Row gather: with rows wider than 128 bytes (head dim 128 in 16 bits), and with narrower rows
-    beyond two waves (> 512 programs). Measured on an H100 with bfloat16, same runs
-    (tune_kernels.py): at 32/8/128 heads 2,746-3,038 GB/s against 2,709-3,011 without at the six
-    shapes of >= 64k positions (0.3-9% ahead at four, 1% behind at one); at head dim 64, +2-6% at
-    32/8/64 x 128 sequences (1,024 programs), 1-4% slower at up to 512 programs (32/8/64 x 32 and
-    fewer sequences) and 1-7% slower at every 9/3/64 shape (at most 384 programs).
+    when the sequences alone make more than two waves (> 512 programs, one split). Measured on an
+    H100 with bfloat16, same runs (tune_kernels.py): at 32/8/128 heads 2,746-3,038 GB/s against
+    2,709-3,011 without at the six shapes of >= 64k positions (0.3-9% ahead at four, 1% behind at
+    one); at head dim 64, +2-6% at 32/8/64 x 128 sequences (1,024 programs), 1-4% slower at up to
+    512 programs (32/8/64 x 32 and fewer sequences) and 1-7% slower at every 9/3/64 shape (384
+    programs, or 768 in two splits at 128 x 8192).
     Block gather: only on top of prefetch, and with head dim 64 in 16 bits only beyond one wave:
     with prefetch +3-6% at 32/8/128 heads (32 x 2048, 8 x 8192) and at 32/8/64 x 128 sequences;
     2-3% slower at 32/8/64 x 32 sequences (256 programs); without prefetch up to 30% slower.
     """
     if row_gather:
-        return row_bytes > 128 or programs > 2 * _ONE_WAVE
+        return row_bytes > 128 or (programs > 2 * _ONE_WAVE and splits == 1)
     return prefetch and (row_bytes > 128 or programs > _ONE_WAVE)
 
 
@@ -403,7 +405,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)
     prefetch = auto_prefetch and not row_gather if prefetch is None else prefetch
     if transposed is None:
-        transposed = default_transposed(prefetch, batch * kv_heads * splits, row_bytes, row_gather)
+        transposed = default_transposed(prefetch, batch * kv_heads * splits, row_bytes, row_gather, splits)
     masked_loads = transposed or row_gather if masked_loads is None else masked_loads
     num_stages = num_stages or default_stages(row_gather, 2 * blocks_per_step * block_size * row_bytes)
     steps_per_split = -(-steps // splits)
