@@ -95,7 +95,8 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
 }
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 4, 8, 2), (128, 8, 8, 2), (128, 8, 8, 3),
-                   (256, 4, 8, 2), (256, 8, 8, 2)]  # (query rows, blocks per step, warps, stages)
+                   (256, 4, 8, 2), (256, 8, 8, 2),  # (query rows, blocks per step, warps, stages[, row gather])
+                   (128, 8, 8, 2, True), (128, 4, 8, 2, True), (128, 4, 8, 4, True)]
 # (128, 8, 8, 2), the default, compiles for sm_90 with register spills and (128, 4, 8, 2) without (kernel_asm.py)
 
 
@@ -178,10 +179,10 @@ def tune_prefill(old_kernel):
         args = [(q, *pools, 0, tables, lengths, positions)]
         result = {"batch": batch, "context": context, "tokens_per_s": {}}
         reference = None
-        for rows_, bps, warps, stages in PREFILL_CONFIGS:
+        for rows_, bps, warps, stages, *row_gather in PREFILL_CONFIGS:
             fn = functools.partial(triton_decode.paged_prefill_attention, num_layers=1, query_rows=rows_,
-                                   blocks_per_step=bps, num_warps=warps, num_stages=stages)
-            name = f"rows{rows_}_bps{bps}_warps{warps}_stages{stages}"
+                                   blocks_per_step=bps, num_warps=warps, num_stages=stages, row_gather=bool(row_gather))
+            name = f"rows{rows_}_bps{bps}_warps{warps}_stages{stages}" + ("_row_gather" if row_gather else "")
             try:
                 out = np.asarray(fn(*args[0]), np.float32)
                 reference = out if reference is None else reference

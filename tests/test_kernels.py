@@ -118,19 +118,20 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
     positions = np.full((5, num_q), -1, np.int32)
     for b, (n, c) in enumerate(zip(lengths, chunk)):
         positions[b, :c] = np.arange(n - c, n)
-    out = np.asarray(paged_prefill_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
-                                             jnp.asarray(positions), num_layers=2, blocks_per_step=2,
-                                             query_rows=32, interpret=not ON_GPU))
-    assert np.isfinite(out).all()
+    outs = [np.asarray(paged_prefill_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                               jnp.asarray(positions), num_layers=2, blocks_per_step=2, query_rows=32,
+                                               row_gather=row_gather, interpret=not ON_GPU)) for row_gather in (False, True)]
+    assert all(np.isfinite(out).all() for out in outs)
     block = np.asarray(tables)
     pos = np.arange(block.shape[1] * block_size)
     slots = np.minimum(block[:, pos // block_size], num_blocks - 1) + num_blocks
     dense_k = jnp.asarray(np.nan_to_num(np.asarray(k)[slots, pos % block_size]))
     dense_v = jnp.asarray(np.nan_to_num(np.asarray(v)[slots, pos % block_size]))
     expected = np.asarray(attend(q, dense_k, dense_v, jnp.asarray(positions), jnp.asarray(lengths, jnp.int32)))
-    for b, c in enumerate(chunk):
-        np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
-        assert not out[b, c:].any(), "padding queries return zeros"
+    for out in outs:  # block gather, row gather
+        for b, c in enumerate(chunk):
+            np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
+            assert not out[b, c:].any(), "padding queries return zeros"
 
 
 _REL_TOL = {jnp.float32: 2e-3 if ON_GPU else 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
@@ -188,7 +189,7 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     out = np.asarray(paged_prefill_attention(q, k, v, layer, jnp.asarray(tables), lens, jnp.asarray(positions),
                                              num_layers=2, blocks_per_step=blocks_per_step,
                                              query_rows=int(rng.choice([16, 32, 64] + [128] * (row_bytes <= 256))),
-                                             interpret=not ON_GPU),
+                                             row_gather=launch["row_gather"] is not False, interpret=not ON_GPU),
                      np.float32)
     pos = np.arange(max_blocks * block_size)
     slots = np.minimum(tables[:, pos // block_size], num_blocks - 1) + layer * num_blocks

@@ -467,7 +467,7 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
 
 
 def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
-                    block_size: int, blocks_per_step: int, num_blocks: int, scale: float):
+                    block_size: int, blocks_per_step: int, num_blocks: int, scale: float, row_gather: bool):
     """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal.
 
     Loop steps wholly before every row's causal limit and inside the length run unmasked; the
@@ -479,7 +479,8 @@ def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k
     chunk = blocks_per_step * block_size
     step = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
                              layer_base=layer_base_ref[0], length=length, q_pos=q_pos,
-                             blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale)
+                             blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
+                             row_gather=block_size if row_gather else 0)
     last = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)
     first_pos = jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max).min()  # the earliest real row
     full = jnp.clip(jnp.minimum(length, first_pos + 1) // chunk, 0, last)
@@ -490,11 +491,11 @@ def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k
 
 
 @functools.partial(jax.jit, static_argnames=("num_layers", "blocks_per_step", "query_rows", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "row_gather", "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                             lengths: jax.Array, q_positions: jax.Array, *, num_layers: int,
                             blocks_per_step: int | None = None, query_rows: int | None = None, num_warps: int | None = None,
-                            num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                            num_stages: int = 2, row_gather: bool = False, interpret: bool = False) -> jax.Array:
     """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
 
     Query t of sequence b sits at q_positions[b, t] and sees cached positions <= it and < lengths[b]
@@ -508,12 +509,13 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
         default 128 positions x 128 rows with 8 warps (the H100 sweep's best with 16-bit pools), or
         64 x 64 with 4 warps where K/V rows are wider than 256 bytes (float32 at head dim 128), so
         the tiles fit in shared memory.
+      row_gather: gather K/V as [chunk, D] rows of positions, as the decode kernel does.
 
     Returns:
       [B, T, H, D] in q's dtype; padding queries return zeros.
     """
     batch, num_q, num_heads, head_dim = q.shape
-    (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, "NPKD", False)
+    (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, "NPKD", row_gather)
     _check_inputs(q, k_pool, v_pool, block_tables, lengths, q_positions, num_layers=num_layers, kv_heads=kv_heads,
                   total_blocks=total_blocks)
     num_blocks = total_blocks // num_layers
@@ -542,7 +544,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
 
     layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
     kernel = functools.partial(_prefill_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
-                               num_blocks=num_blocks, scale=head_dim**-0.5)
+                               num_blocks=num_blocks, scale=head_dim**-0.5, row_gather=row_gather)
     out = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_q_blocks),
