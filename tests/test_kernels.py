@@ -128,7 +128,7 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
     dense_k = jnp.asarray(np.nan_to_num(np.asarray(k)[slots, pos % block_size]))
     dense_v = jnp.asarray(np.nan_to_num(np.asarray(v)[slots, pos % block_size]))
     expected = np.asarray(attend(q, dense_k, dense_v, jnp.asarray(positions), jnp.asarray(lengths, jnp.int32)))
-    for out in outs:  # block gather, row gather
+    for out in outs:  # block gather, row gather (the default)
         for b, c in enumerate(chunk):
             np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
             assert not out[b, c:].any(), "padding queries return zeros"
