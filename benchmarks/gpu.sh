@@ -7,11 +7,10 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows       # kernel tests, then the row-gather decode variants against the defaults
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows2      # the row-gather variants' stages, warps, step and splits, three head shapes
 #   bash benchmarks/gpu.sh OUTPUT_DIR tune64     # the row gather at head dim 64: stages, 128-position steps, 2 warps
-#   bash benchmarks/gpu.sh OUTPUT_DIR gemv       # llama-1b generation with XLA's dot strength reduction on and off
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|gemv}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|gemv}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -37,12 +36,6 @@ elif [ "$part" = tune64 ]; then  # the row gather at head dim 64: steps in fligh
       --variants default rows_masked_loads_stages_5 rows_transposed_masked_loads_stages_5 rows_masked_loads_stages_7 \
       rows_masked_loads_stages_9 rows_masked_loads_128_stages_5 rows_transposed_masked_loads_128_stages_5 \
       rows_masked_loads_stages_5_warps_2 2>&1 | grep -v Deprecation | tee "$out/tune64_${heads//\//_}.txt"
-  done
-elif [ "$part" = gemv ]; then  # batch-1 projections: XLA rewrites small matrix-vector dots as multiply + reduce
-  for reduce in true false; do
-    XLA_FLAGS="--xla_gpu_enable_dot_strength_reduction=$reduce" python3 benchmarks/generate.py --preset llama-1b \
-      --dtype bfloat16 --random-weights --batch-sizes 1 32 --prompt-len 128 --new-tokens 128 --repeats 3 \
-      --out "$out/generate_strength_reduction_$reduce.json" 2>&1 | grep -v "it/s]" | tee "$out/generate_strength_reduction_$reduce.txt"
   done
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \

@@ -99,6 +99,14 @@ def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
             **{name: len(re.findall(pattern, ptx)) for name, pattern in PATTERNS.items()}}
 
 
+def _stages(kernel: str, options: dict, head_dim: int, block_size: int = 16) -> int:
+    """The num_stages the kernel would pass to Triton (the pools here: NPKD, bfloat16)."""
+    if "num_stages" in options or kernel == "prefill":
+        return options.get("num_stages", 2)
+    step = options.get("blocks_per_step") or triton_decode.default_blocks_per_step(block_size, 1 << 20)
+    return triton_decode.default_stages(options.get("row_gather", True), 2 * step * block_size * head_dim * 2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
@@ -123,7 +131,7 @@ def main():
             keep_dir = os.path.join(args.out_dir, re.sub(r"\W+", "_", name).strip("_")) if args.out_dir else scratch
             os.makedirs(keep_dir, exist_ok=True)
             warps = options.get("num_warps") or (4 if args.kernel == "decode" else 8)  # the kernels' defaults (bf16)
-            rows[name] = compile_ir(ir, warps, options.get("num_stages", 2), keep_dir)
+            rows[name] = compile_ir(ir, warps, _stages(args.kernel, options, head_dim), keep_dir)
     columns = list(next(iter(rows.values())))
     print(f"{args.kernel}, {args.heads} heads, {args.shape}: Triton IR compiled by triton "
           + __import__("triton").__version__)

@@ -280,10 +280,10 @@ def default_stages(row_gather: bool, step_bytes: int) -> int:
     take at most 32 KiB (Triton then keeps three steps' tiles in flight in shared memory, 105 KB
     at head dim 128 in bfloat16), else 2.
 
-    Measured on an H100 with bfloat16 (tune_kernels.py, same run): with 5 stages the row gather
-    read 2,746-3,038 GB/s at 32/8/128 heads and >= 64k positions, against 2,532-2,942 for the
-    block gather with prefetch, 2,635-2,978 with 2 stages (two steps in flight) and 2,578-3,014
-    with 7 (four steps, 138 KB: one program per SM).
+    Measured on an H100 with bfloat16 at 32/8/128 heads and the six shapes of >= 64k positions
+    (tune_kernels.py, same runs): with 5 stages the row gather read 2,742-3,030 GB/s against
+    2,555-2,978 with 2 (two steps in flight) and 2,519-2,937 for the block gather with prefetch;
+    in another run 2,746-3,038 against 2,578-3,014 with 7 (four steps, 138 KB: one program per SM).
     """
     return 5 if row_gather and step_bytes <= 32 * 1024 else 2
 
