@@ -60,16 +60,18 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
     "transposed_masked_loads_prefetch_mask_tail_only": {**_TML, "prefetch": True, "mask_tail_only": True},
     "transposed_masked_loads_prefetch_stages_1": {**_TML, "prefetch": True, "num_stages": 1},
     # K/V gathered as [chunk, D] rows (row_gather): the loads can go straight to the dots through shared memory
-    "rows_prefetch": {"row_gather": True, "prefetch": True, **_PLAIN},
-    "rows_transposed_masked_loads_prefetch": {"row_gather": True, **_TML, "prefetch": True},
-    "rows_no_prefetch": {"row_gather": True, "prefetch": False, **_PLAIN},
-    "rows_masked_loads": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True},
-    "rows_transposed_masked_loads": {"row_gather": True, **_TML, "prefetch": False},
+    # (the row variants without a stage count in their name ran with 2, the default then)
+    "rows_prefetch": {"row_gather": True, "prefetch": True, **_PLAIN, "num_stages": 2},
+    "rows_transposed_masked_loads_prefetch": {"row_gather": True, **_TML, "prefetch": True, "num_stages": 2},
+    "rows_no_prefetch": {"row_gather": True, "prefetch": False, **_PLAIN, "num_stages": 2},
+    "rows_masked_loads": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
+                          "num_stages": 2},
+    "rows_transposed_masked_loads": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 2},
     "rows_transposed_masked_loads_stages_3": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 3},
     # (stages 3 and 4 compile to the same two buffers as 2; 5 to three: 105 KB of shared memory, kernel_asm.py)
     "rows_transposed_masked_loads_stages_5": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5},
     "rows_transposed_masked_loads_128_warps_8": {"row_gather": True, **_TML, "prefetch": False, "blocks_per_step": 8,
-                                                 "num_warps": 8},
+                                                 "num_warps": 8, "num_stages": 2},
     # (7 and 8 compile to four buffers, 138 KB: one program per SM at head dim 128)
     "rows_transposed_masked_loads_stages_7": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 7},
     "rows_transposed_masked_loads_stages_9": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 9},
@@ -93,6 +95,9 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
     "rows_masked_loads_stages_5_warps_2": {"row_gather": True, "prefetch": False, "transposed": False,
                                            "masked_loads": True, "num_stages": 5, "num_warps": 2},
 }
+for _name, _options in DECODE_VARIANTS.items():  # the names without "rows" gather blocks, whatever the default
+    if isinstance(_options, dict) and _name != "default" and not _name.startswith("rows"):
+        _options.setdefault("row_gather", False)
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 4, 8, 2), (128, 8, 8, 2), (128, 8, 8, 3),
                    (256, 4, 8, 2), (256, 8, 8, 2),  # (query rows, blocks per step, warps, stages[, row gather])

@@ -262,8 +262,8 @@ def default_transposed(prefetch: bool, programs: int, row_bytes: int, row_gather
     Row gather: with rows wider than 128 bytes (head dim 128 in 16 bits), and with narrower rows
     when the sequences alone make more than two waves (> 512 programs, one split). Measured on an
     H100 with bfloat16, same runs (tune_kernels.py): at 32/8/128 heads 2,746-3,038 GB/s against
-    2,709-3,011 without at the six shapes of >= 64k positions (0.3-9% ahead at four, 1% behind at
-    one); at head dim 64, +2-6% at 32/8/64 x 128 sequences (1,024 programs), 1-4% slower at up to
+    2,709-3,011 without at the six shapes of >= 64k positions (9% ahead at 32 x 8192, within 1%
+    either way at the other five); at head dim 64, +2-6% at 32/8/64 x 128 sequences (1,024 programs), 1-4% slower at up to
     512 programs (32/8/64 x 32 and fewer sequences) and 1-7% slower at every 9/3/64 shape (384
     programs, or 768 in two splits at 128 x 8192).
     Block gather: only on top of prefetch, and with head dim 64 in 16 bits only beyond one wave:
