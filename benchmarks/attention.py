@@ -44,7 +44,8 @@ L2_BYTES = 50 * 2**20
 
 
 def make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copies):
-    """`copies` independent sets: q, our pools [N, P, K, D], jax's [K, N, P, D], tables, lengths, dense K/V."""
+    """`copies` independent sets: q, our pools [N, P, K, D], tables, lengths, and the layer to read as
+    a device scalar (as a model's traced layer index is: no host-to-device copy per call)."""
     blocks_per_seq = context // block_size
     num_blocks = batch * blocks_per_seq
     sets = []
@@ -56,7 +57,7 @@ def make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copi
         q = jax.random.normal(k3, (batch, heads, head_dim), jnp.bfloat16)
         tables = jnp.asarray(rng.permutation(num_blocks).reshape(batch, blocks_per_seq).astype(np.int32))
         sets.append(dict(q=q, pool_k=pool_k, pool_v=pool_v, tables=tables,
-                         lengths=jnp.full((batch,), context, jnp.int32)))
+                         lengths=jnp.full((batch,), context, jnp.int32), layer=jnp.zeros((), jnp.int32)))
     return sets
 
 
@@ -112,7 +113,7 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
 
     auto_splits, _ = triton_decode.default_launch(
         batch, kv_heads, head_dim, blocks_per_seq // triton_decode.default_blocks_per_step(block_size, blocks_per_seq))
-    args = [(x["q"], x["pool_k"], x["pool_v"], 0, x["tables"], x["lengths"]) for x in sets]
+    args = [(x["q"], x["pool_k"], x["pool_v"], x["layer"], x["tables"], x["lengths"]) for x in sets]
     results = {}
     best = None
     for name, params in (("jaxpaged", {}), ("jaxpaged_block_gather", {"row_gather": False}),
@@ -128,8 +129,8 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
         if err < 2e-2 and (best is None or results[name] < best[1]):
             best = (params, results[name])
     row["jaxpaged_best_params"], results["jaxpaged_best"] = best
-    knpd = [(x["q"], jnp.transpose(x["pool_k"], (2, 0, 1, 3)), jnp.transpose(x["pool_v"], (2, 0, 1, 3)), 0,
-             x["tables"], x["lengths"]) for x in sets]
+    knpd = [(x["q"], jnp.transpose(x["pool_k"], (2, 0, 1, 3)), jnp.transpose(x["pool_v"], (2, 0, 1, 3)),
+             x["layer"], x["tables"], x["lengths"]) for x in sets]
     if head_dim == 128:  # the pool-layout comparison, on the main head shape, with the kernel that reads both
         fn = functools.partial(paged_decode_attention, num_layers=1, layout="KNPD", interpret=interpret)
         row["jaxpaged_knpd_rel_err"] = rel_err(fn(*knpd[0]))

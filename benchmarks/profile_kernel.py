@@ -41,7 +41,7 @@ def main():
     for name in args.variants:
         fn = functools.partial(paged_decode_attention, num_layers=1, **VARIANTS[name])
         for _ in range(args.calls):
-            jax.block_until_ready(fn(s["q"], s["pool_k"], s["pool_v"], 0, s["tables"], s["lengths"]))
+            jax.block_until_ready(fn(s["q"], s["pool_k"], s["pool_v"], s["layer"], s["tables"], s["lengths"]))
         print("ran", name, flush=True)
     if args.torch:
         import torch
@@ -57,7 +57,7 @@ def main():
 
 
 def trace_calls(fn, s, name, calls=20):
-    seconds, kernels = device_time(fn, [(s["q"], s["pool_k"], s["pool_v"], 0, s["tables"], s["lengths"])], calls)
+    seconds, kernels = device_time(fn, [(s["q"], s["pool_k"], s["pool_v"], s["layer"], s["tables"], s["lengths"])], calls)
     print(f"{name}: {seconds * 1e6:.1f} us of device time per call")
     for kernel, us in sorted(kernels.items(), key=lambda item: -item[1])[:8]:
         print(f"  {us:9.1f} us  {kernel[:100]}")

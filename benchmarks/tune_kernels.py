@@ -124,7 +124,7 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         copies = max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
         sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, 16, copies)
-        args = [(s["q"], s["pool_k"], s["pool_v"], 0, s["tables"], s["lengths"]) for s in sets]
+        args = [(s["q"], s["pool_k"], s["pool_v"], s["layer"], s["tables"], s["lengths"]) for s in sets]
         reference = np.asarray(triton_decode.paged_decode_attention(*args[0], num_layers=1), np.float32)
         bps = triton_decode.default_blocks_per_step(16, context // 16)
         auto_splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, context // 16 // bps)

@@ -165,7 +165,7 @@ def _empty_carry(rows: int, head_dim: int):
             jnp.zeros((rows,), jnp.float32))
 
 
-def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
+def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, scale: float,
             mask_tail_only: bool, prefetch: bool, eviction_policy: str | None, transposed: bool,
             masked_loads: bool, row_gather: bool):
@@ -184,7 +184,7 @@ def _kernel(layer_base_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_r
     steps = tables_ref.shape[0] // blocks_per_step
     first_step = split * steps_per_split
     last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
-    layer_base = layer_base_ref[0]
+    layer_base = layer_ref[0] * num_blocks  # (in the kernel: outside it, one more launch per call)
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                   eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads,
@@ -410,7 +410,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     num_stages = num_stages or default_stages(row_gather, 2 * blocks_per_step * block_size * row_bytes)
     steps_per_split = -(-steps // splits)
 
-    layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
                                steps_per_split=steps_per_split, num_blocks=num_blocks, scale=head_dim**-0.5,
                                mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
@@ -434,7 +434,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         kernel,
         grid=(batch, kv_heads, splits),
         in_specs=[
-            pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer base
+            pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer
             pl.BlockSpec((1,), lambda b, h, s: (b,)),  # length
             pl.BlockSpec((None, max_blocks), lambda b, h, s: (b, 0)),  # block-table row
             pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0)),  # q of sequence b
@@ -446,7 +446,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_decode",
-    )(layer_base, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool)
+    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool)
 
     if splits == 1:
         return out
@@ -466,7 +466,7 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
 
 
 
-def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
+def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
                     block_size: int, blocks_per_step: int, num_blocks: int, scale: float, row_gather: bool):
     """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal.
 
@@ -478,7 +478,7 @@ def _prefill_kernel(layer_base_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k
     q_pos = q_pos_ref[...]  # [rows]; -1 marks a padding row
     chunk = blocks_per_step * block_size
     step = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
-                             layer_base=layer_base_ref[0], length=length, q_pos=q_pos,
+                             layer_base=layer_ref[0] * num_blocks, length=length, q_pos=q_pos,
                              blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                              row_gather=block_size if row_gather else 0)
     last = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)
@@ -544,7 +544,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     row_pos = jnp.where(head_pad[None, None, :], row_pos, -1)
     row_pos = jnp.pad(row_pos, ((0, 0), (0, 0), (0, rows - tokens_per_program * group_pad)), constant_values=-1)
 
-    layer_base = (jnp.asarray(layer, jnp.int32) * num_blocks).reshape(1)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = functools.partial(_prefill_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
                                num_blocks=num_blocks, scale=head_dim**-0.5, row_gather=row_gather)
     out = pl.pallas_call(
@@ -564,7 +564,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_prefill",
-    )(layer_base, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), row_pos, q, k_pool, v_pool)
+    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), row_pos, q, k_pool, v_pool)
 
     out = out[:, :, :, : tokens_per_program * group_pad].reshape(batch, kv_heads, num_q_blocks, tokens_per_program,
                                                                   group_pad, head_dim)[:, :, :, :, :group]
