@@ -259,3 +259,35 @@ def test_kernels_reject_inconsistent_inputs_with_a_clear_error(change, message):
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p, num_layers=2), q,
                        spec["k"], spec["v"], spec["tables"], spec["lengths"], positions)
+
+
+@pytest.mark.parametrize("options, layer, message", [
+    (dict(layout="KNPD", row_gather=True), 0, "NPKD only with row_gather"),
+    (dict(layout="NKPD"), 0, "layout must be"),
+    ({}, jnp.zeros((2,), jnp.int32), "layer must be a scalar integer"),
+    ({}, jnp.float32(1), "layer must be a scalar integer"),
+])
+def test_decode_kernel_rejects_a_bad_layout_or_layer(options, layer, message):
+    spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in _GOOD.items()}
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, layer, t, n, num_layers=2, **options),
+                       spec["q"], spec["k"], spec["v"], spec["tables"], spec["lengths"])
+
+
+def test_kernels_clamp_a_traced_layer_into_the_pools_layers():
+    """A traced layer index past the last layer reads the last layer (as the reference's gather
+    does), never memory past the pools."""
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    rng = np.random.default_rng(7)
+    lengths = [21, 9]
+    k, v, tables, _ = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths)
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+    args = (jnp.asarray(tables), jnp.asarray(lengths, jnp.int32))
+    decode = [np.asarray(paged_decode_attention(q, k, v, jnp.int32(layer), *args, num_layers=2,
+                                                interpret=not ON_GPU)) for layer in (1, 5)]
+    np.testing.assert_array_equal(decode[0], decode[1])
+    positions = jnp.asarray([[19, 20], [7, 8]], jnp.int32)
+    prefill = [np.asarray(paged_prefill_attention(q[:, None].repeat(2, 1), k, v, jnp.int32(layer), *args, positions,
+                                                  num_layers=2, interpret=not ON_GPU)) for layer in (1, 5)]
+    np.testing.assert_array_equal(prefill[0], prefill[1])

@@ -160,14 +160,20 @@ def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, len
     return (ids_after, k_next, v_next), softmax
 
 
+def _layer_base(layer_ref, num_blocks: int, num_layers: int):
+    """The first block of the layer in layer_ref ([1] int32), clamped into the pools' layers. Computed
+    in the kernel: outside it, it would be one more launch per call."""
+    return jnp.clip(layer_ref[0], 0, num_layers - 1) * num_blocks
+
+
 def _empty_carry(rows: int, head_dim: int):
     return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
 
 
 def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
-            block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, scale: float,
-            mask_tail_only: bool, prefetch: bool, eviction_policy: str | None, transposed: bool,
+            block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
+            scale: float, mask_tail_only: bool, prefetch: bool, eviction_policy: str | None, transposed: bool,
             masked_loads: bool, row_gather: bool):
     """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
 
@@ -184,7 +190,7 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
     steps = tables_ref.shape[0] // blocks_per_step
     first_step = split * steps_per_split
     last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
-    layer_base = layer_ref[0] * num_blocks  # (in the kernel: outside it, one more launch per call)
+    layer_base = _layer_base(layer_ref, num_blocks, num_layers)
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                   eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads,
@@ -321,6 +327,15 @@ def _check_inputs(q, k_pool, v_pool, block_tables, lengths, q_positions=None, *,
             raise ValueError(f"{name} must be integers of shape {shape} (from q {q.shape}), got {x.dtype}{list(x.shape)}")
 
 
+def _layer_ref(layer) -> jax.Array:
+    """The layer index as the kernels take it, [1] int32; a clear error for one that is not a scalar
+    integer. (The kernels clamp it into the pools' layers, as the reference path's gather does.)"""
+    layer = jnp.asarray(layer)
+    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise ValueError(f"layer must be a scalar integer, got {layer.dtype}{list(layer.shape)}")
+    return layer.astype(jnp.int32).reshape(1)
+
+
 def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
     """The pools as the kernels read them, their BlockSpec (kv head h on grid axis 1), and (L * N, P, K).
 
@@ -360,7 +375,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       q: [B, H, D].
       k_pool, v_pool: all layers' pools, either "NPKD": [L * N, P, K, D] (jaxpaged's own
         [L, N, P, K, D], reshaped for free) or "KNPD": [K, L * N, P, D] (jax's kernel's order).
-      layer: [] int, the layer to read.
+      layer: [] int, the layer to read (clamped into [0, L), as the reference path's gather does).
       block_tables: [B, M] int32 block ids; entries past a sequence's blocks may hold any id in
         [0, N] (N is the sentinel).
       lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
@@ -410,10 +425,10 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     num_stages = num_stages or default_stages(row_gather, 2 * blocks_per_step * block_size * row_bytes)
     steps_per_split = -(-steps // splits)
 
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_ref(layer)
     kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
-                               steps_per_split=steps_per_split, num_blocks=num_blocks, scale=head_dim**-0.5,
-                               mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
+                               steps_per_split=steps_per_split, num_blocks=num_blocks, num_layers=num_layers,
+                               scale=head_dim**-0.5, mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
                                transposed=transposed, masked_loads=masked_loads and not interpret,
                                row_gather=row_gather)
     if splits == 1:  # every program writes its G rows of sequence b's [H, D]
@@ -467,7 +482,8 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
 
 
 def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
-                    block_size: int, blocks_per_step: int, num_blocks: int, scale: float, row_gather: bool):
+                    block_size: int, blocks_per_step: int, num_blocks: int, num_layers: int, scale: float,
+                    row_gather: bool):
     """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal.
 
     Loop steps wholly before every row's causal limit and inside the length run unmasked; the
@@ -478,7 +494,7 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     q_pos = q_pos_ref[...]  # [rows]; -1 marks a padding row
     chunk = blocks_per_step * block_size
     step = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
-                             layer_base=layer_ref[0] * num_blocks, length=length, q_pos=q_pos,
+                             layer_base=_layer_base(layer_ref, num_blocks, num_layers), length=length, q_pos=q_pos,
                              blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                              row_gather=block_size if row_gather else 0)
     last = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)
@@ -544,9 +560,10 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     row_pos = jnp.where(head_pad[None, None, :], row_pos, -1)
     row_pos = jnp.pad(row_pos, ((0, 0), (0, 0), (0, rows - tokens_per_program * group_pad)), constant_values=-1)
 
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_ref(layer)
     kernel = functools.partial(_prefill_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
-                               num_blocks=num_blocks, scale=head_dim**-0.5, row_gather=row_gather)
+                               num_blocks=num_blocks, num_layers=num_layers, scale=head_dim**-0.5,
+                               row_gather=row_gather)
     out = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_q_blocks),
