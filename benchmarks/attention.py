@@ -11,7 +11,9 @@ neither framework's host dispatch nor launch gaps count. Wall-clock times are re
 jaxpaged a jitted loop of 20 dependent calls, for torch 20 back-to-back calls. Inputs rotate over
 enough copies to exceed the 50 MB L2 cache. jaxpaged's kernel runs with its defaults (what the
 model uses); the best of those and two alternatives (the block gather instead of the row gather,
-twice the splits) is recorded beside. Effective bandwidth counts the K and V bytes read once. A device copy measured in the same run gives the ceiling.
+twice the splits) is recorded beside, and the kernel over the same pools in the layout before
+(NPKD, [L, N, P, K, D], against jaxpaged's head-major [L, K, N, P, D]). Effective bandwidth counts
+the K and V bytes read once. A device copy measured in the same run gives the ceiling.
 
 Also measured: prefill (causal, T = context) tokens/s of jaxpaged's prefill kernel and of its
 reference path, the cost of the decode KV write, and the write's in-place update (donation, HLO
@@ -37,23 +39,24 @@ import numpy as np
 
 import jaxpaged as jp
 from jaxpaged.attention import attend
-from jaxpaged.kernels.triton_decode import paged_decode_attention
+from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill_attention
 from timing import copy_ceiling, median_time, median_time_in_loop, seconds_per_call
 
 L2_BYTES = 50 * 2**20
 
 
 def make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copies):
-    """`copies` independent sets: q, our pools [N, P, K, D], tables, lengths, and the layer to read as
-    a device scalar (as a model's traced layer index is: no host-to-device copy per call)."""
+    """`copies` independent sets: q, our pools [1, K, N, P, D] (one layer, jaxpaged's layout), tables,
+    lengths, and the layer to read as a device scalar (as a model's traced layer index is: no
+    host-to-device copy per call)."""
     blocks_per_seq = context // block_size
     num_blocks = batch * blocks_per_seq
     sets = []
     for c in range(copies):
         key = jax.random.key(int(rng.integers(1 << 30)))
         k1, k2, k3 = jax.random.split(key, 3)
-        pool_k = jax.random.normal(k1, (num_blocks, block_size, kv_heads, head_dim), jnp.bfloat16)
-        pool_v = jax.random.normal(k2, (num_blocks, block_size, kv_heads, head_dim), jnp.bfloat16)
+        pool_k = jax.random.normal(k1, (1, kv_heads, num_blocks, block_size, head_dim), jnp.bfloat16)
+        pool_v = jax.random.normal(k2, (1, kv_heads, num_blocks, block_size, head_dim), jnp.bfloat16)
         q = jax.random.normal(k3, (batch, heads, head_dim), jnp.bfloat16)
         tables = jnp.asarray(rng.permutation(num_blocks).reshape(batch, blocks_per_seq).astype(np.int32))
         sets.append(dict(q=q, pool_k=pool_k, pool_v=pool_v, tables=tables,
@@ -61,19 +64,26 @@ def make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copi
     return sets
 
 
+def gather_blocks(pool, tables):
+    """Layer 0 of a [1, K, N, P, D] pool, the blocks of `tables` [B, M] in order: [B, M * P, K, D]."""
+    kv_heads, _, block_size, head_dim = pool.shape[1:]
+    k = pool[0][:, tables].reshape(kv_heads, tables.shape[0], tables.shape[1] * block_size, head_dim)
+    return jnp.moveaxis(k, 0, 2)
+
+
 def dense_from_paged(s, block_size):
     """Contiguous [B, S, K, D] copies of the paged K/V (what a contiguous cache would hold)."""
-    def one(pool):
-        batch, per_seq = s["tables"].shape
-        return pool[s["tables"]].reshape(batch, per_seq * block_size, *pool.shape[2:])
-    return one(s["pool_k"]), one(s["pool_v"])
+    return gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"])
+
+
+def npkd(pool):
+    """A [L, K, N, P, D] pool in the layout before, [L, N, P, K, D]."""
+    return jnp.transpose(pool, (0, 2, 3, 1, 4))
 
 
 @jax.jit
 def xla_gather_attend(q, pool_k, pool_v, tables, lengths):
-    batch, per_seq = tables.shape
-    k = pool_k[tables].reshape(batch, per_seq * pool_k.shape[1], *pool_k.shape[2:])
-    v = pool_v[tables].reshape(batch, per_seq * pool_v.shape[1], *pool_v.shape[2:])
+    k, v = gather_blocks(pool_k, tables), gather_blocks(pool_v, tables)
     return attend(q[:, None], k, v, (lengths - 1)[:, None], lengths)[:, 0]
 
 
@@ -118,7 +128,7 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
     best = None
     for name, params in (("jaxpaged", {}), ("jaxpaged_block_gather", {"row_gather": False}),
                          ("jaxpaged_splits_x2", {"num_splits": 2 * auto_splits})):
-        fn = functools.partial(paged_decode_attention, num_layers=1, interpret=interpret, **params)
+        fn = functools.partial(paged_decode_attention, interpret=interpret, **params)
         err = rel_err(fn(*args[0]))
         results[name] = time_jax(fn, args, None if params else "jaxpaged")
         if not params:
@@ -129,12 +139,12 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
         if err < 2e-2 and (best is None or results[name] < best[1]):
             best = (params, results[name])
     row["jaxpaged_best_params"], results["jaxpaged_best"] = best
-    knpd = [(x["q"], jnp.transpose(x["pool_k"], (2, 0, 1, 3)), jnp.transpose(x["pool_v"], (2, 0, 1, 3)),
-             x["layer"], x["tables"], x["lengths"]) for x in sets]
-    if head_dim == 128:  # the pool-layout comparison, on the main head shape, with the kernel that reads both
-        fn = functools.partial(paged_decode_attention, num_layers=1, layout="KNPD", interpret=interpret)
-        row["jaxpaged_knpd_rel_err"] = rel_err(fn(*knpd[0]))
-        results["jaxpaged_knpd_layout"] = time_jax(fn, knpd)
+    # The pool-layout comparison: the same kernel and defaults over the pools in the layout before.
+    npkd_sets = [(x["q"], npkd(x["pool_k"]), npkd(x["pool_v"]), x["layer"], x["tables"], x["lengths"]) for x in sets]
+    fn = functools.partial(paged_decode_attention, layout="NPKD", interpret=interpret)
+    row["jaxpaged_npkd_rel_err"] = rel_err(fn(*npkd_sets[0]))
+    results["jaxpaged_npkd_layout"] = time_jax(fn, npkd_sets)
+    del npkd_sets
 
     # jax's Pallas paged kernel, tuned over its block parameters.
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
@@ -146,7 +156,8 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
                 continue
             fn = functools.partial(jax_paged, pages_per_compute_block=ppcb, k_splits=splits, interpret=interpret)
             # jax's kernel applies no 1/sqrt(D): the caller scales q (outside the timed call).
-            args = [((x[0].astype(jnp.float32) * head_dim**-0.5).astype(x[0].dtype), x[1], x[2], x[4], x[5]) for x in knpd]
+            args = [((x["q"].astype(jnp.float32) * head_dim**-0.5).astype(x["q"].dtype), x["pool_k"][0], x["pool_v"][0],
+                     x["tables"], x["lengths"]) for x in sets]  # its pages: [K, N, P, D], our layer 0
             try:
                 err = rel_err(fn(*args[0]))
                 seconds = time_jax(fn, args)
@@ -211,6 +222,14 @@ def bench_prefill(rng, batch, context, heads, kv_heads, head_dim, block_size, wi
         errors[name] = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
         results[name] = median_time(paged, [(q, state)], rounds=3, calls=5)
     os.environ.pop("JAXPAGED_KERNELS")
+    if with_torch:  # on the GPU: the prefill kernel over the same pools in the layout before
+        tables = state.table.block_ids[:batch]
+        fn = jax.jit(lambda q, k, v: paged_prefill_attention(q, k, v, 0, tables, lengths, positions, layout="NPKD"))
+        npkd_args = (q, npkd(state.pools.k), npkd(state.pools.v))
+        out = np.asarray(fn(*npkd_args), np.float32)
+        errors["jaxpaged_npkd_layout"] = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+        results["jaxpaged_npkd_layout"] = median_time(fn, [npkd_args], rounds=3, calls=5)
+        del npkd_args
     results["xla_dense"] = median_time(dense, [(q, k, v)], rounds=3, calls=5)
     if with_torch:
         import torch
@@ -304,14 +323,14 @@ def main():
     for w in write:
         print(f"KV write B{w['batch']}: {w['seconds'] * 1e6:.1f} us, pools aliased in place: {w['pools_aliased']}, "
               f"temporary bytes {w['temp_bytes']} (pool {w['pool_bytes_each']})")
-    print(f"\n{'shape':<22}{'ours GB/s':>10}{'copy %':>8}{'vs sdpa':>9}{'vs jax':>8}{'vs gather':>10}{'vs dense':>9}  rows/blocks  layout NPKD/KNPD (blocks)")
+    print(f"\n{'shape':<22}{'ours GB/s':>10}{'copy %':>8}{'vs sdpa':>9}{'vs jax':>8}{'vs gather':>10}{'vs dense':>9}  rows/blocks  KNPD/NPKD layout")
     for r in decode:
         name = f"H{r['heads']}K{r['kv_heads']}D{r['head_dim']} B{r['batch']} S{r['context']}"
         sp = lambda k: f"{r.get(k, float('nan')):.2f}x"  # noqa: E731
         print(f"{name:<22}{r['bandwidth_GBps']['jaxpaged']:>10.0f}{r['fraction_of_copy_ceiling']:>8.0%}{sp('speedup_vs_torch_sdpa'):>9}"
               f"{sp('speedup_vs_jax_pallas_paged'):>8}{sp('speedup_vs_xla_gather_attend'):>10}{sp('speedup_vs_xla_dense'):>9}"
               f"  {r['seconds']['jaxpaged_block_gather'] / r['seconds']['jaxpaged']:11.2f}"
-              f"  {r['seconds'].get('jaxpaged_knpd_layout', float('nan')) / r['seconds']['jaxpaged_block_gather']:.2f}")
+              f"  {r['seconds']['jaxpaged_npkd_layout'] / r['seconds']['jaxpaged']:16.2f}")
     if not decode:
         return
     try:

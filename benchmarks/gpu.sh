@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # GPU sessions, in parts that each fit one call:
 #   bash benchmarks/gpu.sh OUTPUT_DIR kernels    # tests on the GPU's jax, then benchmarks/attention.py
+#   bash benchmarks/gpu.sh OUTPUT_DIR kernels128 # the same with only the 32/8/128 heads (heads64 does the others)
 #   bash benchmarks/gpu.sh OUTPUT_DIR generate   # fixed-shape kernel tests, prefill attention, then benchmarks/generate.py:
 #                                                # llama-1b, kernels on and off
 #   bash benchmarks/gpu.sh OUTPUT_DIR heads64    # decode attention at every size with the llama-1b and SmolLM2 heads
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows       # kernel tests, then the row-gather decode variants against the defaults
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows2      # the row-gather variants' stages, warps, step and splits, three head shapes
 #   bash benchmarks/gpu.sh OUTPUT_DIR tune64     # the row gather at head dim 64: stages, 128-position steps, 2 warps
+#   bash benchmarks/gpu.sh OUTPUT_DIR knpd       # the row gather from head-major (KNPD) pools, three head shapes
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -37,6 +39,17 @@ elif [ "$part" = tune64 ]; then  # the row gather at head dim 64: steps in fligh
       rows_masked_loads_stages_9 rows_masked_loads_128_stages_5 rows_transposed_masked_loads_128_stages_5 \
       rows_masked_loads_stages_5_warps_2 2>&1 | grep -v Deprecation | tee "$out/tune64_${heads//\//_}.txt"
   done
+elif [ "$part" = knpd ]; then  # the row gather from head-major pools, and one split, at the shapes >= 64k
+  for heads in 32/8/64 9/3/64 32/8/128; do
+    timeout 190 python3 benchmarks/tune_kernels.py --part decode --heads $heads --out "$out/knpd_${heads//\//_}.json" \
+      --shapes 8x8192 32x2048 128x512 32x8192 128x2048 128x8192 --variants default rows_knpd rows_knpd_128 \
+      rows_knpd_stages_7 rows_knpd_one_split rows_one_split rows_knpd_splits_x2 2>&1 | grep -v Deprecation \
+      | tee "$out/knpd_${heads//\//_}.txt"
+  done
+elif [ "$part" = kernels128 ]; then  # kernel tests, then the head-dim-128 decode sweep, prefill and the KV write
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 370 python3 benchmarks/attention.py --heads 32/8/128 --out-dir "$out" 2>&1 | grep -v Deprecation \
+    | tee "$out/attention.txt"
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

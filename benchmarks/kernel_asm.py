@@ -56,17 +56,20 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
         kept.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    pool = jax.ShapeDtypeStruct((batch * context // block_size, block_size, kv_heads, head_dim), jnp.bfloat16)
+    blocks = batch * context // block_size
+    layout = options.get("layout", "KNPD")
+    shape = (1, kv_heads, blocks, block_size, head_dim) if layout == "KNPD" else (1, blocks, block_size, kv_heads, head_dim)
+    pool = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     tables = jax.ShapeDtypeStruct((batch, context // block_size), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     if kernel == "decode":
         q = jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.bfloat16)
-        attend = functools.partial(triton_decode.paged_decode_attention, num_layers=1, **options)
+        attend = functools.partial(triton_decode.paged_decode_attention, **options)
         fn, args = (lambda q, k, v, t, n: attend(q, k, v, 0, t, n)), (q, pool, pool, tables, lengths)
     else:
         q = jax.ShapeDtypeStruct((batch, context, heads, head_dim), jnp.bfloat16)
         positions = jax.ShapeDtypeStruct((batch, context), jnp.int32)
-        attend = functools.partial(triton_decode.paged_prefill_attention, num_layers=1, **options)
+        attend = functools.partial(triton_decode.paged_prefill_attention, **options)
         fn, args = (lambda q, k, v, t, n, p: attend(q, k, v, 0, t, n, p)), (q, pool, pool, tables, lengths, positions)
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_keep
     try:
@@ -100,7 +103,7 @@ def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
 
 
 def _stages(kernel: str, options: dict, head_dim: int, block_size: int = 16) -> int:
-    """The num_stages the kernel would pass to Triton (the pools here: NPKD, bfloat16)."""
+    """The num_stages the kernel would pass to Triton (the pools here in bfloat16)."""
     if "num_stages" in options or kernel == "prefill":
         return options.get("num_stages", 2)
     step = options.get("blocks_per_step") or triton_decode.default_blocks_per_step(block_size, 1 << 20)

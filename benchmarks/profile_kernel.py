@@ -17,7 +17,7 @@ import functools
 import jax
 import numpy as np
 
-from attention import make_inputs
+from attention import gather_blocks, make_inputs
 from jaxpaged.kernels.triton_decode import paged_decode_attention
 from timing import device_time
 
@@ -36,10 +36,10 @@ def main():
     s = make_inputs(np.random.default_rng(0), args.batch, args.context, 32, 8, 128, 16, 1)[0]
     if args.device_time:
         for name in args.variants:
-            trace_calls(functools.partial(paged_decode_attention, num_layers=1, **VARIANTS[name]), s, name)
+            trace_calls(functools.partial(paged_decode_attention, **VARIANTS[name]), s, name)
         return
     for name in args.variants:
-        fn = functools.partial(paged_decode_attention, num_layers=1, **VARIANTS[name])
+        fn = functools.partial(paged_decode_attention, **VARIANTS[name])
         for _ in range(args.calls):
             jax.block_until_ready(fn(s["q"], s["pool_k"], s["pool_v"], s["layer"], s["tables"], s["lengths"]))
         print("ran", name, flush=True)
@@ -47,7 +47,7 @@ def main():
         import torch
         import torch.nn.functional as F
 
-        dense = [s[p][s["tables"]].reshape(args.batch, args.context, 8, 128) for p in ("pool_k", "pool_v")]
+        dense = [gather_blocks(s[p], s["tables"]) for p in ("pool_k", "pool_v")]
         k, v = (torch.from_dlpack(x).transpose(1, 2).contiguous() for x in dense)
         q = torch.from_dlpack(s["q"])[:, :, None]
         for _ in range(args.calls):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention import L2_BYTES, make_inputs
+from attention import L2_BYTES, gather_blocks, make_inputs, npkd
 from jaxpaged.kernels import triton_decode
 from timing import median_time, median_time_in_loop, seconds_per_call
 
@@ -94,10 +94,23 @@ DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name me
                                                   "blocks_per_step": 8},
     "rows_masked_loads_stages_5_warps_2": {"row_gather": True, "prefetch": False, "transposed": False,
                                            "masked_loads": True, "num_stages": 5, "num_warps": 2},
+    # the pools head-major, [L, K, N, P, D] (KNPD, the default since): a step's rows of one kv head are whole
+    # contiguous blocks (P * D elements) instead of D-element pieces K * D apart; otherwise the defaults
+    "rows_knpd": {"layout": "KNPD", "row_gather": True},
+    "rows_knpd_128": {"layout": "KNPD", "row_gather": True, "blocks_per_step": 8},
+    "rows_knpd_stages_7": {"layout": "KNPD", "row_gather": True, "num_stages": 7},
+    "rows_knpd_splits_x2": ("splits_x2", {"layout": "KNPD", "row_gather": True}),
+    "rows_knpd_one_split": {"layout": "KNPD", "row_gather": True, "num_splits": 1},
+    "rows_one_split": {"row_gather": True, "num_splits": 1},
+    "blocks_knpd": {"layout": "KNPD", "row_gather": False},
 }
-for _name, _options in DECODE_VARIANTS.items():  # the names without "rows" gather blocks, whatever the default
-    if isinstance(_options, dict) and _name != "default" and not _name.startswith("rows"):
-        _options.setdefault("row_gather", False)
+for _name, _options in DECODE_VARIANTS.items():  # a name means the same under later defaults:
+    _options = _options[1] if isinstance(_options, tuple) else _options
+    if _name not in ("default", "splits_x2"):
+        if "rows" not in _name:  # the names without "rows" gather blocks,
+            _options.setdefault("row_gather", False)
+        if "knpd" not in _name:  # and those without "knpd" read the pools in the layout they were named in
+            _options.setdefault("layout", "NPKD")
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 4, 8, 2), (128, 8, 8, 2), (128, 8, 8, 3),
                    (256, 4, 8, 2), (256, 8, 8, 2),  # (query rows, blocks per step, warps, stages[, row gather])
@@ -125,13 +138,14 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
         copies = max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
         sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, 16, copies)
         args = [(s["q"], s["pool_k"], s["pool_v"], s["layer"], s["tables"], s["lengths"]) for s in sets]
-        reference = np.asarray(triton_decode.paged_decode_attention(*args[0], num_layers=1), np.float32)
+        npkd_args = None  # the same pools in the layout before, [1, N, P, K, D], made when a variant asks for them
+        reference = np.asarray(triton_decode.paged_decode_attention(*args[0]), np.float32)
         bps = triton_decode.default_blocks_per_step(16, context // 16)
         auto_splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, context // 16 // bps)
         result = {"heads": f"{heads}/{kv_heads}/{head_dim}", "batch": batch, "context": context, "kv_bytes": kv_bytes,
                   "auto_splits": auto_splits, "GBps": {}}
 
-        def record(name, fn, timer=lambda fn, args: seconds_per_call(fn, args)[0]):
+        def record(name, fn, timer=lambda fn, args: seconds_per_call(fn, args)[0], args=args):
             try:
                 out = np.asarray(fn(*args[0]), np.float32)
                 err = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
@@ -149,12 +163,15 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
                 options = {**options[1], "num_splits": auto_splits * 2}
                 if auto_splits * 2 > context // 16 // bps:
                     continue
-            record(name, functools.partial(triton_decode.paged_decode_attention, num_layers=1, **options))
-        record("default_wall_in_jitted_loop", functools.partial(triton_decode.paged_decode_attention, num_layers=1),
-               timer=median_time_in_loop)
-        if old_kernel is not None:
-            record("previous_kernel", functools.partial(old_kernel.paged_decode_attention, num_layers=1))
-        dense = [(s["q"][:, :, None], *(s[p][s["tables"]].reshape(batch, context, kv_heads, head_dim) for p in ("pool_k", "pool_v")))
+            if options.get("layout") == "NPKD" and npkd_args is None:
+                npkd_args = [(q, npkd(k), npkd(v), *rest) for q, k, v, *rest in args]
+            record(name, functools.partial(triton_decode.paged_decode_attention, **options),
+                   args=npkd_args if options.get("layout") == "NPKD" else args)
+        record("default_wall_in_jitted_loop", triton_decode.paged_decode_attention, timer=median_time_in_loop)
+        if old_kernel is not None:  # an earlier kernel file takes NPKD pools of all layers as [L * N, P, K, D]
+            flat = [(q, *(npkd(p)[0] for p in (k, v)), *rest) for q, k, v, *rest in args]
+            record("previous_kernel", functools.partial(old_kernel.paged_decode_attention, num_layers=1), args=flat)
+        dense = [(s["q"][:, :, None], gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"]))
                  for s in sets]
         result["GBps"]["torch_sdpa"] = kv_bytes / _torch_sdpa_time([(q.transpose(0, 2, 1, 3), k, v) for q, k, v in dense]) / 1e9
         del dense
@@ -177,7 +194,7 @@ def tune_prefill(old_kernel):
         v = jax.random.normal(keys[1], (batch, context, 8, 128), jnp.bfloat16)
         q = jax.random.normal(keys[2], (batch, context, 32, 128), jnp.bfloat16)
         state, _ = jp.append(state, 0, jnp.arange(batch, dtype=jnp.int32), k, v)
-        pools = [p.reshape(-1, *p.shape[2:]) for p in (state.pools.k, state.pools.v)]
+        pools = [state.pools.k, state.pools.v]
         tables = state.table.block_ids[:batch]
         lengths = jnp.full((batch,), context, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
@@ -185,7 +202,7 @@ def tune_prefill(old_kernel):
         result = {"batch": batch, "context": context, "tokens_per_s": {}}
         reference = None
         for rows_, bps, warps, stages, *row_gather in PREFILL_CONFIGS:
-            fn = functools.partial(triton_decode.paged_prefill_attention, num_layers=1, query_rows=rows_,
+            fn = functools.partial(triton_decode.paged_prefill_attention, query_rows=rows_,
                                    blocks_per_step=bps, num_warps=warps, num_stages=stages, row_gather=bool(row_gather))
             name = f"rows{rows_}_bps{bps}_warps{warps}_stages{stages}" + ("_row_gather" if row_gather else "")
             try:
@@ -199,8 +216,9 @@ def tune_prefill(old_kernel):
             result["tokens_per_s"][name] = batch * context / seconds
             result.setdefault("rel_err_vs_first", {})[name] = err
         if old_kernel is not None:
-            fn = functools.partial(old_kernel.paged_prefill_attention, num_layers=1)
-            result["tokens_per_s"]["previous_kernel"] = batch * context / median_time(fn, args, rounds=3, calls=5)
+            fn = functools.partial(old_kernel.paged_prefill_attention, num_layers=1)  # NPKD pools, as in tune_decode
+            flat = [(q, *(npkd(p)[0] for p in pools), 0, tables, lengths, positions)]
+            result["tokens_per_s"]["previous_kernel"] = batch * context / median_time(fn, flat, rounds=3, calls=5)
         result["tokens_per_s"]["torch_sdpa"] = batch * context / _torch_sdpa_time([(q, k, v)], causal=True)
         rows.append(result)
         print(f"prefill B{batch} S{context}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),

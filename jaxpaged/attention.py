@@ -98,12 +98,11 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
 
         rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
         seq_lens = state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)
-        flat = (c.num_layers * c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)  # a free reshape
-        pools = (state.pools.k.reshape(flat), state.pools.v.reshape(flat))
+        pools = (state.pools.k, state.pools.v)
         if q.shape[1] > 1:
-            return paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions, num_layers=c.num_layers)
+            return paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions)
         visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it
-        return paged_decode_attention(q[:, 0], *pools, layer, rows, visible, num_layers=c.num_layers)[:, None]
+        return paged_decode_attention(q[:, 0], *pools, layer, rows, visible)[:, None]
     max_len = c.max_seq_len if max_len is None else max_len
     k, v, seq_lens = ops.gather_kv(state, layer, seq_idx, max_len=max_len)
     return attend(q, k, v, q_positions, seq_lens, scale)

@@ -258,8 +258,7 @@ class PagedKVCache:
         if not 0 <= block_id < self.config.num_blocks:
             raise IndexError(f"block_id must be in [0, {self.config.num_blocks}), got {block_id}")
         layer = _check_layer(layer_idx, self.config.num_layers)
-        return Block(block_id, jnp.swapaxes(self.state.pools.k[layer, block_id], 0, 1),
-                     jnp.swapaxes(self.state.pools.v[layer, block_id], 0, 1))
+        return Block(block_id, self.state.pools.k[layer, :, block_id], self.state.pools.v[layer, :, block_id])
 
     def memory_stats(self) -> MemoryStats:
         return paged_memory_stats(self.state)

@@ -169,14 +169,15 @@ def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tok
 def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVState:
     """Scatters k, v [B, T, K, D] into `layer`'s pools at slots [B, T]; out-of-range slots are dropped."""
     c = state.config
-    flat_shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
-    flat_slots = slots.reshape(-1)
+    flat_shape = (c.num_layers, c.num_kv_heads, c.num_blocks * c.block_size, c.head_dim)
+    heads = jnp.arange(c.num_kv_heads, dtype=jnp.int32)[:, None]  # [K, 1]
+    flat_slots = slots.reshape(1, -1)  # [1, B*T]
     new_pools = []
     for pool, x in ((state.pools.k, k), (state.pools.v, v)):
-        pool = pool.reshape(flat_shape)  # [L, N*P, K, D], free: same bytes
-        pool = pool.at[layer, flat_slots].set(
-            x.reshape(-1, c.num_kv_heads, c.head_dim), mode="drop", unique_indices=True
-        )
+        pool = pool.reshape(flat_shape)  # [L, K, N*P, D], free: same bytes
+        pool = pool.at[layer, heads, flat_slots].set(
+            x.reshape(-1, c.num_kv_heads, c.head_dim).swapaxes(0, 1), mode="drop", unique_indices=True
+        )  # [K, B*T, D] into (head, slot) pairs
         new_pools.append(pool.reshape(state.pools.k.shape))
     return state.replace(pools=state.pools.replace(k=new_pools[0], v=new_pools[1]))
 
@@ -262,8 +263,9 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     blocks = rows.at[:, positions // c.block_size].get(mode="fill", fill_value=c.num_blocks)  # [B, S]
     slots = blocks * c.block_size + (positions % c.block_size)[None, :]
     slots = jnp.where(positions[None, :] < seq_lens[:, None], slots, c.num_blocks * c.block_size)
-    flat_shape = (c.num_layers, c.num_blocks * c.block_size, c.num_kv_heads, c.head_dim)
-    k, v = (pool.reshape(flat_shape).at[layer, slots].get(mode="fill", fill_value=0) for pool in (state.pools.k, state.pools.v))
+    flat_shape = (c.num_layers, c.num_kv_heads, c.num_blocks * c.block_size, c.head_dim)
+    k, v = (jnp.moveaxis(jnp.take(pool.reshape(flat_shape)[layer], slots, axis=1, mode="fill", fill_value=0), 0, 2)
+            for pool in (state.pools.k, state.pools.v))  # [K, B, S, D] -> [B, S, K, D]
     return k, v, seq_lens
 
 

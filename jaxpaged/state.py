@@ -20,10 +20,12 @@ from jaxpaged.config import CacheConfig
 
 @struct.dataclass
 class KVPools:
-    """Block pools, K and V apart, one pair per layer stacked on the leading axis."""
+    """Block pools, K and V apart, one pair per layer stacked on the leading axis, head-major: each
+    kv head's blocks lie apart, so one head's P positions of a block are P * D contiguous elements
+    (the layout the decode kernel reads fastest; BENCHMARKS.md)."""
 
-    k: jax.Array  # [L, N, P, K, D]
-    v: jax.Array  # [L, N, P, K, D]
+    k: jax.Array  # [L, K, N, P, D]
+    v: jax.Array  # [L, K, N, P, D]
 
 
 @struct.dataclass
@@ -68,7 +70,7 @@ def init_allocator(num_blocks: int) -> BlockAllocatorState:
 def init_state(config: CacheConfig) -> PagedKVState:
     """An empty cache: zeroed pools, no sequence owns a block, every block free."""
     c = config
-    pool_shape = (c.num_layers, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)
+    pool_shape = (c.num_layers, c.num_kv_heads, c.num_blocks, c.block_size, c.head_dim)
     return PagedKVState(
         pools=KVPools(k=jnp.zeros(pool_shape, c.jnp_dtype), v=jnp.zeros(pool_shape, c.jnp_dtype)),
         table=BlockTable(

@@ -1,5 +1,7 @@
 """The paged decode kernel against the reference, in Pallas interpret mode on the CPU (and natively on a GPU)."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,8 @@ ON_GPU = jax.default_backend() == "gpu"
 
 def _random_cache(rng, *, batch, kv_heads, head_dim, block_size, lengths, num_layers=2, dtype=jnp.float32,
                   max_blocks=8, poison=True):
-    """Pools with random data, NaN in every slot no sequence holds, and a shuffled block table."""
+    """Pools in jaxpaged's layout, [L, K, N, P, D], with random data, NaN in every slot no sequence
+    holds, and a shuffled block table."""
     num_blocks = batch * max_blocks + 3
     shape = (num_layers * num_blocks, block_size, kv_heads, head_dim)
     k = rng.standard_normal(shape).astype(np.float32)
@@ -32,15 +35,28 @@ def _random_cache(rng, *, batch, kv_heads, head_dim, block_size, lengths, num_la
                 live[layer * num_blocks + tables[b, pos // block_size], pos % block_size] = True
     if poison:
         k[~live], v[~live] = np.nan, np.nan
-    return jnp.asarray(k, dtype), jnp.asarray(v, dtype), tables, num_blocks
+    head_major = (num_layers, num_blocks, block_size, kv_heads, head_dim), (0, 3, 1, 2, 4)
+    k, v = (jnp.asarray(x.reshape(head_major[0]).transpose(head_major[1]), dtype) for x in (k, v))
+    return k, v, tables, num_blocks
+
+
+def _npkd(pool):
+    """[L, K, N, P, D] pools in the layout before, [L, N, P, K, D]."""
+    return jnp.transpose(pool, (0, 2, 3, 1, 4))
+
+
+def _flat_blocks(pool):
+    """A pool as float32 numpy blocks of all layers, [L * N, P, K, D], for the references."""
+    blocks = np.asarray(_npkd(pool).astype(jnp.float32))
+    return blocks.reshape(-1, *blocks.shape[2:])
 
 
 def _reference(q, k_pool, v_pool, tables, lengths, layer, num_blocks):
-    block_size = k_pool.shape[1]
+    block_size = k_pool.shape[3]
     positions = np.arange(tables.shape[1] * block_size)
     blocks = np.minimum(tables[:, positions // block_size], num_blocks - 1) + layer * num_blocks
-    k = np.asarray(k_pool.astype(jnp.float32))[blocks, positions % block_size]
-    v = np.asarray(v_pool.astype(jnp.float32))[blocks, positions % block_size]
+    k = _flat_blocks(k_pool)[blocks, positions % block_size]
+    v = _flat_blocks(v_pool)[blocks, positions % block_size]
     live = (positions[None, :] < np.asarray(lengths)[:, None])[..., None, None]
     k, v = np.where(live, k, 0), np.where(live, v, 0)
     lens = jnp.asarray(lengths, jnp.int32)
@@ -59,7 +75,7 @@ def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_si
                 (0, 3, True, True, False, False), (1, 4, False, True, False, False), (1, 1, False, False, True, False),
                 (0, 3, True, True, True, False), (1, 1, False, False, True, True), (0, 3, False, True, False, True)]
     for layer, splits, mask_tail_only, prefetch, transposed, row_gather in variants:
-        out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32), num_layers=2,
+        out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
                                      blocks_per_step=2, num_splits=splits, mask_tail_only=mask_tail_only,
                                      prefetch=prefetch, transposed=transposed, masked_loads=transposed,
                                      row_gather=row_gather, interpret=not ON_GPU)
@@ -70,17 +86,17 @@ def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_si
         assert not out[3].any(), "an empty sequence attends to nothing"
 
 
-def test_decode_kernel_in_the_knpd_layout_and_bfloat16():
+def test_decode_kernel_in_both_layouts_and_bfloat16():
     rng = np.random.default_rng(3)
     lengths = [17, 40]
     k, v, tables, num_blocks = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths,
                                              dtype=jnp.bfloat16, poison=False)
     q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.bfloat16)
     expected = _reference(q, k, v, tables, lengths, 1, num_blocks)
-    knpd = (jnp.transpose(k, (2, 0, 1, 3)), jnp.transpose(v, (2, 0, 1, 3)))  # [K, L*N, P, D]
-    for layout, (kp, vp) in (("NPKD", (k, v)), ("KNPD", knpd)):
-        out = paged_decode_attention(q, kp, vp, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32), num_layers=2,
-                                     layout=layout, blocks_per_step=4, interpret=not ON_GPU)
+    npkd = (_npkd(k), _npkd(v))  # [L, N, P, K, D]
+    for (layout, (kp, vp)), row_gather in itertools.product((("KNPD", (k, v)), ("NPKD", npkd)), (True, False)):
+        out = paged_decode_attention(q, kp, vp, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                     layout=layout, blocks_per_step=4, row_gather=row_gather, interpret=not ON_GPU)
         assert out.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=0)
 
@@ -119,14 +135,14 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
     for b, (n, c) in enumerate(zip(lengths, chunk)):
         positions[b, :c] = np.arange(n - c, n)
     outs = [np.asarray(paged_prefill_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
-                                               jnp.asarray(positions), num_layers=2, blocks_per_step=2, query_rows=32,
+                                               jnp.asarray(positions), blocks_per_step=2, query_rows=32,
                                                row_gather=row_gather, interpret=not ON_GPU)) for row_gather in (False, True)]
     assert all(np.isfinite(out).all() for out in outs)
     block = np.asarray(tables)
     pos = np.arange(block.shape[1] * block_size)
     slots = np.minimum(block[:, pos // block_size], num_blocks - 1) + num_blocks
-    dense_k = jnp.asarray(np.nan_to_num(np.asarray(k)[slots, pos % block_size]))
-    dense_v = jnp.asarray(np.nan_to_num(np.asarray(v)[slots, pos % block_size]))
+    dense_k = jnp.asarray(np.nan_to_num(_flat_blocks(k)[slots, pos % block_size]))
+    dense_v = jnp.asarray(np.nan_to_num(_flat_blocks(v)[slots, pos % block_size]))
     expected = np.asarray(attend(q, dense_k, dense_v, jnp.asarray(positions), jnp.asarray(lengths, jnp.int32)))
     for out in outs:  # block gather, row gather (the default)
         for b, c in enumerate(chunk):
@@ -167,12 +183,13 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
                   mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step,
                   transposed=[None, True, False][int(rng.integers(3))],
                   masked_loads=[None, True, False][int(rng.integers(3))],
-                  row_gather=[None, True, False][int(rng.integers(3))])
+                  row_gather=bool(rng.random() < 0.7), layout="NPKD" if rng.random() < 0.25 else "KNPD")
+    pools = (k, v) if launch["layout"] == "KNPD" else (_npkd(k), _npkd(v))
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
 
     q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), dtype)
-    out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), lens, num_layers=2, interpret=not ON_GPU, **launch)
+    out = paged_decode_attention(q, *pools, layer, jnp.asarray(tables), lens, interpret=not ON_GPU, **launch)
     assert out.shape == q.shape and out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all(), launch
     expected = _reference(q, k, v, tables, lengths, layer, num_blocks)
     live = lengths > 0
@@ -186,14 +203,15 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     for b in range(batch):
         positions[b, : chunk[b]] = np.arange(lengths[b] - chunk[b], lengths[b])
     q = jnp.asarray(rng.standard_normal((batch, num_q, heads, head_dim)), dtype)
-    out = np.asarray(paged_prefill_attention(q, k, v, layer, jnp.asarray(tables), lens, jnp.asarray(positions),
-                                             num_layers=2, blocks_per_step=blocks_per_step,
+    out = np.asarray(paged_prefill_attention(q, *pools, layer, jnp.asarray(tables), lens, jnp.asarray(positions),
+                                             blocks_per_step=blocks_per_step,
                                              query_rows=int(rng.choice([16, 32, 64] + [128] * (row_bytes <= 256))),
-                                             row_gather=launch["row_gather"] is not False, interpret=not ON_GPU),
+                                             row_gather=launch["row_gather"], layout=launch["layout"],
+                                             interpret=not ON_GPU),
                      np.float32)
     pos = np.arange(max_blocks * block_size)
     slots = np.minimum(tables[:, pos // block_size], num_blocks - 1) + layer * num_blocks
-    dense = [jnp.asarray(np.nan_to_num(np.asarray(pool.astype(jnp.float32))[slots, pos % block_size])) for pool in (k, v)]
+    dense = [jnp.asarray(np.nan_to_num(_flat_blocks(pool)[slots, pos % block_size])) for pool in (k, v)]
     expected = np.asarray(attend(q.astype(jnp.float32), *dense, jnp.asarray(positions), lens))
     real = positions >= 0
     assert np.isfinite(out).all()
@@ -209,16 +227,16 @@ def test_kernels_refuse_a_pool_beyond_32_bit_offsets_and_the_model_falls_back():
 
     kv_heads, head_dim, block_size = 8, 128, 16
     blocks = 2**31 // (block_size * kv_heads * head_dim) + 1
-    pool = jax.ShapeDtypeStruct((blocks, block_size, kv_heads, head_dim), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((1, kv_heads, blocks, block_size, head_dim), jnp.bfloat16)
     tables, lengths = jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
     q = jax.ShapeDtypeStruct((2, 32, head_dim), jnp.bfloat16)
     with pytest.raises(ValueError, match="32-bit"):
-        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, num_layers=1), q, pool, pool,
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n), q, pool, pool,
                        tables, lengths)
     q = jax.ShapeDtypeStruct((2, 3, 32, head_dim), jnp.bfloat16)
     positions = jax.ShapeDtypeStruct((2, 3), jnp.int32)
     with pytest.raises(ValueError, match="32-bit"):
-        jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p, num_layers=1), q, pool,
+        jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p), q, pool,
                        pool, tables, lengths, positions)
 
     def traced_attention(num_blocks):
@@ -233,7 +251,7 @@ def test_kernels_refuse_a_pool_beyond_32_bit_offsets_and_the_model_falls_back():
     assert ("pallas_call" in traced_attention(64)) == ON_GPU
 
 
-_GOOD = dict(q=((2, 4, 64), jnp.float32), k=((16, 8, 2, 64), jnp.float32), v=((16, 8, 2, 64), jnp.float32),
+_GOOD = dict(q=((2, 4, 64), jnp.float32), k=((2, 2, 8, 8, 64), jnp.float32), v=((2, 2, 8, 8, 64), jnp.float32),
              tables=((2, 4), jnp.int32), lengths=((2,), jnp.int32))
 
 
@@ -243,8 +261,8 @@ _GOOD = dict(q=((2, 4, 64), jnp.float32), k=((16, 8, 2, 64), jnp.float32), v=((1
     (dict(q=((3, 4, 64), jnp.float32)), "block_tables must be integers of shape"),
     (dict(lengths=((1,), jnp.int32)), "lengths must be integers of shape"),
     (dict(tables=((2, 4), jnp.float32)), "block_tables must be integers"),
-    (dict(v=((16, 8, 2, 32), jnp.float32)), "k_pool and v_pool differ"),
-    (dict(k=((15, 8, 2, 64), jnp.float32), v=((15, 8, 2, 64), jnp.float32)), "do not split into num_layers=2"),
+    (dict(v=((2, 2, 8, 8, 32), jnp.float32)), "k_pool and v_pool differ"),
+    (dict(k=((16, 8, 2, 64), jnp.float32), v=((16, 8, 2, 64), jnp.float32)), r"pools must be \[L, K, N, P, D\]"),
 ])
 def test_kernels_reject_inconsistent_inputs_with_a_clear_error(change, message):
     """Inputs the kernels would read out of bounds or group wrongly fail while tracing, saying what is wrong."""
@@ -252,17 +270,16 @@ def test_kernels_reject_inconsistent_inputs_with_a_clear_error(change, message):
 
     spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in {**_GOOD, **change}.items()}
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, num_layers=2), spec["q"],
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n), spec["q"],
                        spec["k"], spec["v"], spec["tables"], spec["lengths"])
     q = jax.ShapeDtypeStruct((spec["q"].shape[0], 3, *spec["q"].shape[1:]), jnp.float32)
     positions = jax.ShapeDtypeStruct((spec["q"].shape[0], 3), jnp.int32)
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p, num_layers=2), q,
+        jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p), q,
                        spec["k"], spec["v"], spec["tables"], spec["lengths"], positions)
 
 
 @pytest.mark.parametrize("options, layer, message", [
-    (dict(layout="KNPD", row_gather=True), 0, "NPKD only with row_gather"),
     (dict(layout="NKPD"), 0, "layout must be"),
     ({}, jnp.zeros((2,), jnp.int32), "layer must be a scalar integer"),
     ({}, jnp.float32(1), "layer must be a scalar integer"),
@@ -270,7 +287,7 @@ def test_kernels_reject_inconsistent_inputs_with_a_clear_error(change, message):
 def test_decode_kernel_rejects_a_bad_layout_or_layer(options, layer, message):
     spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in _GOOD.items()}
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, layer, t, n, num_layers=2, **options),
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, layer, t, n, **options),
                        spec["q"], spec["k"], spec["v"], spec["tables"], spec["lengths"])
 
 
@@ -284,10 +301,9 @@ def test_kernels_clamp_a_traced_layer_into_the_pools_layers():
     k, v, tables, _ = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths)
     q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
     args = (jnp.asarray(tables), jnp.asarray(lengths, jnp.int32))
-    decode = [np.asarray(paged_decode_attention(q, k, v, jnp.int32(layer), *args, num_layers=2,
+    decode = [np.asarray(paged_decode_attention(q, k, v, jnp.int32(layer), *args,
                                                 interpret=not ON_GPU)) for layer in (1, 5)]
     np.testing.assert_array_equal(decode[0], decode[1])
     positions = jnp.asarray([[19, 20], [7, 8]], jnp.int32)
-    prefill = [np.asarray(paged_prefill_attention(q[:, None].repeat(2, 1), k, v, jnp.int32(layer), *args, positions,
-                                                  num_layers=2, interpret=not ON_GPU)) for layer in (1, 5)]
+    prefill = [np.asarray(paged_prefill_attention(q[:, None].repeat(2, 1), k, v, jnp.int32(layer), *args, positions, interpret=not ON_GPU)) for layer in (1, 5)]
     np.testing.assert_array_equal(prefill[0], prefill[1])

@@ -13,7 +13,8 @@ Decode grid: (B, K, splits). Program (b, h, s) takes sequence b, kv head h, and 
 the sequence's blocks; it loads its G query heads straight from q (as 16 rows or more, the
 smallest Triton dot, the extra ones zero), then walks `blocks_per_step` blocks at a time with an
 online softmax. By default it gathers each step's K and V as [chunk, D] rows of positions (the
-pool viewed as rows, the block table giving each row's block), which Triton copies asynchronously
+pools viewed as rows, the block table giving each row's block; in jaxpaged's head-major pools,
+[L, K, N, P, D], one head's rows of a block are contiguous), which Triton copies asynchronously
 into shared memory, three steps in flight, and feeds to the dots from there; with head dim 128 the
 products are transposed (the chunk rather than the query rows as the dots' long side, so they
 become Hopper's wgmma). The alternative gathers whole [blocks, P, D] blocks, optionally issuing
@@ -25,7 +26,7 @@ are merged after the kernel.
 The prefill kernel masks only the steps that reach a causal limit or the length.
 
 Axis letters: B sequences, H query heads, K kv heads, G = H / K, D head dim, L layers,
-N blocks, P block size, M blocks per sequence.
+N blocks per layer, P block size, M blocks per sequence.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ _MIN_ROWS = 16  # Triton's smallest dot tile
 
 
 def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int, row_gather: int = 0):
-    """Where loop step `step`'s K/V are: its blocks' indices in the pool ([blocks]), or with
-    row_gather = P, the pool viewed as [L * N * P, D], its positions' rows ([blocks * P]). The
+    """Where loop step `step`'s K/V are: its blocks' indices in the pool as the kernel sees it
+    ([blocks]), or with row_gather = P, the pool viewed as rows of positions, its positions' rows
+    ([blocks * P]). layer_base: the pool index of block 0 of this program's layer (and head). The
     sentinel N reads a real block, then is masked."""
     if not row_gather:
         ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
@@ -160,10 +162,13 @@ def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, len
     return (ids_after, k_next, v_next), softmax
 
 
-def _layer_base(layer_ref, num_blocks: int, num_layers: int):
-    """The first block of the layer in layer_ref ([1] int32), clamped into the pools' layers. Computed
-    in the kernel: outside it, it would be one more launch per call."""
-    return jnp.clip(layer_ref[0], 0, num_layers - 1) * num_blocks
+def _layer_base(layer_ref, num_blocks: int, num_layers: int, flat_heads: int):
+    """Where block 0 of the layer in layer_ref ([1] int32, clamped into the pools' layers) lies in the
+    pool as the kernel sees it: for pools read flat, head-major (flat_heads = K), that layer's and
+    this program's kv head's (grid axis 1); else (flat_heads = 0: the BlockSpec picked the head)
+    the layer's. Computed in the kernel: outside it, it would be one more launch per call."""
+    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+    return ((layer * flat_heads + pl.program_id(1)) if flat_heads else layer) * num_blocks
 
 
 def _empty_carry(rows: int, head_dim: int):
@@ -173,8 +178,8 @@ def _empty_carry(rows: int, head_dim: int):
 
 def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
-            scale: float, mask_tail_only: bool, prefetch: bool, eviction_policy: str | None, transposed: bool,
-            masked_loads: bool, row_gather: bool):
+            flat_heads: int, scale: float, mask_tail_only: bool, prefetch: bool, eviction_policy: str | None,
+            transposed: bool, masked_loads: bool, row_gather: bool):
     """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
 
     It reads its G query heads straight from q ([H, D] of sequence b), as `rows` rows of which the
@@ -190,7 +195,7 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
     steps = tables_ref.shape[0] // blocks_per_step
     first_step = split * steps_per_split
     last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
-    layer_base = _layer_base(layer_ref, num_blocks, num_layers)
+    layer_base = _layer_base(layer_ref, num_blocks, num_layers, flat_heads)
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                   eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads,
@@ -232,21 +237,25 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
 _ONE_WAVE = 256  # programs: about two per SM of a 132-SM H100
 
 
-def default_launch(batch: int, kv_heads: int, head_dim: int, steps: int, itemsize: int = 2) -> tuple[int, bool]:
+def default_launch(batch: int, kv_heads: int, head_dim: int, steps: int, itemsize: int = 2,
+                   row_gather: bool = True) -> tuple[int, bool]:
     """The decode kernel's default splits per sequence and kv head, and whether the block gather
     prefetches.
 
-    Splits: enough for about one wave of programs, never more than the steps; then twice as many,
-    up to two waves, while each split keeps at least 64 steps (4096 positions). Prefetch: see
-    `default_prefetch`; never when the splits were doubled for a long context. Measured on an H100
-    with bfloat16 (benchmarks/tune_kernels.py, attention.py): each choice was the faster one at the
-    shapes of the attention benchmark (the splits also with the row gather: twice as many was 1-17%
-    slower at 15 of 16 shapes).
+    Splits: enough for about one wave of programs, never more than the steps; with the block
+    gather, then twice as many, up to two waves, while each split keeps at least 64 steps (4096
+    positions). Prefetch: see `default_prefetch`; never when the splits were doubled for a long
+    context. Measured on an H100 with bfloat16 (benchmarks/tune_kernels.py, attention.py): each
+    choice was the faster one at the shapes of the attention benchmark (twice the splits with the
+    row gather: 1-17% slower at 15 of 16 shapes). The doubling does not pay with the row gather:
+    one split read 2,822-3,020 GB/s against 2,718-2,959 doubled at the three shapes where it
+    applied (32 x 8192 at 32/8/128 and 32/8/64 heads, 128 x 8192 at 9/3/64; same run, rows from
+    NPKD pools), and 2,933-3,015 against 2,903-2,951 from head-major pools.
     """
     programs = batch * kv_heads
     splits = max(1, min(steps, -(-_ONE_WAVE // programs)))
     doubled = False
-    while programs * splits < 2 * _ONE_WAVE and steps // (2 * splits) >= 64:
+    while not row_gather and programs * splits < 2 * _ONE_WAVE and steps // (2 * splits) >= 64:
         splits, doubled = splits * 2, True
     return splits, not doubled and default_prefetch(programs * splits, head_dim * itemsize)
 
@@ -306,15 +315,12 @@ def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 6
 _MAX_POOL_SIZE = 2**31 - 1  # the kernels address a pool with 32-bit element offsets
 
 
-def _check_inputs(q, k_pool, v_pool, block_tables, lengths, q_positions=None, *, num_layers: int, kv_heads: int,
-                  total_blocks: int):
+def _check_inputs(q, k_pool, block_tables, lengths, q_positions=None, *, kv_heads: int):
     """Clear errors for inputs that the kernels would otherwise read out of bounds or group wrongly."""
     if k_pool.size > _MAX_POOL_SIZE:
         raise ValueError(f"a pool of {k_pool.size:,} elements {tuple(k_pool.shape)} is beyond the kernels' 32-bit "
                          f"offsets (at most {_MAX_POOL_SIZE:,}); use the reference path (jaxpaged.attention) "
                          "or fewer blocks")
-    if total_blocks % num_layers:
-        raise ValueError(f"the pools' {total_blocks} blocks do not split into num_layers={num_layers} layers")
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     if head_dim != k_pool.shape[-1] or heads % kv_heads:
         raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}: the head dims must agree and the "
@@ -336,50 +342,65 @@ def _layer_ref(layer) -> jax.Array:
     return layer.astype(jnp.int32).reshape(1)
 
 
-def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
-    """The pools as the kernels read them, their BlockSpec (kv head h on grid axis 1), and (L * N, P, K).
+LAYOUTS = {"KNPD": "[L, K, N, P, D]", "NPKD": "[L, N, P, K, D]"}
 
-    NPKD pools, [L * N, P, K, D], are read as they are, or with row_gather as [L * N * P, K, D] (a
-    free reshape: rows of positions); KNPD pools, [K, L * N, P, D], as they are.
+
+def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
+    """The pools as the kernels read them, their BlockSpec (whole pools, or kv head h on grid axis 1),
+    and the static sizes: (L, N, P, K, flat_heads, the pools viewed).
+
+    KNPD pools, [L, K, N, P, D] (jaxpaged's, head-major), are read flat, as [L * K * N * P, D] rows
+    of positions or [L * K * N, P, D] blocks, the kernel finding its layer's and kv head's blocks
+    (flat_heads = K); NPKD pools, [L, N, P, K, D] (the layout before), as [L * N * P, K, D] rows or
+    [L * N, P, K, D] blocks with head h picked by the BlockSpec (flat_heads = 0). Both views are free
+    reshapes.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
         raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} {k_pool.dtype}, {v_pool.shape} {v_pool.dtype}")
-    head_dim = k_pool.shape[-1]
-    if layout == "NPKD":
-        total_blocks, block_size, kv_heads, _ = k_pool.shape
-        spec = pl.BlockSpec((total_blocks, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
-        if row_gather:
-            k_pool, v_pool = (pool.reshape(total_blocks * block_size, kv_heads, head_dim) for pool in (k_pool, v_pool))
-            spec = pl.BlockSpec((total_blocks * block_size, None, head_dim), lambda b, h, s: (0, h, 0))
-    elif layout == "KNPD" and not row_gather:
-        kv_heads, total_blocks, block_size, _ = k_pool.shape
-        spec = pl.BlockSpec((None, total_blocks, block_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
+    if k_pool.ndim != 5:
+        raise ValueError(f"{layout} pools must be {LAYOUTS[layout]}, got {tuple(k_pool.shape)}")
+    if layout == "KNPD":
+        num_layers, kv_heads, num_blocks, block_size, head_dim = k_pool.shape
+        flat_heads = kv_heads
+        total = num_layers * kv_heads * num_blocks
+        shape = (total * block_size, head_dim) if row_gather else (total, block_size, head_dim)
+        spec = pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))
     else:
-        raise ValueError(f"layout must be 'NPKD' or 'KNPD' (NPKD only with row_gather), got {layout!r}")
-    return (k_pool, v_pool), spec, (total_blocks, block_size, kv_heads)
+        num_layers, num_blocks, block_size, kv_heads, head_dim = k_pool.shape
+        flat_heads = 0
+        total = num_layers * num_blocks
+        if row_gather:
+            shape = (total * block_size, kv_heads, head_dim)
+            spec = pl.BlockSpec((total * block_size, None, head_dim), lambda b, h, s: (0, h, 0))
+        else:
+            shape = (total, block_size, kv_heads, head_dim)
+            spec = pl.BlockSpec((total, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
+    pools = (k_pool.reshape(shape), v_pool.reshape(shape))
+    return pools, spec, (num_layers, num_blocks, block_size, kv_heads, flat_heads)
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers", "layout", "blocks_per_step", "num_splits", "num_warps",
+@functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "num_splits", "num_warps",
                                              "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "transposed",
                                              "masked_loads", "row_gather", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
-                           lengths: jax.Array, *, num_layers: int, layout: str = "NPKD", blocks_per_step: int | None = None,
+                           lengths: jax.Array, *, layout: str = "KNPD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
                            eviction_policy: str | None = None, transposed: bool | None = None,
-                           masked_loads: bool | None = None, row_gather: bool | None = None,
+                           masked_loads: bool | None = None, row_gather: bool = True,
                            interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
       q: [B, H, D].
-      k_pool, v_pool: all layers' pools, either "NPKD": [L * N, P, K, D] (jaxpaged's own
-        [L, N, P, K, D], reshaped for free) or "KNPD": [K, L * N, P, D] (jax's kernel's order).
-      layer: [] int, the layer to read (clamped into [0, L), as the reference path's gather does).
+      k_pool, v_pool: all layers' pools as the cache holds them, [L, K, N, P, D] (layout "KNPD",
+        jaxpaged's), or [L, N, P, K, D] ("NPKD", the layout before, kept for the comparison).
+      layer: [] int, the layer to read (clamped into [0, L)).
       block_tables: [B, M] int32 block ids; entries past a sequence's blocks may hold any id in
         [0, N] (N is the sentinel).
       lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
-      num_layers: L (static), to find layer `layer`'s blocks in the flat pool.
       blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth.
       num_splits: programs per sequence and kv head; default from the grid (`default_launch`). With
         one split the kernel writes the normalised output itself; with more, they are merged after it.
@@ -394,18 +415,16 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       masked_loads: V rows past the length load as zeros (a masked load) rather than being zeroed
         after the load (in interpret mode they are zeroed after it); default: with the row gather
         or the transposed products.
-      row_gather: gather K/V as [chunk, D] rows of the pools viewed as [L * N * P, K, D] (NPKD
-        only), instead of [blocks, P, D] blocks reshaped in the kernel; default: with NPKD.
+      row_gather: gather K/V as [chunk, D] rows of positions (the pools viewed as rows), instead of
+        [blocks, P, D] blocks reshaped in the kernel.
 
     Returns:
       [B, H, D] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
-    row_gather = layout == "NPKD" if row_gather is None else row_gather
-    (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, layout, row_gather)
-    _check_inputs(q, k_pool, v_pool, block_tables, lengths, num_layers=num_layers, kv_heads=kv_heads,
-                  total_blocks=total_blocks)
-    num_blocks = total_blocks // num_layers
+    (k_pool, v_pool), pool_spec, (num_layers, num_blocks, block_size, kv_heads, flat_heads) = _pool_view(
+        k_pool, v_pool, layout, row_gather)
+    _check_inputs(q, k_pool, block_tables, lengths, kv_heads=kv_heads)
     max_blocks = block_tables.shape[1]
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
     if max_blocks % blocks_per_step:
@@ -417,7 +436,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     if num_splits:
         splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, row_bytes)
     else:
-        splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)
+        splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize, row_gather)
     prefetch = auto_prefetch and not row_gather if prefetch is None else prefetch
     if transposed is None:
         transposed = default_transposed(prefetch, batch * kv_heads * splits, row_bytes, row_gather, splits)
@@ -428,7 +447,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     layer = _layer_ref(layer)
     kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
                                steps_per_split=steps_per_split, num_blocks=num_blocks, num_layers=num_layers,
-                               scale=head_dim**-0.5, mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
+                               flat_heads=flat_heads, scale=head_dim**-0.5, mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
                                transposed=transposed, masked_loads=masked_loads and not interpret,
                                row_gather=row_gather)
     if splits == 1:  # every program writes its G rows of sequence b's [H, D]
@@ -482,8 +501,8 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
 
 
 def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
-                    block_size: int, blocks_per_step: int, num_blocks: int, num_layers: int, scale: float,
-                    row_gather: bool):
+                    block_size: int, blocks_per_step: int, num_blocks: int, num_layers: int, flat_heads: int,
+                    scale: float, row_gather: bool):
     """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal.
 
     Loop steps wholly before every row's causal limit and inside the length run unmasked; the
@@ -494,7 +513,8 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     q_pos = q_pos_ref[...]  # [rows]; -1 marks a padding row
     chunk = blocks_per_step * block_size
     step = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
-                             layer_base=_layer_base(layer_ref, num_blocks, num_layers), length=length, q_pos=q_pos,
+                             layer_base=_layer_base(layer_ref, num_blocks, num_layers, flat_heads), length=length,
+                             q_pos=q_pos,
                              blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                              row_gather=block_size if row_gather else 0)
     last = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)
@@ -506,19 +526,20 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     o_ref[...] = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers", "blocks_per_step", "query_rows", "num_warps", "num_stages",
+@functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "query_rows", "num_warps", "num_stages",
                                              "row_gather", "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
-                            lengths: jax.Array, q_positions: jax.Array, *, num_layers: int,
+                            lengths: jax.Array, q_positions: jax.Array, *, layout: str = "KNPD",
                             blocks_per_step: int | None = None, query_rows: int | None = None, num_warps: int | None = None,
                             num_stages: int = 2, row_gather: bool = True, interpret: bool = False) -> jax.Array:
     """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
 
     Query t of sequence b sits at q_positions[b, t] and sees cached positions <= it and < lengths[b]
-    (its own K/V must already be in the pools). Pools in jaxpaged's layout, [L * N, P, K, D].
+    (its own K/V must already be in the pools).
 
     Args:
       q: [B, T, H, D].
+      k_pool, v_pool, layer, layout: as for `paged_decode_attention`.
       block_tables: [B, M] int32; lengths: [B] int32; q_positions: [B, T] int32 (-1: a padding query).
       blocks_per_step, query_rows, num_warps: the tile (blocks per loop step; rows, i.e. tokens x
         query heads of one kv head, per program, a power of two >= 16) and warps per program. By
@@ -533,10 +554,9 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       [B, T, H, D] in q's dtype; padding queries return zeros.
     """
     batch, num_q, num_heads, head_dim = q.shape
-    (k_pool, v_pool), pool_spec, (total_blocks, block_size, kv_heads) = _pool_view(k_pool, v_pool, "NPKD", row_gather)
-    _check_inputs(q, k_pool, v_pool, block_tables, lengths, q_positions, num_layers=num_layers, kv_heads=kv_heads,
-                  total_blocks=total_blocks)
-    num_blocks = total_blocks // num_layers
+    (k_pool, v_pool), pool_spec, (num_layers, num_blocks, block_size, kv_heads, flat_heads) = _pool_view(
+        k_pool, v_pool, layout, row_gather)
+    _check_inputs(q, k_pool, block_tables, lengths, q_positions, kv_heads=kv_heads)
     max_blocks = block_tables.shape[1]
     wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: smaller tiles fit shared memory
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions=64 if wide else 128)
@@ -562,8 +582,8 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
 
     layer = _layer_ref(layer)
     kernel = functools.partial(_prefill_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
-                               num_blocks=num_blocks, num_layers=num_layers, scale=head_dim**-0.5,
-                               row_gather=row_gather)
+                               num_blocks=num_blocks, num_layers=num_layers, flat_heads=flat_heads,
+                               scale=head_dim**-0.5, row_gather=row_gather)
     out = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_q_blocks),
