@@ -2,6 +2,7 @@
 # GPU sessions, in parts that each fit one call:
 #   bash benchmarks/gpu.sh OUTPUT_DIR kernels    # tests on the GPU's jax, then benchmarks/attention.py
 #   bash benchmarks/gpu.sh OUTPUT_DIR kernels128 # the same with only the 32/8/128 heads (heads64 does the others)
+#   bash benchmarks/gpu.sh OUTPUT_DIR decode     # kernel tests, then decode attention, all head shapes and sizes
 #   bash benchmarks/gpu.sh OUTPUT_DIR generate   # fixed-shape kernel tests, prefill attention, then benchmarks/generate.py:
 #                                                # llama-1b, kernels on and off
 #   bash benchmarks/gpu.sh OUTPUT_DIR heads64    # decode attention at every size with the llama-1b and SmolLM2 heads
@@ -11,8 +12,8 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR knpd       # the row gather from head-major (KNPD) pools, three head shapes
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -50,6 +51,12 @@ elif [ "$part" = kernels128 ]; then  # kernel tests, then the head-dim-128 decod
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   timeout 370 python3 benchmarks/attention.py --heads 32/8/128 --out-dir "$out" 2>&1 | grep -v Deprecation \
     | tee "$out/attention.txt"
+elif [ "$part" = decode ]; then  # kernel tests, then the decode sweep at all three head shapes, every size
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 170 python3 benchmarks/attention.py --heads 32/8/128 --only decode --out-dir "$out" 2>&1 \
+    | grep -v Deprecation | tee "$out/attention.txt"
+  timeout 260 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
+    --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

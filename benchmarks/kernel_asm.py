@@ -76,7 +76,7 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
-    return kept[-1]
+    return kept[0]  # the attention kernel (with splits, the merge kernel is lowered after it)
 
 
 def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
