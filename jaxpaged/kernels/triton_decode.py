@@ -488,6 +488,15 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     return _merge_splits(*out, splits=splits, group=group, num_heads=num_heads, dtype=q.dtype, interpret=interpret)
 
 
+def merge_warps(padded_splits: int, head_dim: int) -> int:
+    """Warps per program of the split merge: one up to 4,096 elements of o per program ([S', D]),
+    else 64 elements per thread (at most 16 warps). On an H100 (benchmarks/tune_merge.py) one warp
+    was the fastest or within 4% of it at all six shapes timed, 1.27-1.74 us; two, the first rule,
+    took 2.64 us at head dim 128 with 32 splits, where one took 1.50."""
+    elements = padded_splits * head_dim
+    return 1 if elements <= 4096 else min(16, elements // 2048)
+
+
 def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, group: int, splits: int):
     """One program: query head h of sequence b; grid (B, H). Its row of kv head h // G's partial
     results, o_ref [S', rows, D] and the running max and sum m_ref, l_ref [S', rows] (S' the splits
@@ -504,12 +513,13 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, group: int, splits: int):
     out_ref[...] = ((o * weight[:, None]).sum(axis=0) / total).astype(out_ref.dtype)
 
 
-def _merge_splits(o, m, l, *, splits: int, group: int, num_heads: int, dtype, interpret: bool) -> jax.Array:
+def _merge_splits(o, m, l, *, splits: int, group: int, num_heads: int, dtype, interpret: bool,
+                  num_warps: int | None = None) -> jax.Array:
     """The decode kernel's splits merged in one launch: o [B, K, S', rows, D], m and l [B, K, S', rows]
-    (S' >= splits, a power of two) -> [B, H, D] in dtype. On an H100 this takes 1.3-1.8 us (3.1 at
-    head dim 128 with 32 splits) where XLA's merge took one to four fusions, 1.3-5.2 us (BENCHMARKS.md)."""
+    (S' >= splits, a power of two) -> [B, H, D] in dtype. Where XLA merged them it took one to four
+    fusions, 1.3-5.2 us on an H100 (BENCHMARKS.md). Warps: `merge_warps`."""
     batch, kv_heads, padded, rows, head_dim = o.shape
-    warps = max(1, min(16, padded * head_dim // 2048))  # at most 64 elements of o per thread
+    warps = num_warps or merge_warps(padded, head_dim)
     return pl.pallas_call(
         functools.partial(_merge_kernel, group=group, splits=splits),
         grid=(batch, num_heads),
