@@ -22,7 +22,7 @@ def median_time(fn, inputs, rounds=5, calls=20, sync=None):
     `inputs` is a list of argument tuples used in turn (rotate over copies to defeat caches).
     """
     sync = sync or jax.block_until_ready
-    for args in inputs[:2]:
+    for args in inputs:  # warm-up: every input once
         sync(fn(*args))
     times = []
     for _ in range(rounds):
@@ -86,7 +86,10 @@ def device_kernel_times(trace_dir):
 
 
 def device_time(fn, inputs, calls=20, sync=None):
-    """Device time per call: `calls` back-to-back calls (inputs in turn) under the profiler, after warm-up.
+    """Device time per call: `calls` back-to-back calls (inputs in turn) under the profiler, after a
+    warm-up call on every input. (With only the first two warmed up, the first path timed on fresh
+    inputs took 0.2-0.4 us more per call than the same kernel timed after it, at the few-microsecond
+    decode shapes of one H100 run: BENCHMARKS.md.)
 
     The time the GPU was busy with the calls' kernels and copies (overlaps counted once), so neither
     the host's dispatch nor the gaps between launches count: what is left is what the calls cost
@@ -94,7 +97,7 @@ def device_time(fn, inputs, calls=20, sync=None):
     saw no device work.
     """
     sync = sync or jax.block_until_ready
-    for args in inputs[:2]:
+    for args in inputs:  # every input once (the first path timed on fresh inputs ran slower)
         sync(fn(*args))
     trace_dir = tempfile.mkdtemp()
     try:
