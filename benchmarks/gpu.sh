@@ -10,10 +10,12 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR rows2      # the row-gather variants' stages, warps, step and splits, three head shapes
 #   bash benchmarks/gpu.sh OUTPUT_DIR tune64     # the row gather at head dim 64: stages, 128-position steps, 2 warps
 #   bash benchmarks/gpu.sh OUTPUT_DIR knpd       # the row gather from head-major (KNPD) pools, three head shapes
+#   bash benchmarks/gpu.sh OUTPUT_DIR exp2       # prefill tiles and launch order, the decode gathers and splits,
+#                                                # against a copy of the kernel file before (benchmarks/kernel_before.py)
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -57,6 +59,17 @@ elif [ "$part" = decode ]; then  # kernel tests, then the decode sweep at all th
     | grep -v Deprecation | tee "$out/attention.txt"
   timeout 260 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"
+elif [ "$part" = exp2 ]; then  # the base-2 softmax, the prefill launch, the one-step gather and the splits
+  timeout 210 python3 benchmarks/tune_kernels.py --part prefill --previous kernel_before --out "$out/tune_prefill.json" \
+    2>&1 | grep -v Deprecation | tee "$out/tune_prefill.txt"
+  timeout 170 python3 benchmarks/tune_kernels.py --part decode --heads 9/3/64 --previous kernel_before \
+    --out "$out/tune_decode_9_3_64.json" --shapes 32x2048 8x8192 8x512 1x2048 \
+    --variants default rows blocks splits_x2 splits_x3 2>&1 | grep -v Deprecation | tee "$out/tune_decode_9_3_64.txt"
+  for heads in 32/8/64 32/8/128; do
+    timeout 85 python3 benchmarks/tune_kernels.py --part decode --heads $heads --previous kernel_before \
+      --out "$out/tune_decode_${heads//\//_}.json" --shapes 8x8192 1x2048 --variants default rows blocks \
+      2>&1 | grep -v Deprecation | tee "$out/tune_decode_${heads//\//_}.txt"
+  done
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

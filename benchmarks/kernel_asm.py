@@ -39,6 +39,8 @@ PATTERNS = {
     "mma.sync": r"mma\.sync",
     "wgmma": r"wgmma\.mma_async",
     "bar.sync": r"bar\.sync",
+    "ex2": r"ex2\.approx",
+    "f32_math": r"(?m)^\s*(?:fma|mul|add|sub|neg|max|min|ex2|cvt\.ftz\.sat|div|rcp)[\w.]*\.f32\b",  # float arithmetic
 }
 
 

@@ -5,10 +5,12 @@ bytes over the median time) of the default kernel and of the variants in DECODE_
 only the last step, loads issued a step ahead, more splits, ...), as device time per call
 (`timing.seconds_per_call`, torch alike) over enough input copies to miss the L2 cache; the
 default also as wall clock in a jitted loop.
-Prefill: tokens/s over query rows, blocks per step, warps and stages.
+Prefill: tokens/s (device time per call, torch SDPA causal alike) of the configurations in
+PREFILL_CONFIGS: query rows, blocks per step, warps, stages, launch order.
+--previous MODULE: an earlier copy of the kernel file (same signatures), timed beside with its defaults.
 
 Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all] [--heads 32/8/128]
-     [--variants NAME ...] [--shapes 32x2048 ...]
+     [--variants NAME ...] [--shapes 32x2048 ...] [--previous MODULE]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from attention import L2_BYTES, gather_blocks, make_inputs, npkd
 from jaxpaged.kernels import triton_decode
-from timing import median_time, median_time_in_loop, seconds_per_call
+from timing import median_time_in_loop, seconds_per_call
 
 DECODE_SHAPES = [(8, 8192), (32, 2048), (128, 512), (32, 8192), (128, 2048), (128, 8192), (1, 8192), (8, 2048)]
 _PLAIN = {"transposed": False, "masked_loads": False}
@@ -111,11 +113,25 @@ for _name, _options in DECODE_VARIANTS.items():  # a name means the same under l
             _options.setdefault("row_gather", False)
         if "knpd" not in _name:  # and those without "knpd" read the pools in the layout they were named in
             _options.setdefault("layout", "NPKD")
+DECODE_VARIANTS.update({  # more splits than the default launch (a factor of its splits)
+    "splits_x3": ("splits_x3", {}),
+    "splits_x4": ("splits_x4", {}),
+    "blocks": {"row_gather": False},
+    "rows": {"row_gather": True},
+    **{f"splits_{n}": {"num_splits": n} for n in (1, 2, 4, 6, 8)},  # a fixed number of splits
+})
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
-PREFILL_CONFIGS = [(64, 4, 4, 2), (128, 4, 4, 2), (128, 4, 4, 3), (128, 4, 8, 2), (128, 8, 8, 2), (128, 8, 8, 3),
-                   (256, 4, 8, 2), (256, 8, 8, 2),  # (query rows, blocks per step, warps, stages[, row gather])
-                   (128, 8, 8, 2, True), (128, 4, 8, 2, True), (128, 4, 8, 4, True)]
-# (128, 8, 8, 2), the default, compiles for sm_90 with register spills and (128, 4, 8, 2) without (kernel_asm.py)
+PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather throughout)
+    "default": {},
+    "light_first": {"heavy_first": False},
+    "heavy_first": {"heavy_first": True},
+    "rows128_bps8_warps8_stages3": {"query_rows": 128, "blocks_per_step": 8, "num_warps": 8, "num_stages": 3},
+    "rows128_bps4_warps8_stages2": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 8, "num_stages": 2},
+    "rows128_bps4_warps8_stages3": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 8, "num_stages": 3},
+    "rows128_bps4_warps4_stages3": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 4, "num_stages": 3},
+}
+# (128 rows x 8 blocks, 8 warps, 2 stages, the default, compiles for sm_90 with register spills and 4 blocks
+# without: kernel_asm.py)
 
 
 def _torch_sdpa_time(sets, causal=False):
@@ -159,18 +175,18 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
         for name, options in DECODE_VARIANTS.items():
             if variants and name not in variants:
                 continue
-            if isinstance(options, tuple):  # twice the default splits
-                options = {**options[1], "num_splits": auto_splits * 2}
-                if auto_splits * 2 > context // 16 // bps:
-                    continue
+            if isinstance(options, tuple):  # a multiple of the default splits ("splits_xF")
+                factor = int(options[0].rsplit("x", 1)[1])
+                options = {**options[1], "num_splits": auto_splits * factor}
+            if options.get("num_splits", 0) > context // 16 // bps:
+                continue
             if options.get("layout") == "NPKD" and npkd_args is None:
                 npkd_args = [(q, npkd(k), npkd(v), *rest) for q, k, v, *rest in args]
             record(name, functools.partial(triton_decode.paged_decode_attention, **options),
                    args=npkd_args if options.get("layout") == "NPKD" else args)
         record("default_wall_in_jitted_loop", triton_decode.paged_decode_attention, timer=median_time_in_loop)
-        if old_kernel is not None:  # an earlier kernel file takes NPKD pools of all layers as [L * N, P, K, D]
-            flat = [(q, *(npkd(p)[0] for p in (k, v)), *rest) for q, k, v, *rest in args]
-            record("previous_kernel", functools.partial(old_kernel.paged_decode_attention, num_layers=1), args=flat)
+        if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
+            record("previous_kernel", old_kernel.paged_decode_attention)
         dense = [(s["q"][:, :, None], gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"]))
                  for s in sets]
         result["GBps"]["torch_sdpa"] = kv_bytes / _torch_sdpa_time([(q.transpose(0, 2, 1, 3), k, v) for q, k, v in dense]) / 1e9
@@ -201,24 +217,22 @@ def tune_prefill(old_kernel):
         args = [(q, *pools, 0, tables, lengths, positions)]
         result = {"batch": batch, "context": context, "tokens_per_s": {}}
         reference = None
-        for rows_, bps, warps, stages, *row_gather in PREFILL_CONFIGS:
-            fn = functools.partial(triton_decode.paged_prefill_attention, query_rows=rows_,
-                                   blocks_per_step=bps, num_warps=warps, num_stages=stages, row_gather=bool(row_gather))
-            name = f"rows{rows_}_bps{bps}_warps{warps}_stages{stages}" + ("_row_gather" if row_gather else "")
+        kernels = {name: functools.partial(triton_decode.paged_prefill_attention, **options)
+                   for name, options in PREFILL_CONFIGS.items()}
+        if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
+            kernels["previous_kernel"] = old_kernel.paged_prefill_attention
+        for name, fn in kernels.items():
             try:
                 out = np.asarray(fn(*args[0]), np.float32)
                 reference = out if reference is None else reference
                 err = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-                seconds = median_time(fn, args, rounds=3, calls=5)
+                seconds, _, top = seconds_per_call(fn, args)
             except Exception as error:
                 print(f"  prefill B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
                 continue
             result["tokens_per_s"][name] = batch * context / seconds
             result.setdefault("rel_err_vs_first", {})[name] = err
-        if old_kernel is not None:
-            fn = functools.partial(old_kernel.paged_prefill_attention, num_layers=1)  # NPKD pools, as in tune_decode
-            flat = [(q, *(npkd(p)[0] for p in pools), 0, tables, lengths, positions)]
-            result["tokens_per_s"]["previous_kernel"] = batch * context / median_time(fn, flat, rounds=3, calls=5)
+            result.setdefault("kernels_us_per_call", {})[name] = top
         result["tokens_per_s"]["torch_sdpa"] = batch * context / _torch_sdpa_time([(q, k, v)], causal=True)
         rows.append(result)
         print(f"prefill B{batch} S{context}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),

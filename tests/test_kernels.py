@@ -183,7 +183,8 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
                   mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step,
                   transposed=[None, True, False][int(rng.integers(3))],
                   masked_loads=[None, True, False][int(rng.integers(3))],
-                  row_gather=bool(rng.random() < 0.7), layout="NPKD" if rng.random() < 0.25 else "KNPD")
+                  row_gather=[None, True, False][int(rng.choice(3, p=[0.4, 0.4, 0.2]))],
+                  layout="NPKD" if rng.random() < 0.25 else "KNPD")
     pools = (k, v) if launch["layout"] == "KNPD" else (_npkd(k), _npkd(v))
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
@@ -206,8 +207,8 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     out = np.asarray(paged_prefill_attention(q, *pools, layer, jnp.asarray(tables), lens, jnp.asarray(positions),
                                              blocks_per_step=blocks_per_step,
                                              query_rows=int(rng.choice([16, 32, 64] + [128] * (row_bytes <= 256))),
-                                             row_gather=launch["row_gather"], layout=launch["layout"],
-                                             interpret=not ON_GPU),
+                                             row_gather=launch["row_gather"] is not False, layout=launch["layout"],
+                                             heavy_first=bool(rng.random() < 0.3), interpret=not ON_GPU),
                      np.float32)
     pos = np.arange(max_blocks * block_size)
     slots = np.minimum(tables[:, pos // block_size], num_blocks - 1) + layer * num_blocks
@@ -277,6 +278,45 @@ def test_kernels_reject_inconsistent_inputs_with_a_clear_error(change, message):
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p), q,
                        spec["k"], spec["v"], spec["tables"], spec["lengths"], positions)
+
+
+def test_decode_kernel_gathers_whole_blocks_only_where_each_split_is_one_step():
+    """The default gather: rows of positions (the pools viewed [L * K * N * P, D]) where a split walks
+    several loop steps, whole blocks ([L * K * N, P, D]) where it walks one (`default_row_gather`)."""
+    def pool_operand_ndims(max_blocks):
+        pool = jax.ShapeDtypeStruct((1, 2, 64 * max_blocks, 16, 64), jnp.bfloat16)
+        q = jax.ShapeDtypeStruct((64, 4, 64), jnp.bfloat16)  # 64 x 2 programs: two splits by default
+        tables, lengths = jax.ShapeDtypeStruct((64, max_blocks), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n))(q, pool, pool, tables, lengths)
+        calls = [e for e in _pallas_calls(jaxpr.jaxpr) if e.params["name"] == "jaxpaged_decode"]
+        return [v.aval.ndim for v in calls[0].invars[-2:]]
+
+    assert pool_operand_ndims(8) == [3, 3], "2 steps in 2 splits: one step each, whole blocks"
+    assert pool_operand_ndims(64) == [2, 2], "16 steps in 2 splits: rows"
+
+
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation in a jaxpr, nested jaxprs (jit) included."""
+    calls = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            calls.append(eqn)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None:
+                calls += _pallas_calls(getattr(inner, "jaxpr", inner))
+    return calls
+
+
+def test_prefill_kernel_rejects_a_query_tile_that_is_not_a_power_of_two():
+    spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in _GOOD.items()}
+    q, positions = jax.ShapeDtypeStruct((2, 3, 4, 64), jnp.float32), jax.ShapeDtypeStruct((2, 3), jnp.int32)
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    for rows in (8, 48):
+        with pytest.raises(ValueError, match="query_rows must be a power of two >= 16"):
+            jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p, query_rows=rows), q,
+                           spec["k"], spec["v"], spec["tables"], spec["lengths"], positions)
 
 
 @pytest.mark.parametrize("options, layer, message", [

@@ -12,7 +12,8 @@ kernel is alone in this file so that a Mosaic GPU version can replace it.
 Decode grid: (B, K, splits). Program (b, h, s) takes sequence b, kv head h, and the s-th slice of
 the sequence's blocks; it loads its G query heads straight from q (as 16 rows or more, the
 smallest Triton dot, the extra ones zero), then walks `blocks_per_step` blocks at a time with an
-online softmax. By default it gathers each step's K and V as [chunk, D] rows of positions (the
+online softmax (in base 2: `_update`). Where a split walks more than one step (`default_row_gather`)
+it gathers each step's K and V as [chunk, D] rows of positions (the
 pools viewed as rows, the block table giving each row's block; in jaxpaged's head-major pools,
 [L, K, N, P, D], one head's rows of a block are contiguous), which Triton copies asynchronously
 into shared memory, three steps in flight, and feeds to the dots from there; with head dim 128 the
@@ -23,7 +24,8 @@ and their V rows are loaded as zeros (or zeroed after the load), so an unwritten
 (NaN, or another sequence's data) can not reach the output. With one
 split the program writes its G output rows in place, so the whole call is one launch; more splits
 are merged by a second, small kernel (one program per query head).
-The prefill kernel masks only the steps that reach a causal limit or the length.
+The prefill kernel reads q and writes its output in their [B, T, H, D] layout (no transpose around
+it) and masks only the steps that reach a causal limit or the length.
 
 Axis letters: B sequences, H query heads, K kv heads, G = H / K, D head dim, L layers,
 N blocks per layer, P block size, M blocks per sequence.
@@ -40,6 +42,11 @@ from jax.experimental.pallas import triton as plgpu
 
 _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot tile
+
+
+def _softmax_scale(head_dim: int) -> float:
+    """1 / sqrt(D) times log2(e): the kernels' softmax works in base 2 (`_update`)."""
+    return head_dim**-0.5 * 1.4426950408889634
 
 
 def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int, row_gather: int = 0):
@@ -79,6 +86,9 @@ def _live(step, length, chunk: int):
 def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False):
     """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
 
+    scale: the softmax scale times log2(e): the running max is kept in base-2 units, so each
+    probability is one fused multiply-add and one `exp2` (the hardware's ex2), where `exp` of the
+    scaled logits compiles to a longer libdevice sequence.
     q_pos: [rows] positions of the queries (causal limit), or None for decode (the length is the limit).
     masked: whether the chunk may reach past the length (or the causal limit). If so, positions at or
     past the length get probability 0 and their V rows are zeroed, so NaN or another sequence's data in
@@ -87,7 +97,7 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
     """
     o, m, l = carry
     chunk = k.shape[0]
-    logits = plgpu.dot(q, k.T) * scale  # [rows, chunk] float32
+    logits = plgpu.dot(q, k.T)  # [rows, chunk] float32, unscaled
     if masked:
         positions = step * chunk + jnp.arange(chunk)
         live = positions < length
@@ -95,9 +105,9 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
         logits = jnp.where(visible, logits, _MASK)
         if not v_zeroed:
             v = jnp.where(live[:, None], v, jnp.zeros_like(v))
-    m_new = jnp.maximum(m, logits.max(axis=-1))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(logits - m_new[:, None])
+    m_new = jnp.maximum(m, logits.max(axis=-1) * scale)
+    correction = jnp.exp2(m - m_new)
+    p = jnp.exp2(logits * scale - m_new[:, None])
     if masked and q_pos is not None:  # a padding or early query row can see nothing in a whole chunk: keep it at 0
         p = jnp.where(visible, p, 0.0)
     o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
@@ -114,15 +124,15 @@ def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: 
     """
     o_t, m, l = carry
     chunk = k.shape[0]
-    logits = plgpu.dot(k, q_t) * scale  # [chunk, rows] float32
+    logits = plgpu.dot(k, q_t)  # [chunk, rows] float32, unscaled
     if masked:
         live = _live(step, length, chunk)
         logits = jnp.where(live[:, None], logits, _MASK)
         if not v_zeroed:
             v = jnp.where(live[:, None], v, jnp.zeros_like(v))
-    m_new = jnp.maximum(m, logits.max(axis=0))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(logits - m_new[None, :])
+    m_new = jnp.maximum(m, logits.max(axis=0) * scale)
+    correction = jnp.exp2(m - m_new)
+    p = jnp.exp2(logits * scale - m_new[None, :])
     o_t = o_t * correction[None, :] + plgpu.dot(v.T, p.astype(v.dtype))
     return o_t, m_new, l * correction + p.sum(axis=0)
 
@@ -260,6 +270,16 @@ def default_launch(batch: int, kv_heads: int, head_dim: int, steps: int, itemsiz
     return splits, not doubled and default_prefetch(programs * splits, head_dim * itemsize)
 
 
+def default_row_gather(steps: int, splits: int) -> bool:
+    """Whether the decode kernel gathers rows of positions (rather than whole blocks): where a split
+    walks more than one loop step. Rows pay by keeping several steps' loads in flight (`default_stages`);
+    with one step per split there is nothing to overlap. Measured on an H100 with bfloat16, both forced
+    in the same run (benchmarks/attention.py): rows took 1.00-1.06x the block gather's time at the seven
+    shapes where each split walks one step (batch 1 with 512 and 2048 positions at 32/8/128, 32/8/64 and
+    9/3/64 heads, and 9/3/64 x 8 x 512), and 0.84-0.97x at all 29 others."""
+    return -(-steps // splits) > 1
+
+
 def default_prefetch(programs: int, row_bytes: int) -> bool:
     """Whether the decode kernel issues its loads a step ahead (K/V tiles held in registers).
 
@@ -389,7 +409,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
                            eviction_policy: str | None = None, transposed: bool | None = None,
-                           masked_loads: bool | None = None, row_gather: bool = True,
+                           masked_loads: bool | None = None, row_gather: bool | None = None,
                            interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
@@ -416,14 +436,13 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         after the load (in interpret mode they are zeroed after it); default: with the row gather
         or the transposed products.
       row_gather: gather K/V as [chunk, D] rows of positions (the pools viewed as rows), instead of
-        [blocks, P, D] blocks reshaped in the kernel.
+        [blocks, P, D] blocks reshaped in the kernel; default `default_row_gather`.
 
     Returns:
       [B, H, D] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
-    (k_pool, v_pool), pool_spec, (num_layers, num_blocks, block_size, kv_heads, flat_heads) = _pool_view(
-        k_pool, v_pool, layout, row_gather)
+    _, _, (_, _, block_size, kv_heads, _) = _pool_view(k_pool, v_pool, layout, row_gather=True)  # checks the layout
     _check_inputs(q, k_pool, block_tables, lengths, kv_heads=kv_heads)
     max_blocks = block_tables.shape[1]
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
@@ -433,6 +452,11 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     rows = max(_MIN_ROWS, 1 << (group - 1).bit_length())
     steps = max_blocks // blocks_per_step
     row_bytes = head_dim * k_pool.dtype.itemsize
+    if row_gather is None:
+        row_gather = default_row_gather(
+            steps, num_splits or default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)[0])
+    (k_pool, v_pool), pool_spec, (num_layers, num_blocks, _, _, flat_heads) = _pool_view(
+        k_pool, v_pool, layout, row_gather)
     if num_splits:
         splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, row_bytes)
     else:
@@ -447,7 +471,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     layer = _layer_ref(layer)
     kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
                                steps_per_split=steps_per_split, num_blocks=num_blocks, num_layers=num_layers,
-                               flat_heads=flat_heads, scale=head_dim**-0.5, mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
+                               flat_heads=flat_heads, scale=_softmax_scale(head_dim), mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
                                transposed=transposed, masked_loads=masked_loads and not interpret,
                                row_gather=row_gather)
     if splits == 1:  # every program writes its G rows of sequence b's [H, D]
@@ -508,7 +532,7 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, group: int, splits: int):
     m = plgpu.load(m_ref.at[:, row], mask=real, other=_MASK)
     l = plgpu.load(l_ref.at[:, row], mask=real, other=0.0)
     o = plgpu.load(o_ref.at[:, row, :], mask=jnp.broadcast_to(real[:, None], (padded, head_dim)), other=0.0)
-    weight = jnp.exp(m - m.max())  # [S']
+    weight = jnp.exp2(m - m.max())  # [S'] (the maxima are in base-2 units, as `_update` keeps them)
     total = jnp.maximum((l * weight).sum(), jnp.finfo(jnp.float32).tiny)
     out_ref[...] = ((o * weight[:, None]).sum(axis=0) / total).astype(out_ref.dtype)
 
@@ -544,16 +568,34 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
 
 
 def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
-                    block_size: int, blocks_per_step: int, num_blocks: int, num_layers: int, flat_heads: int,
-                    scale: float, row_gather: bool):
-    """One program: a block of query rows (tokens x heads of one kv head) of one sequence, causal.
+                    group: int, group_pad: int, tokens: int, num_q_blocks: int, heavy_first: bool, block_size: int,
+                    blocks_per_step: int, num_blocks: int, num_layers: int, flat_heads: int, scale: float,
+                    row_gather: bool):
+    """One program: `tokens` consecutive queries of one sequence x the G query heads of one kv head,
+    causal; grid (query blocks, K, B).
 
-    Loop steps wholly before every row's causal limit and inside the length run unmasked; the
-    rest mask. Padding rows (position -1) are zeroed at the end.
+    It reads its rows straight from q ([T, H, D] of sequence b) as [tokens, G', D] (G' = G padded to
+    a power of two; the padding heads and the tokens past T load as zeros), flattened to
+    [tokens * G', D] rows, and writes them back the same way into o ([T, H, D]), so no transpose
+    runs around the kernel. heavy_first: the query blocks run from the last (the longest causal
+    prefix) to the first. Loop steps wholly
+    before every row's causal limit and inside the length run unmasked; the rest mask. Padding
+    queries (position -1) return zeros.
     """
+    j = pl.program_id(0)
+    j = num_q_blocks - 1 - j if heavy_first else j
+    num_q, head_dim = q_ref.shape[0], q_ref.shape[-1]
+    first_token = j * tokens
+    in_prompt = first_token + jnp.arange(tokens) < num_q  # [tokens]
+    own_head = jnp.arange(group_pad) < group  # [G']
+    real = in_prompt[:, None] & own_head[None, :]  # [tokens, G']
+    window = (pl.ds(first_token, tokens), pl.ds(pl.program_id(1) * group, group_pad), slice(None))
+    real_3d = jnp.broadcast_to(real[:, :, None], (tokens, group_pad, head_dim))
+    q = plgpu.load(q_ref.at[window], mask=real_3d, other=0.0).reshape(tokens * group_pad, head_dim)
+    token_pos = plgpu.load(q_pos_ref.at[pl.ds(first_token, tokens)], mask=in_prompt, other=-1)
+    q_pos = jnp.where(own_head[None, :], token_pos[:, None], -1).reshape(tokens * group_pad)  # -1: a padding row
+
     length = lengths_ref[0]
-    q = q_ref[...]
-    q_pos = q_pos_ref[...]  # [rows]; -1 marks a padding row
     chunk = blocks_per_step * block_size
     step = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
                              layer_base=_layer_base(layer_ref, num_blocks, num_layers, flat_heads), length=length,
@@ -566,19 +608,22 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), _empty_carry(*q.shape))
     o, _, l = jax.lax.fori_loop(full, last, step, carry)
     o = o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]
-    o_ref[...] = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
+    o = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[window], o.reshape(tokens, group_pad, head_dim), mask=real_3d)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "query_rows", "num_warps", "num_stages",
-                                             "row_gather", "interpret"))
+                                             "row_gather", "heavy_first", "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                             lengths: jax.Array, q_positions: jax.Array, *, layout: str = "KNPD",
                             blocks_per_step: int | None = None, query_rows: int | None = None, num_warps: int | None = None,
-                            num_stages: int = 2, row_gather: bool = True, interpret: bool = False) -> jax.Array:
+                            num_stages: int = 2, row_gather: bool = True, heavy_first: bool = False,
+                            interpret: bool = False) -> jax.Array:
     """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
 
     Query t of sequence b sits at q_positions[b, t] and sees cached positions <= it and < lengths[b]
-    (its own K/V must already be in the pools).
+    (its own K/V must already be in the pools). One launch: the kernel reads q and writes the
+    output in their [B, T, H, D] layout.
 
     Args:
       q: [B, T, H, D].
@@ -592,6 +637,9 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       row_gather: gather K/V as [chunk, D] rows of positions, as the decode kernel does, rather than
         [blocks, P, D] blocks: 11.87 M against 11.39 M tokens/s at 8 x 2048, 4.28 M against 4.15 M
         at 1 x 8192 (H100, bfloat16, 32/8/128 heads, same run of tune_kernels.py).
+      heavy_first: launch the query blocks with the longest causal prefix first, rather than in
+        order: 1.5-2% slower on an H100 at both shapes of tune_kernels.py (16.82 M against 17.13 M
+        tokens/s at 8 x 2048, 5.23 M against 5.30 M at 1 x 8192, bfloat16, 32/8/128 heads).
 
     Returns:
       [B, T, H, D] in q's dtype; padding queries return zeros.
@@ -604,49 +652,36 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: smaller tiles fit shared memory
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions=64 if wide else 128)
     query_rows = query_rows or (64 if wide else 128)
+    if query_rows < _MIN_ROWS or query_rows & (query_rows - 1):
+        raise ValueError(f"query_rows must be a power of two >= {_MIN_ROWS}, got {query_rows}")
     num_warps = num_warps or (4 if wide else 8)
     group = num_heads // kv_heads
     group_pad = 1 << (group - 1).bit_length()
-    tokens_per_program = max(1, query_rows // group_pad)
-    rows = max(_MIN_ROWS, tokens_per_program * group_pad)
-    num_q_blocks = -(-num_q // tokens_per_program)
-    padded_q = num_q_blocks * tokens_per_program
-
-    q = jnp.pad(q, ((0, 0), (0, padded_q - num_q), (0, 0), (0, 0)))
-    q = q.reshape(batch, num_q_blocks, tokens_per_program, kv_heads, group, head_dim)
-    q = jnp.pad(q, ((0, 0),) * 4 + ((0, group_pad - group), (0, 0)))
-    q = q.transpose(0, 3, 1, 2, 4, 5).reshape(batch, kv_heads, num_q_blocks, tokens_per_program * group_pad, head_dim)
-    q = jnp.pad(q, ((0, 0),) * 3 + ((0, rows - tokens_per_program * group_pad), (0, 0)))  # [B, K, nq, rows, D]
-    positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, padded_q - num_q)), constant_values=-1)
-    row_pos = jnp.repeat(positions.reshape(batch, num_q_blocks, tokens_per_program), group_pad, axis=2)
-    head_pad = (jnp.arange(tokens_per_program * group_pad) % group_pad) < group  # padded heads: no position
-    row_pos = jnp.where(head_pad[None, None, :], row_pos, -1)
-    row_pos = jnp.pad(row_pos, ((0, 0), (0, 0), (0, rows - tokens_per_program * group_pad)), constant_values=-1)
+    tokens = max(1, query_rows // group_pad)  # per program; rows = tokens * G' >= query_rows
+    num_q_blocks = -(-num_q // tokens)
 
     layer = _layer_ref(layer)
-    kernel = functools.partial(_prefill_kernel, block_size=block_size, blocks_per_step=blocks_per_step,
-                               num_blocks=num_blocks, num_layers=num_layers, flat_heads=flat_heads,
-                               scale=head_dim**-0.5, row_gather=row_gather)
-    out = pl.pallas_call(
+    kernel = functools.partial(_prefill_kernel, group=group, group_pad=group_pad, tokens=tokens,
+                               num_q_blocks=num_q_blocks, heavy_first=heavy_first, block_size=block_size,
+                               blocks_per_step=blocks_per_step, num_blocks=num_blocks, num_layers=num_layers,
+                               flat_heads=flat_heads, scale=_softmax_scale(head_dim), row_gather=row_gather)
+    sequence = pl.BlockSpec((None, num_q, num_heads, head_dim), lambda j, h, b: (b, 0, 0, 0))  # q and o of sequence b
+    return pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, num_q_blocks),
+        grid=(num_q_blocks, kv_heads, batch),  # the query blocks of one sequence and kv head launch together
         in_specs=[
-            pl.BlockSpec((1,), lambda b, h, j: (0,)),
-            pl.BlockSpec((1,), lambda b, h, j: (b,)),
-            pl.BlockSpec((None, max_blocks), lambda b, h, j: (b, 0)),
-            pl.BlockSpec((None, None, rows), lambda b, h, j: (b, j, 0)),
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
+            pl.BlockSpec((1,), lambda j, h, b: (0,)),
+            pl.BlockSpec((1,), lambda j, h, b: (b,)),
+            pl.BlockSpec((None, max_blocks), lambda j, h, b: (b, 0)),
+            pl.BlockSpec((None, num_q), lambda j, h, b: (b, 0)),
+            sequence,
             pool_spec,
             pool_spec,
         ],
-        out_specs=pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, num_q_blocks, rows, head_dim), q.dtype),
+        out_specs=sequence,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_prefill",
-    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), row_pos, q, k_pool, v_pool)
-
-    out = out[:, :, :, : tokens_per_program * group_pad].reshape(batch, kv_heads, num_q_blocks, tokens_per_program,
-                                                                  group_pad, head_dim)[:, :, :, :, :group]
-    out = out.transpose(0, 2, 3, 1, 4, 5).reshape(batch, padded_q, num_heads, head_dim)
-    return out[:, :num_q]
+    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q_positions.astype(jnp.int32), q,
+      k_pool, v_pool)
