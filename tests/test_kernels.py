@@ -308,6 +308,39 @@ def _pallas_calls(jaxpr):
     return calls
 
 
+def test_prefill_kernel_is_one_launch_on_q_as_it_comes():
+    """The prefill kernel reads q and writes its output as [B, T, H, D], ragged tokens and a group of
+    three heads included: no transpose, pad or slice around it."""
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    pool = jax.ShapeDtypeStruct((2, 3, 40, 16, 64), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((2, 37, 9, 64), jnp.bfloat16)  # 37 tokens: not a multiple of the tile
+    tables, lengths = jax.ShapeDtypeStruct((2, 8), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    positions = jax.ShapeDtypeStruct((2, 37), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p))(
+        q, pool, pool, tables, lengths, positions)
+    calls = _pallas_calls(jaxpr.jaxpr)
+    assert [c.params["name"] for c in calls] == ["jaxpaged_prefill"]
+    assert calls[0].outvars[0].aval.shape == q.shape
+    assert q.shape in [v.aval.shape for v in calls[0].invars]
+    primitives = _primitives(jaxpr.jaxpr)
+    assert not primitives & {"transpose", "pad", "slice", "dynamic_slice", "concatenate"}, primitives
+
+
+def _primitives(jaxpr):
+    """The primitives of a jaxpr outside pallas_call kernels, nested jaxprs (jit) included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None:
+                names |= _primitives(getattr(inner, "jaxpr", inner))
+    return names
+
+
 def test_prefill_kernel_rejects_a_query_tile_that_is_not_a_power_of_two():
     spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in _GOOD.items()}
     q, positions = jax.ShapeDtypeStruct((2, 3, 4, 64), jnp.float32), jax.ShapeDtypeStruct((2, 3), jnp.int32)

@@ -366,8 +366,8 @@ LAYOUTS = {"KNPD": "[L, K, N, P, D]", "NPKD": "[L, N, P, K, D]"}
 
 
 def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
-    """The pools as the kernels read them, their BlockSpec (whole pools, or kv head h on grid axis 1),
-    and the static sizes: (L, N, P, K, flat_heads, the pools viewed).
+    """The pools as the kernels read them, their BlockSpec (whole pools, or kv head h on grid axis 1,
+    which is the kv head in both kernels' grids), and the static sizes (L, N, P, K, flat_heads).
 
     KNPD pools, [L, K, N, P, D] (jaxpaged's, head-major), are read flat, as [L * K * N * P, D] rows
     of positions or [L * K * N, P, D] blocks, the kernel finding its layer's and kv head's blocks
@@ -386,17 +386,17 @@ def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
         flat_heads = kv_heads
         total = num_layers * kv_heads * num_blocks
         shape = (total * block_size, head_dim) if row_gather else (total, block_size, head_dim)
-        spec = pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))
+        spec = pl.BlockSpec(shape, lambda _, h, __: (0,) * len(shape))
     else:
         num_layers, num_blocks, block_size, kv_heads, head_dim = k_pool.shape
         flat_heads = 0
         total = num_layers * num_blocks
         if row_gather:
             shape = (total * block_size, kv_heads, head_dim)
-            spec = pl.BlockSpec((total * block_size, None, head_dim), lambda b, h, s: (0, h, 0))
+            spec = pl.BlockSpec((total * block_size, None, head_dim), lambda _, h, __: (0, h, 0))
         else:
             shape = (total, block_size, kv_heads, head_dim)
-            spec = pl.BlockSpec((total, block_size, None, head_dim), lambda b, h, s: (0, 0, h, 0))
+            spec = pl.BlockSpec((total, block_size, None, head_dim), lambda _, h, __: (0, 0, h, 0))
     pools = (k_pool.reshape(shape), v_pool.reshape(shape))
     return pools, spec, (num_layers, num_blocks, block_size, kv_heads, flat_heads)
 
