@@ -378,5 +378,6 @@ def test_kernels_clamp_a_traced_layer_into_the_pools_layers():
                                                 interpret=not ON_GPU)) for layer in (1, 5)]
     np.testing.assert_array_equal(decode[0], decode[1])
     positions = jnp.asarray([[19, 20], [7, 8]], jnp.int32)
-    prefill = [np.asarray(paged_prefill_attention(q[:, None].repeat(2, 1), k, v, jnp.int32(layer), *args, positions, interpret=not ON_GPU)) for layer in (1, 5)]
+    prefill = [np.asarray(paged_prefill_attention(q[:, None].repeat(2, 1), k, v, jnp.int32(layer), *args, positions,
+                                                  interpret=not ON_GPU)) for layer in (1, 5)]
     np.testing.assert_array_equal(prefill[0], prefill[1])

@@ -471,9 +471,9 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     layer = _layer_ref(layer)
     kernel = functools.partial(_kernel, group=group, rows=rows, block_size=block_size, blocks_per_step=blocks_per_step,
                                steps_per_split=steps_per_split, num_blocks=num_blocks, num_layers=num_layers,
-                               flat_heads=flat_heads, scale=_softmax_scale(head_dim), mask_tail_only=mask_tail_only, prefetch=prefetch, eviction_policy=eviction_policy,
-                               transposed=transposed, masked_loads=masked_loads and not interpret,
-                               row_gather=row_gather)
+                               flat_heads=flat_heads, scale=_softmax_scale(head_dim), mask_tail_only=mask_tail_only,
+                               prefetch=prefetch, eviction_policy=eviction_policy, transposed=transposed,
+                               masked_loads=masked_loads and not interpret, row_gather=row_gather)
     if splits == 1:  # every program writes its G rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
