@@ -10,7 +10,7 @@ PREFILL_CONFIGS: query rows, blocks per step, warps, stages, launch order.
 --previous MODULE: an earlier copy of the kernel file (same signatures), timed beside with its defaults.
 
 Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all] [--heads 32/8/128]
-     [--variants NAME ...] [--shapes 32x2048 ...] [--previous MODULE]
+     [--variants NAME ...] [--options JSON]... [--wall NAME ...] [--shapes 32x2048 ...] [--previous MODULE]
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def _torch_sdpa_time(sets, causal=False):
     return seconds_per_call(sdpa, torch_sets, sync=lambda _: torch.cuda.synchronize())[0]
 
 
-def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=None, shapes=DECODE_SHAPES):
+def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=None, shapes=DECODE_SHAPES,
+                wall_variants=()):
     rows = []
     for batch, context in shapes:
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
@@ -161,15 +162,17 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
         result = {"heads": f"{heads}/{kv_heads}/{head_dim}", "batch": batch, "context": context, "kv_bytes": kv_bytes,
                   "auto_splits": auto_splits, "GBps": {}}
 
-        def record(name, fn, timer=lambda fn, args: seconds_per_call(fn, args)[0], args=args):
+        def record(name, fn, timer=seconds_per_call, args=args):
             try:
                 out = np.asarray(fn(*args[0]), np.float32)
                 err = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-                seconds = timer(fn, args)
+                seconds, *kernels = timer(fn, args)
             except Exception as error:  # a configuration Triton can not compile
                 print(f"  B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
                 return
             result["GBps"][name] = kv_bytes / seconds / 1e9
+            if kernels:
+                result.setdefault("kernels_us_per_call", {})[name] = kernels[-1]
             result.setdefault("rel_err_vs_default", {})[name] = err
 
         for name, options in DECODE_VARIANTS.items():
@@ -182,9 +185,13 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
                 continue
             if options.get("layout") == "NPKD" and npkd_args is None:
                 npkd_args = [(q, npkd(k), npkd(v), *rest) for q, k, v, *rest in args]
-            record(name, functools.partial(triton_decode.paged_decode_attention, **options),
-                   args=npkd_args if options.get("layout") == "NPKD" else args)
-        record("default_wall_in_jitted_loop", triton_decode.paged_decode_attention, timer=median_time_in_loop)
+            fn = functools.partial(triton_decode.paged_decode_attention, **options)
+            record(name, fn, args=npkd_args if options.get("layout") == "NPKD" else args)
+            if name in wall_variants:
+                record(f"{name}_wall_in_jitted_loop", fn, timer=lambda fn, args: (median_time_in_loop(fn, args),),
+                       args=npkd_args if options.get("layout") == "NPKD" else args)
+        record("default_wall_in_jitted_loop", triton_decode.paged_decode_attention,
+               timer=lambda fn, args: (median_time_in_loop(fn, args),))
         if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
             record("previous_kernel", old_kernel.paged_decode_attention)
         dense = [(s["q"][:, :, None], gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"]))
@@ -246,16 +253,25 @@ def main():
     parser.add_argument("--part", choices=("decode", "prefill", "all"), default="all")
     parser.add_argument("--heads", default="32/8/128", help="decode head shape: query heads/kv heads/head dim")
     parser.add_argument("--previous", help="module name of an earlier kernel file to time beside the current one")
-    parser.add_argument("--variants", nargs="+", choices=list(DECODE_VARIANTS), help="decode variants to time (default all)")
+    parser.add_argument("--variants", nargs="+", choices=list(DECODE_VARIANTS), metavar="NAME",
+                        help="decode variants to time (default all; names in DECODE_VARIANTS)")
+    parser.add_argument("--options", action="append", default=[], metavar="JSON",
+                        help="a further decode variant as keyword arguments of paged_decode_attention, named by its "
+                             "text (repeatable)")
+    parser.add_argument("--wall", nargs="+", default=[], choices=list(DECODE_VARIANTS), metavar="NAME",
+                        help="variants also timed as wall clock in a jitted loop (launches and gaps included)")
     parser.add_argument("--shapes", nargs="+", help="decode shapes as BATCHxCONTEXT (default: the eight in DECODE_SHAPES)")
     args = parser.parse_args()
     old_kernel = importlib.import_module(args.previous) if args.previous else None
     rng = np.random.default_rng(0)
+    for text in args.options:
+        DECODE_VARIANTS[text] = json.loads(text)
+    variants = args.variants + args.options if args.variants else None
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if args.part in ("decode", "all"):
         heads, kv_heads, head_dim = (int(x) for x in args.heads.split("/"))
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else DECODE_SHAPES
-        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, args.variants, shapes)
+        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, variants, shapes, args.wall)
     if args.part in ("prefill", "all"):
         result["prefill"] = tune_prefill(old_kernel)
     with open(args.out, "w") as f:
