@@ -12,12 +12,10 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR knpd       # the row gather from head-major (KNPD) pools, three head shapes
 #   bash benchmarks/gpu.sh OUTPUT_DIR exp2       # prefill tiles and launch order, the decode gathers and splits,
 #                                                # against a copy of the kernel file before (benchmarks/kernel_before.py)
-#   bash benchmarks/gpu.sh OUTPUT_DIR merge      # GPU tests of the in-kernel split merge, then it against the merge
-#                                                # launch at 9/3/64 heads (merge2: at 32/8/64 and 32/8/128)
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|merge|merge2}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|merge|merge2}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -71,18 +69,6 @@ elif [ "$part" = exp2 ]; then  # the base-2 softmax, the prefill launch, the one
     timeout 85 python3 benchmarks/tune_kernels.py --part decode --heads $heads --previous kernel_before \
       --out "$out/tune_decode_${heads//\//_}.json" --shapes 8x8192 1x2048 --variants default rows blocks \
       2>&1 | grep -v Deprecation | tee "$out/tune_decode_${heads//\//_}.txt"
-  done
-elif [ "$part" = merge ]; then  # the split merge inside the decode kernel against its own launch: 9/3/64 heads
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "merged or random" 2>&1 | tail -n 15 \
-    | tee "$out/pytest_gpu.txt"
-  timeout 380 python3 benchmarks/tune_kernels.py --part decode --heads 9/3/64 --out "$out/merge_9_3_64.json" \
-    --shapes 32x2048 8x8192 32x8192 8x2048 1x8192 32x512 8x512 1x2048 --variants default launch_merge fused_merge \
-    fused_merge_splits_x2 --wall launch_merge fused_merge 2>&1 | grep -v Deprecation | tee "$out/merge_9_3_64.txt"
-elif [ "$part" = merge2 ]; then  # ... and at 32/8/64 and 32/8/128 heads (batch 8 or 1: the split shapes)
-  for heads in 32/8/64 32/8/128; do
-    timeout 280 python3 benchmarks/tune_kernels.py --part decode --heads $heads --out "$out/merge_${heads//\//_}.json" \
-      --shapes 8x8192 1x8192 8x2048 1x2048 8x512 --variants default launch_merge fused_merge fused_merge_splits_x2 \
-      --wall launch_merge fused_merge 2>&1 | grep -v Deprecation | tee "$out/merge_${heads//\//_}.txt"
   done
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \

@@ -119,11 +119,6 @@ DECODE_VARIANTS.update({  # more splits than the default launch (a factor of its
     "blocks": {"row_gather": False},
     "rows": {"row_gather": True},
     **{f"splits_{n}": {"num_splits": n} for n in (1, 2, 4, 6, 8)},  # a fixed number of splits
-    # the splits merged inside the decode kernel by the last to finish, or by a second launch
-    "fused_merge": {"fused_merge": True},
-    "launch_merge": {"fused_merge": False},
-    "fused_merge_splits_x2": ("splits_x2", {"fused_merge": True}),
-    "fused_merge_splits_x3": ("splits_x3", {"fused_merge": True}),
 })
 PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather throughout)

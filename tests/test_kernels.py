@@ -184,7 +184,6 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
                   transposed=[None, True, False][int(rng.integers(3))],
                   masked_loads=[None, True, False][int(rng.integers(3))],
                   row_gather=[None, True, False][int(rng.choice(3, p=[0.4, 0.4, 0.2]))],
-                  fused_merge=[None, True, False][int(rng.integers(3))],
                   layout="NPKD" if rng.random() < 0.25 else "KNPD")
     pools = (k, v) if launch["layout"] == "KNPD" else (_npkd(k), _npkd(v))
     lens = jnp.asarray(lengths, jnp.int32)
@@ -307,32 +306,6 @@ def _pallas_calls(jaxpr):
             if inner is not None:
                 calls += _pallas_calls(getattr(inner, "jaxpr", inner))
     return calls
-
-
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (32, 8, 128), (2, 2, 64)])
-def test_decode_splits_merged_in_the_kernel_match_the_merge_launch(heads, kv_heads, head_dim):
-    """The last split to arrive merges all of them inside the decode kernel: one launch, the same output
-    as the separate merge (3, 5 and 7 splits, the padded ones masked; an empty sequence gives zeros),
-    over repeated calls on new data (on a GPU, where the splits finish in any order)."""
-    rng = np.random.default_rng(heads)
-    lengths = [8 * 16, 16 * 16 - 3, 0, 37]
-    k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=head_dim, block_size=16,
-                                             lengths=lengths, max_blocks=16)
-    args = (1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32))
-    for splits, call in itertools.product((3, 5, 7), range(6 if ON_GPU else 1)):
-        q = jnp.asarray(rng.standard_normal((4, heads, head_dim)), jnp.float32)
-        expected = _reference(q, k, v, tables, lengths, 1, num_blocks)
-        fused, launched = (paged_decode_attention(q, k, v, *args, blocks_per_step=1, num_splits=splits,
-                                                  fused_merge=fused, interpret=not ON_GPU) for fused in (True, False))
-        np.testing.assert_allclose(np.asarray(fused), expected, atol=2e-3 if ON_GPU else 1e-5, rtol=0)
-        np.testing.assert_allclose(np.asarray(fused), np.asarray(launched), atol=1e-5, rtol=0)
-        assert not np.asarray(fused)[2].any(), "an empty sequence attends to nothing"
-    launches = {}
-    for fused in (True, False):
-        jaxpr = jax.make_jaxpr(lambda q, k, v: paged_decode_attention(q, k, v, *args, num_splits=3, fused_merge=fused,
-                                                                      interpret=not ON_GPU))(q, k, v)
-        launches[fused] = sorted(e.params["name"] for e in _pallas_calls(jaxpr.jaxpr))
-    assert launches == {True: ["jaxpaged_decode"], False: ["jaxpaged_decode", "jaxpaged_merge"]}
 
 
 def test_prefill_kernel_is_one_launch_on_q_as_it_comes():

@@ -189,7 +189,7 @@ def _empty_carry(rows: int, head_dim: int):
 def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
             flat_heads: int, scale: float, mask_tail_only: bool, prefetch: bool, eviction_policy: str | None,
-            transposed: bool, masked_loads: bool, row_gather: bool, interpret: bool):
+            transposed: bool, masked_loads: bool, row_gather: bool):
     """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
 
     It reads its G query heads straight from q ([H, D] of sequence b), as `rows` rows of which the
@@ -237,63 +237,11 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
     if len(out_refs) == 1:
         o = (o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]).astype(out_refs[0].dtype)
         plgpu.store(out_refs[0].at[head_rows], o, mask=real[:, None])
-    elif len(out_refs) == 3:
+    else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = o
         m_ref[...] = m
         l_ref[...] = l
-    else:  # out_refs[0] is the arrival counters as passed in (aliased to out_refs[-1])
-        _arrive_and_merge(o, m, l, *out_refs[1:], group=group, splits=pl.num_programs(2), interpret=interpret)
-
-
-def _arrive_and_merge(o, m, l, out_ref, o_ref, m_ref, l_ref, arrivals_ref, *, group: int, splits, interpret: bool):
-    """The split merge inside the decode kernel: every program stores its partial results (o [rows, D],
-    running max and sum m, l [rows]) into its split's slot of o_ref [S', rows, D], m_ref, l_ref [S', rows]
-    and counts itself in at arrivals_ref ([1] int32, this sequence's and kv head's counter, zero at the
-    launch); the last of the splits to arrive reads every split's G rows back, rescales them to their
-    common maximum and writes the G normalised rows into out_ref ([H, D] of the sequence).
-
-    Ordering: the barrier puts every thread's stores before the counter's atomic add, which is
-    acquire-release at GPU scope (the pattern of a CUDA grid barrier), so the last program sees the
-    others' stores (the acquire also invalidates the reader's L1). (interpret: the programs run one
-    at a time, with no barrier to lower.)
-    """
-    split = pl.program_id(2)
-    o_ref[split] = o
-    m_ref[split] = m
-    l_ref[split] = l
-    if not interpret:
-        plgpu.debug_barrier()
-    arrived = plgpu.atomic_add(arrivals_ref, (jnp.int32(0),), jnp.int32(1))
-    first_head = pl.program_id(1) * group
-
-    @pl.when(arrived == splits - 1)
-    def _merge():
-        padded, _, head_dim = o_ref.shape
-        group_pad = 1 << (group - 1).bit_length()
-        heads = pl.ds(0, group_pad)
-        real = jnp.arange(padded) < splits
-        real_2d = jnp.broadcast_to(real[:, None], (padded, group_pad))
-        m_all = plgpu.load(m_ref.at[:, heads], mask=real_2d, other=_MASK)  # [S', G']
-        l_all = plgpu.load(l_ref.at[:, heads], mask=real_2d, other=0.0)
-        m_max = m_all.max(axis=0)  # [G'] (base-2 units, as `_update` keeps them)
-        total = jnp.maximum((l_all * jnp.exp2(m_all - m_max[None, :])).sum(axis=0), jnp.finfo(jnp.float32).tiny)
-        per_load = max(1, min(padded, _MERGE_ELEMENTS // (group_pad * head_dim)))  # splits per load
-        acc = jnp.zeros((group_pad, head_dim), jnp.float32)
-        for first in range(0, padded, per_load):  # unrolled: every load is issued before the sums need it
-            some = pl.ds(first, per_load)
-            live = first + jnp.arange(per_load) < splits
-            weight = jnp.exp2(plgpu.load(m_ref.at[some, heads], mask=jnp.broadcast_to(live[:, None], (per_load, group_pad)),
-                                         other=_MASK) - m_max[None, :])  # [S'', G']
-            o_some = plgpu.load(o_ref.at[some, heads, :], mask=jnp.broadcast_to(live[:, None, None], (per_load, group_pad, head_dim)),
-                                other=0.0)  # [S'', G', D]
-            acc += (o_some * weight[:, :, None]).sum(axis=0)
-        own = jnp.arange(group_pad) < group
-        plgpu.store(out_ref.at[pl.ds(first_head, group_pad)],
-                    (acc / total[:, None]).astype(out_ref.dtype), mask=own[:, None])
-
-
-_MERGE_ELEMENTS = 8192  # of o read per load in the in-kernel merge: 64 float32 registers a thread at 4 warps
 
 
 _ONE_WAVE = 256  # programs: about two per SM of a 132-SM H100
@@ -455,14 +403,14 @@ def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
 
 @functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "num_splits", "num_warps",
                                              "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "transposed",
-                                             "masked_loads", "row_gather", "fused_merge", "interpret"))
+                                             "masked_loads", "row_gather", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, layout: str = "KNPD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
                            eviction_policy: str | None = None, transposed: bool | None = None,
                            masked_loads: bool | None = None, row_gather: bool | None = None,
-                           fused_merge: bool | None = None, interpret: bool = False) -> jax.Array:
+                           interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
@@ -489,9 +437,6 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         or the transposed products.
       row_gather: gather K/V as [chunk, D] rows of positions (the pools viewed as rows), instead of
         [blocks, P, D] blocks reshaped in the kernel; default `default_row_gather`.
-      fused_merge: with more than one split, the last split of each sequence and kv head to finish
-        merges them inside the decode kernel (`_arrive_and_merge`), rather than a second launch;
-        default `default_fused_merge`.
 
     Returns:
       [B, H, D] in q's dtype.
@@ -528,32 +473,22 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                steps_per_split=steps_per_split, num_blocks=num_blocks, num_layers=num_layers,
                                flat_heads=flat_heads, scale=_softmax_scale(head_dim), mask_tail_only=mask_tail_only,
                                prefetch=prefetch, eviction_policy=eviction_policy, transposed=transposed,
-                               masked_loads=masked_loads and not interpret, row_gather=row_gather, interpret=interpret)
-    if fused_merge is None:
-        fused_merge = default_fused_merge(splits)
-    padded = 1 << (splits - 1).bit_length()  # the splits' axis of the partial results, a power of two for the merge's loads
-    output = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))  # the G rows of sequence b's [H, D]
-    output_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
-    partial_shapes = [jax.ShapeDtypeStruct((batch, kv_heads, padded, rows, head_dim), jnp.float32),
-                      jax.ShapeDtypeStruct((batch, kv_heads, padded, rows), jnp.float32),
-                      jax.ShapeDtypeStruct((batch, kv_heads, padded, rows), jnp.float32)]
-    inputs, in_specs, aliases = [], [], {}
-    if splits == 1:  # every program writes its G rows
-        out_specs, out_shape = output, output_shape
-    elif not fused_merge:  # every program writes its unnormalised rows, running max and sum: merged after
-        out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-                     pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
-                     pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))]
-        out_shape = partial_shapes
-    else:  # ... into its sequence's and kv head's slots of all splits, counted in; the last merges
-        arrivals = pl.BlockSpec((None, 1), lambda b, h, s: (b, h))
-        out_specs = [output,
-                     pl.BlockSpec((None, None, padded, rows, head_dim), lambda b, h, s: (b, h, 0, 0, 0)),
-                     pl.BlockSpec((None, None, padded, rows), lambda b, h, s: (b, h, 0, 0)),
-                     pl.BlockSpec((None, None, padded, rows), lambda b, h, s: (b, h, 0, 0)),
-                     arrivals]
-        out_shape = [output_shape, *partial_shapes, jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
-        inputs, in_specs, aliases = [jnp.zeros((batch, kv_heads), jnp.int32)], [arrivals], {6: 4}
+                               masked_loads=masked_loads and not interpret, row_gather=row_gather)
+    if splits == 1:  # every program writes its G rows of sequence b's [H, D]
+        out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
+    else:  # every program writes its unnormalised rows, running max and sum; the splits' axis is
+        padded = 1 << (splits - 1).bit_length()  # padded to a power of two, for the merge's loads
+        out_specs = [
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, kv_heads, padded, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, padded, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, padded, rows), jnp.float32),
+        ]
     out = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, splits),
@@ -564,27 +499,17 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
             pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0)),  # q of sequence b
             pool_spec,
             pool_spec,
-            *in_specs,
         ],
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_decode",
-    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool, *inputs)
+    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool)
 
     if splits == 1:
         return out
-    if fused_merge:
-        return out[0]
     return _merge_splits(*out, splits=splits, group=group, num_heads=num_heads, dtype=q.dtype, interpret=interpret)
-
-
-def default_fused_merge(splits: int) -> bool:
-    """Whether the decode kernel merges its splits itself (`_arrive_and_merge`) rather than in a
-    second launch (`_merge_splits`)."""
-    return False
 
 
 def merge_warps(padded_splits: int, head_dim: int) -> int:
@@ -616,7 +541,11 @@ def _merge_splits(o, m, l, *, splits: int, group: int, num_heads: int, dtype, in
                   num_warps: int | None = None) -> jax.Array:
     """The decode kernel's splits merged in one launch: o [B, K, S', rows, D], m and l [B, K, S', rows]
     (S' >= splits, a power of two) -> [B, H, D] in dtype. Where XLA merged them it took one to four
-    fusions, 1.3-5.2 us on an H100 (BENCHMARKS.md). Warps: `merge_warps`."""
+    fusions, 1.3-5.2 us on an H100 (BENCHMARKS.md). Merged inside the decode kernel instead (the last
+    split of each sequence and kv head to finish, counted in by an atomic add, reading the others'
+    partial results back), the decode kernel took 1.3-3.3 us longer, about this launch's 1.3-1.8 us
+    or more, plus 0.9 us to zero the counters: 1.01-1.33x the time at all eight 9/3/64 shapes timed
+    (tune_kernels_fused_merge_9_3_64_H100.json). Warps: `merge_warps`."""
     batch, kv_heads, padded, rows, head_dim = o.shape
     warps = num_warps or merge_warps(padded, head_dim)
     return pl.pallas_call(
