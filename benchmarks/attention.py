@@ -122,7 +122,8 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
     from jaxpaged.kernels import triton_decode
 
     steps = blocks_per_seq // triton_decode.default_blocks_per_step(block_size, blocks_per_seq)
-    auto_splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, steps)
+    one_per_sm = triton_decode.default_one_per_sm(batch * kv_heads)  # one split, longer steps
+    auto_splits = 1 if one_per_sm else triton_decode.default_launch(batch, kv_heads, head_dim, steps)[0]
     args = [(x["q"], x["pool_k"], x["pool_v"], x["layer"], x["tables"], x["lengths"]) for x in sets]
     results = {}
     best = None
@@ -134,7 +135,7 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
         results[name] = time_jax(fn, args, None if params else "jaxpaged")
         if not params:
             row["jaxpaged_rel_err"] = err
-            row["jaxpaged_defaults"] = {"num_splits": auto_splits,
+            row["jaxpaged_defaults"] = {"num_splits": auto_splits, "one_per_sm": one_per_sm,
                                         "row_gather": triton_decode.default_row_gather(steps, auto_splits)}
             if not interpret:
                 row["jaxpaged_wall_seconds_in_jitted_loop"] = median_time_in_loop(fn, args)

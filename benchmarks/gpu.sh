@@ -12,10 +12,13 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR knpd       # the row gather from head-major (KNPD) pools, three head shapes
 #   bash benchmarks/gpu.sh OUTPUT_DIR exp2       # prefill tiles and launch order, the decode gathers and splits,
 #                                                # against a copy of the kernel file before (benchmarks/kernel_before.py)
+#   bash benchmarks/gpu.sh OUTPUT_DIR steps      # one split with 32 KB steps and 7 stages against the defaults
+#                                                # (steps2: at 72 to 192 programs, where one split starts to pay;
+#                                                # steps3: splits that make 96-128 programs of that kind)
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -54,7 +57,7 @@ elif [ "$part" = kernels128 ]; then  # kernel tests, then the head-dim-128 decod
   timeout 370 python3 benchmarks/attention.py --heads 32/8/128 --out-dir "$out" 2>&1 | grep -v Deprecation \
     | tee "$out/attention.txt"
 elif [ "$part" = decode ]; then  # kernel tests, then the decode sweep at all three head shapes, every size
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   timeout 170 python3 benchmarks/attention.py --heads 32/8/128 --only decode --out-dir "$out" 2>&1 \
     | grep -v Deprecation | tee "$out/attention.txt"
   timeout 260 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
@@ -70,6 +73,42 @@ elif [ "$part" = exp2 ]; then  # the base-2 softmax, the prefill launch, the one
       --out "$out/tune_decode_${heads//\//_}.json" --shapes 8x8192 1x2048 --variants default rows blocks \
       2>&1 | grep -v Deprecation | tee "$out/tune_decode_${heads//\//_}.txt"
   done
+elif [ "$part" = steps ]; then  # one split per sequence and kv head with 32 KB steps, several in flight
+  one='{"num_splits": 1, "num_stages": 7}'
+  timeout 190 python3 benchmarks/tune_kernels.py --part decode --heads 9/3/64 --out "$out/steps_9_3_64.json" \
+    --shapes 32x512 32x2048 32x8192 128x512 128x2048 128x8192 --variants default \
+    --options '{"num_splits": 1, "blocks_per_step": 8, "num_stages": 7}' --options '{"blocks_per_step": 8, "num_stages": 7}' \
+    --options '{"num_splits": 1, "blocks_per_step": 8}' --options "$one" 2>&1 | grep -v Deprecation | tee "$out/steps_9_3_64.txt"
+  timeout 190 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/64 --out "$out/steps_32_8_64.json" \
+    --shapes 8x2048 8x8192 32x512 32x2048 32x8192 128x2048 --variants default \
+    --options '{"num_splits": 1, "blocks_per_step": 8, "num_stages": 7}' --options '{"blocks_per_step": 8, "num_stages": 7}' \
+    --options '{"num_splits": 1, "blocks_per_step": 8}' --options "$one" 2>&1 | grep -v Deprecation | tee "$out/steps_32_8_64.txt"
+  timeout 170 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/128 --out "$out/steps_32_8_128.json" \
+    --shapes 8x2048 8x8192 32x2048 32x8192 128x2048 --variants default --options "$one" \
+    --options '{"num_splits": 1}' --options '{"num_stages": 7}' 2>&1 | grep -v Deprecation | tee "$out/steps_32_8_128.txt"
+elif [ "$part" = steps2 ]; then  # the same between 64 and 256 programs (without splits): where one split starts to pay
+  deep='{"num_splits": 1, "blocks_per_step": 8, "num_stages": 7}'
+  for heads in 9/3/64 32/8/64 32/8/128; do
+    case $heads in 9/3/64) shapes="24x2048 24x8192 48x2048 64x512 64x2048";; *) shapes="12x2048 16x512 16x2048 16x8192";; esac
+    [ $heads = 32/8/128 ] && deep='{"num_splits": 1, "num_stages": 7}'
+    timeout 150 python3 benchmarks/tune_kernels.py --part decode --heads $heads --out "$out/steps2_${heads//\//_}.json" \
+      --shapes $shapes --variants default splits_1 --options "$deep" 2>&1 | grep -v Deprecation \
+      | tee "$out/steps2_${heads//\//_}.txt"
+  done
+elif [ "$part" = steps3 ]; then  # split so that 96-132 programs run, with 32 KB steps and 7 stages, where fewer would
+  t=benchmarks/tune_kernels.py
+  timeout 100 python3 $t --part decode --heads 32/8/64 --out "$out/steps3_32_8_64_b8.json" --shapes 8x8192 8x2048 \
+    --variants default --options '{"num_splits": 2, "blocks_per_step": 8, "num_stages": 7}' 2>&1 | grep -v Deprecation
+  timeout 100 python3 $t --part decode --heads 32/8/64 --out "$out/steps3_32_8_64_b1.json" --shapes 1x8192 \
+    --variants default --options '{"num_splits": 12, "blocks_per_step": 8, "num_stages": 7}' \
+    --options '{"num_splits": 16, "blocks_per_step": 8, "num_stages": 7}' 2>&1 | grep -v Deprecation
+  timeout 100 python3 $t --part decode --heads 32/8/128 --out "$out/steps3_32_8_128_b8.json" --shapes 8x8192 8x2048 \
+    --variants default --options '{"num_splits": 2, "num_stages": 7}' 2>&1 | grep -v Deprecation
+  timeout 100 python3 $t --part decode --heads 9/3/64 --out "$out/steps3_9_3_64.json" --shapes 8x8192 32x8192 \
+    --variants default --options '{"num_splits": 4, "blocks_per_step": 8, "num_stages": 7}' \
+    --options '{"num_splits": 5, "blocks_per_step": 8, "num_stages": 7}' \
+    --options '{"num_splits": 1, "blocks_per_step": 8, "num_stages": 9}' \
+    --options '{"num_splits": 1, "blocks_per_step": 8, "num_stages": 7, "num_warps": 8}' 2>&1 | grep -v Deprecation
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

@@ -160,7 +160,8 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
         bps = triton_decode.default_blocks_per_step(16, context // 16)
         auto_splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, context // 16 // bps)
         result = {"heads": f"{heads}/{kv_heads}/{head_dim}", "batch": batch, "context": context, "kv_bytes": kv_bytes,
-                  "auto_splits": auto_splits, "GBps": {}}
+                  "auto_splits": auto_splits, "one_per_sm": triton_decode.default_one_per_sm(batch * kv_heads),
+                  "GBps": {}}
 
         def record(name, fn, timer=seconds_per_call, args=args):
             try:

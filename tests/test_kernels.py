@@ -285,14 +285,55 @@ def test_decode_kernel_gathers_whole_blocks_only_where_each_split_is_one_step():
     several loop steps, whole blocks ([L * K * N, P, D]) where it walks one (`default_row_gather`)."""
     def pool_operand_ndims(max_blocks):
         pool = jax.ShapeDtypeStruct((1, 2, 64 * max_blocks, 16, 64), jnp.bfloat16)
-        q = jax.ShapeDtypeStruct((64, 4, 64), jnp.bfloat16)  # 64 x 2 programs: two splits by default
-        tables, lengths = jax.ShapeDtypeStruct((64, max_blocks), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.int32)
+        q = jax.ShapeDtypeStruct((32, 4, 64), jnp.bfloat16)  # 32 x 2 programs: four splits by default
+        tables, lengths = jax.ShapeDtypeStruct((32, max_blocks), jnp.int32), jax.ShapeDtypeStruct((32,), jnp.int32)
         jaxpr = jax.make_jaxpr(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n))(q, pool, pool, tables, lengths)
         calls = [e for e in _pallas_calls(jaxpr.jaxpr) if e.params["name"] == "jaxpaged_decode"]
         return [v.aval.ndim for v in calls[0].invars[-2:]]
 
     assert pool_operand_ndims(8) == [3, 3], "2 steps in 2 splits: one step each, whole blocks"
-    assert pool_operand_ndims(64) == [2, 2], "16 steps in 2 splits: rows"
+    assert pool_operand_ndims(64) == [2, 2], "16 steps in 4 splits: rows"
+
+
+def _decode_launches(batch, kv_heads, head_dim, max_blocks=128, **options):
+    """(name, grid, num_stages) of each launch of the decode kernel's default path at this shape."""
+    pool = jax.ShapeDtypeStruct((1, kv_heads, batch * max_blocks, 16, head_dim), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((batch, 3 * kv_heads, head_dim), jnp.bfloat16)
+    tables, lengths = jax.ShapeDtypeStruct((batch, max_blocks), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, **options))(
+        q, pool, pool, tables, lengths)
+    return [(e.params["name"], tuple(e.params["grid_mapping"].grid), e.params["compiler_params"].num_stages)
+            for e in _pallas_calls(jaxpr.jaxpr)]
+
+
+def test_decode_kernel_runs_one_program_per_sm_from_96_to_132_programs():
+    """Where the sequences and kv heads alone make 96 to 132 programs (an H100's SMs), the default is one
+    split (no merge launch) walking 32 KiB steps with 7 stages; below and above, the split launch."""
+    assert _decode_launches(32, 3, 64) == [("jaxpaged_decode", (32, 3, 1), 7)]
+    assert _decode_launches(33, 4, 128) == [("jaxpaged_decode", (33, 4, 1), 7)]
+    assert _decode_launches(31, 3, 64)[0][1:] == ((31, 3, 3), 5), "93 programs: three splits"
+    assert [name for name, *_ in _decode_launches(31, 3, 64)] == ["jaxpaged_decode", "jaxpaged_merge"]
+    assert _decode_launches(48, 3, 64)[0][1:] == ((48, 3, 2), 5), "144 programs: two splits"
+    assert _decode_launches(32, 3, 64, num_splits=1) == [("jaxpaged_decode", (32, 3, 1), 5)], "as asked"
+
+
+def test_decode_kernel_with_one_program_per_sm_matches_the_reference():
+    """The one-program-per-SM launch (96 programs, 128-position steps) against the reference, ragged
+    lengths (0, one position, a partial step, the whole table) and NaN in every unused slot."""
+    rng = np.random.default_rng(96)
+    batch, heads, kv_heads, head_dim = 32, 9, 3, 64
+    lengths = rng.integers(0, 16 * 16 + 1, size=batch)
+    lengths[:4] = [0, 1, 16 * 16, 130]
+    k, v, tables, num_blocks = _random_cache(rng, batch=batch, kv_heads=kv_heads, head_dim=head_dim, block_size=16,
+                                             lengths=lengths.tolist(), max_blocks=16, num_layers=1, dtype=jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), jnp.bfloat16)
+    assert _decode_launches(batch, kv_heads, head_dim, max_blocks=16) == [("jaxpaged_decode", (batch, kv_heads, 1), 7)]
+    out = np.asarray(paged_decode_attention(q, k, v, 0, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                            interpret=not ON_GPU), np.float32)
+    expected = _reference(q, k, v, tables, lengths, 0, num_blocks)
+    assert np.isfinite(out).all()
+    assert _rel_err(out[1:], expected[1:]) < _REL_TOL[jnp.bfloat16]
+    assert not out[0].any(), "an empty sequence attends to nothing"
 
 
 def _pallas_calls(jaxpr):

@@ -10,20 +10,21 @@ like, and its ref gathers (`pool_ref[block_ids]`) express a page-table read in o
 kernel is alone in this file so that a Mosaic GPU version can replace it.
 
 Decode grid: (B, K, splits). Program (b, h, s) takes sequence b, kv head h, and the s-th slice of
-the sequence's blocks; it loads its G query heads straight from q (as 16 rows or more, the
-smallest Triton dot, the extra ones zero), then walks `blocks_per_step` blocks at a time with an
-online softmax (in base 2: `_update`). Where a split walks more than one step (`default_row_gather`)
-it gathers each step's K and V as [chunk, D] rows of positions (the
-pools viewed as rows, the block table giving each row's block; in jaxpaged's head-major pools,
-[L, K, N, P, D], one head's rows of a block are contiguous), which Triton copies asynchronously
-into shared memory, three steps in flight, and feeds to the dots from there; with head dim 128 the
-products are transposed (the chunk rather than the query rows as the dots' long side, so they
-become Hopper's wgmma). The alternative gathers whole [blocks, P, D] blocks, optionally issuing
-each step's loads one step ahead in registers. Positions at or past the length get probability 0
-and their V rows are loaded as zeros (or zeroed after the load), so an unwritten or freed slot
-(NaN, or another sequence's data) can not reach the output. With one
-split the program writes its G output rows in place, so the whole call is one launch; more splits
-are merged by a second, small kernel (one program per query head).
+the sequence's blocks; it loads its G query heads straight from q (as 16 rows or more, the smallest
+Triton dot, the extra ones zero), then walks `blocks_per_step` blocks at a time with an online
+softmax (in base 2: `_update`). Where the sequences and kv heads alone make about one program per
+SM, each gets one program walking longer steps instead of splits (`default_one_per_sm`). Where a
+split walks more than one step (`default_row_gather`) it gathers each step's K and V as [chunk, D]
+rows of positions (the pools viewed as rows, the block table giving each row's block; in jaxpaged's
+head-major pools, [L, K, N, P, D], one head's rows of a block are contiguous), which Triton copies
+asynchronously into shared memory, three steps in flight, and feeds to the dots from there; with
+head dim 128 the products are transposed (the chunk rather than the query rows as the dots' long
+side, so they become Hopper's wgmma). The alternative gathers whole [blocks, P, D] blocks,
+optionally issuing each step's loads one step ahead in registers. Positions at or past the length
+get probability 0 and their V rows are loaded as zeros (or zeroed after the load), so an unwritten
+or freed slot (NaN, or another sequence's data) can not reach the output. With one split the program
+writes its G output rows in place, so the whole call is one launch; more splits are merged by a
+second, small kernel (one program per query head).
 The prefill kernel reads q and writes its output in their [B, T, H, D] layout (no transpose around
 it) and masks only the steps that reach a causal limit or the length.
 
@@ -310,17 +311,41 @@ def default_transposed(prefetch: bool, programs: int, row_bytes: int, row_gather
     return prefetch and (row_bytes > 128 or programs > _ONE_WAVE)
 
 
-def default_stages(row_gather: bool, step_bytes: int) -> int:
+def default_stages(row_gather: bool, step_bytes: int, one_per_sm: bool = False) -> int:
     """Triton's num_stages for the decode loop: 5 with the row gather when a step's K and V tiles
     take at most 32 KiB (Triton then keeps three steps' tiles in flight in shared memory, 105 KB
-    at head dim 128 in bfloat16), else 2.
+    at head dim 128 in bfloat16), else 2; 7 with the row gather and one program per SM
+    (`default_one_per_sm`: 32 KiB steps, about 106 KB of shared memory at head dim 64).
 
     Measured on an H100 with bfloat16 at 32/8/128 heads and the six shapes of >= 64k positions
     (tune_kernels.py, same runs): with 5 stages the row gather read 2,742-3,030 GB/s against
     2,555-2,978 with 2 (two steps in flight) and 2,519-2,937 for the block gather with prefetch;
     in another run 2,746-3,038 against 2,578-3,014 with 7 (four steps, 138 KB: one program per SM).
     """
+    if row_gather and one_per_sm:
+        return 7
     return 5 if row_gather and step_bytes <= 32 * 1024 else 2
+
+
+_SMS = 132  # streaming multiprocessors of an H100 (SXM)
+_ONE_PER_SM_STEP_BYTES = 32 * 1024  # K and V of one loop step with one program per SM
+
+
+def default_one_per_sm(programs: int) -> bool:
+    """Whether the decode kernel, left to its defaults (no num_splits), gives each sequence and kv
+    head one program (no split, so no merge launch), on an SM of its own, and loop steps of 32 KiB
+    of K and V (128 positions at head dim 64 in 16 bits, 64 at 128) with 7 stages: where the
+    sequences and kv heads alone make from 96 programs up to one per SM (132 on an H100). Fewer leave
+    too many SMs idle; more put two programs on some SMs and one on others.
+
+    Measured on an H100 with bfloat16 against the split launch (tune_kernels.py, same runs): 1.01-1.25x
+    its bandwidth at all 11 shapes with 96 or 128 programs (9/3/64 heads x 32 sequences at 512,
+    2,048 and 8,192 positions; 32/8/64 and 32/8/128 x 12 sequences at 2,048 and x 16 at 512, 2,048
+    and 8,192), e.g. 2,400 against 2,225 GB/s at 9/3/64 x 32 x 2,048; 0.86-0.93x at 64 programs,
+    1.01x and 0.96x at 72, 0.95x at 144, 1.01x and 0.98x at 192, and 0.86-1.01x against the one
+    split of 64 positions and 5 stages at 256 programs and more.
+    """
+    return 96 <= programs <= _SMS
 
 
 def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
@@ -421,8 +446,10 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       block_tables: [B, M] int32 block ids; entries past a sequence's blocks may hold any id in
         [0, N] (N is the sentinel).
       lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
-      blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth.
-      num_splits: programs per sequence and kv head; default from the grid (`default_launch`). With
+      blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth, or 32 KiB
+        of K and V with one program per SM (`default_one_per_sm`).
+      num_splits: programs per sequence and kv head; default one where the sequences and kv heads
+        make 96 to 132 programs (`default_one_per_sm`), else from the grid (`default_launch`). With
         one split the kernel writes the normalised output itself; with more, they are merged after it.
       num_stages: Triton's software-pipelining depth; default `default_stages`.
       mask_tail_only: mask only the loop step that holds the length (the others are inside it);
@@ -445,13 +472,16 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     _, _, (_, _, block_size, kv_heads, _) = _pool_view(k_pool, v_pool, layout, row_gather=True)  # checks the layout
     _check_inputs(q, k_pool, block_tables, lengths, kv_heads=kv_heads)
     max_blocks = block_tables.shape[1]
-    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks)
+    row_bytes = head_dim * k_pool.dtype.itemsize
+    one_per_sm = num_splits is None and default_one_per_sm(batch * kv_heads)
+    num_splits = 1 if one_per_sm else num_splits
+    positions = _ONE_PER_SM_STEP_BYTES // (2 * row_bytes) if one_per_sm else 64
+    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions)
     if max_blocks % blocks_per_step:
         raise ValueError(f"the block-table width {max_blocks} must be a multiple of blocks_per_step={blocks_per_step}")
     group = num_heads // kv_heads
     rows = max(_MIN_ROWS, 1 << (group - 1).bit_length())
     steps = max_blocks // blocks_per_step
-    row_bytes = head_dim * k_pool.dtype.itemsize
     if row_gather is None:
         row_gather = default_row_gather(
             steps, num_splits or default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)[0])
@@ -465,7 +495,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     if transposed is None:
         transposed = default_transposed(prefetch, batch * kv_heads * splits, row_bytes, row_gather, splits)
     masked_loads = transposed or row_gather if masked_loads is None else masked_loads
-    num_stages = num_stages or default_stages(row_gather, 2 * blocks_per_step * block_size * row_bytes)
+    num_stages = num_stages or default_stages(row_gather, 2 * blocks_per_step * block_size * row_bytes, one_per_sm)
     steps_per_split = -(-steps // splits)
 
     layer = _layer_ref(layer)
