@@ -15,10 +15,11 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR steps      # one split with 32 KB steps and 7 stages against the defaults
 #                                                # (steps2: at 72 to 192 programs, where one split starts to pay;
 #                                                # steps3: splits that make 96-128 programs of that kind)
+#   bash benchmarks/gpu.sh OUTPUT_DIR tail       # the defaults with only the last step masked, transposed, evict-first
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -109,6 +110,13 @@ elif [ "$part" = steps3 ]; then  # split so that 96-132 programs run, with 32 KB
     --options '{"num_splits": 5, "blocks_per_step": 8, "num_stages": 7}' \
     --options '{"num_splits": 1, "blocks_per_step": 8, "num_stages": 9}' \
     --options '{"num_splits": 1, "blocks_per_step": 8, "num_stages": 7, "num_warps": 8}' 2>&1 | grep -v Deprecation
+elif [ "$part" = tail ]; then  # masking only the step that holds the length, with the row gather; transposed; evict-first
+  for heads in 9/3/64 32/8/64 32/8/128; do
+    timeout 150 python3 benchmarks/tune_kernels.py --part decode --heads $heads --out "$out/tail_${heads//\//_}.json" \
+      --shapes 32x8192 8x8192 32x2048 --variants default --options '{"mask_tail_only": true}' \
+      --options '{"transposed": true}' --options '{"eviction_policy": "evict_first"}' 2>&1 | grep -v Deprecation \
+      | tee "$out/tail_${heads//\//_}.txt"
+  done
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

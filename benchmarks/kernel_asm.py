@@ -45,9 +45,10 @@ PATTERNS = {
 
 
 def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: int, batch: int, context: int,
-              block_size: int = 16) -> str:
+              block_size: int = 16) -> tuple[str, int, int]:
     """The Triton IR (text) of the decode or prefill kernel for these shapes and options, lowered for
-    CUDA here. Prefill: T = context queries per sequence (a whole prompt)."""
+    CUDA here, with the num_warps and num_stages its launch passes to Triton. Prefill: T = context
+    queries per sequence (a whole prompt)."""
     from jax._src.pallas.triton import pallas_call_registration as registration  # (private: the lowering hook)
 
     kept = []
@@ -75,10 +76,25 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
         fn, args = (lambda q, k, v, t, n, p: attend(q, k, v, 0, t, n, p)), (q, pool, pool, tables, lengths, positions)
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_keep
     try:
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        traced = jax.jit(fn).trace(*args)
+        traced.lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
-    return kept[0]  # the attention kernel (with splits, the merge kernel is lowered after it)
+    params = _pallas_calls(traced.jaxpr.jaxpr)[0].params["compiler_params"]
+    return kept[0], params.num_warps, params.num_stages  # the attention kernel (a merge kernel is lowered after it)
+
+
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation in a jaxpr, nested jaxprs included, in order."""
+    calls = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            calls.append(eqn)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None:
+                calls += _pallas_calls(getattr(inner, "jaxpr", inner))
+    return calls
 
 
 def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
@@ -104,14 +120,6 @@ def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
             **{name: len(re.findall(pattern, ptx)) for name, pattern in PATTERNS.items()}}
 
 
-def _stages(kernel: str, options: dict, head_dim: int, block_size: int = 16) -> int:
-    """The num_stages the kernel would pass to Triton (the pools here in bfloat16)."""
-    if "num_stages" in options or kernel == "prefill":
-        return options.get("num_stages", 2)
-    step = options.get("blocks_per_step") or triton_decode.default_blocks_per_step(block_size, 1 << 20)
-    return triton_decode.default_stages(options.get("row_gather", True), 2 * step * block_size * head_dim * 2)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
@@ -131,12 +139,11 @@ def main():
     variants.update({text: json.loads(text) for text in args.options})
     rows = {}
     for name, options in variants.items():
-        ir = triton_ir(args.kernel, options, heads, kv_heads, head_dim, batch, context)
+        ir, warps, stages = triton_ir(args.kernel, options, heads, kv_heads, head_dim, batch, context)
         with tempfile.TemporaryDirectory() as scratch:
             keep_dir = os.path.join(args.out_dir, re.sub(r"\W+", "_", name).strip("_")) if args.out_dir else scratch
             os.makedirs(keep_dir, exist_ok=True)
-            warps = options.get("num_warps") or (4 if args.kernel == "decode" else 8)  # the kernels' defaults (bf16)
-            rows[name] = compile_ir(ir, warps, _stages(args.kernel, options, head_dim), keep_dir)
+            rows[name] = compile_ir(ir, warps, stages, keep_dir)
     columns = list(next(iter(rows.values())))
     print(f"{args.kernel}, {args.heads} heads, {args.shape}: Triton IR compiled by triton "
           + __import__("triton").__version__)
