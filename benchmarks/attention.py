@@ -43,6 +43,7 @@ from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill
 from timing import copy_ceiling, median_time, median_time_in_loop, seconds_per_call
 
 L2_BYTES = 50 * 2**20
+ATTENTION_JAX_GRID = ((8, 1), (8, 8), (16, 1), (16, 8))  # jax's kernel: (pages per compute block, k splits) tried
 
 
 def make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copies):
@@ -153,10 +154,8 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
 
     best = None
-    for ppcb in (8, 16):
-        for splits in (1, 8):
-            if blocks_per_seq % (ppcb * splits):
-                continue
+    for ppcb, splits in ATTENTION_JAX_GRID:
+        if blocks_per_seq % (ppcb * splits) == 0:
             fn = functools.partial(jax_paged, pages_per_compute_block=ppcb, k_splits=splits, interpret=interpret)
             # jax's kernel applies no 1/sqrt(D): the caller scales q (outside the timed call).
             args = [((x["q"].astype(jnp.float32) * head_dim**-0.5).astype(x["q"].dtype), x["pool_k"][0], x["pool_v"][0],
