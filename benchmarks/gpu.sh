@@ -2,7 +2,7 @@
 # GPU sessions, in parts that each fit one call:
 #   bash benchmarks/gpu.sh OUTPUT_DIR kernels    # tests on the GPU's jax, then benchmarks/attention.py
 #   bash benchmarks/gpu.sh OUTPUT_DIR kernels128 # the same with only the 32/8/128 heads (heads64 does the others)
-#   bash benchmarks/gpu.sh OUTPUT_DIR decode     # kernel tests, then decode attention, all head shapes and sizes
+#   bash benchmarks/gpu.sh OUTPUT_DIR decode     # kernel tests, then decode attention at 32/8/128 heads
 #   bash benchmarks/gpu.sh OUTPUT_DIR generate   # fixed-shape kernel tests, prefill attention, then benchmarks/generate.py:
 #                                                # llama-1b, kernels on and off
 #   bash benchmarks/gpu.sh OUTPUT_DIR heads64    # decode attention at every size with the llama-1b and SmolLM2 heads
@@ -58,12 +58,10 @@ elif [ "$part" = kernels128 ]; then  # kernel tests, then the head-dim-128 decod
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   timeout 370 python3 benchmarks/attention.py --heads 32/8/128 --out-dir "$out" 2>&1 | grep -v Deprecation \
     | tee "$out/attention.txt"
-elif [ "$part" = decode ]; then  # kernel tests, then the decode sweep at all three head shapes, every size
+elif [ "$part" = decode ]; then  # kernel tests, then the decode sweep at 32/8/128 heads (heads64: the other two)
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
-  timeout 170 python3 benchmarks/attention.py --heads 32/8/128 --only decode --out-dir "$out" 2>&1 \
+  timeout 380 python3 benchmarks/attention.py --heads 32/8/128 --only decode --out-dir "$out" 2>&1 \
     | grep -v Deprecation | tee "$out/attention.txt"
-  timeout 260 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
-    --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"
 elif [ "$part" = exp2 ]; then  # the base-2 softmax, the prefill launch, the one-step gather and the splits
   timeout 210 python3 benchmarks/tune_kernels.py --part prefill --previous kernel_before --out "$out/tune_prefill.json" \
     2>&1 | grep -v Deprecation | tee "$out/tune_prefill.txt"

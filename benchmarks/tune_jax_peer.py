@@ -1,10 +1,12 @@
 """How fair is the peer's tuning? jax's Pallas paged kernel (`jax.experimental.pallas.ops.gpu.paged_attention`)
 over a wide grid of its launch parameters, against the four settings that benchmarks/attention.py
-tries per shape, with jaxpaged's defaults timed on the same inputs in the same run.
+tried per shape until this comparison (EARLIER_SETTINGS), with jaxpaged's defaults timed on the same
+inputs in the same run.
 
 The grid: pages per compute block 4, 8, 16, 32 x k splits 1, 2, 4, 8, 16 (where they divide the
-block-table width) with the kernel's default 8 warps and 2 stages; then, from the best of those,
-4 warps, 3 stages, and both. Device time per call (`timing.seconds_per_call`) over enough input
+block-table width) with 8 warps and 2 stages (the kernel's defaults); then, from the best of those,
+4 warps, 3 stages, and both. (benchmarks/attention.py now tunes over the same grid:
+`attention.tune_jax_paged`.) Device time per call (`timing.seconds_per_call`) over enough input
 copies to miss the L2 cache; bfloat16, block size 16, every sequence at the full context.
 
 Run: python benchmarks/tune_jax_peer.py --out FILE [--heads 32/8/64 ...] [--shapes 8x8192 32x2048 ...] [--interpret]
@@ -23,12 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from attention import ATTENTION_JAX_GRID, L2_BYTES, make_inputs
+from attention import JAX_K_SPLITS, JAX_PAGES_PER_BLOCK, L2_BYTES, make_inputs
 from jaxpaged.kernels.triton_decode import paged_decode_attention
 from timing import seconds_per_call
 
-PAGES_PER_BLOCK = (4, 8, 16, 32)
-K_SPLITS = (1, 2, 4, 8, 16)
+EARLIER_SETTINGS = ((8, 1), (8, 8), (16, 1), (16, 8))  # (pages per compute block, k splits), 8 warps, 2 stages
 
 
 def setting_name(ppcb, splits, warps=8, stages=2):
@@ -62,7 +63,7 @@ def sweep(rng, heads, kv_heads, head_dim, batch, context, block_size=16, interpr
         except Exception as error:  # a setting the kernel refuses or Triton can not compile
             print(f"  {setting_name(ppcb, splits, warps, stages)}: {type(error).__name__}")
 
-    grid = [(p, k) for p, k in itertools.product(PAGES_PER_BLOCK, K_SPLITS) if blocks_per_seq % (p * k) == 0]
+    grid = [(p, k) for p, k in itertools.product(JAX_PAGES_PER_BLOCK, JAX_K_SPLITS) if blocks_per_seq % (p * k) == 0]
     for ppcb, splits in tqdm(grid, desc=f"{heads}/{kv_heads}/{head_dim} {batch}x{context}", leave=False):
         time_setting(ppcb, splits)
     if timed:
@@ -87,7 +88,7 @@ def main():
         batch, context = (int(x) for x in shape.split("x"))
         gbps = sweep(rng, heads, kv_heads, head_dim, batch, context, interpret=args.interpret)
         jax_best = max((v for k, v in gbps.items() if k != "jaxpaged"), default=float("nan"))
-        benchmark_grid = [setting_name(p, k) for p, k in ATTENTION_JAX_GRID]
+        benchmark_grid = [setting_name(p, k) for p, k in EARLIER_SETTINGS]
         jax_benchmark = max((gbps[k] for k in benchmark_grid if k in gbps), default=float("nan"))
         rows.append({"heads": head_shape, "batch": batch, "context": context, "GBps": gbps,
                      "jax_best_of_grid": jax_best, "jax_best_of_benchmark_settings": jax_benchmark})
