@@ -80,21 +80,19 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
         traced.lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
-    params = _pallas_calls(traced.jaxpr.jaxpr)[0].params["compiler_params"]
+    params = _first_launch_params(traced.jaxpr.jaxpr)
     return kept[0], params.num_warps, params.num_stages  # the attention kernel (a merge kernel is lowered after it)
 
 
-def _pallas_calls(jaxpr):
-    """Every pallas_call equation in a jaxpr, nested jaxprs included, in order."""
-    calls = []
+def _first_launch_params(jaxpr):
+    """The Triton compiler params (warps, stages) of the first pallas_call in a jaxpr, jits searched."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            calls.append(eqn)
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", None)
-            if inner is not None:
-                calls += _pallas_calls(getattr(inner, "jaxpr", inner))
-    return calls
+            return eqn.params["compiler_params"]
+        inner = eqn.params.get("jaxpr")
+        if inner is not None and (params := _first_launch_params(getattr(inner, "jaxpr", inner))) is not None:
+            return params
+    return None
 
 
 def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
