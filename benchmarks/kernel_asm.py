@@ -10,7 +10,7 @@ reported the same shared memory (22,528 / 55,296 bytes with / without prefetch) 
 registers where this gives 232 / 127 (triton 3.6.0, jax 0.10.2).
 
 Run: pip install triton; python benchmarks/kernel_asm.py [--kernel decode|prefill] [--heads 32/8/128] [--shape 32x2048]
-     [--variants NAME ...] [--options JSON ...] [--out-dir DIR]   (DIR keeps each variant's IR and PTX)
+     [--dtype float32] [--variants NAME ...] [--options JSON ...] [--out-dir DIR]   (DIR keeps each variant's IR and PTX)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ PATTERNS = {
 
 
 def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: int, batch: int, context: int,
-              block_size: int = 16) -> tuple[str, int, int]:
+              block_size: int = 16, dtype=jnp.bfloat16) -> tuple[str, int, int]:
     """The Triton IR (text) of the decode or prefill kernel for these shapes and options, lowered for
     CUDA here, with the num_warps and num_stages its launch passes to Triton. Prefill: T = context
     queries per sequence (a whole prompt)."""
@@ -62,15 +62,15 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
     blocks = batch * context // block_size
     layout = options.get("layout", "KNPD")
     shape = (1, kv_heads, blocks, block_size, head_dim) if layout == "KNPD" else (1, blocks, block_size, kv_heads, head_dim)
-    pool = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct(shape, dtype)
     tables = jax.ShapeDtypeStruct((batch, context // block_size), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     if kernel == "decode":
-        q = jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.bfloat16)
+        q = jax.ShapeDtypeStruct((batch, heads, head_dim), dtype)
         attend = functools.partial(triton_decode.paged_decode_attention, **options)
         fn, args = (lambda q, k, v, t, n: attend(q, k, v, 0, t, n)), (q, pool, pool, tables, lengths)
     else:
-        q = jax.ShapeDtypeStruct((batch, context, heads, head_dim), jnp.bfloat16)
+        q = jax.ShapeDtypeStruct((batch, context, heads, head_dim), dtype)
         positions = jax.ShapeDtypeStruct((batch, context), jnp.int32)
         attend = functools.partial(triton_decode.paged_prefill_attention, **options)
         fn, args = (lambda q, k, v, t, n, p: attend(q, k, v, 0, t, n, p)), (q, pool, pool, tables, lengths, positions)
@@ -123,6 +123,7 @@ def main():
     parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--heads", default="32/8/128", help="query heads/kv heads/head dim")
     parser.add_argument("--shape", default="32x2048", help="BATCHxCONTEXT (sets the default launch)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="q and pools")
     parser.add_argument("--variants", nargs="+", default=["default", "prefetch", "no_prefetch",
                                                           "transposed_masked_loads_prefetch", "transposed_no_prefetch"],
                         choices=[name for name, options in DECODE_VARIANTS.items() if isinstance(options, dict)],
@@ -137,7 +138,8 @@ def main():
     variants.update({text: json.loads(text) for text in args.options})
     rows = {}
     for name, options in variants.items():
-        ir, warps, stages = triton_ir(args.kernel, options, heads, kv_heads, head_dim, batch, context)
+        ir, warps, stages = triton_ir(args.kernel, options, heads, kv_heads, head_dim, batch, context,
+                                      dtype=jnp.dtype(args.dtype))
         with tempfile.TemporaryDirectory() as scratch:
             keep_dir = os.path.join(args.out_dir, re.sub(r"\W+", "_", name).strip("_")) if args.out_dir else scratch
             os.makedirs(keep_dir, exist_ok=True)

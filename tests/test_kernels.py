@@ -317,22 +317,24 @@ def test_decode_kernel_runs_one_program_per_sm_from_96_to_132_programs():
     assert _decode_launches(32, 3, 64, num_splits=1) == [("jaxpaged_decode", (32, 3, 1), 5)], "as asked"
 
 
-def test_decode_kernel_with_one_program_per_sm_matches_the_reference():
-    """The one-program-per-SM launch (96 programs, 128-position steps) against the reference, ragged
-    lengths (0, one position, a partial step, the whole table) and NaN in every unused slot."""
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_decode_kernel_with_one_program_per_sm_matches_the_reference(dtype):
+    """The one-program-per-SM launch (96 programs, steps of 32 KiB: 128 positions in bfloat16, 64 in
+    float32) against the reference, ragged lengths (0, one position, a partial step, the whole table)
+    and NaN in every unused slot."""
     rng = np.random.default_rng(96)
     batch, heads, kv_heads, head_dim = 32, 9, 3, 64
     lengths = rng.integers(0, 16 * 16 + 1, size=batch)
     lengths[:4] = [0, 1, 16 * 16, 130]
     k, v, tables, num_blocks = _random_cache(rng, batch=batch, kv_heads=kv_heads, head_dim=head_dim, block_size=16,
-                                             lengths=lengths.tolist(), max_blocks=16, num_layers=1, dtype=jnp.bfloat16)
-    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), jnp.bfloat16)
+                                             lengths=lengths.tolist(), max_blocks=16, num_layers=1, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), dtype)
     assert _decode_launches(batch, kv_heads, head_dim, max_blocks=16) == [("jaxpaged_decode", (batch, kv_heads, 1), 7)]
     out = np.asarray(paged_decode_attention(q, k, v, 0, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
                                             interpret=not ON_GPU), np.float32)
     expected = _reference(q, k, v, tables, lengths, 0, num_blocks)
     assert np.isfinite(out).all()
-    assert _rel_err(out[1:], expected[1:]) < _REL_TOL[jnp.bfloat16]
+    assert _rel_err(out[1:], expected[1:]) < _REL_TOL[dtype]
     assert not out[0].any(), "an empty sequence attends to nothing"
 
 
