@@ -8,6 +8,7 @@ Examples:
   python benchmarks/generate.py --preset tiny --batch-sizes 1 8
   python benchmarks/generate.py --preset smollm2-135m --batch-sizes 1 4          # real weights
   python benchmarks/generate.py --preset llama-1b --batch-sizes 1 32 128 --dtype bfloat16 --random-weights
+  python benchmarks/generate.py --preset smollm2-135m-random --batch-sizes 1 32 128 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def device_name() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="tiny, smollm2-135m or llama-1b (default tiny)")
+    parser.add_argument("--preset", default="tiny", help="tiny, smollm2-135m (real weights from the embedded file), smollm2-135m-random or llama-1b (default tiny)")
     parser.add_argument("--random-weights", action="store_true", help="random weights even for smollm2-135m")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])

@@ -17,10 +17,11 @@
 #                                                # steps3: splits that make 96-128 programs of that kind)
 #   bash benchmarks/gpu.sh OUTPUT_DIR tail       # the defaults with only the last step masked, transposed, evict-first
 #   bash benchmarks/gpu.sh OUTPUT_DIR jaxpeer    # jax's paged kernel over a wide grid of its launch parameters
+#   bash benchmarks/gpu.sh OUTPUT_DIR smollm2    # generation with SmolLM2-135M's shape, random weights, kernels on/off
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -119,6 +120,13 @@ elif [ "$part" = tail ]; then  # masking only the step that holds the length, wi
 elif [ "$part" = jaxpeer ]; then  # jax's paged kernel over a wide grid of its parameters, at the shapes nearest 1.5x
   timeout 560 python3 benchmarks/tune_jax_peer.py --out "$out/tune_jax_peer.json" --heads 32/8/64 9/3/64 32/8/128 \
     --shapes 8x8192 32x2048 128x512 2> "$out/tune_jax_peer.err" | tee "$out/tune_jax_peer.txt"
+elif [ "$part" = smollm2 ]; then  # generation with the embedded model's shape (random weights), kernels on, then off
+  for kernel in 1 0; do
+    JAXPAGED_KERNELS=$kernel timeout 280 python3 benchmarks/generate.py --preset smollm2-135m-random --dtype bfloat16 \
+      --batch-sizes 1 32 128 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/generate_smollm2_kernel$kernel.json" \
+      $([ $kernel = 1 ] && echo --plot "$out/generate_smollm2.png") 2>&1 | grep -v "it/s]" \
+      | tee "$out/generate_smollm2_kernel$kernel.txt"
+  done
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

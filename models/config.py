@@ -71,6 +71,11 @@ PRESETS: dict[str, ModelConfig] = {
     # Small enough for CPU tests: 2 layers, 4 query heads sharing 2 kv heads.
     "tiny": ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                         intermediate_size=128, rope_theta=10000.0, max_position_embeddings=1024),
+    # SmolLM2-135M's shape (the embedded model's; tests check it against the GGUF file) with random
+    # weights, for GPU benchmarks where the file does not go.
+    "smollm2-135m-random": ModelConfig(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                                       head_dim=64, intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                       max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,)),
     # Llama-3.2-1B's shape with random weights, for GPU benchmarks.
     "llama-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
                             head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -80,7 +85,8 @@ PRESET_NAMES = ("smollm2-135m", *PRESETS)  # smollm2-135m is read from the embed
 
 
 def preset(name: str, **changes: Any) -> ModelConfig:
-    """A named architecture: 'tiny', 'llama-1b', or 'smollm2-135m' (read from the embedded GGUF file)."""
+    """A named architecture: 'tiny', 'llama-1b', 'smollm2-135m' (read from the embedded GGUF file), or
+    'smollm2-135m-random' (its shape, fixed here, for random weights)."""
     if name == "smollm2-135m":
         from models.gguf_weights import default_gguf_path, read_gguf_config
 

@@ -17,6 +17,17 @@ def smollm2():
     return load_gguf()
 
 
+def test_the_random_weight_preset_has_the_embedded_models_shape():
+    """`smollm2-135m-random` (for GPU benchmarks, where the file does not go) is the file's architecture."""
+    import dataclasses
+
+    from models.config import preset
+
+    from_file, fixed = preset("smollm2-135m"), preset("smollm2-135m-random")
+    assert dataclasses.replace(from_file, rms_norm_eps=fixed.rms_norm_eps) == fixed
+    assert abs(from_file.rms_norm_eps - fixed.rms_norm_eps) < 1e-12  # the file stores it as float32
+
+
 def test_capital_of_france_is_paris(smollm2):
     model, tokenizer = smollm2
     result = generate(model, [tokenizer.encode("The capital of France is")], max_new_tokens=3)
