@@ -18,10 +18,11 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR tail       # the defaults with only the last step masked, transposed, evict-first
 #   bash benchmarks/gpu.sh OUTPUT_DIR jaxpeer    # jax's paged kernel over a wide grid of its launch parameters
 #   bash benchmarks/gpu.sh OUTPUT_DIR smollm2    # generation with SmolLM2-135M's shape, random weights, kernels on/off
+#   bash benchmarks/gpu.sh OUTPUT_DIR prefill_tiles  # the prefill kernel's tile configurations (tune_kernels.py)
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -127,6 +128,9 @@ elif [ "$part" = smollm2 ]; then  # generation with the embedded model's shape (
       $([ $kernel = 1 ] && echo --plot "$out/generate_smollm2.png") 2>&1 | grep -v "it/s]" \
       | tee "$out/generate_smollm2_kernel$kernel.txt"
   done
+elif [ "$part" = prefill_tiles ]; then  # the prefill kernel's tiles: 64-row (one warpgroup) tiles among them
+  timeout 400 python3 benchmarks/tune_kernels.py --part prefill --out "$out/tune_prefill_tiles.json" 2>&1 \
+    | grep -v Deprecation | tee "$out/tune_prefill_tiles.txt"
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

@@ -129,6 +129,11 @@ PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather 
     "rows128_bps4_warps8_stages2": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 8, "num_stages": 2},
     "rows128_bps4_warps8_stages3": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 8, "num_stages": 3},
     "rows128_bps4_warps4_stages3": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 4, "num_stages": 3},
+    # 64 query rows (one warpgroup), 64 positions: no spills, 82 KB of shared memory (kernel_asm.py)
+    "rows64_bps4_warps4_stages3": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 3},
+    "rows64_bps4_warps4_stages2": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 2},
+    "rows64_bps8_warps4_stages2": {"query_rows": 64, "blocks_per_step": 8, "num_warps": 4, "num_stages": 2},
+    "rows128_bps8_warps8_stages1": {"query_rows": 128, "blocks_per_step": 8, "num_warps": 8, "num_stages": 1},
 }
 # (128 rows x 8 blocks, 8 warps, 2 stages, the default, compiles for sm_90 with register spills and 4 blocks
 # without: kernel_asm.py)
