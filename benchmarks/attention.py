@@ -15,9 +15,11 @@ twice the splits) is recorded beside, and the kernel over the same pools in the 
 (NPKD, [L, N, P, K, D], against jaxpaged's head-major [L, K, N, P, D]). Effective bandwidth counts
 the K and V bytes read once. A device copy measured in the same run gives the ceiling.
 
-Also measured: prefill (causal, T = context) tokens/s of jaxpaged's prefill kernel and of its
-reference path, the cost of the decode KV write, and the write's in-place update (donation, HLO
-aliasing, temporary bytes).
+Also measured: prefill and chunked prefill (causal, a chunk of T tokens on a cached prefix, prefix 0
+for a whole prompt) tokens/s of jaxpaged's prefill kernel and of its reference path, against XLA
+dense attention and torch SDPA, and for whole prompts jax's own flash-attention kernels too (cuDNN's
+through jax.nn, Pallas on Triton and on Mosaic GPU, their tiles tuned per shape); the cost of the
+decode KV write, and the write's in-place update (donation, HLO aliasing, temporary bytes).
 
 Run: python benchmarks/attention.py --out-dir DIR   (add --quick for a small smoke test; --interpret on a CPU;
      --heads 32/8/64 9/3/64 --all-sizes --only decode for the other head shapes at every size)
@@ -45,6 +47,13 @@ from timing import copy_ceiling, median_time, median_time_in_loop, seconds_per_c
 L2_BYTES = 50 * 2**20
 JAX_PAGES_PER_BLOCK = (4, 8, 16, 32)  # jax's kernel: pages per compute block,
 JAX_K_SPLITS = (1, 2, 4, 8, 16)  # and k splits, tried per shape (`tune_jax_paged`)
+# prefill: (batch, cached prefix, chunk) with 32/8/128 heads; prefix 0 is a whole prompt
+PREFILL_SHAPES = ((8, 0, 2048), (1, 0, 8192), (8, 1536, 512), (1, 7168, 1024))
+# jax's Pallas flash attention (Triton lowering): (block_q, block_k, warps, stages) tried per shape
+PREFILL_MHA_SETTINGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+                        (64, 128, 4, 2), (128, 128, 8, 2), (128, 128, 8, 3))
+# jax's Mosaic GPU flash attention: (block_q, block_kv, max_concurrent_steps) tried per shape
+PREFILL_MGPU_SETTINGS = ((64, 64, 2), (64, 64, 3), (64, 64, 4), (64, 128, 2), (64, 128, 3), (128, 64, 2), (128, 128, 2))
 
 
 def make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copies):
@@ -226,47 +235,114 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
     return row
 
 
-def bench_prefill(rng, batch, context, heads, kv_heads, head_dim, block_size, with_torch):
-    """Causal prefill of `context` tokens per sequence: tokens/s of attention alone."""
+def prefill_peers_jax(q, k, v, expected, timer, tolerance=2e-2):
+    """jax's own dense causal attention kernels on the same contiguous q, k, v (T = S only): cuDNN's
+    flash attention through `jax.nn.dot_product_attention`, jax's Pallas flash attention on the Triton
+    lowering (`ops.gpu.attention.mha`, no grouped heads: K and V repeated to H heads beforehand, not
+    timed) and on Mosaic GPU (`ops.gpu.attention_mgpu`, Hopper). The Pallas kernels get the best of
+    their tile settings (PREFILL_MHA_SETTINGS, PREFILL_MGPU_SETTINGS). Returns ({name: seconds},
+    {name: error}, {name: best setting}); a peer that fails at every setting is left out, with a note."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+
+    def rel_err(out):
+        out = np.asarray(out, np.float32)
+        return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+
+    seconds, errors, settings = {}, {}, {}
+
+    def best_of(name, candidates, args):
+        for setting, fn in candidates:
+            try:
+                err = rel_err(fn(*args))
+                if err >= tolerance:
+                    print(f"  {name} {setting}: error {err:.3g}")
+                    continue
+                sec = timer(fn, [args])
+            except Exception as failure:  # a tile the kernel refuses, or no such kernel in this jax
+                print(f"  {name} {setting}: {type(failure).__name__}: {str(failure)[:160]}")
+                continue
+            if name not in seconds or sec < seconds[name]:
+                seconds[name], errors[name], settings[name] = sec, err, setting
+
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+    best_of("jax_cudnn", [("default", cudnn)], (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    repeated = (q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2))
+    scale = 1 / math.sqrt(q.shape[-1])
+    best_of("jax_pallas_mha", [
+        ((bq, bk, warps, stages), jax.jit(functools.partial(
+            pallas_mha.mha, segment_ids=None, sm_scale=scale, causal=True,
+            block_sizes=pallas_mha.BlockSizes(block_q=bq, block_k=bk), num_warps=warps, num_stages=stages)))
+        for bq, bk, warps, stages in PREFILL_MHA_SETTINGS], repeated)
+    del repeated
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+    except ImportError as failure:
+        print(f"  jax_mosaic_attention: {failure}")
+        return seconds, errors, settings
+    best_of("jax_mosaic_attention", [
+        ((bq, bkv, steps), jax.jit(functools.partial(attention_mgpu.attention, config=attention_mgpu.TuningConfig(
+            block_q=bq, block_kv=bkv, max_concurrent_steps=steps, causal=True))))
+        for bq, bkv, steps in PREFILL_MGPU_SETTINGS], (q, k, v))
+    return seconds, errors, settings
+
+
+def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, with_peers):
+    """Causal attention of a chunk of `chunk` tokens per sequence on a cached prefix of `prefix`
+    (prefix 0: a whole prompt's prefill): tokens/s of the chunk's attention alone."""
+    context = prefix + chunk
     config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=batch * context // block_size,
                             block_size=block_size, max_seqs=batch, dtype="bfloat16")
     state = jp.init_state(config)
     k = jax.random.normal(jax.random.key(1), (batch, context, kv_heads, head_dim), jnp.bfloat16)
     v = jax.random.normal(jax.random.key(2), (batch, context, kv_heads, head_dim), jnp.bfloat16)
-    q = jax.random.normal(jax.random.key(3), (batch, context, heads, head_dim), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(3), (batch, chunk, heads, head_dim), jnp.bfloat16)
     seq_idx = jnp.arange(batch, dtype=jnp.int32)
     state, _ = jp.append(state, 0, seq_idx, k, v)
-    positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    positions = jnp.broadcast_to(prefix + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
     lengths = jnp.full((batch,), context, jnp.int32)
     dense = jax.jit(lambda q, k, v: attend(q, k, v, positions, lengths))
     expected = np.asarray(dense(q, k, v), np.float32)
+    timer = functools.partial(median_time, rounds=3, calls=5)
+
+    def rel_err(out):
+        out = np.asarray(out, np.float32)
+        return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+
     results, errors = {}, {}
     for name, kernel in (("jaxpaged", "1"), ("jaxpaged_reference", "0")):
         os.environ["JAXPAGED_KERNELS"] = kernel  # read when paged_attention is traced, just below
         paged = jax.jit(lambda q, state: jp.paged_attention(q, state, 0, seq_idx, positions, max_len=context))
-        out = np.asarray(paged(q, state), np.float32)
-        errors[name] = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
-        results[name] = median_time(paged, [(q, state)], rounds=3, calls=5)
+        errors[name] = rel_err(paged(q, state))
+        results[name] = timer(paged, [(q, state)])
     os.environ.pop("JAXPAGED_KERNELS")
-    if with_torch:  # on the GPU: the prefill kernel over the same pools in the layout before
+    if with_peers:  # on the GPU: the prefill kernel over the same pools in the layout before
         tables = state.table.block_ids[:batch]
         fn = jax.jit(lambda q, k, v: paged_prefill_attention(q, k, v, 0, tables, lengths, positions, layout="NPKD"))
         npkd_args = (q, npkd(state.pools.k), npkd(state.pools.v))
-        out = np.asarray(fn(*npkd_args), np.float32)
-        errors["jaxpaged_npkd_layout"] = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
-        results["jaxpaged_npkd_layout"] = median_time(fn, [npkd_args], rounds=3, calls=5)
+        errors["jaxpaged_npkd_layout"] = rel_err(fn(*npkd_args))
+        results["jaxpaged_npkd_layout"] = timer(fn, [npkd_args])
         del npkd_args
-    results["xla_dense"] = median_time(dense, [(q, k, v)], rounds=3, calls=5)
-    if with_torch:
+    results["xla_dense"] = timer(dense, [(q, k, v)])
+    settings = {}
+    if with_peers and prefix == 0:
+        seconds, peer_errors, settings = prefill_peers_jax(q, k, v, expected, timer)
+        results.update(seconds)
+        errors.update(peer_errors)
+    if with_peers:
         import torch
         import torch.nn.functional as F
+        from torch.nn.attention.bias import causal_lower_right
 
         tq, tk, tv = (torch.from_dlpack(x).transpose(1, 2).contiguous() for x in (q, k, v))
-        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        # causal with the chunk's last query at the last key (is_causal aligns the first query to the first key)
+        mask = {"is_causal": True} if prefix == 0 else {"attn_mask": causal_lower_right(chunk, context)}
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **mask)  # noqa: E731
+        errors["torch_sdpa"] = rel_err(sdpa(tq, tk, tv).transpose(1, 2).float().cpu().numpy())
         results["torch_sdpa"] = median_time(sdpa, [(tq, tk, tv)], rounds=3, calls=5, sync=lambda _: torch.cuda.synchronize())
-    return {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-            "rel_err_vs_xla_dense": errors,
-            "tokens_per_s": {name: batch * context / sec for name, sec in results.items()}}
+    return {"batch": batch, "prefix": prefix, "chunk": chunk, "context": context, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": head_dim, "rel_err_vs_xla_dense": errors, "peer_settings": settings,
+            "tokens_per_s": {name: batch * chunk / sec for name, sec in results.items()}}
 
 
 def bench_write(batch, context, kv_heads, head_dim, block_size):
@@ -336,8 +412,8 @@ def main():
                 print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch:>4} S{context:>5}: " + "  ".join(
                     f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {row['fraction_of_copy_ceiling']:.0%} of copy)")
     with_prefill = args.only != "decode"
-    prefill = [bench_prefill(rng, b, s, 32, 8, 128, 16, with_torch)
-               for b, s in (((1, 128),) if args.quick else ((8, 2048), (1, 8192))) if with_prefill]
+    prefill = [bench_prefill(b, prefix, chunk, 32, 8, 128, 16, with_torch)
+               for b, prefix, chunk in (((1, 0, 128), (1, 64, 64)) if args.quick else PREFILL_SHAPES) if with_prefill]
     write = [bench_write(b, s, 8, 128, 16) for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048))) if with_prefill]
     result = {"device": device, "jax": jax.__version__, "copy_ceiling_Bps": ceiling, "decode": decode, "prefill": prefill,
               "kv_write": write}
@@ -345,7 +421,7 @@ def main():
     with open(os.path.join(args.out_dir, f"{'prefill' if args.only == 'prefill' else 'attention'}{args.tag}.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
 
-    print("\nprefill tokens/s:", *(f"B{p['batch']} S{p['context']}: " + ", ".join(f"{k} {v:,.0f}" for k, v in p["tokens_per_s"].items()) for p in prefill), sep="\n  ")
+    print_prefill(prefill)
     for w in write:
         print(f"KV write B{w['batch']}: {w['seconds'] * 1e6:.1f} us, pools aliased in place: {w['pools_aliased']}, "
               f"temporary bytes {w['temp_bytes']} (pool {w['pool_bytes_each']})")
@@ -363,6 +439,18 @@ def main():
         plot(decode, os.path.join(args.out_dir, f"attention{args.tag}.png"), device, ceiling)
     except ImportError:
         print("matplotlib not installed: no plot")
+
+
+def print_prefill(prefill):
+    """Millions of tokens/s per prefill shape: jaxpaged's kernel, then each peer's ratio to it."""
+    names = [name for name in prefill[0]["tokens_per_s"] if name != "jaxpaged"] if prefill else []
+    for p in prefill[1:]:
+        names += [name for name in p["tokens_per_s"] if name not in names and name != "jaxpaged"]
+    print(f"\nprefill, M tokens/s ({', '.join(names)}: ours / theirs)")
+    for p in prefill:
+        tps = p["tokens_per_s"]
+        ratios = "  ".join(f"{tps['jaxpaged'] / tps[n]:.2f}x" if n in tps else "-" for n in names)
+        print(f"B{p['batch']} prefix {p['prefix']:>5} chunk {p['chunk']:>5}: {tps['jaxpaged'] / 1e6:7.2f}   {ratios}")
 
 
 def plot(decode, path, device, ceiling):

@@ -19,10 +19,13 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR jaxpeer    # jax's paged kernel over a wide grid of its launch parameters
 #   bash benchmarks/gpu.sh OUTPUT_DIR smollm2    # generation with SmolLM2-135M's shape, random weights, kernels on/off
 #   bash benchmarks/gpu.sh OUTPUT_DIR prefill_tiles  # the prefill kernel's tile configurations (tune_kernels.py)
+#   bash benchmarks/gpu.sh OUTPUT_DIR prefill    # prefill and chunked prefill against torch, XLA and jax's own kernels
+#   bash benchmarks/gpu.sh OUTPUT_DIR prefill_rows  # kernel tests, the prefill kernel against the file before
+#                                                # (benchmarks/kernel_before.py) at three head shapes, then prefill
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -131,6 +134,17 @@ elif [ "$part" = smollm2 ]; then  # generation with the embedded model's shape (
 elif [ "$part" = prefill_tiles ]; then  # the prefill kernel's tiles: 64-row (one warpgroup) tiles among them
   timeout 400 python3 benchmarks/tune_kernels.py --part prefill --out "$out/tune_prefill_tiles.json" 2>&1 \
     | grep -v Deprecation | tee "$out/tune_prefill_tiles.txt"
+elif [ "$part" = prefill_rows ]; then  # kernel tests; the prefill kernel against the file before at three head shapes
+  [ -f benchmarks/kernel_before.py ] || { echo "benchmarks/kernel_before.py: git show REV:jaxpaged/kernels/triton_decode.py > it"; exit 1; }
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  for heads in 32/8/128 32/8/64 9/3/64; do
+    timeout 100 python3 benchmarks/tune_kernels.py --part prefill --heads $heads --previous kernel_before \
+      --prefill-configs default light_first --out "$out/tune_prefill_rows_${heads//\//_}.json" 2>&1 \
+      | grep -v Deprecation | tee -a "$out/tune_prefill_rows.txt"
+  done
+  timeout 200 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
+elif [ "$part" = prefill ]; then
+  timeout 500 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
 elif [ "$part" = heads64 ]; then
   timeout 540 python3 benchmarks/attention.py --only decode --heads 32/8/64 9/3/64 --all-sizes --tag _d64 \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_d64.txt"

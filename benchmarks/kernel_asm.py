@@ -9,7 +9,7 @@ ships with it (`-v` reports registers and spills). The Triton inside jax's GPU b
 reported the same shared memory (22,528 / 55,296 bytes with / without prefetch) and 220 / 124
 registers where this gives 232 / 127 (triton 3.6.0, jax 0.10.2).
 
-Run: pip install triton; python benchmarks/kernel_asm.py [--kernel decode|prefill] [--heads 32/8/128] [--shape 32x2048]
+Run: pip install triton; python benchmarks/kernel_asm.py [--kernel decode|prefill|jax_mha] [--heads 32/8/128] [--shape 32x2048]
      [--dtype float32] [--variants NAME ...] [--options JSON ...] [--out-dir DIR]   (DIR keeps each variant's IR and PTX)
 """
 
@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.kernels import triton_decode
-from tune_kernels import DECODE_VARIANTS
+from tune_kernels import DECODE_VARIANTS, _jax_mha
+
+JAX_MHA_DEFAULTS = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}  # its best on the H100
 
 PATTERNS = {
     "ld.global.v4": r"ld\.global[\w.]*\.v4",
@@ -65,7 +67,10 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
     pool = jax.ShapeDtypeStruct(shape, dtype)
     tables = jax.ShapeDtypeStruct((batch, context // block_size), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    if kernel == "decode":
+    if kernel == "jax_mha":  # the peer: jax's Pallas flash attention, K and V at the query heads
+        q = jax.ShapeDtypeStruct((batch, context, heads, head_dim), dtype)
+        fn, args = functools.partial(_jax_mha, **{**JAX_MHA_DEFAULTS, **options}), (q, q, q)
+    elif kernel == "decode":
         q = jax.ShapeDtypeStruct((batch, heads, head_dim), dtype)
         attend = functools.partial(triton_decode.paged_decode_attention, **options)
         fn, args = (lambda q, k, v, t, n: attend(q, k, v, 0, t, n)), (q, pool, pool, tables, lengths)
@@ -89,7 +94,7 @@ def _first_launch_params(jaxpr):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
             return eqn.params["compiler_params"]
-        inner = eqn.params.get("jaxpr")
+        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))  # jit, or a custom_vjp (jax's kernel)
         if inner is not None and (params := _first_launch_params(getattr(inner, "jaxpr", inner))) is not None:
             return params
     return None
@@ -120,7 +125,9 @@ def compile_ir(ir: str, num_warps: int, num_stages: int, keep_dir: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
+    parser.add_argument("--kernel", choices=("decode", "prefill", "jax_mha"), default="decode",
+                        help="jax_mha: jax's Pallas flash attention, the prefill peer (options: block_q, block_k, "
+                             "num_warps, num_stages)")
     parser.add_argument("--heads", default="32/8/128", help="query heads/kv heads/head dim")
     parser.add_argument("--shape", default="32x2048", help="BATCHxCONTEXT (sets the default launch)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="q and pools")

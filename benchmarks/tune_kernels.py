@@ -1,12 +1,13 @@
 """Sweep the paged kernels' variants and launch parameters on the GPU, torch SDPA in the same run.
 
-Decode: for each (batch, context) with 32/8 heads, head dim 128 (or `--heads`), bf16, block 16, GB/s (K and V
+Decode: for each (batch, context) with 32/8 heads, head dim 128 (or `--heads`, for prefill too), bf16, block 16, GB/s (K and V
 bytes over the median time) of the default kernel and of the variants in DECODE_VARIANTS (masking
 only the last step, loads issued a step ahead, more splits, ...), as device time per call
 (`timing.seconds_per_call`, torch alike) over enough input copies to miss the L2 cache; the
 default also as wall clock in a jitted loop.
 Prefill: tokens/s (device time per call, torch SDPA causal alike) of the configurations in
-PREFILL_CONFIGS: query rows, blocks per step, warps, stages, launch order.
+PREFILL_CONFIGS: query rows, blocks per step, warps, stages, launch order; jax's Pallas flash
+attention (Triton lowering) at two tiles beside it, on the same q, K and V.
 --previous MODULE: an earlier copy of the kernel file (same signatures), timed beside with its defaults.
 
 Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all] [--heads 32/8/128]
@@ -124,17 +125,19 @@ PREFILL_SHAPES = [(8, 2048), (1, 8192)]
 PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather throughout)
     "default": {},
     "light_first": {"heavy_first": False},
-    "heavy_first": {"heavy_first": True},
-    "rows128_bps8_warps8_stages3": {"query_rows": 128, "blocks_per_step": 8, "num_warps": 8, "num_stages": 3},
-    "rows128_bps4_warps8_stages2": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 8, "num_stages": 2},
+    "rows128_bps8_warps8_stages2": {"query_rows": 128, "blocks_per_step": 8, "num_warps": 8, "num_stages": 2},
     "rows128_bps4_warps8_stages3": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 8, "num_stages": 3},
-    "rows128_bps4_warps4_stages3": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 4, "num_stages": 3},
-    # 64 query rows (one warpgroup), 64 positions: no spills, 82 KB of shared memory (kernel_asm.py)
-    "rows64_bps4_warps4_stages3": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 3},
     "rows64_bps4_warps4_stages2": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 2},
     "rows64_bps8_warps4_stages2": {"query_rows": 64, "blocks_per_step": 8, "num_warps": 4, "num_stages": 2},
-    "rows128_bps8_warps8_stages1": {"query_rows": 128, "blocks_per_step": 8, "num_warps": 8, "num_stages": 1},
+    "rows64_bps4_warps4_stages4": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 4},
 }
+# Variants timed as kernel options, then folded into the kernel or dropped (their options are gone; results
+# in tune_kernels_prefill_{ids,q,loop,best}_H100.json): K/V rows from the step's block ids, and found a step
+# ahead; q gathered as rows; V rows past the length loaded as zeros; all kept. One loop of masked steps, and
+# the output stored as rows: dropped.
+# jax's Pallas flash attention on the same q, K and V (contiguous, K and V repeated to the query heads):
+# (block_q, block_k, warps, stages); 64, 64, 4, 3 was its best of eight at 32/8/128 (prefill_attention_H100*.json)
+PREFILL_JAX_MHA = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2))
 # (128 rows x 8 blocks, 8 warps, 2 stages, the default, compiles for sm_90 with register spills and 4 blocks
 # without: kernel_asm.py)
 
@@ -210,28 +213,37 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
     return rows
 
 
-def tune_prefill(old_kernel):
+def _jax_mha(q, k, v, block_q, block_k, num_warps, num_stages):
+    """jax's Pallas flash attention (Triton lowering), causal, on [B, S, H, D]; K and V have H heads."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+
+    return pallas_mha.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, num_warps=num_warps,
+                          num_stages=num_stages, block_sizes=pallas_mha.BlockSizes(block_q=block_q, block_k=block_k))
+
+
+def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128):
     import jaxpaged as jp
 
     rows = []
     for batch, context in PREFILL_SHAPES:
-        config = jp.CacheConfig(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=batch * context // 16,
+        config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=batch * context // 16,
                                 block_size=16, max_seqs=batch, dtype="bfloat16")
         state = jp.init_state(config)
         keys = jax.random.split(jax.random.key(batch), 3)
-        k = jax.random.normal(keys[0], (batch, context, 8, 128), jnp.bfloat16)
-        v = jax.random.normal(keys[1], (batch, context, 8, 128), jnp.bfloat16)
-        q = jax.random.normal(keys[2], (batch, context, 32, 128), jnp.bfloat16)
+        k = jax.random.normal(keys[0], (batch, context, kv_heads, head_dim), jnp.bfloat16)
+        v = jax.random.normal(keys[1], (batch, context, kv_heads, head_dim), jnp.bfloat16)
+        q = jax.random.normal(keys[2], (batch, context, heads, head_dim), jnp.bfloat16)
         state, _ = jp.append(state, 0, jnp.arange(batch, dtype=jnp.int32), k, v)
         pools = [state.pools.k, state.pools.v]
         tables = state.table.block_ids[:batch]
         lengths = jnp.full((batch,), context, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
         args = [(q, *pools, 0, tables, lengths, positions)]
-        result = {"batch": batch, "context": context, "tokens_per_s": {}}
+        result = {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                  "tokens_per_s": {}}
         reference = None
         kernels = {name: functools.partial(triton_decode.paged_prefill_attention, **options)
-                   for name, options in PREFILL_CONFIGS.items()}
+                   for name, options in PREFILL_CONFIGS.items() if configs is None or name in configs}
         if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
             kernels["previous_kernel"] = old_kernel.paged_prefill_attention
         for name, fn in kernels.items():
@@ -246,9 +258,24 @@ def tune_prefill(old_kernel):
             result["tokens_per_s"][name] = batch * context / seconds
             result.setdefault("rel_err_vs_first", {})[name] = err
             result.setdefault("kernels_us_per_call", {})[name] = top
+        group = heads // kv_heads
+        repeated = (q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2))  # its K and V at H heads, not timed
+        for tile in PREFILL_JAX_MHA:
+            fn = jax.jit(functools.partial(_jax_mha, **dict(zip(("block_q", "block_k", "num_warps", "num_stages"), tile))))
+            name = "jax_mha_" + "_".join(map(str, tile))
+            try:
+                out = np.asarray(fn(*repeated), np.float32)
+                result.setdefault("rel_err_vs_first", {})[name] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+                seconds, _, top = seconds_per_call(fn, [repeated])
+            except Exception as error:
+                print(f"  prefill B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            result["tokens_per_s"][name] = batch * context / seconds
+            result.setdefault("kernels_us_per_call", {})[name] = top
+        del repeated
         result["tokens_per_s"]["torch_sdpa"] = batch * context / _torch_sdpa_time([(q, k, v)], causal=True)
         rows.append(result)
-        print(f"prefill B{batch} S{context}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),
+        print(f"prefill {heads}/{kv_heads}/{head_dim} B{batch} S{context}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),
               flush=True)
     return rows
 
@@ -257,7 +284,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/tune_kernels.json")
     parser.add_argument("--part", choices=("decode", "prefill", "all"), default="all")
-    parser.add_argument("--heads", default="32/8/128", help="decode head shape: query heads/kv heads/head dim")
+    parser.add_argument("--heads", default="32/8/128", help="head shape: query heads/kv heads/head dim")
     parser.add_argument("--previous", help="module name of an earlier kernel file to time beside the current one")
     parser.add_argument("--variants", nargs="+", choices=list(DECODE_VARIANTS), metavar="NAME",
                         help="decode variants to time (default all; names in DECODE_VARIANTS)")
@@ -267,6 +294,8 @@ def main():
     parser.add_argument("--wall", nargs="+", default=[], choices=list(DECODE_VARIANTS), metavar="NAME",
                         help="variants also timed as wall clock in a jitted loop (launches and gaps included)")
     parser.add_argument("--shapes", nargs="+", help="decode shapes as BATCHxCONTEXT (default: the eight in DECODE_SHAPES)")
+    parser.add_argument("--prefill-configs", nargs="+", choices=list(PREFILL_CONFIGS), metavar="NAME",
+                        help="prefill configurations to time (default all; names in PREFILL_CONFIGS)")
     args = parser.parse_args()
     old_kernel = importlib.import_module(args.previous) if args.previous else None
     rng = np.random.default_rng(0)
@@ -274,12 +303,12 @@ def main():
         DECODE_VARIANTS[text] = json.loads(text)
     variants = args.variants + args.options if args.variants else None
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    heads, kv_heads, head_dim = (int(x) for x in args.heads.split("/"))
     if args.part in ("decode", "all"):
-        heads, kv_heads, head_dim = (int(x) for x in args.heads.split("/"))
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else DECODE_SHAPES
         result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, variants, shapes, args.wall)
     if args.part in ("prefill", "all"):
-        result["prefill"] = tune_prefill(old_kernel)
+        result["prefill"] = tune_prefill(old_kernel, args.prefill_configs, heads, kv_heads, head_dim)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

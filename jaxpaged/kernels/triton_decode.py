@@ -50,14 +50,19 @@ def _softmax_scale(head_dim: int) -> float:
     return head_dim**-0.5 * 1.4426950408889634
 
 
-def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int, row_gather: int = 0):
+def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int, row_gather: int = 0,
+              rows_from_blocks: bool = False):
     """Where loop step `step`'s K/V are: its blocks' indices in the pool as the kernel sees it
     ([blocks]), or with row_gather = P, the pool viewed as rows of positions, its positions' rows
     ([blocks * P]). layer_base: the pool index of block 0 of this program's layer (and head). The
-    sentinel N reads a real block, then is masked."""
-    if not row_gather:
+    sentinel N reads a real block, then is masked. rows_from_blocks: the rows come from the step's
+    block ids, loaded once each, rather than from one table load per position."""
+    if not row_gather or rows_from_blocks:
         ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
-        return layer_base + jnp.minimum(ids, num_blocks - 1)
+        ids = layer_base + jnp.minimum(ids, num_blocks - 1)
+        if not row_gather:
+            return ids
+        return (ids[:, None] * row_gather + jnp.arange(row_gather)[None, :]).reshape(blocks_per_step * row_gather)
     positions = step * blocks_per_step * row_gather + jnp.arange(blocks_per_step * row_gather)
     blocks = tables_ref[positions // row_gather]  # each block id, once per position
     return (layer_base + jnp.minimum(blocks, num_blocks - 1)) * row_gather + positions % row_gather
@@ -600,50 +605,64 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
     return head_dim in (64, 128, 256) and block_size >= 8 and pool_size <= _MAX_POOL_SIZE
 
 
-
 def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
                     group: int, group_pad: int, tokens: int, num_q_blocks: int, heavy_first: bool, block_size: int,
                     blocks_per_step: int, num_blocks: int, num_layers: int, flat_heads: int, scale: float,
-                    row_gather: bool):
+                    row_gather: bool, masked_loads: bool):
     """One program: `tokens` consecutive queries of one sequence x the G query heads of one kv head,
     causal; grid (query blocks, K, B).
 
-    It reads its rows straight from q ([T, H, D] of sequence b) as [tokens, G', D] (G' = G padded to
-    a power of two; the padding heads and the tokens past T load as zeros), flattened to
-    [tokens * G', D] rows, and writes them back the same way into o ([T, H, D]), so no transpose
-    runs around the kernel. heavy_first: the query blocks run from the last (the longest causal
-    prefix) to the first. Loop steps wholly
-    before every row's causal limit and inside the length run unmasked; the rest mask. Padding
-    queries (position -1) return zeros.
+    Its rows, [tokens, G', D] of q (G' = G padded to a power of two), flattened to [tokens * G', D],
+    are gathered as one tile from q viewed as [T * H, D] (the padding rows read row 0 and are
+    dropped), so the tile stays in shared memory as the first operand of both dots; loaded as a
+    [tokens, G', D] window and reshaped, it went through registers every step. The output is
+    written back as that window of o ([T, H, D]), so no transpose runs around the kernel.
+    heavy_first: the query blocks run from the last (the longest causal prefix) to the first.
+
+    Each loop step finds the K/V rows of the next (from its blocks' ids), so no load in a step
+    waits on a table load of the same step. Loop steps wholly before every row's causal limit and
+    inside the length run unmasked; the rest mask (masked_loads: V rows past the length load as
+    zeros). Padding queries (position -1) return zeros.
     """
     j = pl.program_id(0)
     j = num_q_blocks - 1 - j if heavy_first else j
-    num_q, head_dim = q_ref.shape[0], q_ref.shape[-1]
+    num_q, head_dim = q_pos_ref.shape[0], q_ref.shape[-1]
     first_token = j * tokens
     in_prompt = first_token + jnp.arange(tokens) < num_q  # [tokens]
     own_head = jnp.arange(group_pad) < group  # [G']
     real = in_prompt[:, None] & own_head[None, :]  # [tokens, G']
-    window = (pl.ds(first_token, tokens), pl.ds(pl.program_id(1) * group, group_pad), slice(None))
-    real_3d = jnp.broadcast_to(real[:, :, None], (tokens, group_pad, head_dim))
-    q = plgpu.load(q_ref.at[window], mask=real_3d, other=0.0).reshape(tokens * group_pad, head_dim)
+    rows = ((first_token + jnp.arange(tokens))[:, None] * (q_ref.shape[0] // num_q)
+            + pl.program_id(1) * group + jnp.arange(group_pad)[None, :])
+    q = q_ref[jnp.where(real, rows, 0).reshape(tokens * group_pad)]  # [tokens * G', D]
     token_pos = plgpu.load(q_pos_ref.at[pl.ds(first_token, tokens)], mask=in_prompt, other=-1)
     q_pos = jnp.where(own_head[None, :], token_pos[:, None], -1).reshape(tokens * group_pad)  # -1: a padding row
 
     length = lengths_ref[0]
     chunk = blocks_per_step * block_size
-    step = functools.partial(_attend_chunk, q=q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref,
-                             layer_base=_layer_base(layer_ref, num_blocks, num_layers, flat_heads), length=length,
-                             q_pos=q_pos,
-                             blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
-                             row_gather=block_size if row_gather else 0)
     last = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)
     first_pos = jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max).min()  # the earliest real row
     full = jnp.clip(jnp.minimum(length, first_pos + 1) // chunk, 0, last)
-    carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), _empty_carry(*q.shape))
-    o, _, l = jax.lax.fori_loop(full, last, step, carry)
+    ids_of = functools.partial(_load_ids, tables_ref=tables_ref,
+                               layer_base=_layer_base(layer_ref, num_blocks, num_layers, flat_heads),
+                               blocks_per_step=blocks_per_step, num_blocks=num_blocks,
+                               row_gather=block_size if row_gather else 0, rows_from_blocks=True)
+
+    def steps(masked):
+        def body(i, carry):  # the K/V rows of step i were found in step i - 1
+            ids, softmax = carry
+            live = _live(i, length, chunk) if masked and masked_loads else None
+            k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=None, live=live)
+            softmax = _update(softmax, q, k, v, i, length, q_pos, scale=scale, masked=masked, v_zeroed=live is not None)
+            return ids_of(jnp.minimum(i + 1, jnp.maximum(last - 1, 0))), softmax
+        return body
+
+    carry = jax.lax.fori_loop(0, full, steps(False), (ids_of(0), _empty_carry(*q.shape)))
+    _, (o, _, l) = jax.lax.fori_loop(full, last, steps(True), carry)
     o = o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]
     o = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
-    plgpu.store(o_ref.at[window], o.reshape(tokens, group_pad, head_dim), mask=real_3d)
+    window = (pl.ds(first_token, tokens), pl.ds(pl.program_id(1) * group, group_pad), slice(None))
+    plgpu.store(o_ref.at[window], o.reshape(tokens, group_pad, head_dim),
+                mask=jnp.broadcast_to(real[:, :, None], (tokens, group_pad, head_dim)))
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "query_rows", "num_warps", "num_stages",
@@ -651,7 +670,7 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                             lengths: jax.Array, q_positions: jax.Array, *, layout: str = "KNPD",
                             blocks_per_step: int | None = None, query_rows: int | None = None, num_warps: int | None = None,
-                            num_stages: int = 2, row_gather: bool = True, heavy_first: bool = False,
+                            num_stages: int | None = None, row_gather: bool = True, heavy_first: bool = True,
                             interpret: bool = False) -> jax.Array:
     """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
 
@@ -663,17 +682,20 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       q: [B, T, H, D].
       k_pool, v_pool, layer, layout: as for `paged_decode_attention`.
       block_tables: [B, M] int32; lengths: [B] int32; q_positions: [B, T] int32 (-1: a padding query).
-      blocks_per_step, query_rows, num_warps: the tile (blocks per loop step; rows, i.e. tokens x
-        query heads of one kv head, per program, a power of two >= 16) and warps per program. By
-        default 128 positions x 128 rows with 8 warps (the H100 sweep's best with 16-bit pools), or
-        64 x 64 with 4 warps where K/V rows are wider than 256 bytes (float32 at head dim 128), so
-        the tiles fit in shared memory.
+      blocks_per_step, query_rows, num_warps, num_stages: the tile (blocks per loop step; rows, i.e.
+        tokens x query heads of one kv head, per program, a power of two >= 16), warps per program
+        and pipeline stages. By default 64 positions x 64 rows (one warpgroup's MMA tile) with 4
+        warps and 3 stages, or 2 stages where K/V rows are wider than 256 bytes (float32 at head
+        dim 128, or head dim 256), so the stages fit in shared memory. On an H100 (bfloat16, 32/8/128
+        heads, tune_kernels_prefill_best_H100.json) that tile with the row layout of q gives 19.59 M
+        tokens/s at 8 x 2048 and 5.64 M at 1 x 8192 where the tile before, 128 x 128 with 8 warps and
+        2 stages (q loaded as a window), gave 17.09 M and 5.37 M; 4 stages 14.39 M and 4.35 M.
       row_gather: gather K/V as [chunk, D] rows of positions, as the decode kernel does, rather than
         [blocks, P, D] blocks: 11.87 M against 11.39 M tokens/s at 8 x 2048, 4.28 M against 4.15 M
         at 1 x 8192 (H100, bfloat16, 32/8/128 heads, same run of tune_kernels.py).
       heavy_first: launch the query blocks with the longest causal prefix first, rather than in
-        order: 1.5-2% slower on an H100 at both shapes of tune_kernels.py (16.82 M against 17.13 M
-        tokens/s at 8 x 2048, 5.23 M against 5.30 M at 1 x 8192, bfloat16, 32/8/128 heads).
+        order: with the default tile, 20.08 M against 19.59 M tokens/s at 8 x 2048 and 5.77 M against
+        5.64 M at 1 x 8192 on an H100 (same run as above); with the tile before, 1.5-2% slower.
 
     Returns:
       [B, T, H, D] in q's dtype; padding queries return zeros.
@@ -683,12 +705,13 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
         k_pool, v_pool, layout, row_gather)
     _check_inputs(q, k_pool, block_tables, lengths, q_positions, kv_heads=kv_heads)
     max_blocks = block_tables.shape[1]
-    wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: smaller tiles fit shared memory
-    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions=64 if wide else 128)
-    query_rows = query_rows or (64 if wide else 128)
+    wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: fewer stages fit shared memory
+    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions=64)
+    query_rows = query_rows or 64
     if query_rows < _MIN_ROWS or query_rows & (query_rows - 1):
         raise ValueError(f"query_rows must be a power of two >= {_MIN_ROWS}, got {query_rows}")
-    num_warps = num_warps or (4 if wide else 8)
+    num_warps = num_warps or 4
+    num_stages = num_stages or (2 if wide else 3)
     group = num_heads // kv_heads
     group_pad = 1 << (group - 1).bit_length()
     tokens = max(1, query_rows // group_pad)  # per program; rows = tokens * G' >= query_rows
@@ -698,8 +721,8 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     kernel = functools.partial(_prefill_kernel, group=group, group_pad=group_pad, tokens=tokens,
                                num_q_blocks=num_q_blocks, heavy_first=heavy_first, block_size=block_size,
                                blocks_per_step=blocks_per_step, num_blocks=num_blocks, num_layers=num_layers,
-                               flat_heads=flat_heads, scale=_softmax_scale(head_dim), row_gather=row_gather)
-    sequence = pl.BlockSpec((None, num_q, num_heads, head_dim), lambda j, h, b: (b, 0, 0, 0))  # q and o of sequence b
+                               flat_heads=flat_heads, scale=_softmax_scale(head_dim), row_gather=row_gather,
+                               masked_loads=not interpret)  # (interpret mode can not mask a gather: V is zeroed after)
     return pl.pallas_call(
         kernel,
         grid=(num_q_blocks, kv_heads, batch),  # the query blocks of one sequence and kv head launch together
@@ -708,14 +731,14 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
             pl.BlockSpec((1,), lambda j, h, b: (b,)),
             pl.BlockSpec((None, max_blocks), lambda j, h, b: (b, 0)),
             pl.BlockSpec((None, num_q), lambda j, h, b: (b, 0)),
-            sequence,
+            pl.BlockSpec((None, num_q * num_heads, head_dim), lambda j, h, b: (b, 0, 0)),  # q of sequence b, as rows
             pool_spec,
             pool_spec,
         ],
-        out_specs=sequence,
+        out_specs=pl.BlockSpec((None, num_q, num_heads, head_dim), lambda j, h, b: (b, 0, 0, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_prefill",
-    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q_positions.astype(jnp.int32), q,
-      k_pool, v_pool)
+    )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
+      q.reshape(batch, num_q * num_heads, head_dim), k_pool, v_pool)
