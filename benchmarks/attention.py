@@ -16,10 +16,11 @@ twice the splits) is recorded beside, and the kernel over the same pools in the 
 the K and V bytes read once. A device copy measured in the same run gives the ceiling.
 
 Also measured: prefill and chunked prefill (causal, a chunk of T tokens on a cached prefix, prefix 0
-for a whole prompt) tokens/s of jaxpaged's prefill kernel and of its reference path, against XLA
-dense attention and torch SDPA, and for whole prompts jax's own flash-attention kernels too (cuDNN's
-through jax.nn, Pallas on Triton and on Mosaic GPU, their tiles tuned per shape); the cost of the
-decode KV write, and the write's in-place update (donation, HLO aliasing, temporary bytes).
+for a whole prompt; 32/8/128 and SmolLM2's 9/3/64 heads) tokens/s of jaxpaged's prefill kernel and
+of its reference path, against XLA dense attention and torch SDPA, and for whole prompts jax's own
+flash-attention kernels too (cuDNN's through jax.nn, Pallas on Triton and on Mosaic GPU, their tiles
+tuned per shape), device time per call as for decode; the cost of the decode KV write, and the
+write's in-place update (donation, HLO aliasing, temporary bytes).
 
 Run: python benchmarks/attention.py --out-dir DIR   (add --quick for a small smoke test; --interpret on a CPU;
      --heads 32/8/64 9/3/64 --all-sizes --only decode for the other head shapes at every size)
@@ -53,7 +54,7 @@ PREFILL_SHAPES = ((8, 0, 2048), (1, 0, 8192), (8, 1536, 512), (1, 7168, 1024))
 PREFILL_MHA_SETTINGS = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
                         (64, 128, 4, 2), (128, 128, 8, 2), (128, 128, 8, 3))
 # jax's Mosaic GPU flash attention: (block_q, block_kv, max_concurrent_steps) tried per shape
-PREFILL_MGPU_SETTINGS = ((64, 64, 2), (64, 64, 3), (64, 64, 4), (64, 128, 2), (64, 128, 3), (128, 64, 2), (128, 128, 2))
+PREFILL_MGPU_SETTINGS = ((64, 64, 2), (64, 128, 2), (128, 64, 2))
 
 
 def make_inputs(rng, batch, context, heads, kv_heads, head_dim, block_size, copies):
@@ -239,7 +240,8 @@ def prefill_peers_jax(q, k, v, expected, timer, tolerance=2e-2):
     """jax's own dense causal attention kernels on the same contiguous q, k, v (T = S only): cuDNN's
     flash attention through `jax.nn.dot_product_attention`, jax's Pallas flash attention on the Triton
     lowering (`ops.gpu.attention.mha`, no grouped heads: K and V repeated to H heads beforehand, not
-    timed) and on Mosaic GPU (`ops.gpu.attention_mgpu`, Hopper). The Pallas kernels get the best of
+    timed) and on Mosaic GPU (`ops.gpu.attention_mgpu`, Hopper; on float16 copies where it refuses
+    bfloat16). The Pallas kernels get the best of
     their tile settings (PREFILL_MHA_SETTINGS, PREFILL_MGPU_SETTINGS). Returns ({name: seconds},
     {name: error}, {name: best setting}); a peer that fails at every setting is left out, with a note."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_mha
@@ -280,10 +282,12 @@ def prefill_peers_jax(q, k, v, expected, timer, tolerance=2e-2):
     except ImportError as failure:
         print(f"  jax_mosaic_attention: {failure}")
         return seconds, errors, settings
-    best_of("jax_mosaic_attention", [
-        ((bq, bkv, steps), jax.jit(functools.partial(attention_mgpu.attention, config=attention_mgpu.TuningConfig(
-            block_q=bq, block_kv=bkv, max_concurrent_steps=steps, causal=True))))
-        for bq, bkv, steps in PREFILL_MGPU_SETTINGS], (q, k, v))
+    mosaic = [((bq, bkv, steps), jax.jit(functools.partial(attention_mgpu.attention, config=attention_mgpu.TuningConfig(
+        block_q=bq, block_kv=bkv, max_concurrent_steps=steps, causal=True))))
+        for bq, bkv, steps in PREFILL_MGPU_SETTINGS]
+    best_of("jax_mosaic_attention", mosaic, (q, k, v))
+    if "jax_mosaic_attention" not in seconds:  # (jax 0.11.2's kernel refuses bfloat16: float16 copies, exact here)
+        best_of("jax_mosaic_attention_float16", mosaic, tuple(x.astype(jnp.float16) for x in (q, k, v)))
     return seconds, errors, settings
 
 
@@ -303,7 +307,7 @@ def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, w
     lengths = jnp.full((batch,), context, jnp.int32)
     dense = jax.jit(lambda q, k, v: attend(q, k, v, positions, lengths))
     expected = np.asarray(dense(q, k, v), np.float32)
-    timer = functools.partial(median_time, rounds=3, calls=5)
+    timer = lambda fn, args: seconds_per_call(fn, args)[0]  # noqa: E731  (device time, as for decode)
 
     def rel_err(out):
         out = np.asarray(out, np.float32)
@@ -339,7 +343,7 @@ def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, w
         mask = {"is_causal": True} if prefix == 0 else {"attn_mask": causal_lower_right(chunk, context)}
         sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **mask)  # noqa: E731
         errors["torch_sdpa"] = rel_err(sdpa(tq, tk, tv).transpose(1, 2).float().cpu().numpy())
-        results["torch_sdpa"] = median_time(sdpa, [(tq, tk, tv)], rounds=3, calls=5, sync=lambda _: torch.cuda.synchronize())
+        results["torch_sdpa"] = seconds_per_call(sdpa, [(tq, tk, tv)], sync=lambda _: torch.cuda.synchronize())[0]
     return {"batch": batch, "prefix": prefix, "chunk": chunk, "context": context, "heads": heads, "kv_heads": kv_heads,
             "head_dim": head_dim, "rel_err_vs_xla_dense": errors, "peer_settings": settings,
             "tokens_per_s": {name: batch * chunk / sec for name, sec in results.items()}}
@@ -382,6 +386,9 @@ def main():
                         help="decode: skip prefill and the KV write; prefill: skip the decode sweep")
     parser.add_argument("--heads", nargs="*", default=["32/8/128", "32/8/64", "9/3/64"],
                         help="decode head shapes, query/kv heads/head dim (the first at every size, the others at the large ones)")
+    parser.add_argument("--prefill-heads", nargs="*", default=[(32, 8, 128), (9, 3, 64)],
+                        type=lambda h: tuple(int(x) for x in h.split("/")),
+                        help="prefill head shapes, query/kv heads/head dim (default 32/8/128 9/3/64)")
     parser.add_argument("--all-sizes", action="store_true",
                         help="every head shape at every batch and context (by default only the first)")
     parser.add_argument("--tag", default="", help="suffix for the output files")
@@ -412,8 +419,9 @@ def main():
                 print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch:>4} S{context:>5}: " + "  ".join(
                     f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {row['fraction_of_copy_ceiling']:.0%} of copy)")
     with_prefill = args.only != "decode"
-    prefill = [bench_prefill(b, prefix, chunk, 32, 8, 128, 16, with_torch)
-               for b, prefix, chunk in (((1, 0, 128), (1, 64, 64)) if args.quick else PREFILL_SHAPES) if with_prefill]
+    prefill = [bench_prefill(b, prefix, chunk, heads, kv_heads, head_dim, 16, with_torch)
+               for heads, kv_heads, head_dim in ([(32, 8, 128)] if args.quick else args.prefill_heads) if with_prefill
+               for b, prefix, chunk in (((1, 0, 128), (1, 64, 64)) if args.quick else PREFILL_SHAPES)]
     write = [bench_write(b, s, 8, 128, 16) for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048))) if with_prefill]
     result = {"device": device, "jax": jax.__version__, "copy_ceiling_Bps": ceiling, "decode": decode, "prefill": prefill,
               "kv_write": write}
@@ -450,7 +458,8 @@ def print_prefill(prefill):
     for p in prefill:
         tps = p["tokens_per_s"]
         ratios = "  ".join(f"{tps['jaxpaged'] / tps[n]:.2f}x" if n in tps else "-" for n in names)
-        print(f"B{p['batch']} prefix {p['prefix']:>5} chunk {p['chunk']:>5}: {tps['jaxpaged'] / 1e6:7.2f}   {ratios}")
+        shape = f"{p['heads']}/{p['kv_heads']}/{p['head_dim']} B{p['batch']} prefix {p['prefix']:>5} chunk {p['chunk']:>5}"
+        print(f"{shape}: {tps['jaxpaged'] / 1e6:7.2f}   {ratios}")
 
 
 def plot(decode, path, device, ceiling):

@@ -119,7 +119,11 @@ def test_paged_attention_uses_the_kernel_on_a_gpu_and_agrees_with_the_reference(
                                atol=2e-3 if ON_GPU else 1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(8, 2, 64, 16), (9, 3, 64, 8), (4, 4, 128, 16)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
+    (8, 2, 64, 16), (9, 3, 64, 8), (4, 4, 128, 16),
+    (10, 2, 64, 16),  # 5 heads a group: 6 tokens fill 30 of the 32 rows, the last 2 repeat the 30th
+    (64, 1, 64, 16),  # a group wider than the 32-row tile: the tile widened to 64 rows, 1 token a program
+])
 def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads, head_dim, block_size):
     """T new queries per sequence on top of a cached prefix, causal, ragged, with padding queries."""
     from jaxpaged.kernels.triton_decode import paged_prefill_attention
@@ -352,9 +356,8 @@ def _pallas_calls(jaxpr):
 
 
 def test_prefill_kernel_is_one_launch_on_q_as_it_comes():
-    """The prefill kernel reads q as [B, T * H, D] (a reshape of [B, T, H, D], no copy) and writes its
-    output as [B, T, H, D], ragged tokens and a group of three heads included: no transpose, pad or
-    slice around it."""
+    """The prefill kernel reads q and writes its output as [B, T * H, D] (reshapes of [B, T, H, D], no
+    copies), ragged tokens and a group of three heads included: no transpose, pad or slice around it."""
     from jaxpaged.kernels.triton_decode import paged_prefill_attention
 
     pool = jax.ShapeDtypeStruct((2, 3, 40, 16, 64), jnp.bfloat16)
@@ -365,7 +368,7 @@ def test_prefill_kernel_is_one_launch_on_q_as_it_comes():
         q, pool, pool, tables, lengths, positions)
     calls = _pallas_calls(jaxpr.jaxpr)
     assert [c.params["name"] for c in calls] == ["jaxpaged_prefill"]
-    assert calls[0].outvars[0].aval.shape == q.shape
+    assert calls[0].outvars[0].aval.shape == (2, 37 * 9, 64)
     assert (2, 37 * 9, 64) in [v.aval.shape for v in calls[0].invars]
     primitives = _primitives(jaxpr.jaxpr)
     assert not primitives & {"transpose", "pad", "slice", "dynamic_slice", "concatenate"}, primitives

@@ -606,18 +606,19 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
 
 
 def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
-                    group: int, group_pad: int, tokens: int, num_q_blocks: int, heavy_first: bool, block_size: int,
+                    group: int, rows: int, tokens: int, num_q_blocks: int, heavy_first: bool, block_size: int,
                     blocks_per_step: int, num_blocks: int, num_layers: int, flat_heads: int, scale: float,
                     row_gather: bool, masked_loads: bool):
     """One program: `tokens` consecutive queries of one sequence x the G query heads of one kv head,
     causal; grid (query blocks, K, B).
 
-    Its rows, [tokens, G', D] of q (G' = G padded to a power of two), flattened to [tokens * G', D],
-    are gathered as one tile from q viewed as [T * H, D] (the padding rows read row 0 and are
-    dropped), so the tile stays in shared memory as the first operand of both dots; loaded as a
-    [tokens, G', D] window and reshaped, it went through registers every step. The output is
-    written back as that window of o ([T, H, D]), so no transpose runs around the kernel.
-    heavy_first: the query blocks run from the last (the longest causal prefix) to the first.
+    Its tile of `rows` rows (a power of two >= tokens * G) holds query t's head g at row t * G + g;
+    the rows past tokens * G, and those of tokens past T, repeat the tile's last real row, so they
+    compute its values again and write them to its place. The rows are gathered from q viewed as
+    [T * H, D] and scattered back into o viewed the same way (both [B, T, H, D] as they come: no
+    transpose runs around the kernel), and the q tile stays in shared memory as the first operand
+    of both dots. heavy_first: the query blocks run from the last (the longest causal prefix) to
+    the first.
 
     Each loop step finds the K/V rows of the next (from its blocks' ids), so no load in a step
     waits on a table load of the same step. Loop steps wholly before every row's causal limit and
@@ -626,16 +627,12 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     """
     j = pl.program_id(0)
     j = num_q_blocks - 1 - j if heavy_first else j
-    num_q, head_dim = q_pos_ref.shape[0], q_ref.shape[-1]
-    first_token = j * tokens
-    in_prompt = first_token + jnp.arange(tokens) < num_q  # [tokens]
-    own_head = jnp.arange(group_pad) < group  # [G']
-    real = in_prompt[:, None] & own_head[None, :]  # [tokens, G']
-    rows = ((first_token + jnp.arange(tokens))[:, None] * (q_ref.shape[0] // num_q)
-            + pl.program_id(1) * group + jnp.arange(group_pad)[None, :])
-    q = q_ref[jnp.where(real, rows, 0).reshape(tokens * group_pad)]  # [tokens * G', D]
-    token_pos = plgpu.load(q_pos_ref.at[pl.ds(first_token, tokens)], mask=in_prompt, other=-1)
-    q_pos = jnp.where(own_head[None, :], token_pos[:, None], -1).reshape(tokens * group_pad)  # -1: a padding row
+    num_q = q_pos_ref.shape[0]
+    r = jnp.minimum(jnp.arange(rows), tokens * group - 1)  # [rows]: the tile's rows, the padding repeating the last
+    token = jnp.minimum(j * tokens + r // group, num_q - 1)
+    q_rows = token * (q_ref.shape[0] // num_q) + pl.program_id(1) * group + r % group  # rows of [T * H, D]
+    q = q_ref[q_rows]  # [rows, D]
+    q_pos = q_pos_ref[token]  # [rows]; -1: a padding query
 
     length = lengths_ref[0]
     chunk = blocks_per_step * block_size
@@ -659,10 +656,7 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     carry = jax.lax.fori_loop(0, full, steps(False), (ids_of(0), _empty_carry(*q.shape)))
     _, (o, _, l) = jax.lax.fori_loop(full, last, steps(True), carry)
     o = o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]
-    o = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
-    window = (pl.ds(first_token, tokens), pl.ds(pl.program_id(1) * group, group_pad), slice(None))
-    plgpu.store(o_ref.at[window], o.reshape(tokens, group_pad, head_dim),
-                mask=jnp.broadcast_to(real[:, :, None], (tokens, group_pad, head_dim)))
+    o_ref[q_rows] = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "query_rows", "num_warps", "num_stages",
@@ -713,12 +707,13 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     num_warps = num_warps or 4
     num_stages = num_stages or (2 if wide else 3)
     group = num_heads // kv_heads
-    group_pad = 1 << (group - 1).bit_length()
-    tokens = max(1, query_rows // group_pad)  # per program; rows = tokens * G' >= query_rows
+    rows = max(query_rows, 1 << (group - 1).bit_length())
+    tokens = rows // group  # per program
     num_q_blocks = -(-num_q // tokens)
 
     layer = _layer_ref(layer)
-    kernel = functools.partial(_prefill_kernel, group=group, group_pad=group_pad, tokens=tokens,
+    as_rows = pl.BlockSpec((None, num_q * num_heads, head_dim), lambda j, h, b: (b, 0, 0))  # q and o of sequence b
+    kernel = functools.partial(_prefill_kernel, group=group, rows=rows, tokens=tokens,
                                num_q_blocks=num_q_blocks, heavy_first=heavy_first, block_size=block_size,
                                blocks_per_step=blocks_per_step, num_blocks=num_blocks, num_layers=num_layers,
                                flat_heads=flat_heads, scale=_softmax_scale(head_dim), row_gather=row_gather,
@@ -731,14 +726,14 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
             pl.BlockSpec((1,), lambda j, h, b: (b,)),
             pl.BlockSpec((None, max_blocks), lambda j, h, b: (b, 0)),
             pl.BlockSpec((None, num_q), lambda j, h, b: (b, 0)),
-            pl.BlockSpec((None, num_q * num_heads, head_dim), lambda j, h, b: (b, 0, 0)),  # q of sequence b, as rows
+            as_rows,
             pool_spec,
             pool_spec,
         ],
-        out_specs=pl.BlockSpec((None, num_q, num_heads, head_dim), lambda j, h, b: (b, 0, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=as_rows,
+        out_shape=jax.ShapeDtypeStruct((batch, num_q * num_heads, head_dim), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_prefill",
     )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
-      q.reshape(batch, num_q * num_heads, head_dim), k_pool, v_pool)
+      q.reshape(batch, num_q * num_heads, head_dim), k_pool, v_pool).reshape(q.shape)
