@@ -22,10 +22,12 @@
 #   bash benchmarks/gpu.sh OUTPUT_DIR prefill    # prefill and chunked prefill against torch, XLA and jax's own kernels
 #   bash benchmarks/gpu.sh OUTPUT_DIR prefill_rows  # kernel tests, the prefill kernel against the file before
 #                                                # (benchmarks/kernel_before.py) at three head shapes, then prefill
+#   bash benchmarks/gpu.sh OUTPUT_DIR prefill_splits  # kernel tests, chunks over a long cached prefix in 1-8
+#                                                # splits (tune_kernels.py), then prefill
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -141,6 +143,14 @@ elif [ "$part" = prefill_rows ]; then  # kernel tests; the prefill kernel agains
     timeout 100 python3 benchmarks/tune_kernels.py --part prefill --heads $heads --previous kernel_before \
       --prefill-configs default light_first --out "$out/tune_prefill_rows_${heads//\//_}.json" 2>&1 \
       | grep -v Deprecation | tee -a "$out/tune_prefill_rows.txt"
+  done
+  timeout 200 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
+elif [ "$part" = prefill_splits ]; then  # kernel tests; chunks on a long cached prefix in 1-8 splits, then prefill
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  for heads in 9/3/64 32/8/128; do
+    timeout 120 python3 benchmarks/tune_kernels.py --part prefill --heads $heads --prefill-configs default splits1 \
+      splits2 splits4 splits8 --prefill-shapes 1x7168+1024 1x3584+512 8x1536+512 1x0+8192 \
+      --out "$out/tune_prefill_splits_${heads//\//_}.json" 2>&1 | grep -v Deprecation | tee -a "$out/tune_prefill_splits.txt"
   done
   timeout 200 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
 elif [ "$part" = prefill ]; then

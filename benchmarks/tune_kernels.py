@@ -21,6 +21,7 @@ import functools
 import importlib
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,7 @@ DECODE_VARIANTS.update({  # more splits than the default launch (a factor of its
     "rows": {"row_gather": True},
     **{f"splits_{n}": {"num_splits": n} for n in (1, 2, 4, 6, 8)},  # a fixed number of splits
 })
-PREFILL_SHAPES = [(8, 2048), (1, 8192)]
+PREFILL_SHAPES = [(8, 0, 2048), (1, 0, 8192)]  # (batch, cached prefix, chunk); prefix 0: a whole prompt
 PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather throughout)
     "default": {},
     "light_first": {"heavy_first": False},
@@ -130,6 +131,10 @@ PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather 
     "rows64_bps4_warps4_stages2": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 2},
     "rows64_bps8_warps4_stages2": {"query_rows": 64, "blocks_per_step": 8, "num_warps": 4, "num_stages": 2},
     "rows64_bps4_warps4_stages4": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 4},
+    "splits1": {"num_splits": 1},
+    "splits2": {"num_splits": 2},
+    "splits4": {"num_splits": 4},
+    "splits8": {"num_splits": 8},
 }
 # Variants timed as kernel options, then folded into the kernel or dropped (their options are gone; results
 # in tune_kernels_prefill_{ids,q,loop,best}_H100.json): K/V rows from the step's block ids, and found a step
@@ -150,7 +155,13 @@ def _torch_sdpa_time(sets, causal=False):
         t = torch.from_dlpack(x)
         return t.transpose(1, 2).contiguous() if seq_axis_first else t
 
-    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)  # noqa: E731
+    if causal and sets[0][0].shape[1] != sets[0][1].shape[1]:  # a chunk on a cached prefix: lower-right causal
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = {"attn_mask": causal_lower_right(sets[0][0].shape[1], sets[0][1].shape[1])}
+    else:
+        mask = {"is_causal": causal}
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **mask)  # noqa: E731
     torch_sets = [tuple(to_torch(x, True) for x in s) for s in sets]
     return seconds_per_call(sdpa, torch_sets, sync=lambda _: torch.cuda.synchronize())[0]
 
@@ -221,26 +232,27 @@ def _jax_mha(q, k, v, block_q, block_k, num_warps, num_stages):
                           num_stages=num_stages, block_sizes=pallas_mha.BlockSizes(block_q=block_q, block_k=block_k))
 
 
-def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128):
+def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, shapes=PREFILL_SHAPES):
     import jaxpaged as jp
 
     rows = []
-    for batch, context in PREFILL_SHAPES:
+    for batch, prefix, chunk in shapes:
+        context = prefix + chunk
         config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=batch * context // 16,
                                 block_size=16, max_seqs=batch, dtype="bfloat16")
         state = jp.init_state(config)
         keys = jax.random.split(jax.random.key(batch), 3)
         k = jax.random.normal(keys[0], (batch, context, kv_heads, head_dim), jnp.bfloat16)
         v = jax.random.normal(keys[1], (batch, context, kv_heads, head_dim), jnp.bfloat16)
-        q = jax.random.normal(keys[2], (batch, context, heads, head_dim), jnp.bfloat16)
+        q = jax.random.normal(keys[2], (batch, chunk, heads, head_dim), jnp.bfloat16)
         state, _ = jp.append(state, 0, jnp.arange(batch, dtype=jnp.int32), k, v)
         pools = [state.pools.k, state.pools.v]
         tables = state.table.block_ids[:batch]
         lengths = jnp.full((batch,), context, jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+        positions = jnp.broadcast_to(prefix + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
         args = [(q, *pools, 0, tables, lengths, positions)]
-        result = {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-                  "tokens_per_s": {}}
+        result = {"batch": batch, "prefix": prefix, "chunk": chunk, "context": context, "heads": heads,
+                  "kv_heads": kv_heads, "head_dim": head_dim, "tokens_per_s": {}}
         reference = None
         kernels = {name: functools.partial(triton_decode.paged_prefill_attention, **options)
                    for name, options in PREFILL_CONFIGS.items() if configs is None or name in configs}
@@ -253,14 +265,14 @@ def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128):
                 err = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
                 seconds, _, top = seconds_per_call(fn, args)
             except Exception as error:
-                print(f"  prefill B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
+                print(f"  prefill B{batch} S{prefix}+{chunk} {name}: {type(error).__name__}: {str(error)[:200]}")
                 continue
-            result["tokens_per_s"][name] = batch * context / seconds
+            result["tokens_per_s"][name] = batch * chunk / seconds
             result.setdefault("rel_err_vs_first", {})[name] = err
             result.setdefault("kernels_us_per_call", {})[name] = top
         group = heads // kv_heads
         repeated = (q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2))  # its K and V at H heads, not timed
-        for tile in PREFILL_JAX_MHA:
+        for tile in PREFILL_JAX_MHA if prefix == 0 else ():  # (its causal mask takes no cached prefix)
             fn = jax.jit(functools.partial(_jax_mha, **dict(zip(("block_q", "block_k", "num_warps", "num_stages"), tile))))
             name = "jax_mha_" + "_".join(map(str, tile))
             try:
@@ -268,14 +280,14 @@ def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128):
                 result.setdefault("rel_err_vs_first", {})[name] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
                 seconds, _, top = seconds_per_call(fn, [repeated])
             except Exception as error:
-                print(f"  prefill B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
+                print(f"  prefill B{batch} S{prefix}+{chunk} {name}: {type(error).__name__}: {str(error)[:200]}")
                 continue
-            result["tokens_per_s"][name] = batch * context / seconds
+            result["tokens_per_s"][name] = batch * chunk / seconds
             result.setdefault("kernels_us_per_call", {})[name] = top
         del repeated
-        result["tokens_per_s"]["torch_sdpa"] = batch * context / _torch_sdpa_time([(q, k, v)], causal=True)
+        result["tokens_per_s"]["torch_sdpa"] = batch * chunk / _torch_sdpa_time([(q, k, v)], causal=True)
         rows.append(result)
-        print(f"prefill {heads}/{kv_heads}/{head_dim} B{batch} S{context}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),
+        print(f"prefill {heads}/{kv_heads}/{head_dim} B{batch} S{prefix}+{chunk}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),
               flush=True)
     return rows
 
@@ -296,6 +308,8 @@ def main():
     parser.add_argument("--shapes", nargs="+", help="decode shapes as BATCHxCONTEXT (default: the eight in DECODE_SHAPES)")
     parser.add_argument("--prefill-configs", nargs="+", choices=list(PREFILL_CONFIGS), metavar="NAME",
                         help="prefill configurations to time (default all; names in PREFILL_CONFIGS)")
+    parser.add_argument("--prefill-shapes", nargs="+", metavar="BxPREFIX+CHUNK",
+                        help="prefill shapes, e.g. 1x7168+1024 (default 8x0+2048 1x0+8192)")
     args = parser.parse_args()
     old_kernel = importlib.import_module(args.previous) if args.previous else None
     rng = np.random.default_rng(0)
@@ -308,7 +322,8 @@ def main():
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else DECODE_SHAPES
         result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, variants, shapes, args.wall)
     if args.part in ("prefill", "all"):
-        result["prefill"] = tune_prefill(old_kernel, args.prefill_configs, heads, kv_heads, head_dim)
+        shapes = [tuple(int(x) for x in re.split(r"[x+]", shape)) for shape in args.prefill_shapes or []] or PREFILL_SHAPES
+        result["prefill"] = tune_prefill(old_kernel, args.prefill_configs, heads, kv_heads, head_dim, shapes)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -140,7 +140,8 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
         positions[b, :c] = np.arange(n - c, n)
     outs = [np.asarray(paged_prefill_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
                                                jnp.asarray(positions), blocks_per_step=2, query_rows=32,
-                                               row_gather=row_gather, interpret=not ON_GPU)) for row_gather in (False, True)]
+                                               row_gather=row_gather, num_splits=splits, interpret=not ON_GPU))
+            for row_gather, splits in ((False, 1), (True, 1), (True, 3))]
     assert all(np.isfinite(out).all() for out in outs)
     block = np.asarray(tables)
     pos = np.arange(block.shape[1] * block_size)
@@ -148,7 +149,7 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
     dense_k = jnp.asarray(np.nan_to_num(_flat_blocks(k)[slots, pos % block_size]))
     dense_v = jnp.asarray(np.nan_to_num(_flat_blocks(v)[slots, pos % block_size]))
     expected = np.asarray(attend(q, dense_k, dense_v, jnp.asarray(positions), jnp.asarray(lengths, jnp.int32)))
-    for out in outs:  # block gather, row gather (the default)
+    for out in outs:  # block gather, row gather (the default), the row gather in three splits merged
         for b, c in enumerate(chunk):
             np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
             assert not out[b, c:].any(), "padding queries return zeros"
@@ -353,6 +354,17 @@ def _pallas_calls(jaxpr):
             if inner is not None:
                 calls += _pallas_calls(getattr(inner, "jaxpr", inner))
     return calls
+
+
+def test_prefill_splits_only_where_programs_are_few_and_steps_many():
+    from jaxpaged.kernels.triton_decode import default_prefill_splits
+
+    assert default_prefill_splits(147, 128, 128) == 4  # 49 query blocks x 3 kv heads over an 8k table, head dim 64
+    assert default_prefill_splits(256, 128, 256) == 1  # 32 query blocks x 8 kv heads at head dim 128: not split
+    assert default_prefill_splits(176, 128, 128) == 3 and default_prefill_splits(177, 128, 128) == 1  # a third full
+    assert default_prefill_splits(8, 1000, 128) == 8  # at most 8
+    assert default_prefill_splits(147, 16, 128) == 2  # each split keeps >= 8 steps
+    assert default_prefill_splits(147, 7, 128) == 1
 
 
 def test_prefill_kernel_is_one_launch_on_q_as_it_comes():

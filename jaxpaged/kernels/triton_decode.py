@@ -605,12 +605,12 @@ def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
     return head_dim in (64, 128, 256) and block_size >= 8 and pool_size <= _MAX_POOL_SIZE
 
 
-def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, o_ref, *,
-                    group: int, rows: int, tokens: int, num_q_blocks: int, heavy_first: bool, block_size: int,
-                    blocks_per_step: int, num_blocks: int, num_layers: int, flat_heads: int, scale: float,
-                    row_gather: bool, masked_loads: bool):
+def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, *out_refs,
+                    group: int, rows: int, tokens: int, num_q_blocks: int, splits: int, heavy_first: bool,
+                    block_size: int, blocks_per_step: int, num_blocks: int, num_layers: int, flat_heads: int,
+                    scale: float, row_gather: bool, masked_loads: bool):
     """One program: `tokens` consecutive queries of one sequence x the G query heads of one kv head,
-    causal; grid (query blocks, K, B).
+    causal, over one of `splits` parts of the positions they see; grid (splits x query blocks, K, B).
 
     Its tile of `rows` rows (a power of two >= tokens * G) holds query t's head g at row t * G + g;
     the rows past tokens * G, and those of tokens past T, repeat the tile's last real row, so they
@@ -623,9 +623,10 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     Each loop step finds the K/V rows of the next (from its blocks' ids), so no load in a step
     waits on a table load of the same step. Loop steps wholly before every row's causal limit and
     inside the length run unmasked; the rest mask (masked_loads: V rows past the length load as
-    zeros). Padding queries (position -1) return zeros.
+    zeros). Padding queries (position -1) return zeros. With one split, out_refs is o; with more,
+    each split writes its unnormalised o, running max and sum (o, m, l) for `_merge_prefill_splits`.
     """
-    j = pl.program_id(0)
+    split, j = pl.program_id(0) // num_q_blocks, pl.program_id(0) % num_q_blocks
     j = num_q_blocks - 1 - j if heavy_first else j
     num_q = q_pos_ref.shape[0]
     r = jnp.minimum(jnp.arange(rows), tokens * group - 1)  # [rows]: the tile's rows, the padding repeating the last
@@ -636,9 +637,11 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
 
     length = lengths_ref[0]
     chunk = blocks_per_step * block_size
-    last = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)
+    seen = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)  # steps any row sees
+    per_split = pl.cdiv(seen, splits)
+    start, last = split * per_split, jnp.minimum((split + 1) * per_split, seen)  # this split's steps
     first_pos = jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max).min()  # the earliest real row
-    full = jnp.clip(jnp.minimum(length, first_pos + 1) // chunk, 0, last)
+    full = jnp.clip(jnp.minimum(length, first_pos + 1) // chunk, start, jnp.maximum(last, start))
     ids_of = functools.partial(_load_ids, tables_ref=tables_ref,
                                layer_base=_layer_base(layer_ref, num_blocks, num_layers, flat_heads),
                                blocks_per_step=blocks_per_step, num_blocks=num_blocks,
@@ -650,22 +653,51 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
             live = _live(i, length, chunk) if masked and masked_loads else None
             k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=None, live=live)
             softmax = _update(softmax, q, k, v, i, length, q_pos, scale=scale, masked=masked, v_zeroed=live is not None)
-            return ids_of(jnp.minimum(i + 1, jnp.maximum(last - 1, 0))), softmax
+            return ids_of(jnp.minimum(i + 1, jnp.maximum(last - 1, start))), softmax
         return body
 
-    carry = jax.lax.fori_loop(0, full, steps(False), (ids_of(0), _empty_carry(*q.shape)))
-    _, (o, _, l) = jax.lax.fori_loop(full, last, steps(True), carry)
-    o = o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]
-    o_ref[q_rows] = jnp.where(q_pos[:, None] >= 0, o, 0.0).astype(o_ref.dtype)
+    carry = jax.lax.fori_loop(start, full, steps(False), (ids_of(start), _empty_carry(*q.shape)))
+    _, (o, m, l) = jax.lax.fori_loop(full, last, steps(True), carry)
+    real = q_pos >= 0
+    if splits == 1:
+        o = o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]
+        out_refs[0][q_rows] = jnp.where(real[:, None], o, 0.0).astype(out_refs[0].dtype)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[q_rows] = jnp.where(real[:, None], o, 0.0)
+        m_ref[q_rows] = m
+        l_ref[q_rows] = jnp.where(real, l, 0.0)
+
+
+def _merge_prefill_splits(o, m, l, dtype):
+    """The prefill splits' [S, B, T * H, D] unnormalised outputs, [S, B, T * H] running maxima (base 2)
+    and sums, merged: [B, T * H, D] in dtype (one XLA fusion)."""
+    weight = jnp.exp2(m - m.max(axis=0, keepdims=True))
+    total = (l * weight).sum(axis=0)
+    return ((o * weight[..., None]).sum(axis=0) / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]).astype(dtype)
+
+
+def default_prefill_splits(programs: int, steps: int, row_bytes: int) -> int:
+    """Splits of the positions each query block sees. A full H100 holds _SMS x 4 programs of the
+    default tile at K/V rows of <= 128 bytes (head dim 64 in 16 bits: 57 KB of shared memory each),
+    x 2 at wider rows (114 KB). With a third of that or fewer (query blocks x kv heads x sequences),
+    enough splits to fill it, each keeping >= 8 of the `steps` loop steps (the table's capacity), at
+    most 8; else 1. Measured on an H100 (tune_kernels_prefill_splits_*_H100.json, 9/3/64 heads):
+    147 programs over a 7k prefix, 4 splits 1.47x one; 75 over 3.5k, 4 splits 1.59x, 8 1.54x; and at
+    32/8/128, 256 programs over 3.5k, 2 splits 0.88x one, so that one is not split."""
+    full = _SMS * (4 if row_bytes <= 128 else 2)
+    if 3 * programs > full:
+        return 1
+    return max(1, min(8, -(-full // programs), steps // 8))
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "query_rows", "num_warps", "num_stages",
-                                             "row_gather", "heavy_first", "interpret"))
+                                             "row_gather", "heavy_first", "num_splits", "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                             lengths: jax.Array, q_positions: jax.Array, *, layout: str = "KNPD",
                             blocks_per_step: int | None = None, query_rows: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, row_gather: bool = True, heavy_first: bool = True,
-                            interpret: bool = False) -> jax.Array:
+                            num_splits: int | None = None, interpret: bool = False) -> jax.Array:
     """Causal attention of T queries per sequence (prefill, or a chunk on a cached prefix) over the pools.
 
     Query t of sequence b sits at q_positions[b, t] and sees cached positions <= it and < lengths[b]
@@ -690,6 +722,9 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       heavy_first: launch the query blocks with the longest causal prefix first, rather than in
         order: with the default tile, 20.08 M against 19.59 M tokens/s at 8 x 2048 and 5.77 M against
         5.64 M at 1 x 8192 on an H100 (same run as above); with the tile before, 1.5-2% slower.
+      num_splits: parts of the positions each query block sees, run as programs of their own and
+        merged after (flash-decoding, for few programs over a long cached prefix); default
+        `default_prefill_splits`.
 
     Returns:
       [B, T, H, D] in q's dtype; padding queries return zeros.
@@ -710,17 +745,29 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     rows = max(query_rows, 1 << (group - 1).bit_length())
     tokens = rows // group  # per program
     num_q_blocks = -(-num_q // tokens)
+    steps = -(-max_blocks // blocks_per_step)
+    splits = num_splits or default_prefill_splits(num_q_blocks * kv_heads * batch, steps, head_dim * q.dtype.itemsize)
 
     layer = _layer_ref(layer)
     as_rows = pl.BlockSpec((None, num_q * num_heads, head_dim), lambda j, h, b: (b, 0, 0))  # q and o of sequence b
-    kernel = functools.partial(_prefill_kernel, group=group, rows=rows, tokens=tokens,
-                               num_q_blocks=num_q_blocks, heavy_first=heavy_first, block_size=block_size,
+    flat = (batch, num_q * num_heads)
+    if splits == 1:
+        out_specs, out_shape = as_rows, jax.ShapeDtypeStruct((*flat, head_dim), q.dtype)
+    else:  # per split (grid axis 0 // query blocks): unnormalised o, running max and sum, all float32
+        split_of = lambda j, h, b: (j // num_q_blocks, b)  # noqa: E731
+        out_specs = [pl.BlockSpec((None, None, num_q * num_heads, head_dim), lambda j, h, b: (*split_of(j, h, b), 0, 0)),
+                     pl.BlockSpec((None, None, num_q * num_heads), lambda j, h, b: (*split_of(j, h, b), 0)),
+                     pl.BlockSpec((None, None, num_q * num_heads), lambda j, h, b: (*split_of(j, h, b), 0))]
+        out_shape = [jax.ShapeDtypeStruct((splits, *flat, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, *flat), jnp.float32), jax.ShapeDtypeStruct((splits, *flat), jnp.float32)]
+    kernel = functools.partial(_prefill_kernel, group=group, rows=rows, tokens=tokens, num_q_blocks=num_q_blocks,
+                               splits=splits, heavy_first=heavy_first, block_size=block_size,
                                blocks_per_step=blocks_per_step, num_blocks=num_blocks, num_layers=num_layers,
                                flat_heads=flat_heads, scale=_softmax_scale(head_dim), row_gather=row_gather,
                                masked_loads=not interpret)  # (interpret mode can not mask a gather: V is zeroed after)
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        grid=(num_q_blocks, kv_heads, batch),  # the query blocks of one sequence and kv head launch together
+        grid=(splits * num_q_blocks, kv_heads, batch),  # the query blocks of one sequence and kv head launch together
         in_specs=[
             pl.BlockSpec((1,), lambda j, h, b: (0,)),
             pl.BlockSpec((1,), lambda j, h, b: (b,)),
@@ -730,10 +777,11 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
             pool_spec,
             pool_spec,
         ],
-        out_specs=as_rows,
-        out_shape=jax.ShapeDtypeStruct((batch, num_q * num_heads, head_dim), q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxpaged_prefill",
     )(layer, lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
-      q.reshape(batch, num_q * num_heads, head_dim), k_pool, v_pool).reshape(q.shape)
+      q.reshape(*flat, head_dim), k_pool, v_pool)
+    return (out if splits == 1 else _merge_prefill_splits(*out, q.dtype)).reshape(q.shape)
