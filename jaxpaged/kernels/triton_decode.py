@@ -671,7 +671,7 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
 
 def _merge_prefill_splits(o, m, l, dtype):
     """The prefill splits' [S, B, T * H, D] unnormalised outputs, [S, B, T * H] running maxima (base 2)
-    and sums, merged: [B, T * H, D] in dtype (one XLA fusion)."""
+    and sums, merged: [B, T * H, D] in dtype (XLA, after the kernel)."""
     weight = jnp.exp2(m - m.max(axis=0, keepdims=True))
     total = (l * weight).sum(axis=0)
     return ((o * weight[..., None]).sum(axis=0) / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]).astype(dtype)
