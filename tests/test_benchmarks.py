@@ -1,5 +1,6 @@
 """The benchmark scripts run where the suite runs: every one answers --help, and the attention
-benchmark's smoke mode (small shapes, Pallas in interpret mode) writes its JSON."""
+benchmark's smoke mode (small shapes, Pallas in interpret mode) writes its JSON, which --replot
+draws again."""
 
 import json
 import os
@@ -35,3 +36,6 @@ def test_attention_benchmark_smoke_writes_prefill_and_chunked_prefill(tmp_path):
         assert all(tps > 0 for tps in row["tokens_per_s"].values())
         assert row["rel_err_vs_xla_dense"]["jaxpaged"] < 1e-5  # (on a CPU both run the reference)
     assert "prefill, M tokens/s" in result.stdout
+    replot = _run("benchmarks/attention.py", "--replot", str(tmp_path / "prefill.json"))
+    assert replot.returncode == 0, replot.stderr
+    assert (tmp_path / "prefill.png").exists() or "matplotlib not installed" in replot.stdout
