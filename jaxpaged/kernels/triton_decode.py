@@ -2,7 +2,7 @@
 through the block table. `paged_decode_attention`: one query token per sequence, the context split
 across programs (flash-decoding) when the batch alone does not fill the GPU.
 `paged_prefill_attention`: T causal queries per sequence on a cached prefix, one program per block
-of query rows.
+of query rows (and, over a long prefix with few programs, per part of the positions they see).
 
 Why the Triton lowering: it runs on the jax this project supports on GPUs (0.11, where it is
 deprecated but present), it is what jax's own paged kernel uses, so the comparison is like for
@@ -25,8 +25,11 @@ get probability 0 and their V rows are loaded as zeros (or zeroed after the load
 or freed slot (NaN, or another sequence's data) can not reach the output. With one split the program
 writes its G output rows in place, so the whole call is one launch; more splits are merged by a
 second, small kernel (one program per query head).
-The prefill kernel reads q and writes its output in their [B, T, H, D] layout (no transpose around
-it) and masks only the steps that reach a causal limit or the length.
+The prefill kernel reads q and writes its output in their [B, T, H, D] layout, viewed as rows of
+[T * H, D] (no transpose around it): a program's tile packs its tokens' G query heads into 64 rows,
+kept in shared memory for both dots. Each step's K/V rows are found a step ahead from the blocks'
+ids; only the steps that reach a causal limit or the length mask. Where the programs are few and
+the prefix long, the positions are split across programs and merged after (`default_prefill_splits`).
 
 Axis letters: B sequences, H query heads, K kv heads, G = H / K, D head dim, L layers,
 N blocks per layer, P block size, M blocks per sequence.
