@@ -166,7 +166,8 @@ def _rel_err(out, expected):
 @pytest.mark.parametrize("draw", range(24 if ON_GPU else 3))
 def test_kernels_on_random_shapes_lengths_and_launches(draw):
     """Decode and prefill against the reference over random head shapes, block sizes, dtypes, ragged
-    lengths (0 and full included) and launch choices (splits, prefetch, blocks per step, masking)."""
+    lengths (0 and full included) and launch choices (splits, prefetch, blocks per step, masking; for
+    prefill, splits of the positions too)."""
     from jaxpaged.kernels.triton_decode import paged_prefill_attention
 
     rng = np.random.default_rng(1000 + draw)
@@ -213,7 +214,8 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
                                              blocks_per_step=blocks_per_step,
                                              query_rows=int(rng.choice([16, 32, 64] + [128] * (row_bytes <= 256))),
                                              row_gather=launch["row_gather"] is not False, layout=launch["layout"],
-                                             heavy_first=bool(rng.random() < 0.3), interpret=not ON_GPU),
+                                             heavy_first=bool(rng.random() < 0.7), num_splits=launch["num_splits"],
+                                             interpret=not ON_GPU),
                      np.float32)
     pos = np.arange(max_blocks * block_size)
     slots = np.minimum(tables[:, pos // block_size], num_blocks - 1) + layer * num_blocks
