@@ -241,27 +241,31 @@ def prefill_peers_jax(q, k, v, expected, timer, tolerance=2e-2):
     flash attention through `jax.nn.dot_product_attention`, jax's Pallas flash attention on the Triton
     lowering (`ops.gpu.attention.mha`, no grouped heads: K and V repeated to H heads beforehand, not
     timed) and on Mosaic GPU (`ops.gpu.attention_mgpu`, Hopper; on float16 copies where it refuses
-    bfloat16). The Pallas kernels get the best of
-    their tile settings (PREFILL_MHA_SETTINGS, PREFILL_MGPU_SETTINGS). Returns ({name: seconds},
-    {name: error}, {name: best setting}); a peer that fails at every setting is left out, with a note."""
+    bfloat16). The Pallas kernels get the best of their tile settings (PREFILL_MHA_SETTINGS,
+    PREFILL_MGPU_SETTINGS). Returns ({name: seconds}, {name: error}, {name: best setting},
+    {name: [why each setting failed]}); a peer that fails at every setting has no time."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_mha
 
     def rel_err(out):
         out = np.asarray(out, np.float32)
         return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
 
-    seconds, errors, settings = {}, {}, {}
+    seconds, errors, settings, failures = {}, {}, {}, {}
+
+    def failed(name, setting, why):
+        print(f"  {name} {setting}: {why}")
+        failures.setdefault(name, []).append(f"{setting}: {why}")
 
     def best_of(name, candidates, args):
         for setting, fn in candidates:
             try:
                 err = rel_err(fn(*args))
                 if err >= tolerance:
-                    print(f"  {name} {setting}: error {err:.3g}")
+                    failed(name, setting, f"relative error {err:.3g}")
                     continue
                 sec = timer(fn, [args])
             except Exception as failure:  # a tile the kernel refuses, or no such kernel in this jax
-                print(f"  {name} {setting}: {type(failure).__name__}: {str(failure)[:160]}")
+                failed(name, setting, f"{type(failure).__name__}: {str(failure)[:160]}")
                 continue
             if name not in seconds or sec < seconds[name]:
                 seconds[name], errors[name], settings[name] = sec, err, setting
@@ -280,15 +284,15 @@ def prefill_peers_jax(q, k, v, expected, timer, tolerance=2e-2):
     try:
         from jax.experimental.pallas.ops.gpu import attention_mgpu
     except ImportError as failure:
-        print(f"  jax_mosaic_attention: {failure}")
-        return seconds, errors, settings
+        failed("jax_mosaic_attention", "import", str(failure))
+        return seconds, errors, settings, failures
     mosaic = [((bq, bkv, steps), jax.jit(functools.partial(attention_mgpu.attention, config=attention_mgpu.TuningConfig(
         block_q=bq, block_kv=bkv, max_concurrent_steps=steps, causal=True))))
         for bq, bkv, steps in PREFILL_MGPU_SETTINGS]
     best_of("jax_mosaic_attention", mosaic, (q, k, v))
     if "jax_mosaic_attention" not in seconds:  # (jax 0.11.2's kernel refuses bfloat16: float16 copies, exact here)
         best_of("jax_mosaic_attention_float16", mosaic, tuple(x.astype(jnp.float16) for x in (q, k, v)))
-    return seconds, errors, settings
+    return seconds, errors, settings, failures
 
 
 def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, with_peers):
@@ -328,9 +332,9 @@ def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, w
         results["jaxpaged_npkd_layout"] = timer(fn, [npkd_args])
         del npkd_args
     results["xla_dense"] = timer(dense, [(q, k, v)])
-    settings = {}
+    settings, failures = {}, {}
     if with_peers and prefix == 0:
-        seconds, peer_errors, settings = prefill_peers_jax(q, k, v, expected, timer)
+        seconds, peer_errors, settings, failures = prefill_peers_jax(q, k, v, expected, timer)
         results.update(seconds)
         errors.update(peer_errors)
     if with_peers:
@@ -345,7 +349,7 @@ def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, w
         errors["torch_sdpa"] = rel_err(sdpa(tq, tk, tv).transpose(1, 2).float().cpu().numpy())
         results["torch_sdpa"] = seconds_per_call(sdpa, [(tq, tk, tv)], sync=lambda _: torch.cuda.synchronize())[0]
     return {"batch": batch, "prefix": prefix, "chunk": chunk, "context": context, "heads": heads, "kv_heads": kv_heads,
-            "head_dim": head_dim, "rel_err_vs_xla_dense": errors, "peer_settings": settings,
+            "head_dim": head_dim, "rel_err_vs_xla_dense": errors, "peer_settings": settings, "peer_failures": failures,
             "tokens_per_s": {name: batch * chunk / sec for name, sec in results.items()}}
 
 
