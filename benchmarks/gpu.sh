@@ -24,11 +24,17 @@
 #                                                # (benchmarks/kernel_before.py) at three head shapes, then prefill
 #   bash benchmarks/gpu.sh OUTPUT_DIR prefill_splits  # kernel tests, chunks over a long cached prefix in 1-8
 #                                                # splits (tune_kernels.py), then prefill
-#   bash benchmarks/gpu.sh OUTPUT_DIR decode_ids  # decode's row gather with its rows from block ids (not yet run)
+#   bash benchmarks/gpu.sh OUTPUT_DIR decode_ids  # decode's row gather with its rows from block ids
+#   bash benchmarks/gpu.sh OUTPUT_DIR ncu_prefill  # Nsight Compute on the prefill kernel, jax's Pallas flash
+#                                                # attention and torch SDPA (8 x 2048, 32/8/128 and 9/3/64 heads)
+#   bash benchmarks/gpu.sh OUTPUT_DIR prefill_ab  # the prefill kernel against the file before (kernel_before.py),
+#                                                # whole prompts and chunks, three head shapes
+#   bash benchmarks/gpu.sh OUTPUT_DIR ncu_sass   # the same two kernels' SASS with executed instructions and stall
+#                                                # samples per instruction (CSV), 8 x 2048 at 32/8/128 heads
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|decode_ids}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|decode_ids}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|decode_ids|ncu_prefill|ncu_sass|prefill_ab}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|decode_ids|ncu_prefill|ncu_sass|prefill_ab}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -158,6 +164,33 @@ elif [ "$part" = decode_ids ]; then  # decode's row gather with its rows from bl
   for heads in 32/8/128 32/8/64 9/3/64; do
     timeout 170 python3 benchmarks/tune_kernels.py --part decode --heads $heads --variants default rows_from_blocks \
       --out "$out/tune_decode_ids_${heads//\//_}.json" 2>&1 | grep -v Deprecation | tee -a "$out/tune_decode_ids.txt"
+  done
+elif [ "$part" = ncu_prefill ]; then  # hardware counters of one call each: ours, jax's Pallas kernel, torch
+  sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats --section InstructionStats \
+    --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*cycles_active\.avg\.pct_of_peak_sustained_active"
+  for heads in 32/8/128 9/3/64; do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.5 timeout 200 ncu --clock-control none --kernel-name regex:"jaxpaged|mha|flash|fmha|sdpa" \
+      $sections python3 benchmarks/profile_kernel.py --part prefill --heads $heads --batch 8 --context 2048 --calls 1 \
+      --torch > "$out/ncu_prefill_${heads//\//_}.txt" 2>&1
+    grep -E "^  [a-zA-Z_]|Duration|Compute .SM. Th|DRAM Th|Registers Per|Achieved Occ|Issued Warp|No Eligible|Executed Ipc A|tensor" \
+      "$out/ncu_prefill_${heads//\//_}.txt" | cut -c1-110 | head -n 60
+  done
+elif [ "$part" = prefill_ab ]; then  # the prefill kernel against the file before it, in one run
+  [ -f benchmarks/kernel_before.py ] || { echo "benchmarks/kernel_before.py: git show REV:jaxpaged/kernels/triton_decode.py > it"; exit 1; }
+  for heads in 32/8/128 32/8/64 9/3/64; do
+    timeout 150 python3 benchmarks/tune_kernels.py --part prefill --heads $heads --previous kernel_before \
+      --prefill-configs default --prefill-shapes 8x0+2048 1x0+8192 8x1536+512 1x7168+1024 \
+      --out "$out/tune_prefill_ab_${heads//\//_}.json" 2>&1 | grep -v Deprecation | tee -a "$out/tune_prefill_ab.txt"
+  done
+elif [ "$part" = ncu_sass ]; then  # per-instruction counters: which instructions of each loop stall, and on what
+  XLA_PYTHON_CLIENT_MEM_FRACTION=.5 timeout 300 ncu --clock-control none --kernel-name regex:"jaxpaged|mha" \
+    --section SourceCounters --section WarpStateStats --section InstructionStats -f -o /tmp/prefill_sass \
+    python3 benchmarks/profile_kernel.py --part prefill --heads 32/8/128 --batch 8 --context 2048 --calls 1 2>&1 | tail -n 5
+  for kernel in jaxpaged mha; do
+    ncu -i /tmp/prefill_sass.ncu-rep --kernel-name regex:$kernel --page source --print-source sass --csv \
+      > "$out/sass_${kernel}.csv" 2> "$out/sass_${kernel}.err"
+    wc -l "$out/sass_${kernel}.csv"; head -c 600 "$out/sass_${kernel}.csv"; echo
   done
 elif [ "$part" = prefill ]; then
   timeout 500 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"

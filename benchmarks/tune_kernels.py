@@ -140,7 +140,8 @@ PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather 
 # Variants timed as kernel options, then folded into the kernel or dropped (their options are gone; results
 # in tune_kernels_prefill_{ids,q,loop,best}_H100.json): K/V rows from the step's block ids, and found a step
 # ahead; q gathered as rows; V rows past the length loaded as zeros; all kept. One loop of masked steps, and
-# the output stored as rows: dropped.
+# the output stored as rows: dropped. The masked steps in the main loop with the masking behind a branch
+# (`one_loop`, tune_kernels_prefill_one_loop_*_H100.json): 0.55-0.72x, dropped.
 # jax's Pallas flash attention on the same q, K and V (contiguous, K and V repeated to the query heads):
 # (block_q, block_k, warps, stages); 64, 64, 4, 3 was its best of eight at 32/8/128 (prefill_attention_H100*.json)
 PREFILL_JAX_MHA = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2))
@@ -233,25 +234,34 @@ def _jax_mha(q, k, v, block_q, block_k, num_warps, num_stages):
                           num_stages=num_stages, block_sizes=pallas_mha.BlockSizes(block_q=block_q, block_k=block_k))
 
 
-def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, shapes=PREFILL_SHAPES):
+def prefill_inputs(batch, prefix, chunk, heads, kv_heads, head_dim):
+    """Random bf16 q [B, T, H, D] and K, V [B, S, K, D] (S = prefix + chunk) appended to block-16 pools.
+
+    Returns (q, k, v, kernel_args): kernel_args are paged_prefill_attention's positional arguments.
+    """
     import jaxpaged as jp
 
+    context = prefix + chunk
+    config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=batch * context // 16,
+                            block_size=16, max_seqs=batch, dtype="bfloat16")
+    state = jp.init_state(config)
+    keys = jax.random.split(jax.random.key(batch), 3)
+    k = jax.random.normal(keys[0], (batch, context, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[1], (batch, context, kv_heads, head_dim), jnp.bfloat16)
+    q = jax.random.normal(keys[2], (batch, chunk, heads, head_dim), jnp.bfloat16)
+    state, _ = jp.append(state, 0, jnp.arange(batch, dtype=jnp.int32), k, v)
+    tables = state.table.block_ids[:batch]
+    lengths = jnp.full((batch,), context, jnp.int32)
+    positions = jnp.broadcast_to(prefix + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+    return q, k, v, (q, state.pools.k, state.pools.v, 0, tables, lengths, positions)
+
+
+def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, shapes=PREFILL_SHAPES):
     rows = []
     for batch, prefix, chunk in shapes:
         context = prefix + chunk
-        config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=batch * context // 16,
-                                block_size=16, max_seqs=batch, dtype="bfloat16")
-        state = jp.init_state(config)
-        keys = jax.random.split(jax.random.key(batch), 3)
-        k = jax.random.normal(keys[0], (batch, context, kv_heads, head_dim), jnp.bfloat16)
-        v = jax.random.normal(keys[1], (batch, context, kv_heads, head_dim), jnp.bfloat16)
-        q = jax.random.normal(keys[2], (batch, chunk, heads, head_dim), jnp.bfloat16)
-        state, _ = jp.append(state, 0, jnp.arange(batch, dtype=jnp.int32), k, v)
-        pools = [state.pools.k, state.pools.v]
-        tables = state.table.block_ids[:batch]
-        lengths = jnp.full((batch,), context, jnp.int32)
-        positions = jnp.broadcast_to(prefix + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
-        args = [(q, *pools, 0, tables, lengths, positions)]
+        q, k, v, kernel_args = prefill_inputs(batch, prefix, chunk, heads, kv_heads, head_dim)
+        args = [kernel_args]
         result = {"batch": batch, "prefix": prefix, "chunk": chunk, "context": context, "heads": heads,
                   "kv_heads": kv_heads, "head_dim": head_dim, "tokens_per_s": {}}
         reference = None

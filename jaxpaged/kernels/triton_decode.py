@@ -98,10 +98,14 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
     scale: the softmax scale times log2(e): the running max is kept in base-2 units, so each
     probability is one fused multiply-add and one `exp2` (the hardware's ex2), where `exp` of the
     scaled logits compiles to a longer libdevice sequence.
-    q_pos: [rows] positions of the queries (causal limit), or None for decode (the length is the limit).
+    q_pos: [rows] positions of the queries (causal limit), each below the length (or -1: sees nothing),
+      or None for decode (the length is the limit).
     masked: whether the chunk may reach past the length (or the causal limit). If so, positions at or
     past the length get probability 0 and their V rows are zeroed, so NaN or another sequence's data in
     an unused slot can not reach the output; a chunk known to be inside both limits skips that work.
+    A query row that sees nothing in a chunk takes probability 1 at each of its positions there (its
+    running max stays at the mask), and loses them as soon as it sees a position (the correction
+    exp2(mask - max) is 0), or in the merge of splits (weight 0), or as a padding row (zeroed).
     v_zeroed: the V rows past the length were loaded as zeros already.
     """
     o, m, l = carry
@@ -110,15 +114,13 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
     if masked:
         positions = step * chunk + jnp.arange(chunk)
         live = positions < length
-        visible = live[None, :] if q_pos is None else live[None, :] & (positions[None, :] <= q_pos[:, None])
+        visible = live[None, :] if q_pos is None else positions[None, :] <= q_pos[:, None]  # (q_pos < length)
         logits = jnp.where(visible, logits, _MASK)
         if not v_zeroed:
             v = jnp.where(live[:, None], v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, logits.max(axis=-1) * scale)
     correction = jnp.exp2(m - m_new)
     p = jnp.exp2(logits * scale - m_new[:, None])
-    if masked and q_pos is not None:  # a padding or early query row can see nothing in a whole chunk: keep it at 0
-        p = jnp.where(visible, p, 0.0)
     o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return o, m_new, l * correction + p.sum(axis=-1)
 
@@ -642,9 +644,8 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     token = jnp.minimum(j * tokens + r // group, num_q - 1)
     q_rows = token * (q_ref.shape[0] // num_q) + pl.program_id(1) * group + r % group  # rows of [T * H, D]
     q = q_ref[q_rows]  # [rows, D]
-    q_pos = q_pos_ref[token]  # [rows]; -1: a padding query
-
     length = lengths_ref[0]
+    q_pos = jnp.minimum(q_pos_ref[token], length - 1)  # [rows]; -1: a padding query
     chunk = blocks_per_step * block_size
     seen = pl.cdiv(jnp.minimum(length, q_pos.max() + 1), chunk)  # steps any row sees
     per_split = pl.cdiv(seen, splits)
