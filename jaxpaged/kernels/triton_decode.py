@@ -103,9 +103,8 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
     masked: whether the chunk may reach past the length (or the causal limit). If so, positions at or
     past the length get probability 0 and their V rows are zeroed, so NaN or another sequence's data in
     an unused slot can not reach the output; a chunk known to be inside both limits skips that work.
-    A query row that sees nothing in a chunk takes probability 1 at each of its positions there (its
-    running max stays at the mask), and loses them as soon as it sees a position (the correction
-    exp2(mask - max) is 0), or in the merge of splits (weight 0), or as a padding row (zeroed).
+    Masked logits are -inf and the running max starts finite (`_MASK`), so a masked position's
+    probability is exp2(-inf) = 0 even in a row that sees nothing in the chunk (its max stays put).
     v_zeroed: the V rows past the length were loaded as zeros already.
     """
     o, m, l = carry
@@ -115,7 +114,7 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
         positions = step * chunk + jnp.arange(chunk)
         live = positions < length
         visible = live[None, :] if q_pos is None else positions[None, :] <= q_pos[:, None]  # (q_pos < length)
-        logits = jnp.where(visible, logits, _MASK)
+        logits = jnp.where(visible, logits, -jnp.inf)
         if not v_zeroed:
             v = jnp.where(live[:, None], v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, logits.max(axis=-1) * scale)
@@ -669,9 +668,9 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     carry = jax.lax.fori_loop(start, full, steps(False), (ids_of(start), _empty_carry(*q.shape)))
     _, (o, m, l) = jax.lax.fori_loop(full, last, steps(True), carry)
     real = q_pos >= 0
-    if splits == 1:
-        o = o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]
-        out_refs[0][q_rows] = jnp.where(real[:, None], o, 0.0).astype(out_refs[0].dtype)
+    if splits == 1:  # one reciprocal a row, 0 for padding queries
+        inverse = jnp.where(real, 1 / jnp.maximum(l, jnp.finfo(jnp.float32).tiny), 0.0)
+        out_refs[0][q_rows] = (o * inverse[:, None]).astype(out_refs[0].dtype)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[q_rows] = jnp.where(real[:, None], o, 0.0)
