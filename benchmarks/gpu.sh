@@ -24,7 +24,6 @@
 #                                                # (benchmarks/kernel_before.py) at three head shapes, then prefill
 #   bash benchmarks/gpu.sh OUTPUT_DIR prefill_splits  # kernel tests, chunks over a long cached prefix in 1-8
 #                                                # splits (tune_kernels.py), then prefill
-#   bash benchmarks/gpu.sh OUTPUT_DIR decode_ids  # decode's row gather with its rows from block ids
 #   bash benchmarks/gpu.sh OUTPUT_DIR ncu_prefill  # Nsight Compute on the prefill kernel, jax's Pallas flash
 #                                                # attention and torch SDPA (8 x 2048, 32/8/128 and 9/3/64 heads)
 #   bash benchmarks/gpu.sh OUTPUT_DIR prefill_ab  # the prefill kernel against the file before (kernel_before.py),
@@ -33,8 +32,8 @@
 #                                                # samples per instruction (CSV), 8 x 2048 at 32/8/128 heads
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|decode_ids|ncu_prefill|ncu_sass|prefill_ab}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|decode_ids|ncu_prefill|ncu_sass|prefill_ab}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -160,11 +159,6 @@ elif [ "$part" = prefill_splits ]; then  # kernel tests; chunks on a long cached
       --out "$out/tune_prefill_splits_${heads//\//_}.json" 2>&1 | grep -v Deprecation | tee -a "$out/tune_prefill_splits.txt"
   done
   timeout 200 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
-elif [ "$part" = decode_ids ]; then  # decode's row gather with its rows from block ids, three head shapes
-  for heads in 32/8/128 32/8/64 9/3/64; do
-    timeout 170 python3 benchmarks/tune_kernels.py --part decode --heads $heads --variants default rows_from_blocks \
-      --out "$out/tune_decode_ids_${heads//\//_}.json" 2>&1 | grep -v Deprecation | tee -a "$out/tune_decode_ids.txt"
-  done
 elif [ "$part" = ncu_prefill ]; then  # hardware counters of one call each: ours, jax's Pallas kernel, torch
   sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats --section InstructionStats \

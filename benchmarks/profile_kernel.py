@@ -31,7 +31,7 @@ from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill
 from timing import device_time
 from tune_kernels import _jax_mha, prefill_inputs
 
-VARIANTS = {"default": {}, "rows_from_blocks": {"rows_from_blocks": True}}
+VARIANTS = {"default": {}, "block_gather": {"row_gather": False}}
 
 
 def main():

@@ -36,7 +36,6 @@ _PLAIN = {"transposed": False, "masked_loads": False}
 _TML = {"transposed": True, "masked_loads": True}
 DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name means the same under other defaults
     "default": {},
-    "rows_from_blocks": {"rows_from_blocks": True},  # the row gather's rows from block ids, as in prefill
     "prefetch": {"prefetch": True, **_PLAIN},
     "no_prefetch": {"prefetch": False, **_PLAIN},
     "mask_tail_only": {"mask_tail_only": True},

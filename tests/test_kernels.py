@@ -190,7 +190,7 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
                   transposed=[None, True, False][int(rng.integers(3))],
                   masked_loads=[None, True, False][int(rng.integers(3))],
                   row_gather=[None, True, False][int(rng.choice(3, p=[0.4, 0.4, 0.2]))],
-                  layout="NPKD" if rng.random() < 0.25 else "KNPD", rows_from_blocks=bool(draw % 2))
+                  layout="NPKD" if rng.random() < 0.25 else "KNPD")
     pools = (k, v) if launch["layout"] == "KNPD" else (_npkd(k), _npkd(v))
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize

@@ -58,8 +58,10 @@ def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks:
     """Where loop step `step`'s K/V are: its blocks' indices in the pool as the kernel sees it
     ([blocks]), or with row_gather = P, the pool viewed as rows of positions, its positions' rows
     ([blocks * P]). layer_base: the pool index of block 0 of this program's layer (and head). The
-    sentinel N reads a real block, then is masked. rows_from_blocks: the rows come from the step's
-    block ids, loaded once each, rather than from one table load per position."""
+    sentinel N reads a real block, then is masked. rows_from_blocks (prefill): the rows come from the
+    step's block ids, loaded once each, rather than from one table load per position (decode's way:
+    with rows from block ids decode ran 0.94-0.95x on an H100 at head dim 64 with 128 sequences of
+    2048-8192 positions, 0.98-1.01x elsewhere; tune_decode_ids_*_H100.json)."""
     if not row_gather or rows_from_blocks:
         ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
         ids = layer_base + jnp.minimum(ids, num_blocks - 1)
@@ -149,15 +151,14 @@ def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: 
 
 def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, q_pos, *, blocks_per_step: int,
                   num_blocks: int, scale: float, masked: bool = True, eviction_policy: str | None = None,
-                  transposed: bool = False, masked_loads: bool = False, row_gather: int = 0,
-                  rows_from_blocks: bool = False):
+                  transposed: bool = False, masked_loads: bool = False, row_gather: int = 0):
     """One loop step: load step `step`'s K/V, then update the online softmax.
 
     transposed: decode's `_update_transposed` (q given as q^T). masked_loads: V rows past the
     length load as zeros (a GPU-only load), instead of being zeroed after the load.
     """
     ids = _load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
-                    row_gather=row_gather, rows_from_blocks=rows_from_blocks)
+                    row_gather=row_gather)
     chunk = blocks_per_step * (row_gather or k_ref.shape[-2])
     live = _live(step, length, chunk) if masked_loads and masked else None
     k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=eviction_policy, live=live)
@@ -168,7 +169,7 @@ def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, 
 def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last,
                        blocks_per_step: int, num_blocks: int, scale: float, masked: bool = True,
                        eviction_policy: str | None = None, transposed: bool = False, masked_loads: bool = False,
-                       row_gather: int = 0, rows_from_blocks: bool = False):
+                       row_gather: int = 0):
     """One loop step that first issues the loads of step + 1 (and the block ids of step + 2), then
     computes step `step` from tiles loaded one step earlier, so memory latency overlaps the math.
     `last` is the last valid step: the loads past it read it again (and are not used)."""
@@ -177,7 +178,7 @@ def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, len
     live = _live(jnp.minimum(step + 1, last), length, chunk) if masked_loads else None
     k_next, v_next = _load_kv(ids_next, k_ref, v_ref, eviction_policy=eviction_policy, live=live)
     ids_after = _load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
-                          num_blocks=num_blocks, row_gather=row_gather, rows_from_blocks=rows_from_blocks)
+                          num_blocks=num_blocks, row_gather=row_gather)
     update = _update_transposed if transposed else functools.partial(_update, q_pos=None)
     softmax = update(softmax, q, k, v, step, length, scale=scale, masked=masked, v_zeroed=masked_loads)
     return (ids_after, k_next, v_next), softmax
@@ -200,7 +201,7 @@ def _empty_carry(rows: int, head_dim: int):
 def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
             flat_heads: int, scale: float, mask_tail_only: bool, prefetch: bool, eviction_policy: str | None,
-            transposed: bool, masked_loads: bool, row_gather: bool, rows_from_blocks: bool):
+            transposed: bool, masked_loads: bool, row_gather: bool):
     """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
 
     It reads its G query heads straight from q ([H, D] of sequence b), as `rows` rows of which the
@@ -220,7 +221,7 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                   eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads,
-                  row_gather=block_size if row_gather else 0, rows_from_blocks=rows_from_blocks)
+                  row_gather=block_size if row_gather else 0)
     softmax = _empty_carry(*q.shape)
     if transposed:
         softmax = (softmax[0].T, *softmax[1:])
@@ -228,7 +229,7 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
         last = jnp.clip(last_step - 1, 0, steps - 1)
         ids = functools.partial(_load_ids, tables_ref=tables_ref, layer_base=layer_base,
                                 blocks_per_step=blocks_per_step, num_blocks=num_blocks,
-                                row_gather=shared["row_gather"], rows_from_blocks=rows_from_blocks)
+                                row_gather=shared["row_gather"])
         first = jnp.minimum(first_step, last)
         live = _live(first, length, chunk) if masked_loads else None
         k, v = _load_kv(ids(first), k_ref, v_ref, eviction_policy=eviction_policy, live=live)
@@ -438,14 +439,14 @@ def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
 
 @functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "num_splits", "num_warps",
                                              "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "transposed",
-                                             "masked_loads", "row_gather", "rows_from_blocks", "interpret"))
+                                             "masked_loads", "row_gather", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, layout: str = "KNPD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
                            eviction_policy: str | None = None, transposed: bool | None = None,
                            masked_loads: bool | None = None, row_gather: bool | None = None,
-                           rows_from_blocks: bool = False, interpret: bool = False) -> jax.Array:
+                           interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
@@ -474,10 +475,6 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         or the transposed products.
       row_gather: gather K/V as [chunk, D] rows of positions (the pools viewed as rows), instead of
         [blocks, P, D] blocks reshaped in the kernel; default `default_row_gather`.
-      rows_from_blocks: with the row gather, find a step's rows from its blocks' ids (one table load
-        per block, as the prefill kernel does) rather than one table load per position. Not yet
-        timed for decode (the prefill kernel's loads gained from it together with finding them a
-        step ahead), so off by default.
 
     Returns:
       [B, H, D] in q's dtype.
@@ -517,8 +514,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                steps_per_split=steps_per_split, num_blocks=num_blocks, num_layers=num_layers,
                                flat_heads=flat_heads, scale=_softmax_scale(head_dim), mask_tail_only=mask_tail_only,
                                prefetch=prefetch, eviction_policy=eviction_policy, transposed=transposed,
-                               masked_loads=masked_loads and not interpret, row_gather=row_gather,
-                               rows_from_blocks=rows_from_blocks)
+                               masked_loads=masked_loads and not interpret, row_gather=row_gather)
     if splits == 1:  # every program writes its G rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
