@@ -60,8 +60,8 @@ def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks:
     ([blocks * P]). layer_base: the pool index of block 0 of this program's layer (and head). The
     sentinel N reads a real block, then is masked. rows_from_blocks (prefill): the rows come from the
     step's block ids, loaded once each, rather than from one table load per position (decode's way:
-    with rows from block ids decode ran 0.94-0.95x on an H100 at head dim 64 with 128 sequences of
-    2048-8192 positions, 0.98-1.01x elsewhere; tune_decode_ids_*_H100.json)."""
+    with rows from block ids decode ran 0.94-0.95x on an H100 at five of six head-dim-64 shapes with
+    128 sequences, 0.97-1.02x at the other 19; tune_decode_ids_*_H100.json)."""
     if not row_gather or rows_from_blocks:
         ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
         ids = layer_base + jnp.minimum(ids, num_blocks - 1)
