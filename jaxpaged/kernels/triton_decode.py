@@ -685,9 +685,9 @@ def _merge_prefill_splits(o, m, l, dtype):
 def default_prefill_splits(programs: int, steps: int, row_bytes: int) -> int:
     """Splits of the positions each query block sees. By shared memory an H100 holds _SMS x 4
     programs of the default tile at K/V rows of <= 128 bytes (head dim 64 in 16 bits: 57 KB each),
-    x 2 at wider rows (114 KB); `full` counts that. (On the card the registers allow 3 at head dim 64:
-    146 a thread, Nsight Compute, ncu_prefill_8x2048_9_3_64_H100.txt; the threshold below was set by
-    the measurements, not by that count.) With a third of `full` or fewer programs (query blocks x
+    x 2 at wider rows (114 KB); `full` counts that, and on the card the registers allow as many (128
+    a thread at head dim 64, Nsight Compute, ncu_prefill_regs_8x2048_9_3_64_H100.txt; 146 before the
+    lighter mask, which allowed 3). With a third of `full` or fewer programs (query blocks x
     kv heads x sequences), enough splits to fill it, each keeping >= 8 of the `steps` loop steps
     (the table's capacity), at most 8; else 1. Measured on an H100
     (tune_kernels_prefill_splits_*_H100.json, 9/3/64 heads): 147 programs over a 7k prefix, 4 splits
