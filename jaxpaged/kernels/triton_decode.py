@@ -628,9 +628,10 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
 
     Each loop step finds the K/V rows of the next (from its blocks' ids), so no load in a step
     waits on a table load of the same step. Loop steps wholly before every row's causal limit and
-    inside the length run unmasked; the rest mask (masked_loads: V rows past the length load as
-    zeros). Padding queries (position -1) return zeros. With one split, out_refs is o; with more,
-    each split writes its unnormalised o, running max and sum (o, m, l) for `_merge_prefill_splits`.
+    inside the length run unmasked; the rest mask by the causal test alone, the query positions
+    being clamped below the length once (masked_loads: V rows past the length load as zeros).
+    Padding queries (position -1) return zeros. With one split, out_refs is o; with more, each
+    split writes its unnormalised o, running max and sum (o, m, l) for `_merge_prefill_splits`.
     """
     split, j = pl.program_id(0) // num_q_blocks, pl.program_id(0) % num_q_blocks
     j = num_q_blocks - 1 - j if heavy_first else j
