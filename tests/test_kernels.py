@@ -155,6 +155,27 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
             assert not out[b, c:].any(), "padding queries return zeros"
 
 
+def test_prefill_queries_placed_past_the_length_see_only_the_positions_before_it():
+    """A query position at or past its sequence's length (its own K/V not cached: a caller's error)
+    sees the positions below the length and no further: the slots past it hold NaN here, and the
+    output equals that of queries placed at the last cached position."""
+    from jaxpaged.kernels.triton_decode import paged_prefill_attention
+
+    rng = np.random.default_rng(7)
+    lengths = [21, 40]
+    k, v, tables, _ = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths,
+                                    num_layers=1)
+    q = jnp.asarray(rng.standard_normal((2, 3, 4, 64)), jnp.float32)
+    past = np.array([[19, 25, 60], [39, 40, 47]], np.int32)  # within, then past each length
+    clamped = np.minimum(past, np.asarray(lengths)[:, None] - 1)
+    outs = [np.asarray(paged_prefill_attention(q, k, v, 0, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                               jnp.asarray(positions), blocks_per_step=2, query_rows=16,
+                                               interpret=not ON_GPU))
+            for positions in (past, clamped)]
+    assert np.isfinite(outs[0]).all(), "a NaN past the length reached the output"
+    np.testing.assert_allclose(outs[0], outs[1], atol=2e-3 if ON_GPU else 1e-6, rtol=0)
+
+
 _REL_TOL = {jnp.float32: 2e-3 if ON_GPU else 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 
