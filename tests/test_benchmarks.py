@@ -39,3 +39,22 @@ def test_attention_benchmark_smoke_writes_prefill_and_chunked_prefill(tmp_path):
     replot = _run("benchmarks/attention.py", "--replot", str(tmp_path / "prefill.json"))
     assert replot.returncode == 0, replot.stderr
     assert (tmp_path / "prefill.png").exists() or "matplotlib not installed" in replot.stdout
+
+
+def test_sass_summary_groups_instructions_by_how_often_they_ran(tmp_path):
+    """profile_kernel.py --sass-summary reads Nsight Compute's per-instruction CSV: a prologue run once
+    a warp, a loop body run 1000 times, an epilogue; each run of equal counts is one line."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)",
+              "# Samples", "Instructions Executed"]
+    body = [["0x0", "IMAD R1, R2, R3, RZ", "5", "0", "5", "10"], ["0x10", "LDG.E R4, [R2]", "700", "0", "700", "10"],
+            ["0x20", "HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], RZ", "900", "0", "900", "1000"],
+            ["0x30", "FMUL R9, R9, R10", "300", "0", "300", "1005"], ["0x40", "@P0 BRA 0x20", "50", "0", "50", "1000"],
+            ["0x50", "STG.E [R2], R9", "1", "0", "1", "10"]]
+    path = tmp_path / "sass.csv"
+    path.write_text("\n".join(",".join(f'"{x}"' for x in row) for row in [["Kernel Name", "k"], header, *body]))
+    result = _run("benchmarks/profile_kernel.py", "--sass-summary", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "k: 0.0 M warp instructions, 1956 stall samples"
+    assert "3 instructions x      1000 =    0.0 M,    1250 samples  (HGMMA 1 FMUL 1 BRA 1)" in lines[2]
+    assert len(lines) == 3  # the prologue (705 samples) and the loop; the one-instruction epilogue is below both bars
