@@ -443,7 +443,9 @@ def main():
     for w in write:
         print(f"KV write B{w['batch']}: {w['seconds'] * 1e6:.1f} us, pools aliased in place: {w['pools_aliased']}, "
               f"temporary bytes {w['temp_bytes']} (pool {w['pool_bytes_each']})")
-    print(f"\n{'shape':<22}{'ours GB/s':>10}{'copy %':>8}{'vs sdpa':>9}{'vs jax':>8}{'vs gather':>10}{'vs dense':>9}  rows/blocks  KNPD/NPKD layout")
+    if decode:
+        print(f"\n{'shape':<22}{'ours GB/s':>10}{'copy %':>8}{'vs sdpa':>9}{'vs jax':>8}{'vs gather':>10}{'vs dense':>9}"
+              "  rows/blocks  KNPD/NPKD layout")
     for r in decode:
         name = f"H{r['heads']}K{r['kv_heads']}D{r['head_dim']} B{r['batch']} S{r['context']}"
         sp = lambda k: f"{r.get(k, float('nan')):.2f}x"  # noqa: E731
