@@ -101,6 +101,54 @@ def test_decode_kernel_in_both_layouts_and_bfloat16():
         np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=0)
 
 
+@pytest.mark.parametrize("heads, kv_heads, packed", [(16, 4, 4), (8, 8, 2), (32, 2, 2)])
+def test_decode_kernel_packs_kv_heads_into_one_program(heads, kv_heads, packed):
+    """With `packed` kv heads per program (their G query heads each in one tile, each row seeing only
+    its own kv head's positions), against the reference: plain and transposed products, one split
+    and three (merged), G from 1 to 16, ragged lengths and NaN in every unused slot."""
+    rng = np.random.default_rng(heads + packed)
+    lengths = [1, 16, 3 * 16 + 5, 0]
+    k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=64, block_size=16,
+                                             lengths=lengths)
+    q = jnp.asarray(rng.standard_normal((4, heads, 64)), jnp.float32)
+    expected = _reference(q, k, v, tables, lengths, 1, num_blocks)
+    for splits, transposed in [(1, False), (1, True), (3, False)]:
+        out = np.asarray(paged_decode_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                                blocks_per_step=2, num_splits=splits, transposed=transposed,
+                                                heads_per_program=packed, interpret=not ON_GPU))
+        assert np.isfinite(out).all(), "a NaN in an unused slot reached the output"
+        np.testing.assert_allclose(out[:3], expected[:3], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
+        assert not out[3].any(), "an empty sequence attends to nothing"
+    assert _decode_launches(4, kv_heads, 64, max_blocks=8, heads_per_program=packed)[0][1][:2] == (4, kv_heads // packed)
+
+
+def test_decode_kernel_packs_kv_heads_by_default_only_for_many_short_programs():
+    """`default_heads_per_program`: 1,024 sequence-kv-head pairs over tables of 512 positions run as
+    256 programs of 4 kv heads; 64 x 8 as 256 of 2; wider tables, fewer pairs, pools in the layout
+    before or the block gather, one kv head a program."""
+    assert _decode_launches(128, 8, 64, max_blocks=32) == [("jaxpaged_decode", (128, 2, 1), 5)]
+    assert _decode_launches(64, 8, 128, max_blocks=32)[0][1] == (64, 4, 1)
+    assert _decode_launches(128, 8, 64, max_blocks=128)[0][1] == (128, 8, 1), "2,048 positions"
+    assert _decode_launches(32, 8, 64, max_blocks=32)[0][1] == (32, 8, 1), "256 pairs"
+    assert _decode_launches(128, 8, 64, max_blocks=32, row_gather=False)[0][1] == (128, 8, 1)
+    assert _decode_launches(128, 8, 64, max_blocks=32, heads_per_program=1)[0][1] == (128, 8, 1)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(heads_per_program=3), "power of two dividing the 4 kv heads"),
+    (dict(heads_per_program=8), "power of two dividing the 4 kv heads"),
+    (dict(heads_per_program=2, row_gather=False), "the row gather"),
+    (dict(heads_per_program=2, prefetch=True), "without prefetch"),
+])
+def test_decode_kernel_refuses_kv_heads_it_can_not_pack(options, message):
+    pool = jax.ShapeDtypeStruct((1, 4, 16, 16, 64), jnp.float32)
+    q = jax.ShapeDtypeStruct((2, 8, 64), jnp.float32)
+    tables, lengths = jax.ShapeDtypeStruct((2, 8), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, **options), q, pool, pool,
+                       tables, lengths)
+
+
 def test_paged_attention_uses_the_kernel_on_a_gpu_and_agrees_with_the_reference():
     """Through the cache state: the dispatching function against the gather reference, the same inputs."""
     rng = np.random.default_rng(4)
@@ -212,6 +260,9 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
                   masked_loads=[None, True, False][int(rng.integers(3))],
                   row_gather=[None, True, False][int(rng.choice(3, p=[0.4, 0.4, 0.2]))],
                   layout="NPKD" if rng.random() < 0.25 else "KNPD")
+    packable = launch["layout"] == "KNPD" and launch["row_gather"] is not False and launch["prefetch"] is not True
+    if packable and rng.random() < 0.4:  # kv heads packed into one program: a power of two dividing K
+        launch["heads_per_program"] = int(rng.choice([i for i in (1, 2, 4, 8) if kv_heads % i == 0]))
     pools = (k, v) if launch["layout"] == "KNPD" else (_npkd(k), _npkd(v))
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize

@@ -24,7 +24,10 @@ optionally issuing each step's loads one step ahead in registers. Positions at o
 get probability 0 and their V rows are loaded as zeros (or zeroed after the load), so an unwritten
 or freed slot (NaN, or another sequence's data) can not reach the output. With one split the program
 writes its G output rows in place, so the whole call is one launch; more splits are merged by a
-second, small kernel (one program per query head).
+second, small kernel (one program per query head). Where many programs would each read a short
+context, one program takes 2 or 4 kv heads of a sequence (`default_heads_per_program`): their query
+heads fill the 16-row tile that G alone leaves mostly padding, and each step gathers every packed
+head's rows, the logits between different kv heads masked out.
 The prefill kernel reads q and writes its output in their [B, T, H, D] layout, viewed as rows of
 [T * H, D] (no transpose around it): a program's tile packs its tokens' G query heads into 64 rows,
 kept in shared memory for both dots. Each step's K/V rows are found a step ahead from the blocks'
@@ -54,14 +57,16 @@ def _softmax_scale(head_dim: int) -> float:
 
 
 def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int, row_gather: int = 0,
-              rows_from_blocks: bool = False):
+              rows_from_blocks: bool = False, heads: int = 1):
     """Where loop step `step`'s K/V are: its blocks' indices in the pool as the kernel sees it
     ([blocks]), or with row_gather = P, the pool viewed as rows of positions, its positions' rows
     ([blocks * P]). layer_base: the pool index of block 0 of this program's layer (and head). The
     sentinel N reads a real block, then is masked. rows_from_blocks (prefill): the rows come from the
     step's block ids, loaded once each, rather than from one table load per position (decode's way:
     with rows from block ids decode ran 0.94-0.95x on an H100 at five of six head-dim-64 shapes with
-    128 sequences, 0.97-1.02x at the other 19; tune_decode_ids_*_H100.json)."""
+    128 sequences, 0.97-1.02x at the other 19; tune_decode_ids_*_H100.json). heads (decode's packed
+    kv heads, row gather, head-major pools): the rows of `heads` consecutive kv heads, head i's
+    positions at [i * chunk, (i + 1) * chunk) ([heads * blocks * P]); layer_base is the first head's."""
     if not row_gather or rows_from_blocks:
         ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
         ids = layer_base + jnp.minimum(ids, num_blocks - 1)
@@ -70,7 +75,11 @@ def _load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks:
         return (ids[:, None] * row_gather + jnp.arange(row_gather)[None, :]).reshape(blocks_per_step * row_gather)
     positions = step * blocks_per_step * row_gather + jnp.arange(blocks_per_step * row_gather)
     blocks = tables_ref[positions // row_gather]  # each block id, once per position
-    return (layer_base + jnp.minimum(blocks, num_blocks - 1)) * row_gather + positions % row_gather
+    rows = (layer_base + jnp.minimum(blocks, num_blocks - 1)) * row_gather + positions % row_gather
+    if heads == 1:
+        return rows
+    head_rows = num_blocks * row_gather  # one kv head's rows in a layer
+    return (rows[None, :] + jnp.arange(heads)[:, None] * head_rows).reshape(heads * rows.shape[0])
 
 
 def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None, live=None):
@@ -89,12 +98,24 @@ def _load_kv(ids, k_ref, v_ref, *, eviction_policy: str | None, live=None):
     return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
 
 
-def _live(step, length, chunk: int):
-    """[chunk] bool: which positions of loop step `step` are before the length."""
-    return step * chunk + jnp.arange(chunk) < length
+def _live(step, length, chunk: int, heads: int = 1):
+    """[chunk] bool: which positions of loop step `step` are before the length; with packed kv heads,
+    [heads * chunk], head i's at [i * chunk, (i + 1) * chunk)."""
+    if heads == 1:
+        return step * chunk + jnp.arange(chunk) < length
+    return step * chunk + jnp.arange(heads * chunk) % chunk < length
 
 
-def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False):
+def _same_head(heads: int, chunk: int, rows: int, group: int, transposed: bool = False):
+    """[rows, heads * chunk] bool (transposed: [heads * chunk, rows]): whether query row r (query
+    head r % G of packed kv head r // G) and K/V row c (packed kv head c // chunk) share a kv head.
+    Rows past heads * G match nothing."""
+    q_head, kv_head = jnp.arange(rows) // group, jnp.arange(heads * chunk) // chunk
+    return kv_head[:, None] == q_head[None, :] if transposed else q_head[:, None] == kv_head[None, :]
+
+
+def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False,
+            heads: int = 1, group: int = 1):
     """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
 
     scale: the softmax scale times log2(e): the running max is kept in base-2 units, so each
@@ -108,11 +129,19 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
     Masked logits are -inf and the running max starts finite (`_MASK`), so a masked position's
     probability is exp2(-inf) = 0 even in a row that sees nothing in the chunk (its max stays put).
     v_zeroed: the V rows past the length were loaded as zeros already.
+    heads, group (decode): k and v hold `heads` packed kv heads' chunks one after another
+    ([heads * chunk, D]), and query row r belongs to kv head r // G (G = group); a row sees only
+    its own kv head's positions (`_same_head`), so every step masks.
     """
     o, m, l = carry
-    chunk = k.shape[0]
-    logits = plgpu.dot(q, k.T)  # [rows, chunk] float32, unscaled
-    if masked:
+    chunk = k.shape[0] // heads
+    logits = plgpu.dot(q, k.T)  # [rows, heads * chunk] float32, unscaled
+    if heads > 1:
+        live = _live(step, length, chunk, heads)
+        logits = jnp.where(live[None, :] & _same_head(heads, chunk, q.shape[0], group), logits, -jnp.inf)
+        if not v_zeroed:
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+    elif masked:
         positions = step * chunk + jnp.arange(chunk)
         live = positions < length
         visible = live[None, :] if q_pos is None else positions[None, :] <= q_pos[:, None]  # (q_pos < length)
@@ -126,20 +155,23 @@ def _update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool =
     return o, m_new, l * correction + p.sum(axis=-1)
 
 
-def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False):
+def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False,
+                       heads: int = 1, group: int = 1):
     """Decode's `_update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
     ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots:
     compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `_update`'s
     become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `default_transposed`.
 
-    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows].
+    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group: as
+    for `_update`.
     """
     o_t, m, l = carry
-    chunk = k.shape[0]
-    logits = plgpu.dot(k, q_t)  # [chunk, rows] float32, unscaled
-    if masked:
-        live = _live(step, length, chunk)
-        logits = jnp.where(live[:, None], logits, _MASK)
+    chunk = k.shape[0] // heads
+    logits = plgpu.dot(k, q_t)  # [heads * chunk, rows] float32, unscaled
+    if masked or heads > 1:
+        live = _live(step, length, chunk, heads)
+        visible = live[:, None] if heads == 1 else live[:, None] & _same_head(heads, chunk, q_t.shape[1], group, True)
+        logits = jnp.where(visible, logits, -jnp.inf)
         if not v_zeroed:
             v = jnp.where(live[:, None], v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, logits.max(axis=0) * scale)
@@ -151,19 +183,22 @@ def _update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: 
 
 def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, q_pos, *, blocks_per_step: int,
                   num_blocks: int, scale: float, masked: bool = True, eviction_policy: str | None = None,
-                  transposed: bool = False, masked_loads: bool = False, row_gather: int = 0):
+                  transposed: bool = False, masked_loads: bool = False, row_gather: int = 0, heads: int = 1,
+                  group: int = 1):
     """One loop step: load step `step`'s K/V, then update the online softmax.
 
     transposed: decode's `_update_transposed` (q given as q^T). masked_loads: V rows past the
-    length load as zeros (a GPU-only load), instead of being zeroed after the load.
+    length load as zeros (a GPU-only load), instead of being zeroed after the load. heads, group:
+    `heads` kv heads packed in the program (row gather), G query heads each.
     """
     ids = _load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
-                    row_gather=row_gather)
+                    row_gather=row_gather, heads=heads)
     chunk = blocks_per_step * (row_gather or k_ref.shape[-2])
-    live = _live(step, length, chunk) if masked_loads and masked else None
+    live = _live(step, length, chunk, heads) if masked_loads and (masked or heads > 1) else None
     k, v = _load_kv(ids, k_ref, v_ref, eviction_policy=eviction_policy, live=live)
     update = _update_transposed if transposed else functools.partial(_update, q_pos=q_pos)
-    return update(carry, q, k, v, step, length, scale=scale, masked=masked, v_zeroed=live is not None)
+    return update(carry, q, k, v, step, length, scale=scale, masked=masked, v_zeroed=live is not None, heads=heads,
+                  group=group)
 
 
 def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last,
@@ -184,13 +219,14 @@ def _attend_prefetched(step, carry, q, tables_ref, k_ref, v_ref, layer_base, len
     return (ids_after, k_next, v_next), softmax
 
 
-def _layer_base(layer_ref, num_blocks: int, num_layers: int, flat_heads: int):
+def _layer_base(layer_ref, num_blocks: int, num_layers: int, flat_heads: int, heads: int = 1):
     """Where block 0 of the layer in layer_ref ([1] int32, clamped into the pools' layers) lies in the
     pool as the kernel sees it: for pools read flat, head-major (flat_heads = K), that layer's and
-    this program's kv head's (grid axis 1); else (flat_heads = 0: the BlockSpec picked the head)
-    the layer's. Computed in the kernel: outside it, it would be one more launch per call."""
+    this program's (first) kv head's (grid axis 1, counting packs of `heads` kv heads); else
+    (flat_heads = 0: the BlockSpec picked the head) the layer's. Computed in the kernel: outside
+    it, it would be one more launch per call."""
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
-    return ((layer * flat_heads + pl.program_id(1)) if flat_heads else layer) * num_blocks
+    return ((layer * flat_heads + pl.program_id(1) * heads) if flat_heads else layer) * num_blocks
 
 
 def _empty_carry(rows: int, head_dim: int):
@@ -201,15 +237,16 @@ def _empty_carry(rows: int, head_dim: int):
 def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
             block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
             flat_heads: int, scale: float, mask_tail_only: bool, prefetch: bool, eviction_policy: str | None,
-            transposed: bool, masked_loads: bool, row_gather: bool):
-    """One program: sequence b, kv head h, the s-th slice of the blocks; grid (B, K, splits).
+            transposed: bool, masked_loads: bool, row_gather: bool, heads: int):
+    """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
+    s-th slice of the blocks; grid (B, K / heads, splits).
 
-    It reads its G query heads straight from q ([H, D] of sequence b), as `rows` rows of which the
-    ones past G are zeros. With one output ref ([H, D], q's dtype) it writes its G normalised rows
-    there (one split); with three, the unnormalised o and its running max and sum, merged outside.
+    It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
+    the ones past heads * G are zeros. With one output ref ([H, D], q's dtype) it writes its normalised
+    rows there (one split); with three, the unnormalised o and its running max and sum, merged outside.
     """
-    head_rows = pl.ds(pl.program_id(1) * group, rows)
-    real = jnp.arange(rows) < group
+    head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
+    real = jnp.arange(rows) < heads * group
     q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0.0)
     split = pl.program_id(2)
     length = lengths_ref[0]
@@ -217,7 +254,7 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
     steps = tables_ref.shape[0] // blocks_per_step
     first_step = split * steps_per_split
     last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
-    layer_base = _layer_base(layer_ref, num_blocks, num_layers, flat_heads)
+    layer_base = _layer_base(layer_ref, num_blocks, num_layers, flat_heads, heads)
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                   eviction_policy=eviction_policy, transposed=transposed, masked_loads=masked_loads,
@@ -237,7 +274,7 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, 
         step = functools.partial(_attend_prefetched, last=last, **shared)
     else:
         carry = softmax
-        step = functools.partial(_attend_chunk, q_pos=None, **shared)
+        step = functools.partial(_attend_chunk, q_pos=None, heads=heads, group=group, **shared)
     if mask_tail_only:  # only the chunk holding the length can reach past it
         full = jnp.clip(length // chunk, first_step, last_step)
         carry = jax.lax.fori_loop(first_step, full, functools.partial(step, masked=False), carry)
@@ -359,6 +396,31 @@ def default_one_per_sm(programs: int) -> bool:
     return 96 <= programs <= _SMS
 
 
+def default_heads_per_program(programs: int, kv_heads: int, group: int, positions: int) -> int:
+    """How many kv heads the decode kernel packs into one program by default: where the sequences
+    and kv heads make at least 512 programs and the block table holds at most 512 positions, the
+    largest power of two up to 4 that divides K, keeps the packed query rows (heads x G) within one
+    16-row tile and leaves at least 256 programs; else 1. The programs of such short contexts each
+    read little (128 KiB of K and V at head dim 64, 512 positions) and pay their prologue and
+    epilogue as often; packed, each reads 2-4 times as much with the same tile.
+
+    Measured on an H100 with bfloat16 (tune_kernels.py, tune_kernels_decode_packed_*_H100.json): in
+    one run, against the kernel file before at its defaults, at 32/8/64 heads with 128 sequences
+    of 128, 256 and 512 positions 2,258 / 2,561 / 2,755 GB/s against 2,011 / 2,383 / 2,705 (1.12x,
+    1.07x, 1.02x), 256 x 256 1.03x, 64 x 512 (2 heads) 1.01x; at 32/8/128, 128 x 256 1.03x, 128 x 512
+    1.01x, 64 x 512 1.02x. In the sweeps before: beyond 512 positions it stopped paying (0.98-1.01x
+    at 2,048 and 8,192 with 128 sequences); with fewer programs it cost (32 x 512 at 32/8/64: 0.97x
+    with 2 heads, 0.84-0.87x with 4); 8 heads (32 query rows) were never ahead of 4.
+    """
+    if programs < 2 * _ONE_WAVE or positions > 512:
+        return 1
+    heads = 1
+    while (heads < 4 and kv_heads % (2 * heads) == 0 and 2 * heads * group <= _MIN_ROWS
+           and programs // (2 * heads) >= _ONE_WAVE):
+        heads *= 2
+    return heads
+
+
 def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
     """Blocks per loop step covering `positions` positions (64: the fastest decode step in the H100
     sweep; prefill uses 128), dividing the block-table width."""
@@ -439,14 +501,14 @@ def _pool_view(k_pool, v_pool, layout: str, row_gather: bool):
 
 @functools.partial(jax.jit, static_argnames=("layout", "blocks_per_step", "num_splits", "num_warps",
                                              "num_stages", "mask_tail_only", "prefetch", "eviction_policy", "transposed",
-                                             "masked_loads", "row_gather", "interpret"))
+                                             "masked_loads", "row_gather", "heads_per_program", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
                            lengths: jax.Array, *, layout: str = "KNPD", blocks_per_step: int | None = None,
                            num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                            mask_tail_only: bool = False, prefetch: bool | None = None,
                            eviction_policy: str | None = None, transposed: bool | None = None,
                            masked_loads: bool | None = None, row_gather: bool | None = None,
-                           interpret: bool = False) -> jax.Array:
+                           heads_per_program: int | None = None, interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
@@ -475,6 +537,12 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         or the transposed products.
       row_gather: gather K/V as [chunk, D] rows of positions (the pools viewed as rows), instead of
         [blocks, P, D] blocks reshaped in the kernel; default `default_row_gather`.
+      heads_per_program: kv heads packed into one program (a power of two dividing K; head-major pools
+        and the row gather only): their heads x G query rows share one tile and each step gathers
+        heads x chunk K/V rows (chunk: the default step's positions / heads), the logits of rows and
+        positions of different kv heads masked out. With G below 16 the tile's rows are padding
+        anyway, so the products cost no more per byte. Default `default_heads_per_program` where
+        packing is possible (else 1).
 
     Returns:
       [B, H, D] in q's dtype.
@@ -484,29 +552,40 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     _check_inputs(q, k_pool, block_tables, lengths, kv_heads=kv_heads)
     max_blocks = block_tables.shape[1]
     row_bytes = head_dim * k_pool.dtype.itemsize
-    one_per_sm = num_splits is None and default_one_per_sm(batch * kv_heads)
+    group = num_heads // kv_heads
+    if heads_per_program is None:
+        packable = layout == "KNPD" and row_gather is not False and not prefetch
+        heads_per_program = default_heads_per_program(batch * kv_heads, kv_heads, group, max_blocks * block_size) \
+            if packable else 1
+    if heads_per_program < 1 or kv_heads % heads_per_program or heads_per_program & (heads_per_program - 1):
+        raise ValueError(f"heads_per_program={heads_per_program} must be a power of two dividing the {kv_heads} kv heads")
+    packed = heads_per_program > 1
+    if packed and (layout != "KNPD" or row_gather is False or prefetch):
+        raise ValueError("heads_per_program > 1 takes head-major (KNPD) pools and the row gather, without prefetch")
+    kv_groups = kv_heads // heads_per_program  # programs per sequence and split
+    one_per_sm = num_splits is None and default_one_per_sm(batch * kv_groups)
     num_splits = 1 if one_per_sm else num_splits
-    positions = _ONE_PER_SM_STEP_BYTES // (2 * row_bytes) if one_per_sm else 64
+    positions = (_ONE_PER_SM_STEP_BYTES // (2 * row_bytes) if one_per_sm else 64) // heads_per_program
     blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions)
     if max_blocks % blocks_per_step:
         raise ValueError(f"the block-table width {max_blocks} must be a multiple of blocks_per_step={blocks_per_step}")
-    group = num_heads // kv_heads
-    rows = max(_MIN_ROWS, 1 << (group - 1).bit_length())
+    rows = max(_MIN_ROWS, 1 << (heads_per_program * group - 1).bit_length())
     steps = max_blocks // blocks_per_step
     if row_gather is None:
-        row_gather = default_row_gather(
-            steps, num_splits or default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize)[0])
+        row_gather = packed or default_row_gather(
+            steps, num_splits or default_launch(batch, kv_groups, head_dim, steps, k_pool.dtype.itemsize)[0])
     (k_pool, v_pool), pool_spec, (num_layers, num_blocks, _, _, flat_heads) = _pool_view(
         k_pool, v_pool, layout, row_gather)
     if num_splits:
-        splits, auto_prefetch = num_splits, default_prefetch(batch * kv_heads * num_splits, row_bytes)
+        splits, auto_prefetch = num_splits, default_prefetch(batch * kv_groups * num_splits, row_bytes)
     else:
-        splits, auto_prefetch = default_launch(batch, kv_heads, head_dim, steps, k_pool.dtype.itemsize, row_gather)
+        splits, auto_prefetch = default_launch(batch, kv_groups, head_dim, steps, k_pool.dtype.itemsize, row_gather)
     prefetch = auto_prefetch and not row_gather if prefetch is None else prefetch
     if transposed is None:
-        transposed = default_transposed(prefetch, batch * kv_heads * splits, row_bytes, row_gather, splits)
+        transposed = default_transposed(prefetch, batch * kv_groups * splits, row_bytes, row_gather, splits)
     masked_loads = transposed or row_gather if masked_loads is None else masked_loads
-    num_stages = num_stages or default_stages(row_gather, 2 * blocks_per_step * block_size * row_bytes, one_per_sm)
+    step_bytes = 2 * heads_per_program * blocks_per_step * block_size * row_bytes
+    num_stages = num_stages or default_stages(row_gather, step_bytes, one_per_sm)
     steps_per_split = -(-steps // splits)
 
     layer = _layer_ref(layer)
@@ -514,8 +593,9 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                steps_per_split=steps_per_split, num_blocks=num_blocks, num_layers=num_layers,
                                flat_heads=flat_heads, scale=_softmax_scale(head_dim), mask_tail_only=mask_tail_only,
                                prefetch=prefetch, eviction_policy=eviction_policy, transposed=transposed,
-                               masked_loads=masked_loads and not interpret, row_gather=row_gather)
-    if splits == 1:  # every program writes its G rows of sequence b's [H, D]
+                               masked_loads=masked_loads and not interpret, row_gather=row_gather,
+                               heads=heads_per_program)
+    if splits == 1:  # every program writes its rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
     else:  # every program writes its unnormalised rows, running max and sum; the splits' axis is
@@ -526,13 +606,13 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
         ]
         out_shape = [
-            jax.ShapeDtypeStruct((batch, kv_heads, padded, rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, padded, rows), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, padded, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_groups, padded, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_groups, padded, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_groups, padded, rows), jnp.float32),
         ]
     out = pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, splits),
+        grid=(batch, kv_groups, splits),
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer
             pl.BlockSpec((1,), lambda b, h, s: (b,)),  # length
@@ -550,7 +630,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
 
     if splits == 1:
         return out
-    return _merge_splits(*out, splits=splits, group=group, num_heads=num_heads, dtype=q.dtype, interpret=interpret)
+    return _merge_splits(*out, splits=splits, group=heads_per_program * group, num_heads=num_heads, dtype=q.dtype,
+                         interpret=interpret)
 
 
 def merge_warps(padded_splits: int, head_dim: int) -> int:
