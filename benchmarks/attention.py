@@ -167,21 +167,24 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
     from jaxpaged.kernels import triton_decode
 
     steps = blocks_per_seq // triton_decode.default_blocks_per_step(block_size, blocks_per_seq)
-    one_per_sm = triton_decode.default_one_per_sm(batch * kv_heads)  # one split, longer steps
-    auto_splits = 1 if one_per_sm else triton_decode.default_launch(batch, kv_heads, head_dim, steps)[0]
+    packed = triton_decode.default_heads_per_program(batch * kv_heads, kv_heads, heads // kv_heads, context)
+    one_per_sm = triton_decode.default_one_per_sm(batch * kv_heads // packed)  # one split, longer steps
+    auto_splits = 1 if one_per_sm else triton_decode.default_launch(batch, kv_heads // packed, head_dim, steps)[0]
     args = [(x["q"], x["pool_k"], x["pool_v"], x["layer"], x["tables"], x["lengths"]) for x in sets]
     results = {}
     best = None
     for name, params in (("jaxpaged", {}), ("jaxpaged_block_gather", {"row_gather": False}),
                          ("jaxpaged_row_gather", {"row_gather": True}),
-                         ("jaxpaged_splits_x2", {"num_splits": 2 * auto_splits})):
+                         ("jaxpaged_splits_x2", {"num_splits": 2 * auto_splits}),
+                         ("jaxpaged_one_head_a_program", {"heads_per_program": 1})):
         fn = functools.partial(paged_decode_attention, interpret=interpret, **params)
         err = rel_err(fn(*args[0]))
         results[name] = time_jax(fn, args, None if params else "jaxpaged")
         if not params:
             row["jaxpaged_rel_err"] = err
             row["jaxpaged_defaults"] = {"num_splits": auto_splits, "one_per_sm": one_per_sm,
-                                        "row_gather": triton_decode.default_row_gather(steps, auto_splits)}
+                                        "row_gather": triton_decode.default_row_gather(steps, auto_splits),
+                                        "heads_per_program": packed}
             if not interpret:
                 row["jaxpaged_wall_seconds_in_jitted_loop"] = median_time_in_loop(fn, args)
         if err < 2e-2 and (best is None or results[name] < best[1]):
@@ -395,6 +398,8 @@ def main():
                         help="prefill head shapes, query/kv heads/head dim (default 32/8/128 9/3/64)")
     parser.add_argument("--all-sizes", action="store_true",
                         help="every head shape at every batch and context (by default only the first)")
+    parser.add_argument("--shapes", nargs="+", metavar="BATCHxCONTEXT",
+                        help="decode only these sizes, for every head shape (default: batch 1, 8, 32, 128 x context 512, 2048, 8192)")
     parser.add_argument("--tag", default="", help="suffix for the output files")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the plots of a result file written before")
     args = parser.parse_args()
@@ -411,22 +416,23 @@ def main():
 
     head_shapes = [(32, 8, 128)] if args.quick else [tuple(int(x) for x in h.split("/")) for h in args.heads]
     batches, contexts = ((1, 4), (128, 256)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192))
+    sizes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else [
+        (batch, context) for batch in batches for context in contexts]
     decode = []
     for heads, kv_heads, head_dim in head_shapes if args.only != "prefill" else ():
-        for batch in batches:
-            for context in contexts:
-                large = batch >= 32 and context >= 2048
-                if (heads, kv_heads, head_dim) != head_shapes[0] and not large and not args.all_sizes:
-                    continue  # the other head shapes at the large sizes only
-                try:
-                    row = bench_decode(rng, batch, context, heads, kv_heads, head_dim, 16, ceiling, args.interpret, with_torch)
-                except Exception as error:  # report and go on: the other shapes still tell something
-                    print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch} S{context}: failed: {type(error).__name__}: {error}"[:2000])
-                    continue
-                decode.append(row)
-                bw = row["bandwidth_GBps"]
-                print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch:>4} S{context:>5}: " + "  ".join(
-                    f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {row['fraction_of_copy_ceiling']:.0%} of copy)")
+        for batch, context in sizes:
+            large = batch >= 32 and context >= 2048
+            if (heads, kv_heads, head_dim) != head_shapes[0] and not (large or args.all_sizes or args.shapes):
+                continue  # the other head shapes at the large sizes only
+            try:
+                row = bench_decode(rng, batch, context, heads, kv_heads, head_dim, 16, ceiling, args.interpret, with_torch)
+            except Exception as error:  # report and go on: the other shapes still tell something
+                print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch} S{context}: failed: {type(error).__name__}: {error}"[:2000])
+                continue
+            decode.append(row)
+            bw = row["bandwidth_GBps"]
+            print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch:>4} S{context:>5}: " + "  ".join(
+                f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {row['fraction_of_copy_ceiling']:.0%} of copy)")
     with_prefill = args.only != "decode"
     prefill = [bench_prefill(b, prefix, chunk, heads, kv_heads, head_dim, 16, with_torch)
                for heads, kv_heads, head_dim in ([(32, 8, 128)] if args.quick else args.prefill_heads) if with_prefill

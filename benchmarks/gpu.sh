@@ -30,10 +30,15 @@
 #                                                # whole prompts and chunks, three head shapes
 #   bash benchmarks/gpu.sh OUTPUT_DIR ncu_sass   # the same two kernels' SASS with executed instructions and stall
 #                                                # samples per instruction (CSV), 8 x 2048 at 32/8/128 heads
+#   bash benchmarks/gpu.sh OUTPUT_DIR packed     # kernel tests, then decode with 2 or 4 kv heads packed in a program
+#                                                # (heads_per_program) against the defaults, 32/8/64 and 32/8/128 heads
+#                                                # (packed2: at short contexts and up to 256 sequences)
+#   bash benchmarks/gpu.sh OUTPUT_DIR packed_ab  # kernel tests, the new defaults against the file before
+#                                                # (benchmarks/kernel_before.py), then attention.py at 128 x 512
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -186,6 +191,43 @@ elif [ "$part" = ncu_sass ]; then  # per-instruction counters: which instruction
       > "$out/sass_${kernel}.csv" 2> "$out/sass_${kernel}.err"
     wc -l "$out/sass_${kernel}.csv"; head -c 600 "$out/sass_${kernel}.csv"; echo
   done
+elif [ "$part" = packed ]; then  # kv heads packed into one decode program: fewer, longer programs
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "pack or random" 2>&1 \
+    | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 220 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/64 --out "$out/packed_32_8_64.json" \
+    --shapes 128x512 128x2048 128x8192 32x512 32x2048 32x8192 --variants default \
+    --options '{"heads_per_program": 2, "transposed": true}' --options '{"heads_per_program": 2, "transposed": false}' \
+    --options '{"heads_per_program": 2, "transposed": true, "blocks_per_step": 4}' \
+    --options '{"heads_per_program": 4, "transposed": true}' \
+    --options '{"heads_per_program": 4, "transposed": true, "blocks_per_step": 2}' 2>&1 | grep -v Deprecation \
+    | tee "$out/packed_32_8_64.txt"
+  timeout 170 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/128 --out "$out/packed_32_8_128.json" \
+    --shapes 128x512 128x2048 128x8192 32x2048 32x8192 --variants default --options '{"heads_per_program": 2}' \
+    --options '{"heads_per_program": 2, "blocks_per_step": 1}' --options '{"heads_per_program": 4}' 2>&1 \
+    | grep -v Deprecation | tee "$out/packed_32_8_128.txt"
+elif [ "$part" = packed2 ]; then  # the same where programs are many and short: a model's decode at batch 64-256
+  untransposed='"transposed": false'
+  timeout 300 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/64 --out "$out/packed2_32_8_64.json" \
+    --shapes 128x128 128x256 128x512 256x256 256x512 64x512 64x2048 --variants default \
+    --options "{\"heads_per_program\": 2, $untransposed}" --options "{\"heads_per_program\": 2, $untransposed, \"blocks_per_step\": 4}" \
+    --options "{\"heads_per_program\": 4, $untransposed}" --options "{\"heads_per_program\": 4, $untransposed, \"blocks_per_step\": 2}" \
+    --options "{\"heads_per_program\": 8, $untransposed}" --options '{"heads_per_program": 2, "transposed": true}' 2>&1 \
+    | grep -v Deprecation | tee "$out/packed2_32_8_64.txt"
+  timeout 200 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/128 --out "$out/packed2_32_8_128.json" \
+    --shapes 128x256 128x512 256x512 64x512 --variants default --options '{"heads_per_program": 2}' \
+    --options '{"heads_per_program": 4}' --options "{\"heads_per_program\": 2, $untransposed}" \
+    --options "{\"heads_per_program\": 4, $untransposed}" 2>&1 | grep -v Deprecation | tee "$out/packed2_32_8_128.txt"
+elif [ "$part" = packed_ab ]; then  # the packing default against the kernel file before it, in one run
+  [ -f benchmarks/kernel_before.py ] || { echo "benchmarks/kernel_before.py: git show REV:jaxpaged/kernels/triton_decode.py > it"; exit 1; }
+  timeout 230 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  timeout 130 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/64 --previous kernel_before --variants default \
+    --shapes 128x128 128x256 128x512 256x256 64x512 32x512 128x2048 --out "$out/packed_ab_32_8_64.json" 2>&1 \
+    | grep -v Deprecation | tee "$out/packed_ab.txt"
+  timeout 90 python3 benchmarks/tune_kernels.py --part decode --heads 32/8/128 --previous kernel_before --variants default \
+    --shapes 128x256 128x512 64x512 128x2048 --out "$out/packed_ab_32_8_128.json" 2>&1 | grep -v Deprecation \
+    | tee -a "$out/packed_ab.txt"
+  timeout 150 python3 benchmarks/attention.py --only decode --heads 32/8/64 32/8/128 --shapes 128x512 --tag _packed \
+    --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_packed.txt"
 elif [ "$part" = prefill ]; then
   timeout 500 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
 elif [ "$part" = heads64 ]; then
