@@ -35,10 +35,14 @@
 #                                                # (packed2: at short contexts and up to 256 sequences)
 #   bash benchmarks/gpu.sh OUTPUT_DIR packed_ab  # kernel tests, the new defaults against the file before
 #                                                # (benchmarks/kernel_before.py), then attention.py at 128 x 512
+#   bash benchmarks/gpu.sh OUTPUT_DIR decode_tables  # decode attention at every size, 32/8/128 heads, no tests
+#                                                # (decode_tables64: 32/8/64 heads)
+#   bash benchmarks/gpu.sh OUTPUT_DIR generate_ab  # llama-1b generation at batch 128 with the kernel file before
+#                                                # (benchmarks/kernel_before.py), then with the current one
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab|generate_ab|decode_tables|decode_tables64}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab|generate_ab|decode_tables|decode_tables64}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -228,6 +232,21 @@ elif [ "$part" = packed_ab ]; then  # the packing default against the kernel fil
     | tee -a "$out/packed_ab.txt"
   timeout 150 python3 benchmarks/attention.py --only decode --heads 32/8/64 32/8/128 --shapes 128x512 --tag _packed \
     --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/attention_packed.txt"
+elif [ "$part" = decode_tables ]; then  # decode attention at every size, 32/8/128 heads (decode_tables64: 32/8/64)
+  timeout 450 python3 benchmarks/attention.py --only decode --heads 32/8/128 --out-dir "$out" 2>&1 | grep -v Deprecation \
+    | tee "$out/attention.txt"
+elif [ "$part" = decode_tables64 ]; then
+  timeout 450 python3 benchmarks/attention.py --only decode --heads 32/8/64 --all-sizes --tag _d64 --out-dir "$out" 2>&1 \
+    | grep -v Deprecation | tee "$out/attention_d64.txt"
+elif [ "$part" = generate_ab ]; then  # generation with the kernel file before and the current one, one call
+  [ -f benchmarks/kernel_before.py ] || { echo "benchmarks/kernel_before.py: git show REV:jaxpaged/kernels/triton_decode.py > it"; exit 1; }
+  before=$(mktemp -d) && cp -r jaxpaged models "$before/" && cp benchmarks/kernel_before.py "$before/jaxpaged/kernels/triton_decode.py"
+  for version in before current; do
+    root=$([ $version = before ] && echo "$before" || echo .)
+    PYTHONPATH=$root:benchmarks timeout 270 python3 benchmarks/generate.py --preset llama-1b --dtype bfloat16 --random-weights \
+      --batch-sizes 128 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/generate_ab_$version.json" 2>&1 \
+      | grep -v "it/s]" | tee "$out/generate_ab_$version.txt"
+  done
 elif [ "$part" = prefill ]; then
   timeout 500 python3 benchmarks/attention.py --only prefill --out-dir "$out" 2>&1 | grep -v Deprecation | tee "$out/prefill.txt"
 elif [ "$part" = heads64 ]; then
