@@ -8,7 +8,7 @@ from flax import nnx
 
 import jaxpaged as jp
 from models.config import ModelConfig, preset
-from models.llama import MiniLLM
+from models.llama import Linear, MiniLLM
 from models.weights import model_from_hf_tensors, to_hf_tensors
 
 PROMPT_LENS = (5, 1, 8)  # ragged: mid-block, a single token, exactly one block of 8
@@ -146,3 +146,20 @@ def test_layers_kept_apart_equal_scanned_layers(model, token_rows):
         assert bool(ok)
         outputs.append(np.asarray(logits))
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5, rtol=0)
+
+
+def test_linear_multiplies_a_single_row_as_two_on_a_gpu_and_gives_the_same_result():
+    """With two_rows (the default on a GPU), a one-row input (batch-1 decode) reaches the dot as [2, in],
+    so XLA's GPU compiler keeps it a GEMM rather than strength-reducing a vector-matrix product;
+    other inputs, and every input without it (the default on the CPU), pass unchanged."""
+    assert Linear(8, 8, rngs=nnx.Rngs(0)).two_rows == (jax.default_backend() == "gpu")
+    for two_rows in (True, False):
+        linear = Linear(64, 48, use_bias=False, two_rows=two_rows, rngs=nnx.Rngs(0))
+        kernel = np.asarray(linear.kernel[...])
+        for shape in [(1, 1, 64), (1, 64), (3, 1, 64), (2, 5, 64)]:
+            x = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape), jnp.float32)
+            np.testing.assert_allclose(np.asarray(linear(x)), np.asarray(x) @ kernel, rtol=1e-5, atol=1e-5)
+            jaxpr = jax.make_jaxpr(linear)(x)
+            dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+            padded = two_rows and int(np.prod(shape[:-1])) == 1
+            assert dots[0].invars[0].aval.shape[:-1] == ((2,) if padded else shape[:-1]), (shape, two_rows)
