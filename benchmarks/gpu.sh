@@ -37,12 +37,15 @@
 #                                                # (benchmarks/kernel_before.py), then attention.py at 128 x 512
 #   bash benchmarks/gpu.sh OUTPUT_DIR decode_tables  # decode attention at every size, 32/8/128 heads, no tests
 #                                                # (decode_tables64: 32/8/64 heads)
+#   bash benchmarks/gpu.sh OUTPUT_DIR linear_ab  # the optimized HLO of a one-row and a two-row projection, then
+#                                                # batch-1 generation (llama-1b, SmolLM2 shape) with models/llama.py
+#                                                # before (benchmarks/llama_before.py) and now
 #   bash benchmarks/gpu.sh OUTPUT_DIR generate_ab  # llama-1b generation at batch 128 with the kernel file before
 #                                                # (benchmarks/kernel_before.py), then with the current one
 # Run from the repository root; needs no network.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab|generate_ab|decode_tables|decode_tables64}
-part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab|generate_ab|decode_tables|decode_tables64}
+out=${1:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab|generate_ab|decode_tables|decode_tables64|linear_ab}
+part=${2:?usage: bash benchmarks/gpu.sh OUTPUT_DIR kernels|generate|heads64|rows|rows2|tune64|knpd|kernels128|decode|exp2|steps|steps2|steps3|tail|jaxpeer|smollm2|prefill_tiles|prefill|prefill_rows|prefill_splits|ncu_prefill|ncu_sass|prefill_ab|packed|packed2|packed_ab|generate_ab|decode_tables|decode_tables64|linear_ab}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
@@ -238,6 +241,26 @@ elif [ "$part" = decode_tables ]; then  # decode attention at every size, 32/8/1
 elif [ "$part" = decode_tables64 ]; then
   timeout 450 python3 benchmarks/attention.py --only decode --heads 32/8/64 --all-sizes --tag _d64 --out-dir "$out" 2>&1 \
     | grep -v Deprecation | tee "$out/attention_d64.txt"
+elif [ "$part" = linear_ab ]; then  # one-row projections as before, and as two rows
+  [ -f benchmarks/llama_before.py ] || { echo "benchmarks/llama_before.py: git show REV:models/llama.py > it"; exit 1; }
+  python3 - <<'PY' 2>&1 | tee "$out/linear_hlo.txt"
+import jax, jax.numpy as jnp
+w = jnp.ones((2048, 2048), jnp.bfloat16)
+for rows in (1, 2):
+    text = jax.jit(lambda x, w: x @ w).lower(jnp.ones((rows, 2048), jnp.bfloat16), w).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    print(f"[{rows}, 2048] x [2048, 2048] bf16, optimized HLO, entry computation:")
+    print("\n".join("  " + line.strip()[:160] for line in entry.splitlines()[1:] if "=" in line))
+PY
+  before=$(mktemp -d) && cp -r jaxpaged models "$before/" && cp benchmarks/llama_before.py "$before/models/llama.py"
+  for preset in llama-1b smollm2-135m-random; do
+    for version in before current; do
+      root=$([ $version = before ] && echo "$before" || echo .)
+      PYTHONPATH=$root:benchmarks timeout 150 python3 benchmarks/generate.py --preset $preset --dtype bfloat16 \
+        --random-weights --batch-sizes 1 --prompt-len 128 --new-tokens 128 --repeats 3 \
+        --out "$out/linear_ab_${preset}_$version.json" 2>&1 | grep -v "it/s]" | tee "$out/linear_ab_${preset}_$version.txt"
+    done
+  done
 elif [ "$part" = generate_ab ]; then  # generation with the kernel file before and the current one, one call
   [ -f benchmarks/kernel_before.py ] || { echo "benchmarks/kernel_before.py: git show REV:jaxpaged/kernels/triton_decode.py > it"; exit 1; }
   before=$(mktemp -d) && cp -r jaxpaged models "$before/" && cp benchmarks/kernel_before.py "$before/jaxpaged/kernels/triton_decode.py"
