@@ -169,18 +169,26 @@ def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tok
 def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVState:
     """Scatters k, v [B, T, K, D] into `layer`'s pools at slots [B, T]; out-of-range slots are dropped."""
     c = state.config
-    flat_shape = (c.num_layers, c.num_kv_heads, c.num_blocks * c.block_size, c.head_dim)
-    flat_slots = slots.reshape(-1)
+    blocks, offsets = _block_and_offset(slots.reshape(-1), c.block_size)  # [B * T] each
     new_pools = []
     for pool, x in ((state.pools.k, k), (state.pools.v, v)):
-        pool = pool.reshape(flat_shape)  # [L, K, N*P, D], free: same bytes
-        # one index per token, its [K, D] window strided across the heads (not K indices of [D] each:
-        # on an H100, XLA's scatter of those cost tens of microseconds per layer and step at batch 1)
-        pool = pool.at[layer, :, flat_slots].set(
+        # one (block, offset) index per token, its [K, D] window strided across the heads (not K indices
+        # of [D] each: on an H100, XLA's scatter of those cost tens of microseconds per layer and step at
+        # batch 1); the pools keep their shape (`_block_and_offset`)
+        pool = pool.at[layer, :, blocks, offsets].set(
             x.reshape(-1, c.num_kv_heads, c.head_dim), mode="drop", unique_indices=True
         )
-        new_pools.append(pool.reshape(state.pools.k.shape))
+        new_pools.append(pool)
     return state.replace(pools=state.pools.replace(k=new_pools[0], v=new_pools[1]))
+
+
+def _block_and_offset(slots: jax.Array, block_size: int):
+    """Flat slots (block * P + offset) as the pools' block and offset indices, to index the pools as
+    they are, [L, K, N, P, D]. Indexed through a [L, K, N * P, D] reshape instead, the pools were
+    copied several times per layer and step (8 pool-sized copies in a scanned loop over 30 layers,
+    XLA on the CPU), where this form compiles to no copy at all. Out-of-range slots (>= N * P) give
+    blocks >= N, still out of range."""
+    return slots // block_size, slots % block_size
 
 
 def _take_slots(state: PagedKVState, layer, seq_idx, num_tokens, num_chunk_tokens: int):
@@ -262,10 +270,9 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     positions = jnp.arange(max_len, dtype=jnp.int32)
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     blocks = rows.at[:, positions // c.block_size].get(mode="fill", fill_value=c.num_blocks)  # [B, S]
-    slots = blocks * c.block_size + (positions % c.block_size)[None, :]
-    slots = jnp.where(positions[None, :] < seq_lens[:, None], slots, c.num_blocks * c.block_size)
-    flat_shape = (c.num_layers, c.num_kv_heads, c.num_blocks * c.block_size, c.head_dim)
-    k, v = (pool.reshape(flat_shape).at[layer, :, slots].get(mode="fill", fill_value=0)
+    blocks = jnp.where(positions[None, :] < seq_lens[:, None], blocks, c.num_blocks)  # past the length: none
+    offsets = jnp.broadcast_to(positions % c.block_size, blocks.shape)
+    k, v = (pool.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0)
             for pool in (state.pools.k, state.pools.v))  # [B, S, K, D]: one [K, D] window per position
     return k, v, seq_lens
 

@@ -234,3 +234,37 @@ def test_allocate_slots_once_then_write_every_layer(rng):
     assert not bool(ok) and np.all(np.asarray(slots) >= 6 * 8), "refused: every slot is a dropped sentinel"
     for a, b in zip(before, state_bytes(state)):
         np.testing.assert_array_equal(a, b)
+
+
+
+def test_a_scanned_loop_over_layers_writes_and_reads_the_pools_without_copying_them():
+    """write_slots then gather_kv in a lax.scan over 30 layers (the model's loop on the CPU), pools in
+    the carry: the compiled loop holds no copy as large as a pool, and each layer reads back what it
+    wrote. (Indexing the pools through a [L, K, N * P, D] reshape, XLA on the CPU copied both pools
+    4 times per layer.)"""
+    import re
+
+    config = jp.CacheConfig(num_layers=30, num_kv_heads=3, head_dim=64, num_blocks=8, block_size=16, max_seqs=1,
+                            max_blocks_per_seq=8)
+    state = jp.init_state(config)
+    seq = jnp.asarray([0], jnp.int32)
+    for layer in range(config.num_layers):  # six tokens in every layer
+        state, ok = ops.append(state, layer, seq, *(jnp.zeros((1, 6, 3, 64), jnp.float32),) * 2)
+    slots = ops.slot_mapping(state, seq, jnp.asarray([5]), jnp.asarray([1]), 1)  # position 5's slot
+
+    def step(state, x):
+        def body(state, layer):
+            state = ops.write_slots(state, layer, slots, x * layer, -x * layer)
+            k, v, _ = ops.gather_kv(state, layer, seq, max_len=128)
+            return state, (k[0, 5], v[0, 5])
+        return jax.lax.scan(body, state, jnp.arange(config.num_layers))
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 3, 64)), jnp.float32)
+    text = jax.jit(step, donate_argnums=0).lower(state, x).compile().as_text()
+    copies = [int(np.prod([int(n) for n in shape.split(",")]))
+              for shape in re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} copy\(", text)]
+    assert max(copies, default=0) < state.pools.k.size, sorted(copies)[-4:]
+    _, (k5, v5) = jax.jit(step)(state, x)
+    expected = np.arange(30, dtype=np.float32)[:, None, None] * np.asarray(x[0])  # [L, K, D]
+    np.testing.assert_array_equal(np.asarray(k5), expected)
+    np.testing.assert_array_equal(np.asarray(v5), -expected)
