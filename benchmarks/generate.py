@@ -26,17 +26,17 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from models.config import preset
-from models.generate import generate
-from models.llama import MiniLLM
+from jaxpaged.models.config import preset
+from jaxpaged.models.generate import generate
+from jaxpaged.models.llama import MiniLLM
 from timing import copy_ceiling
 
 
 def load(args) -> MiniLLM:
     scan = {"auto": None, "scan": True, "unroll": False}[args.layers]
     if args.preset == "smollm2-135m" and not args.random_weights:
-        from models.gguf_weights import load_gguf
-        from models.weights import model_from_hf_tensors, to_hf_tensors
+        from jaxpaged.models.gguf_weights import load_gguf
+        from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
         model = load_gguf(dtype=args.dtype)[0]
         return model_from_hf_tensors(model.config.replace(scan_layers=scan), to_hf_tensors(model))

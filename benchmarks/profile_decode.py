@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models.config import preset
-from models.generate import generate
-from models.llama import MiniLLM
+from jaxpaged.models.config import preset
+from jaxpaged.models.generate import generate
+from jaxpaged.models.llama import MiniLLM
 from timing import device_kernel_times
 
 

@@ -1,6 +1,6 @@
 """The Llama-family MiniLLM on jaxpaged: config, model, weights, tokenizer, generation, training, CLI."""
 
-from models.config import PRESET_NAMES, ModelConfig, preset
-from models.llama import MiniLLM
+from jaxpaged.models.config import PRESET_NAMES, ModelConfig, preset
+from jaxpaged.models.llama import MiniLLM
 
 __all__ = ["MiniLLM", "ModelConfig", "PRESET_NAMES", "preset"]

@@ -8,10 +8,10 @@ import os
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.llama import MiniLLM
-from models.tokenizer import Tokenizer
-from models.weights import model_from_hf_tensors, to_hf_tensors
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.tokenizer import Tokenizer
+from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -81,7 +81,7 @@ def save_checkpoint(model: MiniLLM, path: str, tokenizer: Tokenizer | None = Non
 
 def load_model(path: str | None = None, dtype: str = "float32") -> tuple[MiniLLM, Tokenizer | None]:
     """Model and tokenizer from a GGUF file, a checkpoint directory, or (path None) the embedded SmolLM2."""
-    from models.gguf_weights import load_gguf
+    from jaxpaged.models.gguf_weights import load_gguf
 
     if path is None or (os.path.isfile(path) and path.endswith(".gguf")):
         return load_gguf(path, dtype)

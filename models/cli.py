@@ -97,9 +97,9 @@ def _read_prompts(args, parser) -> list[str]:
 def run_generate(args, parser) -> int:
     import jax
 
-    from models.checkpoint import load_model
-    from models.generate import generate
-    from models.sampling import SamplingParams
+    from jaxpaged.models.checkpoint import load_model
+    from jaxpaged.models.generate import generate
+    from jaxpaged.models.sampling import SamplingParams
 
     prompts = _read_prompts(args, parser)
     if args.top_k < 0:
@@ -147,11 +147,11 @@ def run_train(args, parser) -> int:
     import numpy as np
     from flax import nnx
 
-    from models.checkpoint import load_model, save_checkpoint
-    from models.config import preset
-    from models.llama import MiniLLM
-    from models.tokenizer import Tokenizer
-    from models.train import train
+    from jaxpaged.models.checkpoint import load_model, save_checkpoint
+    from jaxpaged.models.config import preset
+    from jaxpaged.models.llama import MiniLLM
+    from jaxpaged.models.tokenizer import Tokenizer
+    from jaxpaged.models.train import train
 
     try:
         with open(args.text, encoding="utf-8") as f:

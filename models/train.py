@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from models.llama import MiniLLM
+from jaxpaged.models.llama import MiniLLM
 
 
 def next_token_loss(model: MiniLLM, tokens: jax.Array) -> jax.Array:

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig
-from models.llama import MiniLLM
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.llama import MiniLLM
 
 
 def _keys(path) -> list:

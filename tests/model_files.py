@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.llama import MiniLLM
-from models.tokenizer import _bytes_to_unicode
-from models.weights import to_hf_tensors
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.tokenizer import _bytes_to_unicode
+from jaxpaged.models.weights import to_hf_tensors
 
 _GGUF_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -6,11 +6,11 @@ import sys
 import pytest
 from flax import nnx
 
-from models.checkpoint import save_checkpoint
-from models.cli import main
-from models.config import preset
-from models.llama import MiniLLM
-from models.tokenizer import Tokenizer
+from jaxpaged.models.checkpoint import save_checkpoint
+from jaxpaged.models.cli import main
+from jaxpaged.models.config import preset
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.tokenizer import Tokenizer
 
 PATTERN = "the quick brown fox jumps over the lazy dog. "
 
@@ -68,7 +68,7 @@ def test_bad_model_and_chat_without_template_exit_1(random_checkpoint, capsys):
 
 def test_help_everywhere():
     for args in ([], ["generate"], ["train"]):
-        result = subprocess.run([sys.executable, "-m", "models", *args, "--help"], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "jaxpaged.models", *args, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: jaxpaged" in result.stdout
 
 

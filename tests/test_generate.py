@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import generate as generation
-from models.config import preset
-from models.generate import generate
-from models.llama import MiniLLM
-from models.sampling import SamplingParams
+from jaxpaged.models import generate as generation
+from jaxpaged.models.config import preset
+from jaxpaged.models.generate import generate
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.sampling import SamplingParams
 
 PROMPTS = [[5, 9, 2, 7, 7, 1], [3], [8, 8, 8, 1, 2, 3, 4, 5, 6, 7, 9]]
 

@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 from model_files import write_llama_gguf
 
-from models.checkpoint import load_checkpoint, load_model, save_checkpoint
-from models.config import preset
-from models.gguf_weights import load_gguf, read_gguf_config
-from models.llama import MiniLLM
-from models.tokenizer import Tokenizer
-from models.weights import model_from_hf_tensors, to_hf_tensors
+from jaxpaged.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from jaxpaged.models.config import preset
+from jaxpaged.models.gguf_weights import load_gguf, read_gguf_config
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.tokenizer import Tokenizer
+from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
 IDS = jnp.asarray([[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]])
 

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 import jaxpaged as jp
-from models.config import ModelConfig, preset
-from models.llama import Linear, MiniLLM
-from models.weights import model_from_hf_tensors, to_hf_tensors
+from jaxpaged.models.config import ModelConfig, preset
+from jaxpaged.models.llama import Linear, MiniLLM
+from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
 PROMPT_LENS = (5, 1, 8)  # ragged: mid-block, a single token, exactly one block of 8
 DECODE_STEPS = 11  # crosses block boundaries for every row

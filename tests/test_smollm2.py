@@ -4,15 +4,15 @@ import os
 
 import pytest
 
-from models.gguf_weights import default_gguf_path
-from models.generate import generate
+from jaxpaged.models.gguf_weights import default_gguf_path
+from jaxpaged.models.generate import generate
 
 MIXED_TEXT = "Héllo, wörld! naïve café — 東京 🚀\n\tTabs  and  spaces; code: x = f(3.14) ≠ 42 <|im_start|>"
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from models.gguf_weights import load_gguf
+    from jaxpaged.models.gguf_weights import load_gguf
 
     return load_gguf()
 
@@ -21,7 +21,7 @@ def test_the_random_weight_preset_has_the_embedded_models_shape():
     """`smollm2-135m-random` (for GPU benchmarks, where the file does not go) is the file's architecture."""
     import dataclasses
 
-    from models.config import preset
+    from jaxpaged.models.config import preset
 
     from_file, fixed = preset("smollm2-135m"), preset("smollm2-135m-random")
     assert dataclasses.replace(from_file, rms_norm_eps=fixed.rms_norm_eps) == fixed

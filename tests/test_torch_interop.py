@@ -14,9 +14,9 @@ from torch_reference.convert import minillm_to_state_dict, state_dict_to_minillm
 from torch_reference.minillm import TorchMiniLLM
 
 import jaxpaged as jp
-from models.config import preset
-from models.generate import generate
-from models.llama import MiniLLM
+from jaxpaged.models.config import preset
+from jaxpaged.models.generate import generate
+from jaxpaged.models.llama import MiniLLM
 
 HEADS, HEAD_DIM, LAYERS = 2, 5, 2
 
@@ -196,7 +196,7 @@ def _hf_greedy(hf_model, prompts, new_tokens):
 def test_greedy_tokens_equal_transformers_on_a_tiny_llama(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.checkpoint import load_checkpoint
+    from jaxpaged.models.checkpoint import load_checkpoint
 
     torch.manual_seed(0)
     hf_config = LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
@@ -219,7 +219,7 @@ def test_greedy_tokens_equal_transformers_on_a_tiny_llama(tmp_path):
 def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf():
     from transformers import AutoModelForCausalLM
 
-    from models.gguf_weights import default_gguf_path, load_gguf
+    from jaxpaged.models.gguf_weights import default_gguf_path, load_gguf
 
     path = default_gguf_path()
     hf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from models.config import ModelConfig
-from models.llama import MiniLLM
-from models.weights import model_from_hf_tensors, to_hf_tensors
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
 _TORCH_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
              "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
