@@ -25,9 +25,6 @@ class ModelConfig:
     tie_embeddings: bool = True  # the output projection reuses the token embedding
     max_position_embeddings: int = 2048  # longest context the model was trained for
     dtype: str = "float32"  # parameter and activation dtype: float32, float16 or bfloat16
-    # Layers stacked and scanned (one traced body: fast compiles) or kept apart and unrolled (no
-    # per-step weight slicing: faster decode on a GPU). None: scan on the CPU, unroll elsewhere.
-    scan_layers: bool | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
 
