@@ -73,6 +73,9 @@ def test_paged_state_incremental_equals_full_pass(model, token_rows, full_logits
     decoded, state, step_fn = _decode_jitted(model, state, token_rows, seq_idx=seq_idx, max_len=32)
     _check(prefill, decoded, full_logits)
     assert step_fn._cache_size() == 1
+    lens = np.asarray(state.table.seq_lens)  # [L, B]: the model path advances every layer together
+    np.testing.assert_array_equal(lens, np.broadcast_to(lens[0], lens.shape))
+    np.testing.assert_array_equal(lens[0, [2, 0, 3]], np.asarray(PROMPT_LENS) + DECODE_STEPS)
 
 
 def test_contiguous_state_incremental_equals_full_pass(model, token_rows, full_logits):
