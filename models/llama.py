@@ -1,7 +1,8 @@
 """MiniLLM: a Llama-family decoder in flax.nnx that takes a KV cache in and returns it.
 
 Architecture: token embedding, L blocks of (RMSNorm, grouped-query attention with rotary position
-embeddings, RMSNorm, SwiGLU MLP), a final RMSNorm and a tied or separate output projection.
+embeddings, RMSNorm, SwiGLU MLP), a final RMSNorm and a tied or separate output projection. Qwen3
+adds an RMSNorm over each head of q and k before the rotary embedding (`ModelConfig.qk_norm`).
 
 The model knows no cache's internals: each attention layer makes one call of the cache protocol
 (`jaxpaged.protocol`), so every cache serves it the same way.
@@ -90,6 +91,9 @@ class Attention(nnx.Module):
         self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c, rngs)
         self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c, rngs)
         self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c, rngs)
+        if c.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
 
     def __call__(self, x, cache, layer, step: Step):
         c = self.config
@@ -97,6 +101,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(batch, num_tokens, c.num_heads, c.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)  # [B, T, K, D]
         v = self.v_proj(x).reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, step.positions, c.rope_theta), apply_rope(k, step.positions, c.rope_theta)
         out, cache = cache.attend(layer, q, k, v, step)  # the cache protocol: write this layer's K/V, attend
         return self.o_proj(out.reshape(batch, num_tokens, c.num_heads * c.head_dim)), cache
