@@ -83,37 +83,40 @@ class SamplingRows:
     top_p: jax.Array  # [B] float32
     min_p: jax.Array  # [B] float32
     repetition_penalty: jax.Array  # [B] float32
-    keys: jax.Array  # [B] the rows' PRNG keys, each already folded with the index of the token it draws
+    seeds: jax.Array  # [B] uint32: each row's random stream
+    token_indices: jax.Array  # [B] int32: the index, in its output, of the token each row draws
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], token_indices: list[int], rows: int) -> SamplingRows:
-        """Arrays for `rows` rows (>= len(params); the rest greedy padding). seeds and token_indices:
-        each row's random stream and the index of the token it draws next."""
-        def column(name, dtype, pad):
-            return np.asarray([getattr(p, name) for p in params] + [pad] * (rows - len(params)), dtype)
+        """Arrays for `rows` rows (>= len(params); the rest greedy padding)."""
+        pad = rows - len(params)
 
-        seed_column = np.asarray(list(seeds) + [0] * (rows - len(params)), np.uint32)
-        index_column = np.asarray(list(token_indices) + [0] * (rows - len(params)), np.uint32)
-        return cls(temperature=column("temperature", np.float32, 0.0), top_k=column("top_k", np.int32, 0),
-                   top_p=column("top_p", np.float32, 1.0), min_p=column("min_p", np.float32, 0.0),
-                   repetition_penalty=column("repetition_penalty", np.float32, 1.0),
-                   keys=_row_keys(seed_column, index_column))
+        def column(values, dtype, fill):
+            return np.asarray(list(values) + [fill] * pad, dtype)
 
+        return cls(temperature=column((p.temperature for p in params), np.float32, 0.0),
+                   top_k=column((p.top_k for p in params), np.int32, 0),
+                   top_p=column((p.top_p for p in params), np.float32, 1.0),
+                   min_p=column((p.min_p for p in params), np.float32, 0.0),
+                   repetition_penalty=column((p.repetition_penalty for p in params), np.float32, 1.0),
+                   seeds=column((s & 0xFFFFFFFF for s in seeds), np.uint32, 0),
+                   token_indices=column(token_indices, np.int32, 0))
 
-@jax.jit
-def _row_keys(seeds, token_indices):
-    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, token_indices)
+    def keys(self) -> jax.Array:
+        """[B] PRNG keys: each row's stream folded with the index of the token it draws."""
+        return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(self.seeds, self.token_indices)
 
 
 @functools.partial(jax.jit, static_argnames=("filtered", "penalised", "num_logprobs"))
-def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array | None = None, *, filtered: bool, penalised: bool,
-           num_logprobs: int = 0):
+def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array | None = None, banned: jax.Array | None = None, *,
+           filtered: bool, penalised: bool, num_logprobs: int = 0):
     """Next tokens for a batch of rows, each with its own parameters.
 
     Args:
       logits: [B, V] float32, the model's.
       rows: every row's parameters (`SamplingRows.build`).
       seen: [B, V] bool, the tokens already in each row's prompt or output (with penalised).
+      banned: [B, V] bool, tokens a row may not draw now (stop tokens before min_tokens).
       filtered: whether any row uses top-k, top-p or min-p (static: without it, no sort).
       penalised: whether any row has a repetition penalty other than 1 (static).
       num_logprobs: R, static: how many most likely tokens' log-probabilities to return.
@@ -123,6 +126,8 @@ def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array | None = None,
       Log-probabilities are the model's own (before temperature, penalty and filters), as vLLM's.
     """
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if banned is not None:
+        logits = jnp.where(banned, -jnp.inf, logits)
     if penalised:  # vLLM's rule: divide positive logits, multiply negative ones
         penalty = rows.repetition_penalty[:, None]
         logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
@@ -130,7 +135,7 @@ def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array | None = None,
     scaled = logits / jnp.where(greedy, 1.0, rows.temperature)[:, None]
     if filtered:
         scaled = _filter(scaled, rows)
-    sampled = jax.vmap(jax.random.categorical)(rows.keys, scaled)
+    sampled = jax.vmap(jax.random.categorical)(rows.keys(), scaled)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)

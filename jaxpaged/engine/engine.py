@@ -1,0 +1,368 @@
+"""The engine: requests in, tokens out, step by step (`Engine`), and vLLM's offline API on top (`LLM`).
+
+One `Engine.step()` is: the scheduler plans (jaxpaged.engine.scheduler), the runner executes the plan
+in one jitted call (jaxpaged.engine.runner), and the engine appends the sampled tokens, checks each
+sequence's stop conditions, names the blocks that filled up for the prefix cache, and gives back the
+blocks of whatever finished. A request with n > 1 samples forks when its prompt is done: the samples
+share the prompt's blocks and each draws its first token from the same logits with its own seed.
+
+Sample j of a request with seed s draws as a request with seed s + j would alone: each token's key
+is (seed, index of the token in the output), whatever else is in the batch or how often the
+sequence was preempted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence as SequenceType
+
+import jax
+import numpy as np
+
+from jaxpaged.config import CacheConfig
+from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.engine.request import (
+    CompletionOutput,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    Sequence,
+    Status,
+)
+from jaxpaged.engine.runner import Runner
+from jaxpaged.engine.sampling import SamplingParams
+from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
+
+
+@dataclasses.dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    preemptions: int  # so far
+    used_blocks: int
+    total_blocks: int
+    prefix_hit_rate: float
+    generated_tokens: int
+    tokens_per_second: float  # generated tokens over the time spent in steps
+
+    def format(self) -> str:
+        return (f"running {self.running}, waiting {self.waiting}, preempted {self.preemptions}, "
+                f"blocks {self.used_blocks}/{self.total_blocks}, prefix hits {self.prefix_hit_rate:.0%}, "
+                f"{self.tokens_per_second:.1f} tokens/s")
+
+
+class Engine:
+    """Continuous batching over a paged pool; the lower level of `LLM`, and what a server drives.
+
+    Args:
+      model: a model with `config` and `step(...)` over the cache protocol (`MiniLLM`).
+      tokenizer: for text prompts, stop strings and output text; None takes token ids only.
+      block_size: P.
+      num_blocks: N; default sized from the device's free memory (`gpu_memory_utilization` of it),
+        or, where the device does not say (the CPU), room for every row at max_model_len.
+      max_num_seqs: sequences running at once.
+      max_num_batched_tokens: prompt tokens one prefill step computes at most.
+      max_model_len: longest prompt + output; default the model's context.
+      enable_prefix_caching: share full prompt blocks across requests.
+      seed: draws the seeds of requests that give none.
+      impl: paged attention's path ("auto", "kernel", "reference").
+      decode_steps: decode steps per device call.
+      check_integrity: run the block-ownership check after every step (tests).
+    """
+
+    def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
+                 impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
+                 check_integrity: bool = False):
+        config = model.config
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        blocks_per_seq = -(-self.max_model_len // block_size)
+        shape = CacheConfig.from_model_config(config, num_blocks=1, block_size=block_size, dtype=config.dtype)
+        if num_blocks is None:
+            num_blocks = _blocks_that_fit(shape.bytes_per_block, gpu_memory_utilization) or max_num_seqs * blocks_per_seq
+        self.cache_config = CacheConfig.from_model_config(
+            config, num_blocks=num_blocks, block_size=block_size, max_seqs=max_num_seqs,
+            max_blocks_per_seq=blocks_per_seq, dtype=config.dtype)
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching),
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps)
+        self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers)
+        self.eos_token_ids = tuple(config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.check_integrity = check_integrity
+        self.requests: dict[str, Request] = {}
+        self._seeds = np.random.default_rng(seed)
+        self._ids = itertools.count()
+        self._busy_seconds, self._generated = 0.0, 0
+
+    # -- requests
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> Request:
+        """Queues a request. Raises ValueError (naming the field) for an empty prompt, a prompt plus
+        max_tokens past the context or the pool, or a duplicate id; the engine is unchanged then."""
+        params = SamplingParams() if params is None else params
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in the engine")
+        text = prompt if isinstance(prompt, str) else None
+        if text is not None:
+            if self.tokenizer is None:
+                raise ValueError("prompt: a text prompt needs a tokenizer; give token ids")
+            token_ids = self.tokenizer.encode(text)
+        else:
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("prompt: empty")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"max_tokens: the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                             f"is {total}, past the context of {self.max_model_len}")
+        needed = self.scheduler.blocks.blocks_for(total)
+        if needed > self.cache_config.num_blocks:
+            raise ValueError(f"prompt: {total} positions need {needed} blocks, the pool has "
+                             f"{self.cache_config.num_blocks}; it can never run")
+        request = Request(request_id, text, token_ids, params)
+        seed = int(self._seeds.integers(2**31)) if params.seed is None else params.seed
+        request.sequences = [Sequence(request, j, seed + j) for j in range(params.n)]
+        self.requests[request_id] = request
+        self.scheduler.add(request.sequences[0])  # the other samples fork from it when its prompt is done
+        return request
+
+    def abort_request(self, request_id: str) -> None:
+        """Ends a request now; its blocks go back to the pool. Raises KeyError for an unknown id."""
+        request = self.requests.get(str(request_id))
+        if request is None:
+            raise KeyError(f"request_id {request_id!r}: no such request in the engine")
+        for seq in request.sequences:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
+        request.finish_time = time.perf_counter()
+        del self.requests[request.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- a step
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns the requests that produced tokens in it (finished ones
+        for the last time: they leave the engine)."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        start = time.perf_counter()
+        touched = self._prefill(plan) if isinstance(plan, PrefillPlan) else self._decode(plan)
+        self._busy_seconds += time.perf_counter() - start
+        if self.check_integrity:
+            self.scheduler.check()
+        outputs = []
+        for request in dict.fromkeys(touched):
+            outputs.append(self._output(request))
+            if request.finished:
+                request.finish_time = time.perf_counter()
+                outputs[-1].metrics.finish_time = request.finish_time
+                del self.requests[request.request_id]
+        return outputs
+
+    def _lens(self) -> np.ndarray:
+        lens = np.zeros(self.cache_config.max_seqs, np.int32)
+        for seq in self.scheduler.running:
+            lens[seq.row] = seq.num_computed
+        return lens
+
+    def _prefill(self, plan: PrefillPlan) -> list[Request]:
+        samples, sample_rows = [], []
+        for i, seq in enumerate(plan.seqs):
+            if plan.completes(i):
+                forks = seq.request.sequences if self._forks_now(seq) else [seq]
+                samples += forks
+                sample_rows += [i] * len(forks)
+        tokens, logprobs, top_ids, top_logprobs = self.runner.prefill(
+            self.scheduler.table, self._lens(), [s.row for s in plan.seqs],
+            [s.tokens[start:start + count] for s, start, count in zip(plan.seqs, plan.starts, plan.counts)],
+            sample_rows, *self._sampling_columns(samples), seen=self._seen(samples))
+        for seq, count in zip(plan.seqs, plan.counts):
+            seq.num_computed += count
+        for seq in samples:  # the siblings start on the prompt's blocks before anyone can finish
+            if seq.index > 0 and seq.blocks is None and not seq.output and not self.scheduler.fork(
+                    seq.request.sequences[0], seq):
+                self.scheduler.add(seq)  # no row now: it recomputes its prompt later (prefix cached)
+        for j, seq in enumerate(samples):
+            self._append(seq, [int(tokens[j])], logprobs[j:j + 1], top_ids[j:j + 1], top_logprobs[j:j + 1])
+        for seq in plan.seqs:
+            self._cache_blocks(seq)
+        return [seq.request for seq in plan.seqs]
+
+    def _forks_now(self, seq: Sequence) -> bool:
+        """Whether this completed prompt is a request's first sample, its siblings not started yet."""
+        return seq.index == 0 and not seq.output and all(
+            s.status is Status.WAITING and s.blocks is None and not s.output for s in seq.request.sequences[1:])
+
+    def _decode(self, plan: DecodePlan) -> list[Request]:
+        self.runner.copy_blocks(plan.copies)
+        seqs = plan.seqs
+        tokens, emitted, logprobs, top_ids, top_logprobs = self.runner.decode(
+            self.scheduler.table, self._lens(), [s.row for s in seqs], [s.tokens[-1] for s in seqs],
+            *self._sampling_columns(seqs), [s.request.params.max_tokens for s in seqs], plan.steps,
+            seen=self._seen(seqs))
+        for b, seq in enumerate(seqs):
+            steps = np.flatnonzero(emitted[:, b])
+            seq.num_computed += len(steps)
+            self._append(seq, [int(t) for t in tokens[steps, b]], logprobs[steps, b], top_ids[steps, b],
+                         top_logprobs[steps, b])
+            self._cache_blocks(seq)
+        return [seq.request for seq in seqs]
+
+    def _sampling_columns(self, seqs: list[Sequence]):
+        """(params, seeds, token indices, min_tokens, stop ids) of each sequence, for the runner."""
+        params = [s.request.params for s in seqs]
+        return (params, [s.seed for s in seqs], [len(s.output) for s in seqs], [p.min_tokens for p in params],
+                [self._stop_ids(p) for p in params])
+
+    def _seen(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """[S, V] bool: the tokens in each sequence so far, where one of them has a repetition penalty."""
+        if all(s.request.params.repetition_penalty == 1 for s in seqs):
+            return None
+        seen = np.zeros((len(seqs), self.model.config.vocab_size), bool)
+        for i, seq in enumerate(seqs):
+            seen[i, seq.tokens] = True
+        return seen
+
+    def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        return tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs, top_ids, top_logprobs) -> None:
+        """Adds a sequence's new tokens up to the first stop; finishes it where one is reached."""
+        params = seq.request.params
+        if seq.request.first_token_time is None and tokens:
+            seq.request.first_token_time = time.perf_counter()
+        stops = set(self._stop_ids(params))
+        for i, token in enumerate(tokens):
+            if seq.status is Status.FINISHED:
+                return
+            self._generated += 1
+            if token in stops and len(seq.output) >= params.min_tokens:
+                self.scheduler.finish(seq, "stop")  # the stop token itself is not part of the output
+                return
+            seq.output.append(token)
+            if params.logprobs is not None:
+                seq.logprobs.append({int(t): float(p) for t, p in zip(top_ids[i][:params.logprobs],
+                                                                    top_logprobs[i][:params.logprobs])}
+                                    | {token: float(logprobs[i])})
+            if params.stop and len(seq.output) > params.min_tokens and self._stop_string(seq) is not None:
+                self.scheduler.finish(seq, "stop")
+            elif len(seq.output) >= params.max_tokens:
+                self.scheduler.finish(seq, "length")
+
+    def _stop_string(self, seq: Sequence) -> int | None:
+        """Where the first stop string starts in the sequence's text, if one has appeared."""
+        text = self.tokenizer.decode(seq.output)
+        found = [text.find(s) for s in seq.request.params.stop if s in text]
+        return min(found) if found else None
+
+    def _cache_blocks(self, seq: Sequence) -> None:
+        if seq.status is Status.RUNNING:
+            self.scheduler.blocks.cache_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+
+    def _output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.sequences:
+            text = ""
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output)
+                cut = self._stop_string(seq) if request.params.stop else None
+                text = text if cut is None else text[:cut]
+            completions.append(CompletionOutput(seq.index, text, list(seq.output), seq.finish_reason,
+                                                list(seq.logprobs) if request.params.logprobs is not None else None))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             request.finished, RequestMetrics(request.arrival_time, request.first_token_time,
+                                                              request.finish_time))
+
+    # -- statistics
+
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.blocks
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           preemptions=self.scheduler.num_preemptions, used_blocks=blocks.num_used_blocks,
+                           total_blocks=blocks.num_blocks, prefix_hit_rate=blocks.stats.hit_rate,
+                           generated_tokens=self._generated,
+                           tokens_per_second=self._generated / self._busy_seconds if self._busy_seconds else 0.0)
+
+
+def _blocks_that_fit(bytes_per_block: int, utilisation: float) -> int | None:
+    """Blocks that fit in `utilisation` of the device's free memory, or None where it does not say."""
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    free = stats["bytes_limit"] * utilisation - stats.get("bytes_in_use", 0)
+    return max(int(free // bytes_per_block), 1)
+
+
+class LLM:
+    """vLLM's offline API on the engine.
+
+    Args:
+      model: a model object (with `tokenizer`), a preset name (random weights; no tokenizer), a GGUF
+        file or a Hugging Face checkpoint directory.
+      tokenizer: the model object's tokenizer.
+      dtype: parameter dtype when loading.
+      Everything else as `Engine`.
+    """
+
+    def __init__(self, model, tokenizer=None, *, dtype: str | None = None, **engine_args):
+        if isinstance(model, str):
+            model, tokenizer = _load(model, dtype)
+        self.engine = Engine(model, tokenizer, **engine_args)
+
+    def generate(self, prompts: str | list[int] | SequenceType, sampling_params=None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs of every prompt (strings or token-id lists), in the order given.
+
+        sampling_params: one SamplingParams for all, or one per prompt.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        ids = [self.engine.add_request(None, prompt, p).request_id for prompt, p in zip(prompts, params)]
+        done = {}
+        import tqdm
+
+        with tqdm.tqdm(total=len(ids), desc="requests", disable=not use_tqdm, leave=False) as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        done[output.request_id] = output
+                        bar.update(1)
+                bar.set_postfix_str(self.engine.stats().format(), refresh=False)
+        return [done[i] for i in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """generate() on conversations, each rendered by the tokenizer's chat template."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer with a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([tokenizer.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm)
+
+
+def _load(name: str, dtype: str | None):
+    """A preset name (random weights) or a model file or directory."""
+    from flax import nnx
+
+    from jaxpaged.models.checkpoint import load_model
+    from jaxpaged.models.config import PRESETS, preset
+    from jaxpaged.models.llama import MiniLLM
+
+    if name in PRESETS:
+        changes = {} if dtype is None else {"dtype": dtype}
+        return MiniLLM(preset(name, **changes), rngs=nnx.Rngs(0)), None
+    return load_model(name, dtype or "float32")

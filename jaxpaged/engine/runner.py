@@ -1,0 +1,218 @@
+"""The model runner: the engine's device side. Each plan becomes one jitted call over the paged pools.
+
+The host's block manager owns the blocks; before each call the runner writes the scheduler's block
+table and lengths into the device state (a few KiB), so the pure ops find every block they need
+already in the table and never allocate (the device allocator is left empty: an allocation would
+report ok=False, and the runner raises). A prefill call runs a ragged batch of chunks and samples
+for the rows whose chunk ends their tokens; a decode call runs `steps` decode steps in one
+`lax.while_loop`, sampling and checking each row's stop conditions on the device.
+
+Shapes are padded so that compilations stay few: a decode call always runs every table row (the
+padding rows write nothing and see nothing), a prefill call's rows and chunk length are powers of two.
+
+Axis letters: B rows, T chunk tokens, S samples, V vocab, R logprobs per token, L layers, M blocks per row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpaged.config import CacheConfig, bucket
+from jaxpaged.engine.sampling import SamplingParams, SamplingRows, sample
+from jaxpaged.state import BlockTable, PagedKVState, init_state
+
+MAX_STOP_IDS = 8  # stop token ids per row on the device (EOS among them)
+NO_STOP = 2**30  # padding of a row's stop ids: matches no token, dropped by scatters
+
+
+def _banned(stop_ids, generated, min_tokens, vocab: int):
+    """[B, V]: each row's stop ids while it has fewer than min_tokens tokens (as vLLM, they may not be drawn)."""
+    rows = jnp.arange(stop_ids.shape[0])[:, None]
+    young = jnp.where((generated < min_tokens)[:, None], stop_ids, NO_STOP)
+    return jnp.zeros((stop_ids.shape[0], vocab), bool).at[rows, young].set(True, mode="drop")
+
+
+def _switches(params: list[SamplingParams]) -> dict:
+    """The sampler's static switches for a batch: only the work some row needs."""
+    return dict(filtered=any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params),
+                penalised=any(p.repetition_penalty != 1 for p in params),
+                num_logprobs=max((p.logprobs or 0 for p in params), default=0))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "filtered", "penalised", "num_logprobs"),
+                   donate_argnames=("state",))
+def _prefill(graphdef, params, state, tokens, seq_idx, num_tokens, sample_rows, rows: SamplingRows, min_tokens,
+             stop_ids, seen, *, impl, max_len, filtered, penalised, num_logprobs):
+    """One chunk per row; samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1)."""
+    model = nnx.merge(graphdef, params)
+    logits, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
+                                   logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
+    logits = logits[sample_rows]
+    banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1])
+    out = sample(logits, rows, seen, banned, filtered=filtered, penalised=penalised, num_logprobs=num_logprobs)
+    return state, ok, out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "steps", "filtered", "penalised",
+                                             "num_logprobs"), donate_argnames=("state",))
+def _decode(graphdef, params, state, last_tokens, seq_idx, active, rows: SamplingRows, max_tokens, min_tokens,
+            stop_ids, seen, *, impl, max_len, steps, filtered, penalised, num_logprobs):
+    """Up to `steps` decode steps; a row stops at a stop id (after min_tokens) or at max_tokens.
+
+    Returns (state, ok, tokens [steps, B], emitted [steps, B], logprob [steps, B], top ids and
+    logprobs [steps, B, R]).
+    """
+    model = nnx.merge(graphdef, params)
+    batch = last_tokens.shape[0]
+    zeros = jnp.zeros((steps, batch))
+    outputs = (zeros.astype(jnp.int32), zeros.astype(bool), zeros, jnp.zeros((steps, batch, num_logprobs), jnp.int32),
+               jnp.zeros((steps, batch, num_logprobs)))
+
+    def cond(carry):
+        i, _, _, active, *_ = carry
+        return (i < steps) & jnp.any(active)
+
+    def body(carry):
+        i, state, last, active, rows, seen, all_ok, outputs = carry
+        logits, state, ok = model.step(last[:, None], state, seq_idx=seq_idx, num_tokens=active.astype(jnp.int32),
+                                       max_len=max_len, logit_index=jnp.zeros((batch,), jnp.int32), impl=impl)
+        banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1])
+        token, logprob, top_ids, top_logprobs = sample(logits, rows, seen, banned, filtered=filtered,
+                                                       penalised=penalised, num_logprobs=num_logprobs)
+        token = jnp.where(active, token, last)
+        generated = rows.token_indices + active  # tokens in each row's output after this step
+        stopped = jnp.any(token[:, None] == stop_ids, axis=-1)  # drawn only past min_tokens
+        new_outputs = tuple(o.at[i].set(x) for o, x in zip(outputs, (token, active, logprob, top_ids, top_logprobs)))
+        if penalised:
+            seen = seen.at[jnp.arange(batch), token].set(True)
+        rows = rows.replace(token_indices=generated)
+        still = active & ~stopped & (generated < max_tokens)
+        return i + 1, state, token, still, rows, seen, all_ok & ok, new_outputs
+
+    carry = (jnp.asarray(0), state, last_tokens, active, rows, seen, jnp.asarray(True), outputs)
+    _, state, _, _, _, _, ok, outputs = jax.lax.while_loop(cond, body, carry)
+    return (state, ok) + outputs
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _copy_blocks(state: PagedKVState, sources, destinations) -> PagedKVState:
+    """Copies whole blocks of every layer and head (copy on write); padding pairs use N, dropped."""
+    pools = state.pools
+    k = pools.k.at[:, :, destinations].set(pools.k.at[:, :, sources].get(mode="fill", fill_value=0), mode="drop")
+    v = pools.v.at[:, :, destinations].set(pools.v.at[:, :, sources].get(mode="fill", fill_value=0), mode="drop")
+    return state.replace(pools=pools.replace(k=k, v=v))
+
+
+class Runner:
+    """Holds the model's parameters and the paged state on the device, and runs plans.
+
+    Args:
+      model: a model with `step(tokens, cache, seq_idx=, num_tokens=, max_len=, logit_index=, impl=)`
+        and a `config` (MiniLLM); if it has `scanned()` and scan_layers, the scanned view runs.
+      cache_config: the pool's geometry (max_seqs = table rows).
+      impl: paged attention's path.
+      scan_layers: run the scanned view; default on the CPU.
+    """
+
+    def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None):
+        scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
+        self.graphdef, self.params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
+        self.config, self.impl = cache_config, impl
+        state = init_state(cache_config)
+        self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
+        self.max_len = cache_config.max_seq_len
+
+    def _sync(self, table: np.ndarray, lens: np.ndarray) -> None:
+        """The host's block table [B, M] and lengths [B] into the device state."""
+        lens = np.broadcast_to(lens.astype(np.int32), (self.config.num_layers, lens.size))
+        self.state = self.state.replace(table=BlockTable(block_ids=jnp.asarray(table), seq_lens=jnp.asarray(lens)))
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            padded = bucket(len(copies))
+            pairs = np.full((2, padded), self.config.num_blocks, np.int32)
+            pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
+            self.state = _copy_blocks(self.state, jnp.asarray(pairs[0]), jnp.asarray(pairs[1]))
+
+    def prefill(self, table, lens, rows, chunks, sample_rows, params, seeds, token_indices, min_tokens, stop_ids,
+                seen=None):
+        """Runs one chunk per row and samples.
+
+        Args:
+          table, lens: the scheduler's block table [B_all, M] and each row's computed positions [B_all].
+          rows: the table rows of the chunks; chunks: their token lists.
+          sample_rows: for each sample, the index (into rows) of the chunk it samples after.
+          params, seeds, token_indices, min_tokens, stop_ids: each sample's SamplingParams, seed,
+            output index, min_tokens and stop token ids.
+          seen: [S, V] bool of each sample's seen tokens, where some sample has a repetition penalty.
+
+        Returns numpy (tokens [S], logprob [S], top ids [S, R], top logprobs [S, R]).
+        """
+        self._sync(table, lens)
+        batch, width = bucket(len(rows)), bucket(max(len(c) for c in chunks), minimum=16)
+        tokens = np.zeros((batch, width), np.int32)
+        for i, chunk in enumerate(chunks):
+            tokens[i, : len(chunk)] = chunk
+        num_tokens = np.zeros(batch, np.int32)
+        num_tokens[: len(rows)] = [len(c) for c in chunks]
+        seq_idx = np.full(batch, self.config.max_seqs, np.int32)
+        seq_idx[: len(rows)] = rows
+        samples = max(bucket(len(sample_rows)), self.config.max_seqs)  # one shape, unless forks pass the rows
+        sampled = np.zeros(samples, np.int32)
+        sampled[: len(sample_rows)] = sample_rows
+        switches = _switches(params)
+        self.state, ok, out = _prefill(
+            self.graphdef, self.params, self.state, jnp.asarray(tokens), jnp.asarray(seq_idx), jnp.asarray(num_tokens),
+            jnp.asarray(sampled), SamplingRows.build(params, seeds, token_indices, samples),
+            _column(min_tokens, samples, np.int32), _stop_table(stop_ids, samples),
+            _pad_rows(seen, samples) if switches["penalised"] else None, impl=self.impl, max_len=self.max_len,
+            **switches)
+        self._check(ok)
+        return tuple(np.asarray(x)[: len(sample_rows)] for x in out)
+
+    def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
+               steps: int, seen=None):
+        """Runs up to `steps` decode steps for the given rows (each a running sequence).
+
+        Returns numpy (tokens [steps, B], emitted [steps, B], logprob [steps, B], top ids and
+        top logprobs [steps, B, R]) for the B rows given.
+        """
+        self._sync(table, lens)
+        batch, count = self.config.max_seqs, len(rows)  # one shape: decode compiles once
+        switches = _switches(params)
+        self.state, ok, *out = _decode(
+            self.graphdef, self.params, self.state, _column(last_tokens, batch, np.int32),
+            _column(rows, batch, np.int32, self.config.max_seqs), _column([True] * count, batch, bool, False),
+            SamplingRows.build(params, seeds, token_indices, batch), _column(max_tokens, batch, np.int32),
+            _column(min_tokens, batch, np.int32), _stop_table(stop_ids, batch),
+            _pad_rows(seen, batch) if switches["penalised"] else None,
+            impl=self.impl, max_len=self.max_len, steps=steps, **switches)
+        self._check(ok)
+        return tuple(np.asarray(x)[:, :count] for x in out)
+
+    @staticmethod
+    def _check(ok) -> None:
+        if not bool(ok):
+            raise RuntimeError("internal error: a step needed a block the scheduler did not reserve")
+
+
+def _column(values, rows: int, dtype, fill=0) -> jax.Array:
+    values = list(values)
+    return jnp.asarray(np.asarray(values + [fill] * (rows - len(values)), dtype))
+
+
+def _stop_table(stop_ids: list[tuple[int, ...]], rows: int) -> jax.Array:
+    """[rows, MAX_STOP_IDS] int32, NO_STOP past each row's ids."""
+    table = np.full((rows, MAX_STOP_IDS), NO_STOP, np.int32)
+    for i, ids in enumerate(stop_ids):
+        table[i, : len(ids)] = ids[:MAX_STOP_IDS]
+    return jnp.asarray(table)
+
+
+def _pad_rows(seen: np.ndarray, rows: int) -> jax.Array:
+    return jnp.asarray(np.pad(seen, ((0, rows - seen.shape[0]), (0, 0))))

@@ -1,0 +1,156 @@
+"""The engine: a mixed batch equals each request alone, through preemption, prefix caching, chunked
+prefill and forks; stop conditions; abort; bad input. The integrity check runs after every step."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxpaged.engine import LLM, Engine, SamplingParams
+from jaxpaged.models.config import preset
+from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.tokenizer import Tokenizer
+
+SYSTEM = [7, 3, 9, 1, 4, 4, 2, 8, 6, 5, 0, 1, 2, 3, 4, 5, 6, 7]  # a shared prefix over two blocks of 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MiniLLM(preset("tiny", vocab_size=256, eos_token_ids=(255,)), rngs=nnx.Rngs(5))
+
+
+def _requests():
+    rng = np.random.default_rng(0)
+    prompts = [SYSTEM + rng.integers(0, 250, n).tolist() for n in (3, 17, 1, 9)] + [rng.integers(0, 250, 30).tolist()]
+    params = [SamplingParams(temperature=0.0, max_tokens=12), SamplingParams(temperature=1.0, seed=11, max_tokens=20),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=7),
+              SamplingParams(temperature=0.0, max_tokens=25), SamplingParams(temperature=1.2, top_k=5, seed=8,
+                                                                             max_tokens=16)]
+    return prompts, params
+
+
+def _engine(model, **changes):
+    args = dict(block_size=8, num_blocks=96, max_num_seqs=8, max_num_batched_tokens=64, decode_steps=4,
+                check_integrity=True)
+    return Engine(model, **{**args, **changes})
+
+
+def _run(engine, prompts, params, arrivals=None):
+    """Adds request i before step arrivals[i]; returns each request's token lists."""
+    arrivals = arrivals or [0] * len(prompts)
+    outputs, step = {}, 0
+    while len(outputs) < len(prompts):
+        for i, arrival in enumerate(arrivals):
+            if arrival == step:
+                engine.add_request(str(i), prompts[i], params[i])
+        for output in engine.step():
+            if output.finished:
+                outputs[int(output.request_id)] = [c.token_ids for c in output.outputs]
+        step += 1
+    assert engine.scheduler.blocks.num_used_blocks == 0, "every block comes back"
+    return [outputs[i] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def solo(model):
+    """Each request alone in an engine of its own."""
+    prompts, params = _requests()
+    return [_run(_engine(model, enable_prefix_caching=False), [p], [q])[0] for p, q in zip(prompts, params)]
+
+
+def test_a_mixed_batch_arriving_over_time_equals_each_request_alone(model, solo):
+    prompts, params = _requests()
+    assert _run(_engine(model), prompts, params, arrivals=[0, 0, 2, 3, 5]) == solo
+    assert all(len(out[0]) == p.max_tokens for out, p in zip(solo, params)), "no EOS among these (checked)"
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_preempted_and_resumed_requests_give_the_same_tokens(model, solo, caching):
+    prompts, params = _requests()
+    engine = _engine(model, num_blocks=12, max_num_batched_tokens=8, enable_prefix_caching=caching)
+    assert _run(engine, prompts, params) == solo
+    assert engine.scheduler.num_preemptions > 0, "the pool should have been too small"
+
+
+def test_prefix_caching_shares_the_system_prompt(model):
+    prompts, params = _requests()
+    engine = _engine(model)
+    _run(engine, prompts[:1], params[:1])
+    _run(engine, prompts[1:4], params[1:4])
+    stats = engine.scheduler.blocks.stats
+    assert stats.hit_blocks >= 6 and engine.stats().prefix_hit_rate > 0.5  # two system blocks for each of three
+
+
+def test_parallel_samples_share_the_prompt_and_each_equals_a_solo_run_with_its_seed(model):
+    prompt = SYSTEM + [5, 5, 5]  # 21 tokens: two full blocks and a partial one
+    engine = _engine(model, enable_prefix_caching=False)
+    request = engine.add_request("a", prompt, SamplingParams(n=3, temperature=1.0, seed=40, max_tokens=9))
+    engine.step()  # the prefill, then the fork
+    assert [s.blocks.blocks[:3] for s in request.sequences[1:]] == [request.sequences[0].blocks.blocks[:3]] * 2
+    assert engine.scheduler.blocks.num_used_blocks == 3  # three samples on the prompt's three blocks
+    outputs = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs = [c.token_ids for c in output.outputs] if output.finished else outputs
+    for j, tokens in enumerate(outputs):
+        alone = _run(_engine(model), [prompt], [SamplingParams(temperature=1.0, seed=40 + j, max_tokens=9)])[0][0]
+        assert tokens == alone
+    assert len({tuple(t) for t in outputs}) > 1
+
+
+def test_stop_tokens_min_tokens_ignore_eos_and_max_tokens(model, solo):
+    prompts, params = _requests()
+    free_run = solo[3][0]  # greedy, 25 tokens
+    stop = free_run[5]
+    cut = free_run.index(stop)
+    engine = _engine(model)
+    cases = [SamplingParams(temperature=0.0, max_tokens=25, stop_token_ids=[stop]),
+             SamplingParams(temperature=0.0, max_tokens=25, stop_token_ids=[stop], min_tokens=cut + 1),
+             SamplingParams(temperature=0.0, max_tokens=4)]
+    out = _run(engine, [prompts[3]] * 3, cases)
+    assert out[0][0] == free_run[:cut]
+    assert len(out[1][0]) > cut and stop not in out[1][0][:cut + 1]  # the stop token may not come before min_tokens
+    assert out[2][0] == free_run[:4]
+    eos_model = MiniLLM(preset("tiny", vocab_size=256, eos_token_ids=(free_run[0],)), rngs=nnx.Rngs(5))
+    ended = _run(_engine(eos_model), [prompts[3]] * 2, [SamplingParams(temperature=0.0, max_tokens=25),
+                                                        SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)])
+    assert ended[0][0] == [] and ended[1][0] == free_run
+
+
+def test_stop_strings_and_abort(model):
+    engine = _engine(model, max_num_seqs=4)
+    llm = LLM(model, Tokenizer.byte_level(), block_size=8, num_blocks=64, max_num_seqs=4, decode_steps=4)
+    free = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)[0].outputs[0]
+    stop = free.text[6:8]
+    stopped = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=20, stop=[stop]), use_tqdm=False)[0]
+    assert stopped.outputs[0].text == free.text[:free.text.index(stop)]
+    assert stopped.outputs[0].finish_reason == "stop" and free.finish_reason == "length"
+    engine.add_request("long", list(range(40)), SamplingParams(temperature=0.0, max_tokens=100))
+    engine.add_request("other", list(range(10)), SamplingParams(temperature=0.0, max_tokens=3))
+    engine.step()
+    engine.step()
+    used = engine.scheduler.blocks.num_used_blocks
+    engine.abort_request("long")
+    assert engine.scheduler.blocks.num_used_blocks < used and "long" not in engine.requests
+    engine.scheduler.check()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.blocks.num_used_blocks == 0
+    with pytest.raises(KeyError, match="no such request"):
+        engine.abort_request("long")
+
+
+def test_bad_requests_are_refused_by_field_and_leave_the_engine_as_it_was(model):
+    engine = _engine(model, num_blocks=8)
+    engine.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=2))
+    for prompt, params, field in [([], SamplingParams(), "prompt: empty"),
+                                  (list(range(1020)), SamplingParams(max_tokens=10), "max_tokens: the prompt"),
+                                  (list(range(60)), SamplingParams(max_tokens=20), "never run"),
+                                  ("text", SamplingParams(), "needs a tokenizer"),
+                                  ([1], SamplingParams(stop=["x"]), "stop: ")]:
+        with pytest.raises(ValueError, match=field):
+            engine.add_request(None, prompt, params)
+    with pytest.raises(ValueError, match="already in the engine"):
+        engine.add_request("ok", [1], SamplingParams())
+    assert list(engine.requests) == ["ok"] and len(engine.scheduler.waiting) == 1
+    while engine.has_unfinished_requests():
+        engine.step()
