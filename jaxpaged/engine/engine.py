@@ -46,6 +46,10 @@ class EngineStats:
     prefix_hit_rate: float
     generated_tokens: int
     tokens_per_second: float  # generated tokens over the time spent in steps
+    step_seconds: float  # wall time inside step()
+    device_seconds: float  # of it, waiting on the device's calls (the rest is the host's work)
+    decode_steps: int  # decode steps the device ran
+    kv_positions_read: int  # cached positions the decode steps attended over, summed over rows and steps
 
     def format(self) -> str:
         return (f"running {self.running}, waiting {self.waiting}, preempted {self.preemptions}, "
@@ -97,6 +101,7 @@ class Engine:
         self._seeds = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._busy_seconds, self._generated = 0.0, 0
+        self._device_seconds, self._decode_steps, self._kv_positions_read = 0.0, 0, 0
 
     # -- requests
 
@@ -153,12 +158,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns the requests that produced tokens in it (finished ones
         for the last time: they leave the engine)."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        start = time.perf_counter()
         touched = self._prefill(plan) if isinstance(plan, PrefillPlan) else self._decode(plan)
-        self._busy_seconds += time.perf_counter() - start
         if self.check_integrity:
             self.scheduler.check()
         outputs = []
@@ -168,6 +172,7 @@ class Engine:
                 request.finish_time = time.perf_counter()
                 outputs[-1].metrics.finish_time = request.finish_time
                 del self.requests[request.request_id]
+        self._busy_seconds += time.perf_counter() - start
         return outputs
 
     def _lens(self) -> np.ndarray:
@@ -183,10 +188,12 @@ class Engine:
                 forks = seq.request.sequences if self._forks_now(seq) else [seq]
                 samples += forks
                 sample_rows += [i] * len(forks)
+        start = time.perf_counter()
         tokens, logprobs, top_ids, top_logprobs = self.runner.prefill(
             self.scheduler.table, self._lens(), [s.row for s in plan.seqs],
             [s.tokens[start:start + count] for s, start, count in zip(plan.seqs, plan.starts, plan.counts)],
             sample_rows, *self._sampling_columns(samples), seen=self._seen(samples))
+        self._device_seconds += time.perf_counter() - start
         for seq, count in zip(plan.seqs, plan.counts):
             seq.num_computed += count
         for seq in samples:  # the siblings start on the prompt's blocks before anyone can finish
@@ -205,14 +212,18 @@ class Engine:
             s.status is Status.WAITING and s.blocks is None and not s.output for s in seq.request.sequences[1:])
 
     def _decode(self, plan: DecodePlan) -> list[Request]:
+        start = time.perf_counter()
         self.runner.copy_blocks(plan.copies)
         seqs = plan.seqs
         tokens, emitted, logprobs, top_ids, top_logprobs = self.runner.decode(
             self.scheduler.table, self._lens(), [s.row for s in seqs], [s.tokens[-1] for s in seqs],
             *self._sampling_columns(seqs), [s.request.params.max_tokens for s in seqs], plan.steps,
             seen=self._seen(seqs))
+        self._device_seconds += time.perf_counter() - start
+        self._decode_steps += int(emitted.any(axis=1).sum())
         for b, seq in enumerate(seqs):
             steps = np.flatnonzero(emitted[:, b])
+            self._kv_positions_read += len(steps) * seq.num_computed + len(steps) * (len(steps) + 1) // 2
             seq.num_computed += len(steps)
             self._append(seq, [int(t) for t in tokens[steps, b]], logprobs[steps, b], top_ids[steps, b],
                          top_logprobs[steps, b])
@@ -292,7 +303,9 @@ class Engine:
                            preemptions=self.scheduler.num_preemptions, used_blocks=blocks.num_used_blocks,
                            total_blocks=blocks.num_blocks, prefix_hit_rate=blocks.stats.hit_rate,
                            generated_tokens=self._generated,
-                           tokens_per_second=self._generated / self._busy_seconds if self._busy_seconds else 0.0)
+                           tokens_per_second=self._generated / self._busy_seconds if self._busy_seconds else 0.0,
+                           step_seconds=self._busy_seconds, device_seconds=self._device_seconds,
+                           decode_steps=self._decode_steps, kv_positions_read=self._kv_positions_read)
 
 
 def _blocks_that_fit(bytes_per_block: int, utilisation: float) -> int | None:
