@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpaged.attention import choose_impl
 from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.engine.sampling import SamplingParams, SamplingRows, sample
 from jaxpaged.state import BlockTable, PagedKVState, init_state
@@ -123,9 +124,9 @@ class Runner:
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
         self.graphdef, self.params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
         self.config, self.impl = cache_config, impl
+        self._kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
         state = init_state(cache_config)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
-        self.max_len = cache_config.max_seq_len
 
     def _sync(self, table: np.ndarray, lens: np.ndarray) -> None:
         """The host's block table [B, M] and lengths [B] into the device state."""
@@ -170,7 +171,8 @@ class Runner:
             self.graphdef, self.params, self.state, jnp.asarray(tokens), jnp.asarray(seq_idx), jnp.asarray(num_tokens),
             jnp.asarray(sampled), SamplingRows.build(params, seeds, token_indices, samples),
             _column(min_tokens, samples, np.int32), _stop_table(stop_ids, samples),
-            _pad_rows(seen, samples) if switches["penalised"] else None, impl=self.impl, max_len=self.max_len,
+            _pad_rows(seen, samples) if switches["penalised"] else None, impl=self.impl,
+            max_len=self._read_bound(max(lens[r] + len(c) for r, c in zip(rows, chunks))),
             **switches)
         self._check(ok)
         return tuple(np.asarray(x)[: len(sample_rows)] for x in out)
@@ -191,9 +193,16 @@ class Runner:
             SamplingRows.build(params, seeds, token_indices, batch), _column(max_tokens, batch, np.int32),
             _column(min_tokens, batch, np.int32), _stop_table(stop_ids, batch),
             _pad_rows(seen, batch) if switches["penalised"] else None,
-            impl=self.impl, max_len=self.max_len, steps=steps, **switches)
+            impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps, **switches)
         self._check(ok)
         return tuple(np.asarray(x)[:, :count] for x in out)
+
+    def _read_bound(self, positions: int) -> int:
+        """The static bound on positions the reference path gathers: a power of two (few compilations)
+        covering the longest row after the call, at most the table's M * P (the kernels take that alone)."""
+        if self._kernels:
+            return self.config.max_seq_len
+        return min(bucket(positions, minimum=self.config.block_size), self.config.max_seq_len)
 
     @staticmethod
     def _check(ok) -> None:
