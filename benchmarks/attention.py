@@ -47,7 +47,7 @@ import numpy as np
 import jaxpaged as jp
 from jaxpaged.attention import attend
 from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill_attention
-from ceilings import describe, device_name, measure, share, spec_bandwidth
+from ceilings import describe, measure, share, spec_bandwidth
 from timing import median_time, median_time_in_loop, seconds_per_call
 
 L2_BYTES = 50 * 2**20
@@ -91,6 +91,11 @@ def gather_blocks(pool, tables):
 def dense_from_paged(s, block_size):
     """Contiguous [B, S, K, D] copies of the paged K/V (what a contiguous cache would hold)."""
     return gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"])
+
+
+def npkd(pool):
+    """A [L, K, N, P, D] pool in the layout before, [L, N, P, K, D] (tune_kernels.py's layout A/B)."""
+    return jnp.transpose(pool, (0, 2, 3, 1, 4))
 
 
 @jax.jit
@@ -406,7 +411,6 @@ def main():
         return
     on_gpu = jax.default_backend() == "gpu"
     with_torch = on_gpu
-    device = device_name()
     rng = np.random.default_rng(0)
     ceilings = measure(2**24 if args.quick else 2**31)
     print(describe(ceilings))
@@ -415,7 +419,15 @@ def main():
     batches, contexts = ((1, 4), (128, 256)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192))
     sizes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else [
         (batch, context) for batch in batches for context in contexts]
-    decode = []
+    decode, prefill, write = [], [], []
+    result = {**ceilings, "jax": jax.__version__, "decode": decode, "prefill": prefill, "kv_write": write}
+    os.makedirs(args.out_dir, exist_ok=True)
+    json_path = os.path.join(args.out_dir, f"{'prefill' if args.only == 'prefill' else 'attention'}{args.tag}.json")
+
+    def save():  # after every shape, so that a run stopped by a timeout keeps the shapes it finished
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+
     for heads, kv_heads, head_dim in head_shapes if args.only != "prefill" else ():
         for batch, context in sizes:
             large = batch >= 32 and context >= 2048
@@ -427,20 +439,19 @@ def main():
                 print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch} S{context}: failed: {type(error).__name__}: {error}"[:2000])
                 continue
             decode.append(row)
+            save()
             bw = row["bandwidth_GBps"]
             fraction, of = share(bw["jaxpaged"] * 1e9, ceilings)
             print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch:>4} S{context:>5}: " + "  ".join(
                 f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {fraction:.0%} of {of})")
     with_prefill = args.only != "decode"
-    prefill = [bench_prefill(b, prefix, chunk, heads, kv_heads, head_dim, 16, with_torch, args.interpret)
-               for heads, kv_heads, head_dim in ([(32, 8, 128)] if args.quick else args.prefill_heads) if with_prefill
-               for b, prefix, chunk in (((1, 0, 128), (1, 64, 64)) if args.quick else PREFILL_SHAPES)]
-    write = [bench_write(b, s, 8, 128, 16) for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048))) if with_prefill]
-    result = {**ceilings, "jax": jax.__version__, "decode": decode, "prefill": prefill, "kv_write": write}
-    os.makedirs(args.out_dir, exist_ok=True)
-    json_path = os.path.join(args.out_dir, f"{'prefill' if args.only == 'prefill' else 'attention'}{args.tag}.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    for heads, kv_heads, head_dim in ([(32, 8, 128)] if args.quick else args.prefill_heads) if with_prefill else ():
+        for b, prefix, chunk in ((1, 0, 128), (1, 64, 64)) if args.quick else PREFILL_SHAPES:
+            prefill.append(bench_prefill(b, prefix, chunk, heads, kv_heads, head_dim, 16, with_torch, args.interpret))
+            save()
+    for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048))) if with_prefill else ():
+        write.append(bench_write(b, s, 8, 128, 16))
+    save()
 
     print_prefill(prefill)
     for w in write:
@@ -521,7 +532,9 @@ def plot_prefill(prefill, path, device):
 
 def print_prefill(prefill):
     """Millions of tokens/s per prefill shape: jaxpaged's kernel, then each peer's ratio to it."""
-    names = [name for name in prefill[0]["tokens_per_s"] if name != "jaxpaged"] if prefill else []
+    if not prefill:
+        return
+    names = [name for name in prefill[0]["tokens_per_s"] if name != "jaxpaged"]
     for p in prefill[1:]:
         names += [name for name in p["tokens_per_s"] if name not in names and name != "jaxpaged"]
     print(f"\nprefill, M tokens/s ({', '.join(names)}: ours / theirs)")
