@@ -1,0 +1,214 @@
+"""What the decode and prefill kernels share: the softmax scale, where a loop step's K/V rows are
+(`load_ids`) and their loads, the online-softmax update (plain and transposed), the layer index as
+the kernels take it, the pools as they read them, and the input checks.
+
+Both kernels read K and V straight from jaxpaged's head-major pools, [L, K, N, P, D], viewed flat
+as rows of positions ([L * K * N * P, D]) or whole blocks ([L * K * N, P, D]), each program finding
+its layer's and kv head's blocks through the block table. The softmax works in base 2 (`update`).
+
+Axis letters: B sequences, H query heads, K kv heads, G = H / K, D head dim, L layers,
+N blocks per layer, P block size, M blocks per sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxpaged.kernels.launch import MAX_POOL_SIZE
+
+MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # the running max's start: finite, below any logit
+
+
+def softmax_scale(head_dim: int) -> float:
+    """1 / sqrt(D) times log2(e): the kernels' softmax works in base 2 (`update`)."""
+    return head_dim**-0.5 * 1.4426950408889634
+
+
+def load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: int, row_gather: int = 0,
+              rows_from_blocks: bool = False, heads: int = 1):
+    """Where loop step `step`'s K/V are: its blocks' indices in the pool as the kernel sees it
+    ([blocks]), or with row_gather = P, the pool viewed as rows of positions, its positions' rows
+    ([blocks * P]). layer_base: the pool index of block 0 of this program's layer (and head). The
+    sentinel N reads a real block, then is masked. rows_from_blocks (prefill): the rows come from the
+    step's block ids, loaded once each, rather than from one table load per position (decode's way:
+    with rows from block ids decode ran 0.94-0.95x on an H100 at five of six head-dim-64 shapes with
+    128 sequences, 0.97-1.02x at the other 19; tune_decode_ids_*_H100.json). heads (decode's packed
+    kv heads, row gather, head-major pools): the rows of `heads` consecutive kv heads, head i's
+    positions at [i * chunk, (i + 1) * chunk) ([heads * blocks * P]); layer_base is the first head's."""
+    if not row_gather or rows_from_blocks:
+        ids = tables_ref[pl.ds(step * blocks_per_step, blocks_per_step)]
+        ids = layer_base + jnp.minimum(ids, num_blocks - 1)
+        if not row_gather:
+            return ids
+        return (ids[:, None] * row_gather + jnp.arange(row_gather)[None, :]).reshape(blocks_per_step * row_gather)
+    positions = step * blocks_per_step * row_gather + jnp.arange(blocks_per_step * row_gather)
+    blocks = tables_ref[positions // row_gather]  # each block id, once per position
+    rows = (layer_base + jnp.minimum(blocks, num_blocks - 1)) * row_gather + positions % row_gather
+    if heads == 1:
+        return rows
+    head_rows = num_blocks * row_gather  # one kv head's rows in a layer
+    return (rows[None, :] + jnp.arange(heads)[:, None] * head_rows).reshape(heads * rows.shape[0])
+
+
+def load_kv(ids, k_ref, v_ref, *, live=None):
+    """K and V at `ids` (blocks or rows, from `load_ids`): two [chunk, D] tiles.
+
+    live: None, or [chunk] bool; V rows that are not live then load as zeros (a masked load, so
+    no select sits between the load and the dot).
+    """
+    if live is None:
+        k, v = k_ref[ids], v_ref[ids]
+    else:  # (a GPU-only path: interpret mode can not load a gather through `plgpu.load`)
+        k = plgpu.load(k_ref.at[ids])
+        shape = v_ref.at[ids].shape  # [blocks, P, D], or [blocks * P, D] for row ids
+        mask = jnp.broadcast_to(live.reshape(*shape[:-1], 1), shape)
+        v = plgpu.load(v_ref.at[ids], mask=mask, other=0.0)
+    return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+
+
+def live_positions(step, length, chunk: int, heads: int = 1):
+    """[chunk] bool: which positions of loop step `step` are before the length; with packed kv heads,
+    [heads * chunk], head i's at [i * chunk, (i + 1) * chunk)."""
+    if heads == 1:
+        return step * chunk + jnp.arange(chunk) < length
+    return step * chunk + jnp.arange(heads * chunk) % chunk < length
+
+
+def same_head(heads: int, chunk: int, rows: int, group: int, transposed: bool = False):
+    """[rows, heads * chunk] bool (transposed: [heads * chunk, rows]): whether query row r (query
+    head r % G of packed kv head r // G) and K/V row c (packed kv head c // chunk) share a kv head.
+    Rows past heads * G match nothing."""
+    q_head, kv_head = jnp.arange(rows) // group, jnp.arange(heads * chunk) // chunk
+    return kv_head[:, None] == q_head[None, :] if transposed else q_head[:, None] == kv_head[None, :]
+
+
+def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False,
+            heads: int = 1, group: int = 1):
+    """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
+
+    scale: the softmax scale times log2(e): the running max is kept in base-2 units, so each
+    probability is one fused multiply-add and one `exp2` (the hardware's ex2), where `exp` of the
+    scaled logits compiles to a longer libdevice sequence.
+    q_pos: [rows] positions of the queries (causal limit), each below the length (or -1: sees nothing),
+      or None for decode (the length is the limit).
+    masked: whether the chunk may reach past the length (or the causal limit). If so, positions at or
+    past the length get probability 0 and their V rows are zeroed, so NaN or another sequence's data in
+    an unused slot can not reach the output; a chunk known to be inside both limits skips that work.
+    Masked logits are -inf and the running max starts finite (`MASK`), so a masked position's
+    probability is exp2(-inf) = 0 even in a row that sees nothing in the chunk (its max stays put).
+    v_zeroed: the V rows past the length were loaded as zeros already.
+    heads, group (decode): k and v hold `heads` packed kv heads' chunks one after another
+    ([heads * chunk, D]), and query row r belongs to kv head r // G (G = group); a row sees only
+    its own kv head's positions (`same_head`), so every step masks.
+    """
+    o, m, l = carry
+    chunk = k.shape[0] // heads
+    logits = plgpu.dot(q, k.T)  # [rows, heads * chunk] float32, unscaled
+    if heads > 1:
+        live = live_positions(step, length, chunk, heads)
+        logits = jnp.where(live[None, :] & same_head(heads, chunk, q.shape[0], group), logits, -jnp.inf)
+        if not v_zeroed:
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+    elif masked:
+        positions = step * chunk + jnp.arange(chunk)
+        live = positions < length
+        visible = live[None, :] if q_pos is None else positions[None, :] <= q_pos[:, None]  # (q_pos < length)
+        logits = jnp.where(visible, logits, -jnp.inf)
+        if not v_zeroed:
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+    m_new = jnp.maximum(m, logits.max(axis=-1) * scale)
+    correction = jnp.exp2(m - m_new)
+    p = jnp.exp2(logits * scale - m_new[:, None])
+    o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return o, m_new, l * correction + p.sum(axis=-1)
+
+
+def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False,
+                       heads: int = 1, group: int = 1):
+    """Decode's `update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
+    ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots:
+    compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `update`'s
+    become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `default_transposed`.
+
+    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group: as
+    for `update`.
+    """
+    o_t, m, l = carry
+    chunk = k.shape[0] // heads
+    logits = plgpu.dot(k, q_t)  # [heads * chunk, rows] float32, unscaled
+    if masked or heads > 1:
+        live = live_positions(step, length, chunk, heads)
+        visible = live[:, None] if heads == 1 else live[:, None] & same_head(heads, chunk, q_t.shape[1], group, True)
+        logits = jnp.where(visible, logits, -jnp.inf)
+        if not v_zeroed:
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+    m_new = jnp.maximum(m, logits.max(axis=0) * scale)
+    correction = jnp.exp2(m - m_new)
+    p = jnp.exp2(logits * scale - m_new[None, :])
+    o_t = o_t * correction[None, :] + plgpu.dot(v.T, p.astype(v.dtype))
+    return o_t, m_new, l * correction + p.sum(axis=0)
+
+
+def program_layer_base(layer_ref, num_blocks: int, num_layers: int, kv_heads: int, heads: int = 1):
+    """Where block 0 of the layer in layer_ref ([1] int32, clamped into the pools' layers) and of this
+    program's (first) kv head (grid axis 1, counting packs of `heads` kv heads) lies in the pools
+    viewed flat (`pool_view`). Computed in the kernel: outside it, it would be one more launch per
+    call."""
+    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+    return (layer * kv_heads + pl.program_id(1) * heads) * num_blocks
+
+
+def empty_carry(rows: int, head_dim: int):
+    """The online softmax before any step: o [rows, D] zeros, the running max at MASK, the sum 0."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def check_inputs(q, k_pool, block_tables, lengths, q_positions=None, *, kv_heads: int):
+    """Clear errors for inputs that the kernels would otherwise read out of bounds or group wrongly."""
+    if k_pool.size > MAX_POOL_SIZE:
+        raise ValueError(f"a pool of {k_pool.size:,} elements {tuple(k_pool.shape)} is beyond the kernels' 32-bit "
+                         f"offsets (at most {MAX_POOL_SIZE:,}); use the reference path (jaxpaged.attention) "
+                         "or fewer blocks")
+    batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+    if head_dim != k_pool.shape[-1] or heads % kv_heads:
+        raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}: the head dims must agree and the "
+                         f"query heads must be a multiple of the {kv_heads} kv heads")
+    expected = {"block_tables": (block_tables, (batch, block_tables.shape[-1])), "lengths": (lengths, (batch,))}
+    if q_positions is not None:
+        expected["q_positions"] = (q_positions, q.shape[:2])
+    for name, (x, shape) in expected.items():
+        if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers of shape {shape} (from q {q.shape}), got {x.dtype}{list(x.shape)}")
+
+
+def layer_operand(layer) -> jax.Array:
+    """The layer index as the kernels take it, [1] int32; a clear error for one that is not a scalar
+    integer. (The kernels clamp it into the pools' layers, as the reference path's gather does.)"""
+    layer = jnp.asarray(layer)
+    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise ValueError(f"layer must be a scalar integer, got {layer.dtype}{list(layer.shape)}")
+    return layer.astype(jnp.int32).reshape(1)
+
+
+def pool_view(k_pool, v_pool, row_gather: bool):
+    """The pools as the kernels read them, their BlockSpec (the whole pools to every program), and
+    the static sizes (L, K, N, P).
+
+    The pools, [L, K, N, P, D] (jaxpaged's, head-major), are read flat, as [L * K * N * P, D] rows of
+    positions (row_gather) or [L * K * N, P, D] blocks, the kernel finding its layer's and kv head's
+    blocks (`program_layer_base`). Both views are free reshapes.
+    """
+    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
+        raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} {k_pool.dtype}, {v_pool.shape} {v_pool.dtype}")
+    if k_pool.ndim != 5:
+        raise ValueError(f"pools must be [L, K, N, P, D], got {tuple(k_pool.shape)}")
+    num_layers, kv_heads, num_blocks, block_size, head_dim = k_pool.shape
+    total = num_layers * kv_heads * num_blocks
+    shape = (total * block_size, head_dim) if row_gather else (total, block_size, head_dim)
+    spec = pl.BlockSpec(shape, lambda _, h, __: (0,) * len(shape))
+    pools = (k_pool.reshape(shape), v_pool.reshape(shape))
+    return pools, spec, (num_layers, kv_heads, num_blocks, block_size)

@@ -1,0 +1,200 @@
+"""The paged decode kernel (Pallas, Triton lowering): attention of one query token per sequence over
+its cached K/V, read straight from the block pools through the block table, the context split
+across programs (flash-decoding) when the batch alone does not fill the GPU.
+
+Grid: (B, K / heads, splits). Program (b, h, s) takes sequence b, kv head h (or a pack of `heads`
+kv heads), and the s-th slice of the sequence's blocks; it loads its G query heads straight from q
+(as 16 rows or more, the smallest Triton dot, the extra ones zero), then walks `blocks_per_step`
+blocks at a time with an online softmax (in base 2: `common.update`). Where the sequences and kv
+heads alone make about one program per SM, each gets one program walking longer steps instead of
+splits (`launch.default_one_per_sm`). Where a split walks more than one step
+(`launch.default_row_gather`) it gathers each step's K and V as [chunk, D] rows of positions (the
+pools viewed as rows, the block table giving each row's block; in jaxpaged's head-major pools,
+[L, K, N, P, D], one head's rows of a block are contiguous), which Triton copies asynchronously
+into shared memory, three steps in flight, and feeds to the dots from there; with head dim 128 the
+products are transposed (the chunk rather than the query rows as the dots' long side, so they
+become Hopper's wgmma). Otherwise it gathers whole [blocks, P, D] blocks. Positions at or past the
+length get probability 0 and their V rows are loaded as zeros (or zeroed after the load), so an
+unwritten or freed slot (NaN, or another sequence's data) can not reach the output. With one split
+the program writes its G output rows in place, so the whole call is one launch; more splits are
+merged by a second, small kernel (`merge.merge_decode_splits`). Where many programs would each read
+a short context, one program takes 2 or 4 kv heads of a sequence
+(`launch.default_heads_per_program`): their query heads fill the 16-row tile that G alone leaves
+mostly padding, and each step gathers every packed head's rows, the logits between different kv
+heads masked out.
+
+Axis letters: B sequences, H query heads, K kv heads, G = H / K, D head dim, L layers,
+N blocks per layer, P block size, M blocks per sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxpaged.kernels import launch
+from jaxpaged.kernels.common import (check_inputs, empty_carry, layer_operand, live_positions, load_ids, load_kv,
+                                     pool_view, program_layer_base, softmax_scale, update, update_transposed)
+from jaxpaged.kernels.merge import merge_decode_splits
+
+
+def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, blocks_per_step: int,
+                  num_blocks: int, scale: float, transposed: bool, masked_loads: bool, row_gather: int, heads: int,
+                  group: int):
+    """One loop step: load step `step`'s K/V, then update the online softmax.
+
+    transposed: `update_transposed` (q given as q^T). masked_loads: V rows past the length load as
+    zeros (a GPU-only load), instead of being zeroed after the load. heads, group: `heads` kv heads
+    packed in the program (row gather), G query heads each.
+    """
+    ids = load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
+                   row_gather=row_gather, heads=heads)
+    chunk = blocks_per_step * (row_gather or k_ref.shape[-2])
+    live = live_positions(step, length, chunk, heads) if masked_loads else None
+    k, v = load_kv(ids, k_ref, v_ref, live=live)
+    step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
+    return step_update(carry, q, k, v, step, length, scale=scale, v_zeroed=live is not None, heads=heads, group=group)
+
+
+def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
+                   block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
+                   kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int):
+    """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
+    s-th slice of the blocks; grid (B, K / heads, splits).
+
+    It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
+    the ones past heads * G are zeros. With one output ref ([H, D], q's dtype) it writes its normalised
+    rows there (one split); with three, the unnormalised o and its running max and sum, merged outside.
+    """
+    head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
+    real = jnp.arange(rows) < heads * group
+    q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0.0)
+    split = pl.program_id(2)
+    length = lengths_ref[0]
+    chunk = blocks_per_step * block_size
+    first_step = split * steps_per_split
+    last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
+    layer_base = program_layer_base(layer_ref, num_blocks, num_layers, kv_heads, heads)
+    step = functools.partial(_attend_chunk, q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref,
+                             v_ref=v_ref, layer_base=layer_base, length=length, blocks_per_step=blocks_per_step,
+                             num_blocks=num_blocks, scale=scale, transposed=transposed, masked_loads=masked_loads,
+                             row_gather=block_size if row_gather else 0, heads=heads, group=group)
+    softmax = empty_carry(*q.shape)
+    if transposed:
+        softmax = (softmax[0].T, *softmax[1:])
+    o, m, l = jax.lax.fori_loop(first_step, last_step, step, softmax)
+    if transposed:
+        o = o.T
+    if len(out_refs) == 1:
+        o = (o / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[:, None]).astype(out_refs[0].dtype)
+        plgpu.store(out_refs[0].at[head_rows], o, mask=real[:, None])
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = o
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+@functools.partial(jax.jit, static_argnames=("blocks_per_step", "num_splits", "num_warps", "num_stages", "transposed",
+                                             "row_gather", "heads_per_program", "gpu", "interpret"))
+def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
+                           lengths: jax.Array, *, blocks_per_step: int | None = None, num_splits: int | None = None,
+                           num_warps: int = 4, num_stages: int | None = None, transposed: bool | None = None,
+                           row_gather: bool | None = None, heads_per_program: int | None = None,
+                           gpu: launch.Gpu | None = None, interpret: bool = False) -> jax.Array:
+    """Attention of one query per sequence over its cached K/V, read from the pools in place.
+
+    Args:
+      q: [B, H, D].
+      k_pool, v_pool: all layers' pools as the cache holds them, [L, K, N, P, D].
+      layer: [] int, the layer to read (clamped into [0, L)).
+      block_tables: [B, M] int32 block ids; entries past a sequence's blocks may hold any id in
+        [0, N] (N is the sentinel).
+      lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
+      blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth, or 32 KiB
+        of K and V with one program per SM (`launch.default_one_per_sm`).
+      num_splits: programs per sequence and kv head; default one where the sequences and kv heads
+        make about one program per SM (`launch.default_one_per_sm`), else about a wave of programs
+        (`launch.default_splits`). With one split the kernel writes the normalised output itself;
+        with more, they are merged after it.
+      num_warps: warps per program.
+      num_stages: Triton's software-pipelining depth; default `launch.default_stages`.
+      transposed: compute K q^T and V^T p^T (the chunk as the dots' M side) instead of q K^T and p V;
+        default `launch.default_transposed`. V rows past the length load as zeros (a masked load)
+        with the row gather or the transposed products, else are zeroed after the load (and always
+        in interpret mode).
+      row_gather: gather K/V as [chunk, D] rows of positions (the pools viewed as rows), instead of
+        [blocks, P, D] blocks reshaped in the kernel; default `launch.default_row_gather`.
+      heads_per_program: kv heads packed into one program (a power of two dividing K; the row gather
+        only): their heads x G query rows share one tile and each step gathers heads x chunk K/V
+        rows (chunk: the default step's positions / heads), the logits of rows and positions of
+        different kv heads masked out. With G below 16 the tile's rows are padding anyway, so the
+        products cost no more per byte. Default `launch.default_heads_per_program` (1 with the block
+        gather).
+      gpu: the card's numbers for the defaults; default `launch.this_gpu()` (the device jax runs on).
+      interpret: run in Pallas interpret mode (any backend, slow; for tests).
+
+    Returns:
+      [B, H, D] in q's dtype.
+    """
+    batch, num_heads, head_dim = q.shape
+    _, _, (_, kv_heads, _, block_size) = pool_view(k_pool, v_pool, row_gather=True)  # checks the pools
+    check_inputs(q, k_pool, block_tables, lengths, kv_heads=kv_heads)
+    max_blocks = block_tables.shape[1]
+    group = num_heads // kv_heads
+    plan = launch.decode_launch(batch, num_heads, kv_heads, head_dim, block_size, max_blocks, k_pool.dtype.itemsize,
+                                gpu or launch.this_gpu(), num_splits=num_splits, blocks_per_step=blocks_per_step,
+                                heads_per_program=heads_per_program, row_gather=row_gather, transposed=transposed,
+                                num_stages=num_stages)
+    (k_pool, v_pool), pool_spec, (num_layers, _, num_blocks, _) = pool_view(k_pool, v_pool, plan.row_gather)
+    kv_groups = kv_heads // plan.heads_per_program  # programs per sequence and split
+    splits, rows = plan.splits, plan.rows
+    steps = max_blocks // plan.blocks_per_step
+
+    kernel = functools.partial(_decode_kernel, group=group, rows=rows, block_size=block_size,
+                               blocks_per_step=plan.blocks_per_step, steps_per_split=-(-steps // splits),
+                               num_blocks=num_blocks, num_layers=num_layers, kv_heads=kv_heads,
+                               scale=softmax_scale(head_dim), transposed=plan.transposed,
+                               masked_loads=(plan.transposed or plan.row_gather) and not interpret,
+                               row_gather=plan.row_gather, heads=plan.heads_per_program)
+    if splits == 1:  # every program writes its rows of sequence b's [H, D]
+        out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
+    else:  # every program writes its unnormalised rows, running max and sum; the splits' axis is
+        padded = 1 << (splits - 1).bit_length()  # padded to a power of two, for the merge's loads
+        out_specs = [
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, kv_groups, padded, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_groups, padded, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_groups, padded, rows), jnp.float32),
+        ]
+    out = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_groups, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer
+            pl.BlockSpec((1,), lambda b, h, s: (b,)),  # length
+            pl.BlockSpec((None, max_blocks), lambda b, h, s: (b, 0)),  # block-table row
+            pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0)),  # q of sequence b
+            pool_spec,
+            pool_spec,
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=plan.num_stages),
+        interpret=interpret,
+        name="jaxpaged_decode",
+    )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool)
+
+    if splits == 1:
+        return out
+    return merge_decode_splits(*out, splits=splits, group=plan.heads_per_program * group, num_heads=num_heads,
+                               dtype=q.dtype, interpret=interpret)
