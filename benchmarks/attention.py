@@ -33,6 +33,7 @@ Run: python benchmarks/attention.py --out-dir DIR   (add --quick for a small smo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -46,7 +47,7 @@ import numpy as np
 
 import jaxpaged as jp
 from jaxpaged.attention import attend
-from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill_attention
+from jaxpaged.kernels import launch, paged_decode_attention, paged_prefill_attention
 from ceilings import describe, measure, share, spec_bandwidth
 from timing import median_time, median_time_in_loop, seconds_per_call
 
@@ -168,28 +169,21 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
         out = np.asarray(out, np.float32)
         return float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) if np.isfinite(out).all() else float("inf")
 
-    # Ours: the defaults (what the model runs), and the best of them and two alternatives.
-    from jaxpaged.kernels import triton_decode
-
-    steps = blocks_per_seq // triton_decode.default_blocks_per_step(block_size, blocks_per_seq)
-    packed = triton_decode.default_heads_per_program(batch * kv_heads, kv_heads, heads // kv_heads, context)
-    one_per_sm = triton_decode.default_one_per_sm(batch * kv_heads // packed)  # one split, longer steps
-    auto_splits = 1 if one_per_sm else triton_decode.default_launch(batch, kv_heads // packed, head_dim, steps)[0]
+    # Ours: the defaults (what the model runs, for this card), and the best of them and four alternatives.
+    defaults = launch.decode_launch(batch, heads, kv_heads, head_dim, block_size, blocks_per_seq, 2, launch.this_gpu())
     args = [(x["q"], x["pool_k"], x["pool_v"], x["layer"], x["tables"], x["lengths"]) for x in sets]
     results = {}
     best = None
     for name, params in (("jaxpaged", {}), ("jaxpaged_block_gather", {"row_gather": False}),
                          ("jaxpaged_row_gather", {"row_gather": True}),
-                         ("jaxpaged_splits_x2", {"num_splits": 2 * auto_splits}),
+                         ("jaxpaged_splits_x2", {"num_splits": 2 * defaults.splits}),
                          ("jaxpaged_one_head_a_program", {"heads_per_program": 1})):
         fn = functools.partial(paged_decode_attention, interpret=interpret, **params)
         err = rel_err(fn(*args[0]))
         results[name] = time_jax(fn, args, None if params else "jaxpaged")
         if not params:
             row["jaxpaged_rel_err"] = err
-            row["jaxpaged_defaults"] = {"num_splits": auto_splits, "one_per_sm": one_per_sm,
-                                        "row_gather": triton_decode.default_row_gather(steps, auto_splits),
-                                        "heads_per_program": packed}
+            row["jaxpaged_defaults"] = dataclasses.asdict(defaults)
             if not interpret:
                 row["jaxpaged_wall_seconds_in_jitted_loop"] = median_time_in_loop(fn, args)
         if err < 2e-2 and (best is None or results[name] < best[1]):
