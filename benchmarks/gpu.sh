@@ -2,19 +2,20 @@
 # The GPU runs behind BENCHMARKS.md. Each one runs from a fresh checkout on a machine with jax (CUDA),
 # flax and torch installed, with no network (random-weight presets only), from the repository root:
 #
-#   bash benchmarks/gpu.sh OUT kernels     # ~5 min: the kernel tests on the GPU, then the kernels against the
+#   bash benchmarks/gpu.sh OUT kernels     # <= 9 min: the kernel tests on the GPU, then the kernels against the
 #                                          # kernel file before (benchmarks/kernels_before.py), decode and prefill,
 #                                          # same run (tune_kernels.py --previous): OUT/kernels_ab_{decode,prefill}.json
-#   bash benchmarks/gpu.sh OUT attention   # ~6 min: decode attention at 9 headline shapes (3 head shapes x 8x8192,
+#   bash benchmarks/gpu.sh OUT attention   # <= 9 min: decode attention at 9 headline shapes (3 head shapes x 8x8192,
 #                                          # 32x2048, 128x8192), then prefill and chunked prefill, every peer:
 #                                          # OUT/attention.{json,png,txt}, OUT/prefill.{json,png,txt}
 #   bash benchmarks/gpu.sh OUT generate [PRESET ...]
-#                                          # ~4 min a preset: batched generation, paged against contiguous, with
+#                                          # <= 7 min a preset: batched generation, paged against contiguous, with
 #                                          # the kernels and with the reference attention (generate(..., impl=...)),
 #                                          # llama-1b and smollm2-135m-random by default:
 #                                          # OUT/generate_PRESET_{kernel,reference}.json, OUT/generate_PRESET.png
 #
-# Every run first records the card and the versions (OUT/gpu.txt) and ends with a short table. Bandwidths are
+# (The times are the sums of the steps' timeouts.) Every run first records the card and the versions
+# (OUT/gpu.txt) and ends with a short table. Bandwidths are
 # reported against the card's specified bandwidth (benchmarks/ceilings.py), the XLA copy measured beside it.
 # Each step has its own timeout, so that one step running long still leaves the others' files; attention.py
 # rewrites its JSON after every shape, so a step stopped by its timeout keeps the shapes it finished.

@@ -33,6 +33,11 @@ GENERATION = (
     ("smollm2-135m-random", "generate_smollm2-135m-random_H100.json",
      "generate_smollm2-135m-random_H100_reference_attention.json", (32, 128)),
 )
+# Every row of those runs, and the batch-1 runs before the two-row projections (NOTES.md)
+GENERATION_RUNS = tuple((model, kernels, reference, (1, 32, 128)) for model, kernels, reference, _ in GENERATION
+                        if reference) + tuple((model, f"generate_{model}_b1_linear_ab_{which}_H100.json", None, (1,))
+                                              for model in ("llama-1b", "smollm2-135m-random")
+                                              for which in ("before", "current"))
 
 
 def load(results, name):
@@ -78,7 +83,8 @@ def decode_table(rows, spec, full=False):
               ("torch SDPA GB/s", "r"), ("of spec", "r"), ("vs torch SDPA", "r"), ("vs jax Pallas paged", "r"),
               ("vs XLA gather+attend", "r"), ("vs XLA dense", "r")]
     if full:
-        header += [("rows / blocks", "r"), ("KNPD / NPKD", "r"), ("wall GB/s, ours / torch", "r")]
+        header += [("rows / blocks", "r"), ("KNPD / NPKD", "r"), ("one kv head / default", "r"),
+                   ("wall GB/s, ours / torch", "r")]
     table = []
     for r in rows:
         bw, sec = r["bandwidth_GBps"], r["seconds"]
@@ -90,7 +96,8 @@ def decode_table(rows, spec, full=False):
         if full:
             gathers = ("jaxpaged_block_gather", "jaxpaged_row_gather")
             line.append(ratio(sec[gathers[0]] / sec[gathers[1]] if all(g in sec for g in gathers) else None))
-            line.append(ratio(sec["jaxpaged_npkd_layout"] / sec["jaxpaged"] if "jaxpaged_npkd_layout" in sec else None))
+            for variant in ("jaxpaged_npkd_layout", "jaxpaged_one_head_a_program"):
+                line.append(ratio(sec[variant] / sec["jaxpaged"] if variant in sec else None))
             wall = r.get("jaxpaged_wall_seconds_in_jitted_loop"), r.get("torch_sdpa_wall_seconds_back_to_back")
             line.append(" / ".join(f"{r['kv_bytes'] / w / 1e9:,.0f}" if w else "—" for w in wall))
         table.append(line)
@@ -136,22 +143,23 @@ def headline_prefill(results):
     return [source + "\n\n" + markdown(header, table)]
 
 
-def roofline(result, row, tokens_per_s):
-    """The decode step's bytes at the card's specified bandwidth over the step's measured time
-    (None without a spec). Files written before held the step's floor at the measured copy's rate,
-    from which the bytes follow."""
-    spec = spec_bandwidth(result["device"])
+def roofline(result, row, tokens_per_s, bandwidth=None):
+    """The decode step's bytes at `bandwidth` (default the card's specified one; None without a
+    spec) over the step's measured time. Files written before held the step's floor at the
+    measured copy's rate, from which the bytes follow."""
+    bandwidth = bandwidth or spec_bandwidth(result["device"])
     step_bytes = row.get("decode_step_bytes") or row["decode_step_floor_ms"] / 1e3 * copy_bps(result)
-    return spec and step_bytes / spec * tokens_per_s / row["batch"]
+    return bandwidth and step_bytes / bandwidth * tokens_per_s / row["batch"]
 
 
-def headline_generation(results):
-    """Decode tokens/s of batched generation, paged against contiguous, kernels and reference."""
+def headline_generation(results, full=False):
+    """Decode tokens/s of batched generation, paged against contiguous, kernels and reference;
+    `full`: every row of the runs, the roofline at the copy's measured rate beside."""
     header = [("model", "l"), ("batch", "r"), ("paged (kernels)", "r"), ("contiguous", "r"), ("ratio", "r"),
               ("paged (reference attention)", "r"), ("contiguous", "r"), ("ratio", "r"),
-              ("roofline of spec, paged (kernels)", "r"), ("source", "l")]
+              ("roofline of spec, paged (kernels)", "r")] + [("roofline at the XLA copy", "r")] * full + [("source", "l")]
     table, devices = [], set()
-    for model, kernels_json, reference_json, batches in GENERATION:
+    for model, kernels_json, reference_json, batches in GENERATION_RUNS if full else GENERATION:
         kernels = load(results, kernels_json)
         reference = load(results, reference_json) if reference_json else None
         devices.add((kernels["device"], kernels["jax"]))
@@ -161,8 +169,9 @@ def headline_generation(results):
             cells = [f"{ref['paged_decode_tokens_per_s']:,.0f}", f"{ref['contiguous_decode_tokens_per_s']:,.0f}",
                      ratio(ref["decode_ratio_paged_over_contiguous"])] if ref else ["—"] * 3
             sources = f"`{kernels_json}`" + (f", `{reference_json}`" if ref else "")
+            fractions = [roofline(kernels, row, paged)] + [roofline(kernels, row, paged, copy_bps(kernels))] * full
             table.append([model, row["batch"], f"{paged:,.0f}", f"{dense:,.0f}", ratio(paged / dense), *cells,
-                          percent(roofline(kernels, row, paged)), sources])
+                          *map(percent, fractions), sources])
     cards = "; ".join(f"{device}, jax {jax}" for device, jax in sorted(devices))
     spec = spec_bandwidth(sorted(devices)[0][0])
     note = f"*{cards}; specified {spec / 1e12:.2f} TB/s. Sources in `benchmarks/results/`.*" if spec else f"*{cards}.*"
@@ -187,7 +196,8 @@ def all_tables(results):
     """{title: [markdown section, ...]} of every table the docs show."""
     return {"memory": headline_memory(results), "decode attention": headline_decode(results),
             "prefill attention": headline_prefill(results), "generation": headline_generation(results),
-            "decode attention, every shape": headline_decode(results, full=True)}
+            "decode attention, every shape": headline_decode(results, full=True),
+            "generation, every run": headline_generation(results, full=True)}
 
 
 def main():
