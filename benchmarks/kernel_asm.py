@@ -6,8 +6,9 @@ Each variant (a name in tune_kernels.DECODE_VARIANTS) is lowered for CUDA by jax
 its Triton IR compiled for sm_90 by the `triton` package, and the PTX assembled by the ptxas that
 ships with it (`-v` reports registers and spills). The Triton inside jax's GPU build is not the
 `triton` package, so the figures approximate what runs on the GPU: on an H100, Nsight Compute
-reported the same shared memory (22,528 / 55,296 bytes with / without prefetch) and 220 / 124
-registers where this gives 232 / 127 (triton 3.6.0, jax 0.10.2).
+reported the same shared memory (22,528 / 55,296 bytes with / without the loads a step ahead, a
+variant since removed) and 220 / 124 registers where this gives 232 / 127 (triton 3.6.0, jax 0.10.2).
+The launches are an H100's (`launch.H100`: its SM count and shared memory), whatever this machine is.
 
 Run: pip install triton; python benchmarks/kernel_asm.py [--kernel decode|prefill|jax_mha] [--heads 32/8/128] [--shape 32x2048]
      [--dtype float32] [--variants NAME ...] [--options JSON ...] [--out-dir DIR]   (DIR keeps each variant's IR and PTX)
@@ -27,7 +28,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.kernels import triton_decode
+from jaxpaged.kernels import launch
+from jaxpaged.kernels.decode import paged_decode_attention
+from jaxpaged.kernels.prefill import paged_prefill_attention
 from tune_kernels import DECODE_VARIANTS, _jax_mha
 
 JAX_MHA_DEFAULTS = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}  # its best on the H100
@@ -62,9 +65,7 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
         return result
 
     blocks = batch * context // block_size
-    layout = options.get("layout", "KNPD")
-    shape = (1, kv_heads, blocks, block_size, head_dim) if layout == "KNPD" else (1, blocks, block_size, kv_heads, head_dim)
-    pool = jax.ShapeDtypeStruct(shape, dtype)
+    pool = jax.ShapeDtypeStruct((1, kv_heads, blocks, block_size, head_dim), dtype)
     tables = jax.ShapeDtypeStruct((batch, context // block_size), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     if kernel == "jax_mha":  # the peer: jax's Pallas flash attention, K and V at the query heads
@@ -72,12 +73,12 @@ def triton_ir(kernel: str, options: dict, heads: int, kv_heads: int, head_dim: i
         fn, args = functools.partial(_jax_mha, **{**JAX_MHA_DEFAULTS, **options}), (q, q, q)
     elif kernel == "decode":
         q = jax.ShapeDtypeStruct((batch, heads, head_dim), dtype)
-        attend = functools.partial(triton_decode.paged_decode_attention, **options)
+        attend = functools.partial(paged_decode_attention, **{"gpu": launch.H100, **options})
         fn, args = (lambda q, k, v, t, n: attend(q, k, v, 0, t, n)), (q, pool, pool, tables, lengths)
     else:
         q = jax.ShapeDtypeStruct((batch, context, heads, head_dim), dtype)
         positions = jax.ShapeDtypeStruct((batch, context), jnp.int32)
-        attend = functools.partial(triton_decode.paged_prefill_attention, **options)
+        attend = functools.partial(paged_prefill_attention, **{"gpu": launch.H100, **options})
         fn, args = (lambda q, k, v, t, n, p: attend(q, k, v, 0, t, n, p)), (q, pool, pool, tables, lengths, positions)
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_keep
     try:
@@ -131,8 +132,7 @@ def main():
     parser.add_argument("--heads", default="32/8/128", help="query heads/kv heads/head dim")
     parser.add_argument("--shape", default="32x2048", help="BATCHxCONTEXT (sets the default launch)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="q and pools")
-    parser.add_argument("--variants", nargs="+", default=["default", "prefetch", "no_prefetch",
-                                                          "transposed_masked_loads_prefetch", "transposed_no_prefetch"],
+    parser.add_argument("--variants", nargs="+", default=["default", "blocks", "rows", "transposed", "untransposed"],
                         choices=[name for name, options in DECODE_VARIANTS.items() if isinstance(options, dict)],
                         help="decode variants (prefill: use --options)")
     parser.add_argument("--options", action="append", default=[], metavar="JSON",

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention import gather_blocks, make_inputs
-from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill_attention
+from jaxpaged.kernels.decode import paged_decode_attention
+from jaxpaged.kernels.prefill import paged_prefill_attention
 from timing import device_time
 from tune_kernels import _jax_mha, prefill_inputs
 

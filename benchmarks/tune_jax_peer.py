@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from attention import JAX_K_SPLITS, JAX_PAGES_PER_BLOCK, L2_BYTES, make_inputs
-from jaxpaged.kernels.triton_decode import paged_decode_attention
+from jaxpaged.kernels.decode import paged_decode_attention
 from timing import seconds_per_call
 
 EARLIER_SETTINGS = ((8, 1), (8, 8), (16, 1), (16, 8))  # (pages per compute block, k splits), 8 warps, 2 stages

@@ -1,24 +1,43 @@
-"""Sweep the paged kernels' variants and launch parameters on the GPU, torch SDPA in the same run.
+"""Sweep the paged kernels' launch parameters on the GPU, torch SDPA in the same run; or time the
+kernels' defaults against an earlier copy of the kernel file (--previous, with --ab alone).
 
 Decode: for each (batch, context) with 32/8 heads, head dim 128 (or `--heads`, for prefill too), bf16, block 16, GB/s (K and V
-bytes over the median time) of the default kernel and of the variants in DECODE_VARIANTS (masking
-only the last step, loads issued a step ahead, more splits, ...), as device time per call
-(`timing.seconds_per_call`, torch alike) over enough input copies to miss the L2 cache; the
-default also as wall clock in a jitted loop.
+bytes over the median time) of the default kernel and of the variants in DECODE_VARIANTS (the block
+or the row gather, the products plain or transposed, stages, warps, steps, splits, packed kv heads),
+as device time per call (`timing.seconds_per_call`, torch alike) over enough input copies to miss
+the L2 cache; the default also as wall clock in a jitted loop.
 Prefill: tokens/s (device time per call, torch SDPA causal alike) of the configurations in
-PREFILL_CONFIGS: query rows, blocks per step, warps, stages, launch order; jax's Pallas flash
-attention (Triton lowering) at two tiles beside it, on the same q, K and V.
---previous MODULE: an earlier copy of the kernel file (same signatures), timed beside with its defaults.
+PREFILL_CONFIGS: query rows, blocks per step, warps, stages, splits; jax's Pallas flash attention
+(Triton lowering) at two tiles beside it, on the same q, K and V.
+--previous FILE_OR_MODULE: an earlier copy of the kernel file (same positional signatures, e.g.
+benchmarks/kernels_before.py), timed beside with its defaults. With --ab only the two defaults are
+timed (no peers, no variants; each twice, in the order new, old, old, new), and a table of their
+ratio (new / old throughput: above 1, the new file is faster) ends the output.
+
+Variants timed here once and since removed from the kernels, with the files holding their runs
+(under benchmarks/results/): the pools in the layout before, [L, N, P, K, D] (layout="NPKD":
+tune_kernels_decode_layout_H100.json, attention_H100*_npkd_pools.json); the loads a step ahead
+(prefetch: tune_kernels_decode_H100.json, tune_kernels_decode_transposed_H100.json,
+tune_kernels_decode_rows_H100.json); masking only the last step (mask_tail_only:
+tune_kernels_decode_tail_mask_H100.json, tune_kernels_decode_H100.json); an evict-first hint on the
+K/V loads and V loaded masked as a choice of its own (eviction_policy, masked_loads:
+tune_kernels_decode_transposed_H100.json); twice the splits for the block gather
+(tune_kernels_decode_rows_H100.json); prefill's block gather (tune_kernels_prefill_H100.json) and
+its query blocks in order (light_first: tune_kernels_prefill_best_H100.json,
+tune_kernels_prefill_rows_*_H100.json).
 
 Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all] [--heads 32/8/128]
-     [--variants NAME ...] [--options JSON]... [--wall NAME ...] [--shapes 32x2048 ...] [--previous MODULE]
+     [--variants NAME ...] [--options JSON]... [--wall NAME ...] [--shapes 32x2048 ...]
+     [--previous FILE_OR_MODULE [--ab]]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import re
@@ -27,105 +46,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention import L2_BYTES, gather_blocks, make_inputs, npkd
-from jaxpaged.kernels import triton_decode
+from attention import L2_BYTES, gather_blocks, make_inputs
+from jaxpaged.kernels import launch
+from jaxpaged.kernels.decode import paged_decode_attention
+from jaxpaged.kernels.prefill import paged_prefill_attention
 from timing import median_time_in_loop, seconds_per_call
 
 DECODE_SHAPES = [(8, 8192), (32, 2048), (128, 512), (32, 8192), (128, 2048), (128, 8192), (1, 8192), (8, 2048)]
-_PLAIN = {"transposed": False, "masked_loads": False}
-_TML = {"transposed": True, "masked_loads": True}
-DECODE_VARIANTS = {  # every flag that a variant is about is given, so a name means the same under other defaults
+# The A/B against the file before: one split of one step (1 x 512, 1 x 2048, 8 x 512), one program per SM
+# (12 x 2048 at 32/8 heads, 32 x 2048 at 9/3), packed kv heads (128 x 512), splits and long contexts.
+AB_DECODE_SHAPES = [(1, 512), (1, 2048), (8, 512), (8, 8192), (12, 2048), (32, 2048), (32, 8192), (128, 512),
+                    (128, 2048)]
+DECODE_VARIANTS = {  # name: options of paged_decode_attention; ("splits_xF", options): F times the default splits
     "default": {},
-    "prefetch": {"prefetch": True, **_PLAIN},
-    "no_prefetch": {"prefetch": False, **_PLAIN},
-    "mask_tail_only": {"mask_tail_only": True},
-    "splits_x2": ("splits_x2", {}),
-    "prefetch_blocks_per_step_2": {"prefetch": True, "blocks_per_step": 2, **_PLAIN},
-    "transposed": {"transposed": True, "masked_loads": False},
-    "transposed_prefetch": {"transposed": True, "masked_loads": False, "prefetch": True},
-    "transposed_no_prefetch": {"transposed": True, "masked_loads": False, "prefetch": False},
-    "transposed_mask_tail_only": {"transposed": True, "masked_loads": False, "prefetch": False, "mask_tail_only": True},
-    "transposed_blocks_per_step_8": {"transposed": True, "masked_loads": False, "prefetch": False, "blocks_per_step": 8},
-    "transposed_stages_3": {"transposed": True, "masked_loads": False, "prefetch": False, "num_stages": 3},
-    "masked_loads": {"masked_loads": True, "transposed": False},
-    "masked_loads_no_prefetch": {"masked_loads": True, "transposed": False, "prefetch": False},
-    "masked_loads_stages_1": {"masked_loads": True, "transposed": False, "prefetch": False, "num_stages": 1},
-    "masked_loads_stages_3": {"masked_loads": True, "transposed": False, "prefetch": False, "num_stages": 3},
-    "transposed_masked_loads": {**_TML},
-    "transposed_masked_loads_no_prefetch": {**_TML, "prefetch": False},
-    "transposed_masked_loads_stages_1": {**_TML, "prefetch": False, "num_stages": 1},
-    "transposed_masked_loads_stages_3": {**_TML, "prefetch": False, "num_stages": 3},
-    "transposed_masked_loads_stages_4": {**_TML, "prefetch": False, "num_stages": 4},
-    "transposed_masked_loads_prefetch": {**_TML, "prefetch": True},
-    "transposed_masked_loads_warps_8": {**_TML, "prefetch": True, "num_warps": 8},
-    "transposed_masked_loads_128_warps_8": {**_TML, "prefetch": True, "blocks_per_step": 8, "num_warps": 8},
-    "transposed_masked_loads_evict_first": {**_TML, "prefetch": True, "eviction_policy": "evict_first"},
-    "transposed_masked_loads_prefetch_blocks_per_step_2": {**_TML, "prefetch": True, "blocks_per_step": 2},
-    "transposed_masked_loads_prefetch_mask_tail_only": {**_TML, "prefetch": True, "mask_tail_only": True},
-    "transposed_masked_loads_prefetch_stages_1": {**_TML, "prefetch": True, "num_stages": 1},
-    # K/V gathered as [chunk, D] rows (row_gather): the loads can go straight to the dots through shared memory
-    # (the row variants without a stage count in their name ran with 2, the default then)
-    "rows_prefetch": {"row_gather": True, "prefetch": True, **_PLAIN, "num_stages": 2},
-    "rows_transposed_masked_loads_prefetch": {"row_gather": True, **_TML, "prefetch": True, "num_stages": 2},
-    "rows_no_prefetch": {"row_gather": True, "prefetch": False, **_PLAIN, "num_stages": 2},
-    "rows_masked_loads": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
-                          "num_stages": 2},
-    "rows_transposed_masked_loads": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 2},
-    "rows_transposed_masked_loads_stages_3": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 3},
-    # (stages 3 and 4 compile to the same two buffers as 2; 5 to three: 105 KB of shared memory, kernel_asm.py)
-    "rows_transposed_masked_loads_stages_5": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5},
-    "rows_transposed_masked_loads_128_warps_8": {"row_gather": True, **_TML, "prefetch": False, "blocks_per_step": 8,
-                                                 "num_warps": 8, "num_stages": 2},
-    # (7 and 8 compile to four buffers, 138 KB: one program per SM at head dim 128)
-    "rows_transposed_masked_loads_stages_7": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 7},
-    "rows_transposed_masked_loads_stages_9": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 9},
-    "rows_transposed_masked_loads_stages_5_warps_8": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5,
-                                                      "num_warps": 8},
-    "rows_transposed_masked_loads_stages_5_blocks_per_step_2": {"row_gather": True, **_TML, "prefetch": False,
-                                                                "num_stages": 5, "blocks_per_step": 2},
-    "rows_transposed_masked_loads_stages_5_splits_x2": ("splits_x2", {"row_gather": True, **_TML, "prefetch": False,
-                                                                      "num_stages": 5}),
-    "rows_masked_loads_stages_5": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
-                                   "num_stages": 5},
-    "rows_masked_loads_stages_7": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
-                                   "num_stages": 7},
-    # head dim 64: more steps in flight, or 128-position steps, or two warps (more programs per SM)
-    "rows_masked_loads_stages_9": {"row_gather": True, "prefetch": False, "transposed": False, "masked_loads": True,
-                                   "num_stages": 9},
-    "rows_masked_loads_128_stages_5": {"row_gather": True, "prefetch": False, "transposed": False,
-                                       "masked_loads": True, "num_stages": 5, "blocks_per_step": 8},
-    "rows_transposed_masked_loads_128_stages_5": {"row_gather": True, **_TML, "prefetch": False, "num_stages": 5,
-                                                  "blocks_per_step": 8},
-    "rows_masked_loads_stages_5_warps_2": {"row_gather": True, "prefetch": False, "transposed": False,
-                                           "masked_loads": True, "num_stages": 5, "num_warps": 2},
-    # the pools head-major, [L, K, N, P, D] (KNPD, the default since): a step's rows of one kv head are whole
-    # contiguous blocks (P * D elements) instead of D-element pieces K * D apart; otherwise the defaults
-    "rows_knpd": {"layout": "KNPD", "row_gather": True},
-    "rows_knpd_128": {"layout": "KNPD", "row_gather": True, "blocks_per_step": 8},
-    "rows_knpd_stages_7": {"layout": "KNPD", "row_gather": True, "num_stages": 7},
-    "rows_knpd_splits_x2": ("splits_x2", {"layout": "KNPD", "row_gather": True}),
-    "rows_knpd_one_split": {"layout": "KNPD", "row_gather": True, "num_splits": 1},
-    "rows_one_split": {"row_gather": True, "num_splits": 1},
-    "blocks_knpd": {"layout": "KNPD", "row_gather": False},
-}
-for _name, _options in DECODE_VARIANTS.items():  # a name means the same under later defaults:
-    _options = _options[1] if isinstance(_options, tuple) else _options
-    if _name not in ("default", "splits_x2"):
-        if "rows" not in _name:  # the names without "rows" gather blocks,
-            _options.setdefault("row_gather", False)
-        if "knpd" not in _name:  # and those without "knpd" read the pools in the layout they were named in
-            _options.setdefault("layout", "NPKD")
-DECODE_VARIANTS.update({  # more splits than the default launch (a factor of its splits)
-    "splits_x3": ("splits_x3", {}),
-    "splits_x4": ("splits_x4", {}),
     "blocks": {"row_gather": False},
     "rows": {"row_gather": True},
+    "transposed": {"transposed": True},
+    "untransposed": {"transposed": False},
+    "one_head_a_program": {"heads_per_program": 1},
+    "heads_2": {"heads_per_program": 2},
+    "heads_4": {"heads_per_program": 4},
+    "stages_2": {"num_stages": 2},
+    "stages_5": {"num_stages": 5},
+    "stages_7": {"num_stages": 7},
+    "warps_8": {"num_warps": 8},
+    "blocks_per_step_2": {"blocks_per_step": 2},
+    "blocks_per_step_8": {"blocks_per_step": 8},
+    "splits_x2": ("splits_x2", {}),
+    "splits_x3": ("splits_x3", {}),
+    "splits_x4": ("splits_x4", {}),
     **{f"splits_{n}": {"num_splits": n} for n in (1, 2, 4, 6, 8)},  # a fixed number of splits
-})
+}
 PREFILL_SHAPES = [(8, 0, 2048), (1, 0, 8192)]  # (batch, cached prefix, chunk); prefix 0: a whole prompt
-PREFILL_CONFIGS = {  # name: options of paged_prefill_attention (the row gather throughout)
+AB_PREFILL_SHAPES = [(8, 0, 2048), (1, 0, 8192), (1, 7168, 1024)]  # the last in splits
+PREFILL_CONFIGS = {  # name: options of paged_prefill_attention
     "default": {},
-    "light_first": {"heavy_first": False},
     "rows128_bps8_warps8_stages2": {"query_rows": 128, "blocks_per_step": 8, "num_warps": 8, "num_stages": 2},
     "rows128_bps4_warps8_stages3": {"query_rows": 128, "blocks_per_step": 4, "num_warps": 8, "num_stages": 3},
     "rows64_bps4_warps4_stages2": {"query_rows": 64, "blocks_per_step": 4, "num_warps": 4, "num_stages": 2},
@@ -148,6 +103,16 @@ PREFILL_JAX_MHA = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 
 # without: kernel_asm.py)
 
 
+def load_previous(name: str):
+    """An earlier kernel file, by path (benchmarks/kernels_before.py) or module name (kernels_before)."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location("previous_kernels", name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _torch_sdpa_time(sets, causal=False):
     import torch
     import torch.nn.functional as F
@@ -167,21 +132,25 @@ def _torch_sdpa_time(sets, causal=False):
     return seconds_per_call(sdpa, torch_sets, sync=lambda _: torch.cuda.synchronize())[0]
 
 
+def _time_ab(record, new, old, args):
+    """The new defaults and the old file's, each timed twice (new, old, old, new); the means kept."""
+    for name, fn in (("default", new), ("previous_kernel", old), ("previous_kernel", old), ("default", new)):
+        record(name, fn, args=args)
+
+
 def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=None, shapes=DECODE_SHAPES,
-                wall_variants=()):
+                wall_variants=(), ab=False):
     rows = []
     for batch, context in shapes:
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         copies = max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
         sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, 16, copies)
         args = [(s["q"], s["pool_k"], s["pool_v"], s["layer"], s["tables"], s["lengths"]) for s in sets]
-        npkd_args = None  # the same pools in the layout before, [1, N, P, K, D], made when a variant asks for them
-        reference = np.asarray(triton_decode.paged_decode_attention(*args[0]), np.float32)
-        bps = triton_decode.default_blocks_per_step(16, context // 16)
-        auto_splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, context // 16 // bps)
+        reference = np.asarray(paged_decode_attention(*args[0]), np.float32)
+        plan = launch.decode_launch(batch, heads, kv_heads, head_dim, 16, context // 16, 2, launch.this_gpu())
         result = {"heads": f"{heads}/{kv_heads}/{head_dim}", "batch": batch, "context": context, "kv_bytes": kv_bytes,
-                  "auto_splits": auto_splits, "one_per_sm": triton_decode.default_one_per_sm(batch * kv_heads),
-                  "GBps": {}}
+                  "defaults": {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}, "GBps": {}}
+        times = {}
 
         def record(name, fn, timer=seconds_per_call, args=args):
             try:
@@ -191,27 +160,30 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
             except Exception as error:  # a configuration Triton can not compile
                 print(f"  B{batch} S{context} {name}: {type(error).__name__}: {str(error)[:200]}")
                 return
-            result["GBps"][name] = kv_bytes / seconds / 1e9
+            times.setdefault(name, []).append(seconds)
+            result["GBps"][name] = kv_bytes / np.mean(times[name]) / 1e9
             if kernels:
                 result.setdefault("kernels_us_per_call", {})[name] = kernels[-1]
             result.setdefault("rel_err_vs_default", {})[name] = err
 
+        if ab:
+            _time_ab(record, paged_decode_attention, old_kernel.paged_decode_attention, args)
+            rows.append(result)
+            print(f"B{batch:>4} S{context:>5}: " + "  ".join(f"{k} {v:.0f}" for k, v in result["GBps"].items()), flush=True)
+            continue
         for name, options in DECODE_VARIANTS.items():
             if variants and name not in variants:
                 continue
             if isinstance(options, tuple):  # a multiple of the default splits ("splits_xF")
                 factor = int(options[0].rsplit("x", 1)[1])
-                options = {**options[1], "num_splits": auto_splits * factor}
-            if options.get("num_splits", 0) > context // 16 // bps:
+                options = {**options[1], "num_splits": plan.splits * factor}
+            if options.get("num_splits", 0) > context // 16 // plan.blocks_per_step:
                 continue
-            if options.get("layout") == "NPKD" and npkd_args is None:
-                npkd_args = [(q, npkd(k), npkd(v), *rest) for q, k, v, *rest in args]
-            fn = functools.partial(triton_decode.paged_decode_attention, **options)
-            record(name, fn, args=npkd_args if options.get("layout") == "NPKD" else args)
+            fn = functools.partial(paged_decode_attention, **options)
+            record(name, fn)
             if name in wall_variants:
-                record(f"{name}_wall_in_jitted_loop", fn, timer=lambda fn, args: (median_time_in_loop(fn, args),),
-                       args=npkd_args if options.get("layout") == "NPKD" else args)
-        record("default_wall_in_jitted_loop", triton_decode.paged_decode_attention,
+                record(f"{name}_wall_in_jitted_loop", fn, timer=lambda fn, args: (median_time_in_loop(fn, args),))
+        record("default_wall_in_jitted_loop", paged_decode_attention,
                timer=lambda fn, args: (median_time_in_loop(fn, args),))
         if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
             record("previous_kernel", old_kernel.paged_decode_attention)
@@ -255,7 +227,7 @@ def prefill_inputs(batch, prefix, chunk, heads, kv_heads, head_dim):
     return q, k, v, (q, state.pools.k, state.pools.v, 0, tables, lengths, positions)
 
 
-def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, shapes=PREFILL_SHAPES):
+def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, shapes=PREFILL_SHAPES, ab=False):
     rows = []
     for batch, prefix, chunk in shapes:
         context = prefix + chunk
@@ -264,11 +236,16 @@ def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, s
         result = {"batch": batch, "prefix": prefix, "chunk": chunk, "context": context, "heads": heads,
                   "kv_heads": kv_heads, "head_dim": head_dim, "tokens_per_s": {}}
         reference = None
-        kernels = {name: functools.partial(triton_decode.paged_prefill_attention, **options)
-                   for name, options in PREFILL_CONFIGS.items() if configs is None or name in configs}
-        if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
-            kernels["previous_kernel"] = old_kernel.paged_prefill_attention
-        for name, fn in kernels.items():
+        times = {}
+        if ab:
+            kernels = [("default", paged_prefill_attention), ("previous_kernel", old_kernel.paged_prefill_attention),
+                       ("previous_kernel", old_kernel.paged_prefill_attention), ("default", paged_prefill_attention)]
+        else:
+            kernels = [(name, functools.partial(paged_prefill_attention, **options))
+                       for name, options in PREFILL_CONFIGS.items() if configs is None or name in configs]
+            if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
+                kernels.append(("previous_kernel", old_kernel.paged_prefill_attention))
+        for name, fn in kernels:
             try:
                 out = np.asarray(fn(*args[0]), np.float32)
                 reference = out if reference is None else reference
@@ -277,12 +254,13 @@ def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, s
             except Exception as error:
                 print(f"  prefill B{batch} S{prefix}+{chunk} {name}: {type(error).__name__}: {str(error)[:200]}")
                 continue
-            result["tokens_per_s"][name] = batch * chunk / seconds
+            times.setdefault(name, []).append(seconds)
+            result["tokens_per_s"][name] = batch * chunk / np.mean(times[name])
             result.setdefault("rel_err_vs_first", {})[name] = err
             result.setdefault("kernels_us_per_call", {})[name] = top
         group = heads // kv_heads
         repeated = (q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2))  # its K and V at H heads, not timed
-        for tile in PREFILL_JAX_MHA if prefix == 0 else ():  # (its causal mask takes no cached prefix)
+        for tile in PREFILL_JAX_MHA if prefix == 0 and not ab else ():  # (its causal mask takes no cached prefix)
             fn = jax.jit(functools.partial(_jax_mha, **dict(zip(("block_q", "block_k", "num_warps", "num_stages"), tile))))
             name = "jax_mha_" + "_".join(map(str, tile))
             try:
@@ -295,11 +273,29 @@ def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, s
             result["tokens_per_s"][name] = batch * chunk / seconds
             result.setdefault("kernels_us_per_call", {})[name] = top
         del repeated
-        result["tokens_per_s"]["torch_sdpa"] = batch * chunk / _torch_sdpa_time([(q, k, v)], causal=True)
+        if not ab:
+            result["tokens_per_s"]["torch_sdpa"] = batch * chunk / _torch_sdpa_time([(q, k, v)], causal=True)
         rows.append(result)
         print(f"prefill {heads}/{kv_heads}/{head_dim} B{batch} S{prefix}+{chunk}: " + "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["tokens_per_s"].items()),
               flush=True)
     return rows
+
+
+def ab_table(result) -> str:
+    """The A/B's table: per shape, the new defaults' throughput over the old file's (above 1: faster)."""
+    lines = [f"{'kernel':8} {'heads':>9} {'shape':>14} {'new':>9} {'old':>9} {'new/old':>8}"]
+    for row in result.get("decode", []):
+        new, old = row["GBps"].get("default"), row["GBps"].get("previous_kernel")
+        if new and old:
+            lines.append(f"{'decode':8} {row['heads']:>9} {row['batch']:>6}x{row['context']:<7} {new:7.0f}GB {old:7.0f}GB "
+                         f"{new / old:8.3f}")
+    for row in result.get("prefill", []):
+        new, old = row["tokens_per_s"].get("default"), row["tokens_per_s"].get("previous_kernel")
+        if new and old:
+            heads = f"{row['heads']}/{row['kv_heads']}/{row['head_dim']}"
+            shape = f"{row['batch']}x{row['prefix']}+{row['chunk']}"
+            lines.append(f"{'prefill':8} {heads:>9} {shape:>14} {new / 1e6:8.2f}M {old / 1e6:8.2f}M {new / old:8.3f}")
+    return "\n".join(lines)
 
 
 def main():
@@ -307,7 +303,11 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/tune_kernels.json")
     parser.add_argument("--part", choices=("decode", "prefill", "all"), default="all")
     parser.add_argument("--heads", default="32/8/128", help="head shape: query heads/kv heads/head dim")
-    parser.add_argument("--previous", help="module name of an earlier kernel file to time beside the current one")
+    parser.add_argument("--previous", metavar="FILE_OR_MODULE",
+                        help="an earlier kernel file (a path ending in .py, or a module name) to time beside the current one")
+    parser.add_argument("--ab", action="store_true",
+                        help="with --previous: time only both files' defaults (at AB_DECODE_SHAPES and AB_PREFILL_SHAPES "
+                             "unless --shapes / --prefill-shapes) and print their ratio per shape")
     parser.add_argument("--variants", nargs="+", choices=list(DECODE_VARIANTS), metavar="NAME",
                         help="decode variants to time (default all; names in DECODE_VARIANTS)")
     parser.add_argument("--options", action="append", default=[], metavar="JSON",
@@ -321,21 +321,27 @@ def main():
     parser.add_argument("--prefill-shapes", nargs="+", metavar="BxPREFIX+CHUNK",
                         help="prefill shapes, e.g. 1x7168+1024 (default 8x0+2048 1x0+8192)")
     args = parser.parse_args()
-    old_kernel = importlib.import_module(args.previous) if args.previous else None
+    if args.ab and not args.previous:
+        parser.error("--ab needs --previous")
+    old_kernel = load_previous(args.previous) if args.previous else None
     rng = np.random.default_rng(0)
     for text in args.options:
         DECODE_VARIANTS[text] = json.loads(text)
     variants = args.variants + args.options if args.variants else None
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gpu": dataclasses.asdict(launch.this_gpu())}
     heads, kv_heads, head_dim = (int(x) for x in args.heads.split("/"))
     if args.part in ("decode", "all"):
-        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else DECODE_SHAPES
-        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, variants, shapes, args.wall)
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else (
+            AB_DECODE_SHAPES if args.ab else DECODE_SHAPES)
+        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, variants, shapes, args.wall, args.ab)
     if args.part in ("prefill", "all"):
-        shapes = [tuple(int(x) for x in re.split(r"[x+]", shape)) for shape in args.prefill_shapes or []] or PREFILL_SHAPES
-        result["prefill"] = tune_prefill(old_kernel, args.prefill_configs, heads, kv_heads, head_dim, shapes)
+        shapes = [tuple(int(x) for x in re.split(r"[x+]", shape)) for shape in args.prefill_shapes or []] or (
+            AB_PREFILL_SHAPES if args.ab else PREFILL_SHAPES)
+        result["prefill"] = tune_prefill(old_kernel, args.prefill_configs, heads, kv_heads, head_dim, shapes, args.ab)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    if args.previous:
+        print(ab_table(result))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Time the decode kernel's split merge (`triton_decode._merge_splits`) alone, over its warps, on the GPU.
+"""Time the decode kernel's split merge (`merge.merge_decode_splits`) alone, over its warps, on the GPU.
 
 For each decode shape that splits, random partial results of the kernel's shape ([B, K, S', rows, D]
 float32 o, [B, K, S', rows] running max and sum) are merged with 1 to 16 warps per program; device
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.kernels import triton_decode
+from jaxpaged.kernels import launch, merge
 from timing import device_time
 
 SHAPES = [(1, 8, 32, 128, 2048), (1, 8, 32, 128, 8192), (1, 8, 32, 64, 8192), (1, 3, 9, 64, 8192),
@@ -31,19 +31,19 @@ def main():
     rows = []
     for batch, kv_heads, heads, head_dim, context in SHAPES:
         steps = context // 64
-        splits, _ = triton_decode.default_launch(batch, kv_heads, head_dim, steps)
+        splits = launch.default_splits(batch * kv_heads, steps, launch.this_gpu().sm_count)
         padded = 1 << (splits - 1).bit_length()
         keys = jax.random.split(jax.random.key(splits), 3)
         o = jax.random.normal(keys[0], (batch, kv_heads, padded, 16, head_dim), jnp.float32)
         m = jax.random.normal(keys[1], (batch, kv_heads, padded, 16), jnp.float32)
         l = jax.random.uniform(keys[2], (batch, kv_heads, padded, 16), jnp.float32) + 1.0
-        merge = functools.partial(triton_decode._merge_splits, splits=splits, group=heads // kv_heads,
+        merge_splits = functools.partial(merge.merge_decode_splits, splits=splits, group=heads // kv_heads,
                                   num_heads=heads, dtype=jnp.bfloat16, interpret=False)
-        reference = np.asarray(jax.jit(merge)(o, m, l), np.float32)
+        reference = np.asarray(jax.jit(merge_splits)(o, m, l), np.float32)
         result = {"batch": batch, "kv_heads": kv_heads, "heads": heads, "head_dim": head_dim, "context": context,
-                  "splits": splits, "default_warps": triton_decode.merge_warps(padded, head_dim), "us": {}}
+                  "splits": splits, "default_warps": merge.merge_warps(padded, head_dim), "us": {}}
         for warps in (1, 2, 4, 8, 16):
-            fn = jax.jit(functools.partial(merge, num_warps=warps))
+            fn = jax.jit(functools.partial(merge_splits, num_warps=warps))
             np.testing.assert_allclose(np.asarray(fn(o, m, l), np.float32), reference, rtol=1e-2, atol=1e-2)
             result["us"][warps] = device_time(fn, [(o, m, l)])[0] * 1e6
         rows.append(result)

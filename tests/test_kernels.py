@@ -1,6 +1,8 @@
-"""The paged decode kernel against the reference, in Pallas interpret mode on the CPU (and natively on a GPU)."""
+"""The paged kernels against the reference, in Pallas interpret mode on the CPU (and natively on a
+GPU); their launch rules at given GPU numbers; the package's answer where the Triton lowering is missing."""
 
-import itertools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,11 @@ import numpy as np
 import pytest
 
 import jaxpaged as jp
+from jaxpaged import kernels
 from jaxpaged.attention import attend
-from jaxpaged.kernels.triton_decode import paged_decode_attention
+from jaxpaged.kernels import launch
+from jaxpaged.kernels.decode import paged_decode_attention
+from jaxpaged.kernels.prefill import paged_prefill_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -40,14 +45,9 @@ def _random_cache(rng, *, batch, kv_heads, head_dim, block_size, lengths, num_la
     return k, v, tables, num_blocks
 
 
-def _npkd(pool):
-    """[L, K, N, P, D] pools in the layout before, [L, N, P, K, D]."""
-    return jnp.transpose(pool, (0, 2, 3, 1, 4))
-
-
 def _flat_blocks(pool):
-    """A pool as float32 numpy blocks of all layers, [L * N, P, K, D], for the references."""
-    blocks = np.asarray(_npkd(pool).astype(jnp.float32))
+    """A [L, K, N, P, D] pool as float32 numpy blocks of all layers, [L * N, P, K, D], for the references."""
+    blocks = np.asarray(jnp.transpose(pool, (0, 2, 3, 1, 4)).astype(jnp.float32))
     return blocks.reshape(-1, *blocks.shape[2:])
 
 
@@ -71,13 +71,11 @@ def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_si
     k, v, tables, num_blocks = _random_cache(rng, batch=4, kv_heads=kv_heads, head_dim=head_dim,
                                              block_size=block_size, lengths=lengths)
     q = jnp.asarray(rng.standard_normal((4, heads, head_dim)), jnp.float32)
-    variants = [(0, 1, False, False, False, False), (1, 3, True, False, False, False), (1, 1, False, True, False, False),
-                (0, 3, True, True, False, False), (1, 4, False, True, False, False), (1, 1, False, False, True, False),
-                (0, 3, True, True, True, False), (1, 1, False, False, True, True), (0, 3, False, True, False, True)]
-    for layer, splits, mask_tail_only, prefetch, transposed, row_gather in variants:
+    variants = [(0, 1, False, False), (1, 3, False, False), (1, 4, True, False), (1, 1, True, False),
+                (0, 3, False, True), (1, 1, True, True), (0, 3, True, True)]
+    for layer, splits, transposed, row_gather in variants:
         out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
-                                     blocks_per_step=2, num_splits=splits, mask_tail_only=mask_tail_only,
-                                     prefetch=prefetch, transposed=transposed, masked_loads=transposed,
+                                     blocks_per_step=2, num_splits=splits, transposed=transposed,
                                      row_gather=row_gather, interpret=not ON_GPU)
         out = np.asarray(out)
         assert np.isfinite(out).all(), "a NaN in an unused slot reached the output"
@@ -86,17 +84,16 @@ def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_si
         assert not out[3].any(), "an empty sequence attends to nothing"
 
 
-def test_decode_kernel_in_both_layouts_and_bfloat16():
+def test_decode_kernel_in_bfloat16_with_either_gather():
     rng = np.random.default_rng(3)
     lengths = [17, 40]
     k, v, tables, num_blocks = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths,
                                              dtype=jnp.bfloat16, poison=False)
     q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.bfloat16)
     expected = _reference(q, k, v, tables, lengths, 1, num_blocks)
-    npkd = (_npkd(k), _npkd(v))  # [L, N, P, K, D]
-    for (layout, (kp, vp)), row_gather in itertools.product((("KNPD", (k, v)), ("NPKD", npkd)), (True, False)):
-        out = paged_decode_attention(q, kp, vp, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
-                                     layout=layout, blocks_per_step=4, row_gather=row_gather, interpret=not ON_GPU)
+    for row_gather in (True, False):
+        out = paged_decode_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                     blocks_per_step=4, row_gather=row_gather, interpret=not ON_GPU)
         assert out.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=0)
 
@@ -124,8 +121,8 @@ def test_decode_kernel_packs_kv_heads_into_one_program(heads, kv_heads, packed):
 
 def test_decode_kernel_packs_kv_heads_by_default_only_for_many_short_programs():
     """`default_heads_per_program`: 1,024 sequence-kv-head pairs over tables of 512 positions run as
-    256 programs of 4 kv heads; 64 x 8 as 256 of 2; wider tables, fewer pairs, pools in the layout
-    before or the block gather, one kv head a program."""
+    256 programs of 4 kv heads; 64 x 8 as 256 of 2; wider tables, fewer pairs or the block gather,
+    one kv head a program (an H100's numbers)."""
     assert _decode_launches(128, 8, 64, max_blocks=32) == [("jaxpaged_decode", (128, 2, 1), 5)]
     assert _decode_launches(64, 8, 128, max_blocks=32)[0][1] == (64, 4, 1)
     assert _decode_launches(128, 8, 64, max_blocks=128)[0][1] == (128, 8, 1), "2,048 positions"
@@ -138,7 +135,6 @@ def test_decode_kernel_packs_kv_heads_by_default_only_for_many_short_programs():
     (dict(heads_per_program=3), "power of two dividing the 4 kv heads"),
     (dict(heads_per_program=8), "power of two dividing the 4 kv heads"),
     (dict(heads_per_program=2, row_gather=False), "the row gather"),
-    (dict(heads_per_program=2, prefetch=True), "without prefetch"),
 ])
 def test_decode_kernel_refuses_kv_heads_it_can_not_pack(options, message):
     pool = jax.ShapeDtypeStruct((1, 4, 16, 16, 64), jnp.float32)
@@ -174,8 +170,6 @@ def test_paged_attention_uses_the_kernel_on_a_gpu_and_agrees_with_the_reference(
 ])
 def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads, head_dim, block_size):
     """T new queries per sequence on top of a cached prefix, causal, ragged, with padding queries."""
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
     rng = np.random.default_rng(heads + block_size)
     lengths = [37, 5, 16, 0, 77]  # after the chunk was appended
     chunk = [20, 5, 3, 0, 9]  # how many of those are this chunk's queries (the last has unmasked steps)
@@ -188,8 +182,8 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
         positions[b, :c] = np.arange(n - c, n)
     outs = [np.asarray(paged_prefill_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
                                                jnp.asarray(positions), blocks_per_step=2, query_rows=32,
-                                               row_gather=row_gather, num_splits=splits, interpret=not ON_GPU))
-            for row_gather, splits in ((False, 1), (True, 1), (True, 3))]
+                                               num_splits=splits, interpret=not ON_GPU))
+            for splits in (1, 3)]
     assert all(np.isfinite(out).all() for out in outs)
     block = np.asarray(tables)
     pos = np.arange(block.shape[1] * block_size)
@@ -197,7 +191,7 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
     dense_k = jnp.asarray(np.nan_to_num(_flat_blocks(k)[slots, pos % block_size]))
     dense_v = jnp.asarray(np.nan_to_num(_flat_blocks(v)[slots, pos % block_size]))
     expected = np.asarray(attend(q, dense_k, dense_v, jnp.asarray(positions), jnp.asarray(lengths, jnp.int32)))
-    for out in outs:  # block gather, row gather (the default), the row gather in three splits merged
+    for out in outs:  # one split, three splits merged
         for b, c in enumerate(chunk):
             np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
             assert not out[b, c:].any(), "padding queries return zeros"
@@ -207,8 +201,6 @@ def test_prefill_queries_placed_past_the_length_see_only_the_positions_before_it
     """A query position at or past its sequence's length (its own K/V not cached: a caller's error)
     sees the positions below the length and no further: the slots past it hold NaN here, and the
     output equals that of queries placed at the last cached position."""
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
     rng = np.random.default_rng(7)
     lengths = [21, 40]
     k, v, tables, _ = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths,
@@ -235,10 +227,8 @@ def _rel_err(out, expected):
 @pytest.mark.parametrize("draw", range(24 if ON_GPU else 3))
 def test_kernels_on_random_shapes_lengths_and_launches(draw):
     """Decode and prefill against the reference over random head shapes, block sizes, dtypes, ragged
-    lengths (0 and full included) and launch choices (splits, prefetch, blocks per step, masking; for
-    prefill, splits of the positions too)."""
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
+    lengths (0 and full included) and launch choices (splits, blocks per step, the gather, the
+    products, packed kv heads; for prefill, tiles and splits of the positions too)."""
     rng = np.random.default_rng(1000 + draw)
     kv_heads = int(rng.choice([1, 2, 4, 8]))
     heads = kv_heads * int(rng.choice([1, 2, 3, 4, 8]))
@@ -254,25 +244,21 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
                                              max_blocks=max_blocks)
     layer = int(rng.integers(2))
     blocks_per_step = int(rng.choice([b for b in (1, 2, 4, 8) if max_blocks % b == 0 and b * block_size <= 64]))
-    launch = dict(num_splits=[None, 1, 2, 3][int(rng.integers(4))], prefetch=[None, True, False][int(rng.integers(3))],
-                  mask_tail_only=bool(rng.random() < 0.3), blocks_per_step=blocks_per_step,
-                  transposed=[None, True, False][int(rng.integers(3))],
-                  masked_loads=[None, True, False][int(rng.integers(3))],
-                  row_gather=[None, True, False][int(rng.choice(3, p=[0.4, 0.4, 0.2]))],
-                  layout="NPKD" if rng.random() < 0.25 else "KNPD")
-    packable = launch["layout"] == "KNPD" and launch["row_gather"] is not False and launch["prefetch"] is not True
-    if packable and rng.random() < 0.4:  # kv heads packed into one program: a power of two dividing K
-        launch["heads_per_program"] = int(rng.choice([i for i in (1, 2, 4, 8) if kv_heads % i == 0]))
-    pools = (k, v) if launch["layout"] == "KNPD" else (_npkd(k), _npkd(v))
+    options = dict(num_splits=[None, 1, 2, 3][int(rng.integers(4))], blocks_per_step=blocks_per_step,
+                   transposed=[None, True, False][int(rng.integers(3))],
+                   row_gather=[None, True, False][int(rng.choice(3, p=[0.4, 0.4, 0.2]))],
+                   gpu=[None, launch.H100, launch.Gpu(sm_count=78)][int(rng.integers(3))])
+    if options["row_gather"] is not False and rng.random() < 0.4:  # kv heads packed: a power of two dividing K
+        options["heads_per_program"] = int(rng.choice([i for i in (1, 2, 4, 8) if kv_heads % i == 0]))
     lens = jnp.asarray(lengths, jnp.int32)
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
 
     q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), dtype)
-    out = paged_decode_attention(q, *pools, layer, jnp.asarray(tables), lens, interpret=not ON_GPU, **launch)
-    assert out.shape == q.shape and out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all(), launch
+    out = paged_decode_attention(q, k, v, layer, jnp.asarray(tables), lens, interpret=not ON_GPU, **options)
+    assert out.shape == q.shape and out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all(), options
     expected = _reference(q, k, v, tables, lengths, layer, num_blocks)
     live = lengths > 0
-    assert _rel_err(np.asarray(out)[live], expected[live]) < _REL_TOL[dtype], launch
+    assert _rel_err(np.asarray(out)[live], expected[live]) < _REL_TOL[dtype], options
     assert not np.asarray(out, np.float32)[~live].any(), "an empty sequence attends to nothing"
 
     # Prefill: the last `chunk` positions of each sequence as queries, causal, padded to the longest chunk.
@@ -282,11 +268,10 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     for b in range(batch):
         positions[b, : chunk[b]] = np.arange(lengths[b] - chunk[b], lengths[b])
     q = jnp.asarray(rng.standard_normal((batch, num_q, heads, head_dim)), dtype)
-    out = np.asarray(paged_prefill_attention(q, *pools, layer, jnp.asarray(tables), lens, jnp.asarray(positions),
+    out = np.asarray(paged_prefill_attention(q, k, v, layer, jnp.asarray(tables), lens, jnp.asarray(positions),
                                              blocks_per_step=blocks_per_step,
                                              query_rows=int(rng.choice([16, 32, 64] + [128] * (row_bytes <= 256))),
-                                             row_gather=launch["row_gather"] is not False, layout=launch["layout"],
-                                             heavy_first=bool(rng.random() < 0.7), num_splits=launch["num_splits"],
+                                             num_splits=options["num_splits"], gpu=options["gpu"],
                                              interpret=not ON_GPU),
                      np.float32)
     pos = np.arange(max_blocks * block_size)
@@ -303,8 +288,6 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
 def test_kernels_refuse_a_pool_beyond_32_bit_offsets_and_the_model_falls_back():
     """The kernels address a pool with 32-bit element offsets: a larger pool is refused with a clear
     error (checked while tracing, nothing allocated), and on a GPU the dispatch takes the reference."""
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
     kv_heads, head_dim, block_size = 8, 128, 16
     blocks = 2**31 // (block_size * kv_heads * head_dim) + 1
     pool = jax.ShapeDtypeStruct((1, kv_heads, blocks, block_size, head_dim), jnp.bfloat16)
@@ -346,8 +329,6 @@ _GOOD = dict(q=((2, 4, 64), jnp.float32), k=((2, 2, 8, 8, 64), jnp.float32), v=(
 ])
 def test_kernels_reject_inconsistent_inputs_with_a_clear_error(change, message):
     """Inputs the kernels would read out of bounds or group wrongly fail while tracing, saying what is wrong."""
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
     spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in {**_GOOD, **change}.items()}
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n), spec["q"],
@@ -374,12 +355,13 @@ def test_decode_kernel_gathers_whole_blocks_only_where_each_split_is_one_step():
     assert pool_operand_ndims(64) == [2, 2], "16 steps in 4 splits: rows"
 
 
-def _decode_launches(batch, kv_heads, head_dim, max_blocks=128, **options):
-    """(name, grid, num_stages) of each launch of the decode kernel's default path at this shape."""
+def _decode_launches(batch, kv_heads, head_dim, max_blocks=128, gpu=launch.H100, **options):
+    """(name, grid, num_stages) of each launch of the decode kernel's default path at this shape, on
+    `gpu` (an H100's numbers unless given)."""
     pool = jax.ShapeDtypeStruct((1, kv_heads, batch * max_blocks, 16, head_dim), jnp.bfloat16)
     q = jax.ShapeDtypeStruct((batch, 3 * kv_heads, head_dim), jnp.bfloat16)
     tables, lengths = jax.ShapeDtypeStruct((batch, max_blocks), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, **options))(
+    jaxpr = jax.make_jaxpr(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, gpu=gpu, **options))(
         q, pool, pool, tables, lengths)
     return [(e.params["name"], tuple(e.params["grid_mapping"].grid), e.params["compiler_params"].num_stages)
             for e in _pallas_calls(jaxpr.jaxpr)]
@@ -387,13 +369,18 @@ def _decode_launches(batch, kv_heads, head_dim, max_blocks=128, **options):
 
 def test_decode_kernel_runs_one_program_per_sm_from_96_to_132_programs():
     """Where the sequences and kv heads alone make 96 to 132 programs (an H100's SMs), the default is one
-    split (no merge launch) walking 32 KiB steps with 7 stages; below and above, the split launch."""
+    split (no merge launch) walking 32 KiB steps with 7 stages; below and above, the split launch. On
+    a card of 78 SMs the same holds from 56 to 78 programs; where the SM count is unknown, never."""
     assert _decode_launches(32, 3, 64) == [("jaxpaged_decode", (32, 3, 1), 7)]
     assert _decode_launches(33, 4, 128) == [("jaxpaged_decode", (33, 4, 1), 7)]
     assert _decode_launches(31, 3, 64)[0][1:] == ((31, 3, 3), 5), "93 programs: three splits"
     assert [name for name, *_ in _decode_launches(31, 3, 64)] == ["jaxpaged_decode", "jaxpaged_merge"]
     assert _decode_launches(48, 3, 64)[0][1:] == ((48, 3, 2), 5), "144 programs: two splits"
     assert _decode_launches(32, 3, 64, num_splits=1) == [("jaxpaged_decode", (32, 3, 1), 5)], "as asked"
+    small = launch.Gpu(sm_count=78, shared_memory_per_block=227 * 1024)
+    assert _decode_launches(26, 3, 64, gpu=small) == [("jaxpaged_decode", (26, 3, 1), 7)], "78 programs"
+    assert _decode_launches(32, 3, 64, gpu=small)[0][1] == (32, 3, 2), "96 programs: beyond 78 SMs"
+    assert _decode_launches(32, 3, 64, gpu=launch.Gpu())[0][1:] == ((32, 3, 3), 2), "unknown card: splits, 2 stages"
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -410,7 +397,7 @@ def test_decode_kernel_with_one_program_per_sm_matches_the_reference(dtype):
     q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), dtype)
     assert _decode_launches(batch, kv_heads, head_dim, max_blocks=16) == [("jaxpaged_decode", (batch, kv_heads, 1), 7)]
     out = np.asarray(paged_decode_attention(q, k, v, 0, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
-                                            interpret=not ON_GPU), np.float32)
+                                            gpu=launch.H100, interpret=not ON_GPU), np.float32)
     expected = _reference(q, k, v, tables, lengths, 0, num_blocks)
     assert np.isfinite(out).all()
     assert _rel_err(out[1:], expected[1:]) < _REL_TOL[dtype]
@@ -431,21 +418,19 @@ def _pallas_calls(jaxpr):
 
 
 def test_prefill_splits_only_where_programs_are_few_and_steps_many():
-    from jaxpaged.kernels.triton_decode import default_prefill_splits
-
-    assert default_prefill_splits(147, 128, 128) == 4  # 49 query blocks x 3 kv heads over an 8k table, head dim 64
-    assert default_prefill_splits(256, 128, 256) == 1  # 32 query blocks x 8 kv heads at head dim 128: not split
-    assert default_prefill_splits(176, 128, 128) == 3 and default_prefill_splits(177, 128, 128) == 1  # a third full
-    assert default_prefill_splits(8, 1000, 128) == 8  # at most 8
-    assert default_prefill_splits(147, 16, 128) == 2  # each split keeps >= 8 steps
-    assert default_prefill_splits(147, 7, 128) == 1
+    splits = launch.default_prefill_splits
+    assert splits(147, 128, 128, 132) == 4  # 49 query blocks x 3 kv heads over an 8k table, head dim 64
+    assert splits(256, 128, 256, 132) == 1  # 32 query blocks x 8 kv heads at head dim 128: not split
+    assert splits(176, 128, 128, 132) == 3 and splits(177, 128, 128, 132) == 1  # a third of the programs that fit
+    assert splits(8, 1000, 128, 132) == 8  # at most 8
+    assert splits(147, 16, 128, 132) == 2  # each split keeps >= 8 steps
+    assert splits(147, 7, 128, 132) == 1
+    assert splits(105, 128, 128, 78) == 1 and splits(105, 128, 128, None) == 6  # 78 SMs: 312 fit; unknown: 528
 
 
 def test_prefill_kernel_is_one_launch_on_q_as_it_comes():
     """The prefill kernel reads q and writes its output as [B, T * H, D] (reshapes of [B, T, H, D], no
     copies), ragged tokens and a group of three heads included: no transpose, pad or slice around it."""
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
     pool = jax.ShapeDtypeStruct((2, 3, 40, 16, 64), jnp.bfloat16)
     q = jax.ShapeDtypeStruct((2, 37, 9, 64), jnp.bfloat16)  # 37 tokens: not a multiple of the tile
     tables, lengths = jax.ShapeDtypeStruct((2, 8), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -477,31 +462,23 @@ def _primitives(jaxpr):
 def test_prefill_kernel_rejects_a_query_tile_that_is_not_a_power_of_two():
     spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in _GOOD.items()}
     q, positions = jax.ShapeDtypeStruct((2, 3, 4, 64), jnp.float32), jax.ShapeDtypeStruct((2, 3), jnp.int32)
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
     for rows in (8, 48):
         with pytest.raises(ValueError, match="query_rows must be a power of two >= 16"):
             jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p, query_rows=rows), q,
                            spec["k"], spec["v"], spec["tables"], spec["lengths"], positions)
 
 
-@pytest.mark.parametrize("options, layer, message", [
-    (dict(layout="NKPD"), 0, "layout must be"),
-    ({}, jnp.zeros((2,), jnp.int32), "layer must be a scalar integer"),
-    ({}, jnp.float32(1), "layer must be a scalar integer"),
-])
-def test_decode_kernel_rejects_a_bad_layout_or_layer(options, layer, message):
+@pytest.mark.parametrize("layer", [jnp.zeros((2,), jnp.int32), jnp.float32(1)])
+def test_decode_kernel_rejects_a_bad_layer(layer):
     spec = {name: jax.ShapeDtypeStruct(*shape_dtype) for name, shape_dtype in _GOOD.items()}
-    with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, layer, t, n, **options),
+    with pytest.raises(ValueError, match="layer must be a scalar integer"):
+        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, layer, t, n),
                        spec["q"], spec["k"], spec["v"], spec["tables"], spec["lengths"])
 
 
 def test_kernels_clamp_a_traced_layer_into_the_pools_layers():
     """A traced layer index past the last layer reads the last layer (as the reference's gather
     does), never memory past the pools."""
-    from jaxpaged.kernels.triton_decode import paged_prefill_attention
-
     rng = np.random.default_rng(7)
     lengths = [21, 9]
     k, v, tables, _ = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths)
@@ -514,3 +491,64 @@ def test_kernels_clamp_a_traced_layer_into_the_pools_layers():
     prefill = [np.asarray(paged_prefill_attention(q[:, None].repeat(2, 1), k, v, jnp.int32(layer), *args, positions,
                                                   interpret=not ON_GPU)) for layer in (1, 5)]
     np.testing.assert_array_equal(prefill[0], prefill[1])
+
+
+def test_launch_rules_scale_the_tuned_cards_program_counts_by_the_sm_count():
+    """The rules are functions of the SM count: an H100's (132) gives the tuned launches, a card of 78
+    SMs proportionally fewer programs a wave, an unknown one the tuned card's wave and no one-per-SM."""
+    assert [launch.programs_per_wave(sms) for sms in (132, 78, None)] == [256, 151, 256]
+    assert launch.default_splits(24, 128, 132) == 11 and launch.default_splits(24, 128, 78) == 7
+    assert launch.default_splits(24, 4, 132) == 4, "never more splits than steps"
+    assert launch.default_one_per_sm(96, 132) and launch.default_one_per_sm(132, 132)
+    assert not launch.default_one_per_sm(95, 132) and not launch.default_one_per_sm(133, 132)
+    assert launch.default_one_per_sm(56, 78) and not launch.default_one_per_sm(96, 78)
+    assert not launch.default_one_per_sm(96, None), "unknown SM count: the split launch"
+    assert launch.default_heads_per_program(1024, 8, 4, 512, 132) == 4
+    assert launch.default_heads_per_program(512, 8, 4, 512, 132) == 2
+    assert launch.default_heads_per_program(302, 8, 4, 512, 78) == 2 and launch.default_heads_per_program(302, 8, 4, 512, 132) == 1
+    assert launch.default_transposed(600, 128, True, 1, 132) and not launch.default_transposed(600, 128, True, 1, 400)
+
+
+def test_decode_stages_fit_the_cards_shared_memory():
+    """Three or four 32 KiB steps in flight only where the block's shared memory holds them; 2 stages
+    where it does not (99 KiB: an RTX 4090's) or is unknown."""
+    hopper, ada = 227 * 1024, 99 * 1024
+    assert launch.default_stages(True, 32 * 1024, False, hopper) == 5
+    assert launch.default_stages(True, 32 * 1024, True, hopper) == 7
+    assert launch.default_stages(True, 16 * 1024, False, ada) == 5
+    assert launch.default_stages(True, 32 * 1024, True, ada) == 2
+    assert launch.default_stages(True, 16 * 1024, False, None) == 2
+    assert launch.default_stages(False, 16 * 1024, False, hopper) == 2, "the block gather"
+
+
+def test_this_gpu_says_unknown_where_the_device_does_not_say():
+    gpu = launch.this_gpu()
+    if ON_GPU:
+        assert gpu.sm_count == jax.devices()[0].core_count
+    else:
+        assert gpu == launch.Gpu(sm_count=None, shared_memory_per_block=None)
+
+
+def test_kernels_say_why_they_can_not_run_where_the_lowering_is_missing(monkeypatch):
+    """unavailable_reason: None where the Triton lowering imports; where it does not, one line that
+    names it and this jax's version."""
+    def missing():
+        raise ImportError("cannot import name 'triton' from 'jax.experimental.pallas'")
+
+    kernels.unavailable_reason.cache_clear()
+    try:
+        assert kernels.unavailable_reason() is None
+        kernels.unavailable_reason.cache_clear()
+        monkeypatch.setattr(kernels, "_import_lowering", missing)
+        reason = kernels.unavailable_reason()
+        assert reason.startswith(f"this jax ({jax.__version__}) has no Pallas Triton lowering") and "\n" not in reason
+    finally:
+        kernels.unavailable_reason.cache_clear()
+
+
+def test_importing_the_library_imports_no_triton_module():
+    code = ("import sys, jaxpaged, jaxpaged.kernels as k; k.supported(64, 16); "
+            "print(sorted(m for m in sys.modules if 'pallas.triton' in m or m.startswith('jaxpaged.kernels.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['jaxpaged.kernels.launch']"]

@@ -2,6 +2,11 @@
 `decode` and `prefill` (the kernels), `merge` (their split merges), `launch` (which shapes they take
 and their default launches, from the GPU's numbers), `common` (what both kernels share).
 
+Why the Triton lowering: it runs on the jax this project supports on GPUs (0.10 and 0.11, where it
+is deprecated but present), it is what jax's own paged kernel uses, so the comparison is like for
+like, and its ref gathers (`pool_ref[block_ids]`) express a page-table read in one line. A Mosaic
+GPU version would replace `decode` and `prefill`; `launch` and the reference stay.
+
 Nothing here imports the Triton lowering until a kernel is called: jax deprecated Pallas's Triton
 backend in 0.11 and will remove it, so a caller asks `unavailable_reason()` first and takes the
 reference path where it says why the kernels can not run.

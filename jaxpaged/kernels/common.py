@@ -131,7 +131,7 @@ def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: b
     """Decode's `update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
     ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots:
     compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `update`'s
-    become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `default_transposed`.
+    become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `launch.default_transposed`.
 
     carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group: as
     for `update`.

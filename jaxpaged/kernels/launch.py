@@ -239,7 +239,8 @@ def decode_launch(batch: int, num_heads: int, kv_heads: int, head_dim: int, bloc
         heads_per_program = 1 if row_gather is False else default_heads_per_program(
             batch * kv_heads, kv_heads, group, max_blocks * block_size, gpu.sm_count)
     if heads_per_program < 1 or kv_heads % heads_per_program or heads_per_program & (heads_per_program - 1):
-        raise ValueError(f"heads_per_program={heads_per_program} must be a power of two dividing the {kv_heads} kv heads")
+        raise ValueError(f"heads_per_program={heads_per_program} must be a power of two dividing the "
+                         f"{kv_heads} kv heads")
     packed = heads_per_program > 1
     if packed and row_gather is False:
         raise ValueError("heads_per_program > 1 takes the row gather")

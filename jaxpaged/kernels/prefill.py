@@ -142,8 +142,9 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     tokens = rows // group  # per program
     num_q_blocks = -(-num_q // tokens)
     steps = -(-max_blocks // blocks_per_step)
+    sm_count = (gpu or launch.this_gpu()).sm_count
     splits = num_splits or launch.default_prefill_splits(num_q_blocks * kv_heads * batch, steps,
-                                                         head_dim * q.dtype.itemsize, (gpu or launch.this_gpu()).sm_count)
+                                                         head_dim * q.dtype.itemsize, sm_count)
 
     as_rows = pl.BlockSpec((None, num_q * num_heads, head_dim), lambda j, h, b: (b, 0, 0))  # q and o of sequence b
     flat = (batch, num_q * num_heads)
@@ -159,7 +160,8 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     kernel = functools.partial(_prefill_kernel, group=group, rows=rows, tokens=tokens, num_q_blocks=num_q_blocks,
                                splits=splits, block_size=block_size, blocks_per_step=blocks_per_step,
                                num_blocks=num_blocks, num_layers=num_layers, kv_heads=kv_heads,
-                               scale=softmax_scale(head_dim), masked_loads=not interpret)  # (interpret mode can not mask a gather: V is zeroed after)
+                               scale=softmax_scale(head_dim),
+                               masked_loads=not interpret)  # (interpret mode can not mask a gather: V is zeroed after)
     out = pl.pallas_call(
         kernel,
         grid=(splits * num_q_blocks, kv_heads, batch),  # the query blocks of one sequence and kv head launch together
