@@ -94,11 +94,6 @@ def dense_from_paged(s, block_size):
     return gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"])
 
 
-def npkd(pool):
-    """A [L, K, N, P, D] pool in the layout before, [L, N, P, K, D] (tune_kernels.py's layout A/B)."""
-    return jnp.transpose(pool, (0, 2, 3, 1, 4))
-
-
 @jax.jit
 def xla_gather_attend(q, pool_k, pool_v, tables, lengths):
     k, v = gather_blocks(pool_k, tables), gather_blocks(pool_v, tables)

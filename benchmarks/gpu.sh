@@ -2,9 +2,12 @@
 # The GPU runs behind BENCHMARKS.md. Each one runs from a fresh checkout on a machine with jax (CUDA),
 # flax and torch installed, with no network (random-weight presets only), from the repository root:
 #
-#   bash benchmarks/gpu.sh OUT kernels     # <= 9 min: the kernel tests on the GPU, then the kernels against the
-#                                          # kernel file before (benchmarks/kernels_before.py), decode and prefill,
-#                                          # same run (tune_kernels.py --previous): OUT/kernels_ab_{decode,prefill}.json
+#   bash benchmarks/gpu.sh OUT kernels [HEADS ...]
+#                                          # <= 9 min: the kernel tests on the GPU, then both files' default kernels,
+#                                          # the current ones against the file before the split
+#                                          # (benchmarks/kernels_before.py), decode and prefill, in one run each
+#                                          # (tune_kernels.py --ab), 32/8/128 and 9/3/64 heads by default:
+#                                          # OUT/pytest_gpu.txt, OUT/kernels_ab_HEADS.{json,txt} (HEADS as 32_8_128)
 #   bash benchmarks/gpu.sh OUT attention   # <= 9 min: decode attention at 9 headline shapes (3 head shapes x 8x8192,
 #                                          # 32x2048, 128x8192), then prefill and chunked prefill, every peer:
 #                                          # OUT/attention.{json,png,txt}, OUT/prefill.{json,png,txt}
@@ -22,7 +25,7 @@
 # The runs this script replaced (kernels128, heads64, rows, exp2, packed_ab, ...) are listed by name in
 # benchmarks/NOTES.md, where the results they wrote are cited.
 set -uo pipefail
-usage="usage: bash benchmarks/gpu.sh OUT kernels|attention|generate [PRESET ...]"
+usage="usage: bash benchmarks/gpu.sh OUT kernels [HEADS ...] | attention | generate [PRESET ...]"
 out=${1:?$usage}
 run=${2:?$usage}
 shift 2
@@ -35,13 +38,13 @@ quiet() { grep -v -e Deprecation -e "it/s]"; }  # drop the backend's deprecation
 
 case "$run" in
 kernels)
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
-  # PLACEHOLDER until benchmarks/kernels_before.py and tune_kernels.py's A/B command are in the tree:
-  # the A/B below is the intended call; it stops here with a message if the file before is missing.
-  [ -f benchmarks/kernels_before.py ] || { echo "benchmarks/kernels_before.py missing: no A/B"; exit 1; }
-  for part in decode prefill; do
-    timeout 150 python3 benchmarks/tune_kernels.py --part "$part" --previous kernels_before \
-      --out "$out/kernels_ab_$part.json" 2>&1 | quiet | tee "$out/kernels_ab_$part.txt"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
+  heads=("$@")
+  [ ${#heads[@]} -gt 0 ] || heads=(32/8/128 9/3/64)
+  for head in "${heads[@]}"; do  # decode at 9 shapes, prefill at 3; each file's defaults timed twice (tune_kernels.py)
+    name=${head//\//_}
+    timeout 180 python3 benchmarks/tune_kernels.py --ab --previous benchmarks/kernels_before.py --part all \
+      --heads "$head" --out "$out/kernels_ab_$name.json" 2>&1 | quiet | tee "$out/kernels_ab_$name.txt"
   done
   ;;
 attention)
