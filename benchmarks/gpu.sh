@@ -3,7 +3,7 @@
 # flax and torch installed, with no network (random-weight presets only), from the repository root:
 #
 #   bash benchmarks/gpu.sh OUT kernels [HEADS ...]
-#                                          # <= 9 min: the kernel tests on the GPU, then both files' default kernels,
+#                                          # <= 10 min: the kernel tests on the GPU, then both files' default kernels,
 #                                          # the current ones against the file before the split
 #                                          # (benchmarks/kernels_before.py), decode and prefill, in one run each
 #                                          # (tune_kernels.py --ab), 32/8/128 and 9/3/64 heads by default:
@@ -17,11 +17,11 @@
 #                                          # llama-1b and smollm2-135m-random by default:
 #                                          # OUT/generate_PRESET_{kernel,reference}.json, OUT/generate_PRESET.png
 #
-# (The times are the sums of the steps' timeouts.) Every run first records the card and the versions
-# (OUT/gpu.txt) and ends with a short table. Bandwidths are
-# reported against the card's specified bandwidth (benchmarks/ceilings.py), the XLA copy measured beside it.
-# Each step has its own timeout, so that one step running long still leaves the others' files; attention.py
-# rewrites its JSON after every shape, so a step stopped by its timeout keeps the shapes it finished.
+# The times are the sums of the steps' timeouts: each step has its own, so that one running long still
+# leaves the others' files (attention.py rewrites its JSON after every shape, so even a step stopped by
+# its timeout keeps the shapes it finished). Every run first records the card and the versions
+# (OUT/gpu.txt) and ends with a short table. Bandwidths are reported against the card's specified
+# bandwidth (benchmarks/ceilings.py), with the XLA copy measured beside it as a peer.
 # The runs this script replaced (kernels128, heads64, rows, exp2, packed_ab, ...) are listed by name in
 # benchmarks/NOTES.md, where the results they wrote are cited.
 set -uo pipefail
