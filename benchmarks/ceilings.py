@@ -77,15 +77,20 @@ def measure(size_bytes: int = 2**31) -> dict:
             "sum_Bps": sum_bandwidth(size_bytes)}
 
 
+def rate(bytes_per_s: float) -> str:
+    """A bandwidth in TB/s, or in GB/s below 0.1 TB/s (a CPU's)."""
+    return f"{bytes_per_s / 1e12:.2f} TB/s" if bytes_per_s >= 1e11 else f"{bytes_per_s / 1e9:.1f} GB/s"
+
+
 def describe(ceilings: dict) -> str:
     """One line: the specified bandwidth (or "no spec") and the measured peers beside it."""
     spec = ceilings.get("spec_bandwidth_Bps")
-    peers = f"XLA copy {ceilings['copy_Bps'] / 1e12:.2f} TB/s (read + write)"
+    of_spec = lambda bps: f", {bps / spec:.0%} of spec" if spec else ""  # noqa: E731
+    peers = f"XLA copy {rate(ceilings['copy_Bps'])} (read + write{of_spec(ceilings['copy_Bps'])})"
     if ceilings.get("sum_Bps"):
-        peers += f", XLA sum {ceilings['sum_Bps'] / 1e12:.2f} TB/s (read)"
-    spec_text = f"specified {spec / 1e12:.2f} TB/s" if spec else "no spec for this card"
-    share = f" ({ceilings['copy_Bps'] / spec:.0%} of spec)" if spec else ""
-    return f"{ceilings['device']}: {spec_text}; measured {peers}{share}"
+        peers += f", XLA sum {rate(ceilings['sum_Bps'])} (read{of_spec(ceilings['sum_Bps'])})"
+    spec_text = f"specified {rate(spec)}" if spec else "no spec for this card"
+    return f"{ceilings['device']}: {spec_text}; measured {peers}"
 
 
 def share(bytes_per_s: float, ceilings: dict) -> tuple[float, str]:
