@@ -1,7 +1,8 @@
 """Attention over cached keys and values: one entry point for the paged cache, one for contiguous K/V.
 
-`paged_attention` is what a model calls; today it runs the reference path (gather the blocks, then
-attend); GPU kernels that read the pools directly plug in behind the same function.
+`paged_attention` is what the paged cache calls: GPU kernels that read the pools in place, or the
+reference path (gather the blocks, then attend), chosen by an explicit `impl` argument
+(`choose_impl`); nothing here reads the environment.
 
 Axis letters: B sequences, T query tokens, S key positions, H query heads, K kv heads,
 G = H / K query heads per kv head, D head dim.
@@ -9,12 +10,13 @@ G = H / K query heads per kv head, D head dim.
 
 from __future__ import annotations
 
-import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from jaxpaged import ops
+from jaxpaged.protocol import check_impl
 from jaxpaged.state import PagedKVState
 
 
@@ -60,25 +62,60 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_
     return out.reshape(batch, num_q, num_heads, head_dim).astype(q.dtype)
 
 
-def _use_kernels(state: PagedKVState, scale) -> bool:
-    """The GPU kernels serve on a GPU unless JAXPAGED_KERNELS=0 (read when tracing) or the shape is
-    one they do not take (`triton_decode.supported`)."""
-    from jaxpaged.kernels import triton_decode
+def choose_impl(impl: str, config, *, scale=None, backend: str | None = None) -> str:
+    """Which path paged attention takes: "kernel" or "reference".
 
-    c = state.config
-    enabled = os.environ.get("JAXPAGED_KERNELS", "1") != "0"
-    return (enabled and jax.default_backend() == "gpu" and scale is None
-            and triton_decode.supported(c.head_dim, c.block_size, state.pools.k.size))
+    impl="reference" is the gather-then-attend path everywhere. impl="kernel" is the GPU kernels,
+    and a ValueError where they cannot run (not a GPU, no Pallas Triton lowering in this jax, a
+    shape they do not take, a custom scale). impl="auto" takes the kernels where they can run and
+    the reference elsewhere; on a GPU whose jax lacks the lowering it says so once, as a warning.
+
+    Args:
+      impl: "auto", "kernel" or "reference".
+      config: the cache's `CacheConfig`.
+      scale: the attention scale asked for (the kernels take only the default, None).
+      backend: default `jax.default_backend()`.
+    """
+    from jaxpaged import kernels
+
+    check_impl(impl)
+    if impl == "reference":
+        return "reference"
+    backend = jax.default_backend() if backend is None else backend
+    pool_size = config.num_layers * config.num_blocks * config.block_size * config.num_kv_heads * config.head_dim
+    if backend != "gpu":
+        why_not = f"the kernels need a GPU, this backend is {backend!r}"
+    elif (why_not := kernels.unavailable_reason()) is not None:
+        if impl == "auto":
+            _warn_once(f"paged attention runs the reference path: {why_not}")
+    elif scale is not None:
+        why_not = "the kernels take only the default scale 1 / sqrt(D)"
+    elif not kernels.supported(config.head_dim, config.block_size, pool_size):
+        why_not = (f"the kernels do not take head dim {config.head_dim}, block size {config.block_size} "
+                   f"or a pool of {pool_size} elements per K or V")
+    if why_not is None:
+        return "kernel"
+    if impl == "kernel":
+        raise ValueError(f"impl='kernel' cannot run here: {why_not}")
+    return "reference"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array, q_positions: jax.Array,
-                    *, max_len: int | None = None, scale: float | None = None) -> jax.Array:
+                    *, max_len: int | None = None, scale: float | None = None, impl: str = "auto") -> jax.Array:
     """Causal attention of q over one layer of the paged cache.
 
-    On a GPU, kernels read the pools in place through the block table: a flash-decoding kernel
-    for T = 1 and a causal one for T > 1 (prefill, or a chunk on a cached prefix). Elsewhere, and
-    for pools of more than 2^31 - 1 elements (the kernels' 32-bit offsets), the reference gathers
-    the blocks and attends.
+    With the kernels (`choose_impl`), they read the pools in place through the block table: a
+    flash-decoding kernel for T = 1 and a causal one for T > 1 (prefill, or a chunk on a cached
+    prefix). The reference gathers the blocks and attends.
 
     Args:
       q: [B, T, H, D], the queries of tokens whose K and V are already appended.
@@ -88,21 +125,22 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
       q_positions: [B, T] int32 positions of the queries.
       max_len: static bound on the positions read; default the block-table capacity M * P.
       scale: defaults to 1 / sqrt(D).
+      impl: "auto", "kernel" or "reference" (`choose_impl`).
 
     Returns:
       [B, T, H, D] in q's dtype.
     """
     c = state.config
-    if _use_kernels(state, scale):
-        from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill_attention
+    if choose_impl(impl, c, scale=scale) == "kernel":
+        from jaxpaged import kernels
 
         rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
         seq_lens = state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)
         pools = (state.pools.k, state.pools.v)
         if q.shape[1] > 1:
-            return paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions)
+            return kernels.paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions)
         visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it
-        return paged_decode_attention(q[:, 0], *pools, layer, rows, visible)[:, None]
+        return kernels.paged_decode_attention(q[:, 0], *pools, layer, rows, visible)[:, None]
     max_len = c.max_seq_len if max_len is None else max_len
     k, v, seq_lens = ops.gather_kv(state, layer, seq_idx, max_len=max_len)
     return attend(q, k, v, q_positions, seq_lens, scale)

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged import ops
+from jaxpaged.attention import attend
 from jaxpaged.config import CacheConfig, bucket
+from jaxpaged.protocol import Step, check_impl, new_positions
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read, init_contiguous
 from jaxpaged.state import BlockAllocatorState, PagedKVState, init_allocator, init_state
 from jaxpaged.stats import MemoryStats, contiguous_memory_stats, paged_memory_stats
@@ -264,7 +266,27 @@ class PagedKVCache:
         return paged_memory_stats(self.state)
 
 
-class KVCache:
+class _StatefulCacheSteps:
+    """The cache protocol (jaxpaged.protocol) for the facades with `update()` (KVCache and its paged
+    adapter): eager, the cache changes in place and each call returns it. Batch row b is row b."""
+
+    def begin_step(self, seq_idx, num_tokens, num_chunk_tokens: int, *, max_len=None, impl="auto"):
+        starts = jnp.asarray(self.seq_lens(0), jnp.int32)
+        return self, Step(seq_idx=None, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
+                          ok=jnp.asarray(True), max_len=max_len, impl=check_impl(impl))
+
+    def attend(self, layer, q, k, v, step: Step):
+        """Appends k, v [B, T, K, D] through `update()` and attends q [B, T, H, D] over what it returns.
+        Raises OutOfBlocksError (nothing changed) where the cache has no room."""
+        k_all, v_all = self.update(layer, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), step.num_tokens)
+        seq_lens = jnp.asarray(self.seq_lens(layer))
+        # S padded to a power of two (masked anyway): attention compiles per bucket, not per length
+        pad = [(0, 0), (0, 0), (0, bucket(k_all.shape[2]) - k_all.shape[2]), (0, 0)]
+        k_all, v_all = (jnp.swapaxes(jnp.pad(x, pad), 1, 2) for x in (k_all, v_all))  # [B, S, K, D]
+        return attend(q, k_all, v_all, step.positions, seq_lens), self
+
+
+class KVCache(_StatefulCacheSteps):
     """The classic contiguous cache: [B, K, max_len, D] preallocated per layer.
 
     Args:
@@ -311,7 +333,7 @@ class KVCache:
         return contiguous_memory_stats(self.state)
 
 
-class PagedKVCacheAdapter:
+class PagedKVCacheAdapter(_StatefulCacheSteps):
     """`KVCache.update()` backed by paged blocks: the same results, bit for bit.
 
     Batch row b is the sequence `b` of an inner PagedKVCache, which takes blocks only as rows grow.

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxpaged.protocol import Step, check_impl, new_positions
+
 
 @struct.dataclass
 class ContiguousKVState:
@@ -19,6 +21,23 @@ class ContiguousKVState:
     k: jax.Array  # [L, B, K, S, D]
     v: jax.Array  # [L, B, K, S, D]
     seq_lens: jax.Array  # [L, B] int32
+
+    # -- the cache protocol (jaxpaged.protocol): what a model's attention calls; batch row b is row b
+
+    def begin_step(self, seq_idx, num_tokens, num_chunk_tokens: int, *, max_len=None, impl="auto"):
+        """The new tokens' positions after each row's length; ok is False when a row would pass S."""
+        starts = self.seq_lens[0]  # [B]
+        ok = jnp.all(starts + jnp.clip(num_tokens, 0, num_chunk_tokens) <= self.k.shape[3])
+        return self, Step(seq_idx=None, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
+                          ok=ok, max_len=max_len, impl=check_impl(impl))
+
+    def attend(self, layer, q, k, v, step: Step):
+        """Appends k, v [B, T, K, D] to `layer`, then attends q [B, T, H, D] over the rows (reference path)."""
+        from jaxpaged.attention import attend
+
+        state, _ = contiguous_append(self, layer, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), step.num_tokens)
+        k_all, v_all, seq_lens = contiguous_read(state, layer)  # [B, K, S, D]
+        return attend(q, jnp.swapaxes(k_all, 1, 2), jnp.swapaxes(v_all, 1, 2), step.positions, seq_lens), state
 
 
 def init_contiguous(num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, dtype) -> ContiguousKVState:

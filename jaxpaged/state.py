@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxpaged.config import CacheConfig
+from jaxpaged.protocol import Step, check_impl, new_positions
 
 
 @struct.dataclass
@@ -56,6 +57,29 @@ class PagedKVState:
     table: BlockTable
     allocator: BlockAllocatorState
     config: CacheConfig = struct.field(pytree_node=False)
+
+    # -- the cache protocol (jaxpaged.protocol): what a model's attention calls
+
+    def begin_step(self, seq_idx, num_tokens, num_chunk_tokens: int, *, max_len=None, impl="auto"):
+        """Takes blocks for num_tokens [B] new positions of rows seq_idx [B] in every layer, once, and
+        advances every layer's length (`ops.allocate_slots`). Returns (state, Step with the slots)."""
+        from jaxpaged.ops import allocate_slots
+
+        if seq_idx is None:
+            raise ValueError("a PagedKVState needs seq_idx, the block-table row of each batch row")
+        starts = self.table.seq_lens.at[0, seq_idx].get(mode="fill", fill_value=0)  # [B]
+        state, slots, ok = allocate_slots(self, seq_idx, num_tokens, num_chunk_tokens=num_chunk_tokens)
+        return state, Step(seq_idx=seq_idx, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
+                           ok=ok, slots=slots, max_len=max_len, impl=check_impl(impl))
+
+    def attend(self, layer, q, k, v, step: Step):
+        """Scatters k, v [B, T, K, D] into the step's slots of `layer`, then paged attention of q [B, T, H, D]."""
+        from jaxpaged.attention import paged_attention
+        from jaxpaged.ops import write_slots
+
+        state = write_slots(self, layer, step.slots, k, v)
+        out = paged_attention(q, state, layer, step.seq_idx, step.positions, max_len=step.max_len, impl=step.impl)
+        return out, state
 
 
 def init_allocator(num_blocks: int) -> BlockAllocatorState:

@@ -11,7 +11,8 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder. Frozen and hashable (a static jit argument)."""
+    """Architecture of a Llama-family decoder (Llama, SmolLM2; Qwen3 with `qk_norm`). Frozen and
+    hashable (a static jit argument)."""
 
     vocab_size: int  # V
     hidden_size: int  # E: model width
@@ -25,9 +26,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # the output projection reuses the token embedding
     max_position_embeddings: int = 2048  # longest context the model was trained for
     dtype: str = "float32"  # parameter and activation dtype: float32, float16 or bfloat16
-    # Layers stacked and scanned (one traced body: fast compiles) or kept apart and unrolled (no
-    # per-step weight slicing: faster decode on a GPU). None: scan on the CPU, unroll elsewhere.
-    scan_layers: bool | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's D features of q and k, before the rotary embedding
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
 
@@ -54,9 +53,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_hf_dict(self) -> dict:
-        """The Hugging Face `LlamaConfig` fields of this architecture (config.json of a checkpoint)."""
+        """The Hugging Face `LlamaConfig` (or `Qwen3Config`) fields of this architecture (config.json of a checkpoint)."""
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+            "architectures": ["Qwen3ForCausalLM" if self.qk_norm else "LlamaForCausalLM"],
+            "model_type": "qwen3" if self.qk_norm else "llama", "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
@@ -80,13 +80,18 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
                             head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                             max_position_embeddings=131072, dtype="bfloat16"),
+    # Qwen3-0.6B's shape with random weights, for GPU benchmarks.
+    "qwen3-0.6b": ModelConfig(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                              head_dim=128, intermediate_size=3072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                              max_position_embeddings=40960, dtype="bfloat16", qk_norm=True, bos_token_id=151643,
+                              eos_token_ids=(151645,)),
 }
 PRESET_NAMES = ("smollm2-135m", *PRESETS)  # smollm2-135m is read from the embedded GGUF file's metadata
 
 
 def preset(name: str, **changes: Any) -> ModelConfig:
-    """A named architecture: 'tiny', 'llama-1b', 'smollm2-135m' (read from the embedded GGUF file), or
-    'smollm2-135m-random' (its shape, fixed here, for random weights)."""
+    """A named architecture: 'tiny', 'llama-1b', 'qwen3-0.6b', 'smollm2-135m' (read from the embedded
+    GGUF file), or 'smollm2-135m-random' (its shape, fixed here, for random weights)."""
     if name == "smollm2-135m":
         from jaxpaged.models.gguf_weights import default_gguf_path, read_gguf_config
 

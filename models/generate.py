@@ -22,11 +22,13 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
 from jaxpaged.config import bucket
 from jaxpaged.ops import free_seqs
+from jaxpaged.protocol import check_impl
 from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.sampling import SamplingParams, sample
 
@@ -52,20 +54,20 @@ class GenerationResult:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len"), donate_argnames=("cache",))
-def _prefill(graphdef, params, cache, tokens, seq_idx, num_tokens, key, *, sampling, max_len):
-    """Writes every prompt into the cache and samples each one's first new token."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "impl"), donate_argnames=("cache",))
+def _prefill(graphdef, params, cache, tokens, seq_idx, num_tokens, key, *, sampling, max_len, impl):
+    """Writes one chunk of every prompt into the cache and samples a token from each row's last one."""
     model = nnx.merge(graphdef, params)
     last = jnp.maximum(num_tokens - 1, 0)
     logits, cache, ok = model.step(tokens, cache, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
-                                   logit_index=last)
+                                   logit_index=last, impl=impl)
     return cache, sample(logits, key, sampling), ok
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "chunk_size", "eos_ids"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "chunk_size", "eos_ids", "impl"),
                    donate_argnames=("cache",))
 def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generated, max_new_tokens, key, *,
-                  sampling, max_len, chunk_size, eos_ids):
+                  sampling, max_len, chunk_size, eos_ids, impl):
     """Up to chunk_size decode steps, stopping early once no sequence is active.
 
     Returns (cache, tokens [chunk_size, B], emitted [chunk_size, B] bool, active, generated, ok).
@@ -83,7 +85,7 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
     def body(carry):
         i, cache, last_tokens, active, generated, out_tokens, emitted, all_ok = carry
         logits, cache, ok = model.step(last_tokens[:, None], cache, seq_idx=seq_idx, num_tokens=active.astype(jnp.int32),
-                                       max_len=max_len, logit_index=jnp.zeros((batch,), jnp.int32))
+                                       max_len=max_len, logit_index=jnp.zeros((batch,), jnp.int32), impl=impl)
         step_key = jax.random.fold_in(key, generated.max())
         next_tokens = jnp.where(active, sample(logits, step_key, sampling), 0)
         generated = generated + active
@@ -100,7 +102,8 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
 def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: SamplingParams = SamplingParams(), key: jax.Array | None = None, cache: str = "paged",
              block_size: int = 16, num_blocks: int | None = None, eos_token_ids: Sequence[int] | None = None,
-             chunk_size: int = 16, on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+             chunk_size: int = 16, on_tokens: Callable[[list[list[int]]], None] | None = None, impl: str = "auto",
+             scan_layers: bool | None = None, prefill_chunk: int = 512, show_progress: bool = False) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (lists of token ids).
 
     Args:
@@ -108,9 +111,16 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
       num_blocks: the paged pool's size; default enough for every prompt to reach its maximum.
       eos_token_ids: default the model config's.
       on_tokens: called after each chunk with the new tokens of every prompt (possibly empty lists).
+      impl: paged attention's path, "auto", "kernel" or "reference" (`jaxpaged.attention.choose_impl`).
+      scan_layers: run the layers as one scanned body (`MiniLLM.scanned`: faster compiles, one copy of
+        the layer weights) or unrolled (faster steps on a GPU); default: scanned on the CPU only.
+      prefill_chunk: prompts longer than this are written in chunks of this many tokens (bounded
+        memory; a progress bar with show_progress).
+      show_progress: a progress bar on stderr for chunked prefills.
 
     Raises:
-      ValueError for an empty prompt or bad sizes; RuntimeError if the pool runs out of blocks.
+      ValueError for an empty prompt, bad sizes, or a prompt plus max_new_tokens past the model's
+      context; RuntimeError if the pool runs out of blocks.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -118,12 +128,20 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if cache not in ("paged", "contiguous"):
         raise ValueError(f"cache must be 'paged' or 'contiguous', got {cache!r}")
+    check_impl(impl)
     config = model.config
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
+                         f"{longest + max_new_tokens} positions, past the model's context of "
+                         f"{config.max_position_embeddings}")
     key = jax.random.key(0) if key is None else key
     eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     batch = bucket(len(prompts))
-    prompt_len = bucket(max(len(p) for p in prompts), minimum=8)
-    max_len = bucket(max(len(p) for p in prompts) + max_new_tokens, minimum=block_size)
+    prompt_len = bucket(longest, minimum=8) if longest <= prefill_chunk else -(-longest // prefill_chunk) * prefill_chunk
+    # never padded past the context (rounded up to whole blocks)
+    max_len = min(bucket(longest + max_new_tokens, minimum=block_size),
+                  -(-config.max_position_embeddings // block_size) * block_size)
 
     tokens = np.zeros((batch, prompt_len), np.int32)
     num_tokens = np.zeros((batch,), np.int32)
@@ -137,22 +155,33 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
             config, num_blocks=num_blocks or len(prompts) * blocks_per_seq, block_size=block_size, max_seqs=batch,
             max_blocks_per_seq=blocks_per_seq, dtype=config.dtype)
         state = init_state(cache_config)
+        blocks_needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
         seq_idx = np.where(real, np.arange(batch), batch).astype(np.int32)  # padding rows -> sentinel
         memory_of = paged_memory_stats
     else:
         state = init_contiguous(config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim, config.dtype)
+        blocks_needed = 0
         seq_idx = np.arange(batch, dtype=np.int32)
         memory_of = contiguous_memory_stats
 
-    graphdef, params = nnx.split(model)
+    scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
+    graphdef, params = nnx.split(model.scanned() if scan else model)
     prefill_key, decode_key = jax.random.split(key)
+    too_few = f"the cache has too few blocks: these prompts need up to {blocks_needed}; raise num_blocks"
     start = time.perf_counter()
-    state, first, ok = _prefill(graphdef, params, state, jnp.asarray(tokens), jnp.asarray(seq_idx),
-                                jnp.asarray(num_tokens), prefill_key, sampling=sampling, max_len=max_len)
-    first = np.asarray(first)
+    chunk = min(prompt_len, prefill_chunk)
+    first = np.zeros((batch,), np.int32)
+    for begin in tqdm.trange(0, prompt_len, chunk, desc="prefill", unit="chunk", disable=not show_progress or
+                             prompt_len == chunk, leave=False):
+        in_chunk = np.clip(num_tokens - begin, 0, chunk)
+        state, sampled, ok = _prefill(graphdef, params, state, jnp.asarray(tokens[:, begin:begin + chunk]),
+                                      jnp.asarray(seq_idx), jnp.asarray(in_chunk), prefill_key, sampling=sampling,
+                                      max_len=max_len, impl=impl)
+        ends_here = (num_tokens > begin) & (num_tokens <= begin + chunk)  # rows whose last prompt token is here
+        first = np.where(ends_here, np.asarray(sampled), first)
+        if not bool(ok):
+            raise RuntimeError(too_few)
     prefill_seconds = time.perf_counter() - start
-    if not bool(ok):
-        raise RuntimeError("the cache has too few blocks for the prompts; raise num_blocks")
     peak = memory_of(state)
 
     outputs = [[int(first[b])] for b in range(len(prompts))]
@@ -168,11 +197,11 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         state, chunk, emitted, active_now, generated, ok = _decode_chunk(
             graphdef, params, state, jnp.asarray(last), jnp.asarray(seq_idx), jnp.asarray(active), jnp.asarray(generated),
             jnp.asarray(max_new_tokens, jnp.int32), decode_key, sampling=sampling, max_len=max_len,
-            chunk_size=chunk_size, eos_ids=eos_ids)
+            chunk_size=chunk_size, eos_ids=eos_ids, impl=impl)
         chunk, emitted, active_now = np.asarray(chunk), np.asarray(emitted), np.asarray(active_now)
         decode_seconds += time.perf_counter() - start
         if not bool(ok):
-            raise RuntimeError("the paged pool ran out of blocks during decoding; raise num_blocks")
+            raise RuntimeError(too_few)
         decode_tokens += int(emitted.sum())
         new = [[int(t) for t, e in zip(chunk[:, b], emitted[:, b]) if e] for b in range(len(prompts))]
         for b in range(len(prompts)):

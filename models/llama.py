@@ -1,9 +1,11 @@
 """MiniLLM: a Llama-family decoder in flax.nnx that takes a KV cache in and returns it.
 
 Architecture: token embedding, L blocks of (RMSNorm, grouped-query attention with rotary position
-embeddings, RMSNorm, SwiGLU MLP), a final RMSNorm and a tied or separate output projection.
+embeddings, RMSNorm, SwiGLU MLP), a final RMSNorm and a tied or separate output projection. Qwen3
+adds an RMSNorm over each head of q and k before the rotary embedding (`ModelConfig.qk_norm`).
 
-Three ways to call it:
+The model knows no cache's internals: each attention layer makes one call of the cache protocol
+(`jaxpaged.protocol`), so every cache serves it the same way.
 - `model(input_ids)`: one causal pass over the whole sequence, no cache; returns logits.
 - `model(input_ids, kv_cache=cache)` with a stateful `KVCache` or `PagedKVCacheAdapter` (the seed's
   one-liner): the facade is updated in place; returns logits.
@@ -17,17 +19,13 @@ H query heads, K kv heads, D head dim.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpaged.attention import attend, paged_attention
-from jaxpaged.cache import KVCache, PagedKVCacheAdapter
-from jaxpaged.config import bucket
-from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read
-from jaxpaged.ops import allocate_slots, write_slots
-from jaxpaged.state import PagedKVState
+from jaxpaged.protocol import NoCache, Step
 from jaxpaged.models.config import ModelConfig
 
 
@@ -85,37 +83,6 @@ def _linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.
     return Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
-class CacheStep:
-    """What one call tells every layer about the cache: rows, valid tokens, read bound, paged slots."""
-
-    def __init__(self, seq_idx, num_tokens, max_len, slots=None):
-        self.seq_idx, self.num_tokens, self.max_len, self.slots = seq_idx, num_tokens, max_len, slots
-
-
-def _attend_with_cache(cache, layer: int, q, k, v, positions, step: CacheStep):
-    """Writes this call's k, v [B, T, K, D] into the cache and attends q [B, T, H, D] over it.
-
-    Returns (out [B, T, H, D], cache, ok).
-    """
-    if cache is None:
-        return attend(q, k, v, positions, step.num_tokens), None, jnp.asarray(True)
-    if isinstance(cache, PagedKVState):  # blocks were taken and lengths advanced once, before the layers
-        cache = write_slots(cache, layer, step.slots, k, v)
-        return paged_attention(q, cache, layer, step.seq_idx, positions, max_len=step.max_len), cache, jnp.asarray(True)
-    if isinstance(cache, ContiguousKVState):
-        cache, ok = contiguous_append(cache, layer, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), step.num_tokens)
-        k_all, v_all, seq_lens = contiguous_read(cache, layer)  # [B, K, S, D]
-        return attend(q, jnp.swapaxes(k_all, 1, 2), jnp.swapaxes(v_all, 1, 2), positions, seq_lens), cache, ok
-    if isinstance(cache, (KVCache, PagedKVCacheAdapter)):  # stateful facades raise instead of returning ok
-        k_all, v_all = cache.update(layer, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), step.num_tokens)
-        seq_lens = jnp.asarray(cache.seq_lens(layer))
-        # Pad S to a power of two (masked anyway): attention compiles per bucket, not per length.
-        pad = [(0, 0), (0, 0), (0, bucket(k_all.shape[2]) - k_all.shape[2]), (0, 0)]
-        k_all, v_all = (jnp.swapaxes(jnp.pad(x, pad), 1, 2) for x in (k_all, v_all))
-        return attend(q, k_all, v_all, positions, seq_lens), cache, jnp.asarray(True)
-    raise TypeError(f"unsupported kv_cache type {type(cache).__name__}")
-
-
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c = config
@@ -124,16 +91,21 @@ class Attention(nnx.Module):
         self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c, rngs)
         self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c, rngs)
         self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c, rngs)
+        if c.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
 
-    def __call__(self, x, positions, cache, layer: int, step: CacheStep):
+    def __call__(self, x, cache, layer, step: Step):
         c = self.config
         batch, num_tokens, _ = x.shape
         q = self.q_proj(x).reshape(batch, num_tokens, c.num_heads, c.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)  # [B, T, K, D]
         v = self.v_proj(x).reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
-        out, cache, ok = _attend_with_cache(cache, layer, q, k, v, positions, step)
-        return self.o_proj(out.reshape(batch, num_tokens, c.num_heads * c.head_dim)), cache, ok
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, step.positions, c.rope_theta), apply_rope(k, step.positions, c.rope_theta)
+        out, cache = cache.attend(layer, q, k, v, step)  # the cache protocol: write this layer's K/V, attend
+        return self.o_proj(out.reshape(batch, num_tokens, c.num_heads * c.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -154,93 +126,92 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, cache, layer: int, step: CacheStep):
-        attn_out, cache, ok = self.self_attn(self.input_layernorm(x), positions, cache, layer, step)
+    def __call__(self, x, cache, layer, step: Step):
+        attn_out, cache = self.self_attn(self.input_layernorm(x), cache, layer, step)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), cache, ok
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+def _stack_layers(layers: nnx.List) -> DecoderLayer:
     """L decoder layers as one DecoderLayer whose parameters carry a leading [L] axis (for lax.scan)."""
-    layers = [nnx.split(DecoderLayer(config, rngs)) for _ in range(config.num_layers)]
-    stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *[state for _, state in layers])
-    return nnx.merge(layers[0][0], stacked)
+    split = [nnx.split(layer) for layer in layers]
+    stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *[state for _, state in split])
+    return nnx.merge(split[0][0], stacked)
 
 
 class MiniLLM(nnx.Module):
-    """The Llama-family decoder. Build with `MiniLLM(config, rngs=nnx.Rngs(seed))`; load weights with jaxpaged.models.weights."""
+    """The Llama-family decoder. Build with `MiniLLM(config, rngs=nnx.Rngs(seed))`; load weights with
+    jaxpaged.models.weights. Its parameter tree is the same on every backend: `layers` is a list of
+    L decoder layers (a checkpoint saved anywhere loads anywhere); `scanned()` gives a stacked view
+    for compiling one layer body instead of L.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtype = jnp.dtype(config.dtype)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        scan = jax.default_backend() == "cpu" if config.scan_layers is None else config.scan_layers
-        self.layers = _stacked_layers(config, rngs) if scan else nnx.List([DecoderLayer(config, rngs)
-                                                                             for _ in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs)
+
+    def scanned(self) -> MiniLLM:
+        """A view of this model with its layers stacked into one [L, ...] DecoderLayer, run by
+        `lax.scan` inside jit with a pure cache: compile time does not grow with L (on a 2-core CPU,
+        SmolLM2's 30 layers compile about 3x faster), at the cost of one copy of the layers' weights,
+        made here, once. Its parameter tree differs from the model's: use it, never save it."""
+        view = nnx.merge(*nnx.split(self))  # a new module sharing the arrays
+        view.layers = _stack_layers(self.layers)
+        return view
 
     def _logits(self, x):
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
 
-    def _run(self, input_ids, cache, positions, step: CacheStep, logit_index):
+    def _run(self, input_ids, cache, step: Step, logit_index):
         x = self.embed_tokens(input_ids)  # [B, T, E]
-        all_ok = jnp.asarray(True)
         if isinstance(self.layers, nnx.List):  # layers kept apart: an unrolled loop, no weight slicing
             for layer, block in enumerate(self.layers):
-                x, cache, ok = block(x, positions, cache, layer, step)
-                all_ok &= ok
-            return self._head(x, cache, all_ok, logit_index)
-        layer_def, layer_params = nnx.split(self.layers)  # every leaf [L, ...]
-        if isinstance(cache, (KVCache, PagedKVCacheAdapter)):  # stateful facades: a Python loop, eager
-            for layer in range(self.config.num_layers):
-                block = nnx.merge(layer_def, jax.tree.map(lambda p: p[layer], layer_params))
-                x, cache, _ = block(x, positions, cache, layer, step)
-        else:  # one traced layer body, scanned: compile time does not grow with L
+                x, cache = block(x, cache, layer, step)
+        else:  # the scanned() view: one traced layer body over [L, ...] weights
 
             def body(carry, per_layer):
-                x, cache, all_ok = carry
+                x, cache = carry
                 params, layer = per_layer
-                x, cache, ok = nnx.merge(layer_def, params)(x, positions, cache, layer, step)
-                return (x, cache, all_ok & ok), None
+                return nnx.merge(layer_def, params)(x, cache, layer, step), None
 
+            layer_def, layer_params = nnx.split(self.layers)
             layers = (layer_params, jnp.arange(self.config.num_layers, dtype=jnp.int32))
-            (x, cache, all_ok), _ = jax.lax.scan(body, (x, cache, all_ok), layers)
-        return self._head(x, cache, all_ok, logit_index)
-
-    def _head(self, x, cache, all_ok, logit_index):
+            (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
         x = self.norm(x)
         if logit_index is not None:  # only the rows we sample from: [B, E]
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]
-        return self._logits(x), cache, all_ok
+        return self._logits(x), cache
 
-    def __call__(self, input_ids: jax.Array, kv_cache: KVCache | PagedKVCacheAdapter | None = None,
-                 num_tokens: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, kv_cache: Any = None, num_tokens: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] (float32) of input_ids [B, T].
 
         Without a cache, one causal pass. With a `KVCache` or `PagedKVCacheAdapter`, the tokens
         follow what the cache holds, and the cache is updated in place (the seed's one-liner).
         num_tokens: optional [B] valid tokens per row (right padding).
         """
-        batch, length = input_ids.shape
-        num_tokens = jnp.full((batch,), length, jnp.int32) if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
-        starts = jnp.zeros((batch,), jnp.int32) if kv_cache is None else jnp.asarray(kv_cache.seq_lens(0), jnp.int32)
-        positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-        logits, _, _ = self._run(input_ids, kv_cache, positions, CacheStep(None, num_tokens, None), None)
-        return logits
+        num_tokens = None if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
+        return self.step(input_ids, NoCache() if kv_cache is None else kv_cache, num_tokens=num_tokens)[0]
 
-    def step(self, input_ids: jax.Array, cache: PagedKVState | ContiguousKVState, *, seq_idx: jax.Array | None = None,
-             num_tokens: jax.Array | None = None, max_len: int | None = None, logit_index: jax.Array | None = None):
-        """One pure step over a cache pytree: append the tokens' K/V in every layer and attend.
+    def step(self, input_ids: jax.Array, cache: Any, *, seq_idx: jax.Array | None = None,
+             num_tokens: jax.Array | None = None, max_len: int | None = None, logit_index: jax.Array | None = None,
+             impl: str = "auto"):
+        """One step over any cache of the cache protocol (jaxpaged.protocol): append the tokens' K/V in
+        every layer and attend. With a pure cache (`PagedKVState`, `ContiguousKVState`) it is a pure
+        function, the path jitted generation takes.
 
         Args:
           input_ids: [B, T] int32; row b continues the sequence in block-table row seq_idx[b].
-          cache: a `PagedKVState` or `ContiguousKVState`.
+          cache: a `PagedKVState`, `ContiguousKVState`, `KVCache`, `PagedKVCacheAdapter` or `NoCache`.
           seq_idx: [B] int32 block-table rows (paged only; padding rows = max_seqs).
           num_tokens: [B] int32 valid tokens per row (right padding); default T.
           max_len: static bound on positions read from the paged cache.
           logit_index: [B] int32; if given, logits only at that token of each row: [B, V].
+          impl: paged attention's path, "auto", "kernel" or "reference" (`jaxpaged.attention.choose_impl`).
 
         Returns:
           (logits [B, T, V] or [B, V] float32, cache, ok). ok is False when the cache had no room for
@@ -248,16 +219,6 @@ class MiniLLM(nnx.Module):
         """
         batch, length = input_ids.shape
         num_tokens = jnp.full((batch,), length, jnp.int32) if num_tokens is None else num_tokens
-        step = CacheStep(seq_idx, num_tokens, max_len)
-        if isinstance(cache, PagedKVState):
-            if seq_idx is None:
-                raise ValueError("a PagedKVState needs seq_idx, the block-table row of each batch row")
-            starts = cache.table.seq_lens.at[0, seq_idx].get(mode="fill", fill_value=0)
-            cache, step.slots, slots_ok = allocate_slots(cache, seq_idx, num_tokens, num_chunk_tokens=length)
-        elif isinstance(cache, ContiguousKVState):
-            starts, slots_ok = cache.seq_lens[0], jnp.asarray(True)
-        else:
-            raise TypeError(f"step takes a PagedKVState or ContiguousKVState, got {type(cache).__name__}")
-        positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-        logits, cache, ok = self._run(input_ids, cache, positions, step, logit_index)
-        return logits, cache, ok & slots_ok
+        cache, step = cache.begin_step(seq_idx, num_tokens, length, max_len=max_len, impl=impl)
+        logits, cache = self._run(input_ids, cache, step, logit_index)
+        return logits, cache, step.ok

@@ -36,28 +36,13 @@ def hf_name(path) -> tuple[str, bool]:
     return (name if keys[0] == "lm_head" else "model." + name), leaf == "kernel"
 
 
-def _stacked(path) -> bool:
-    """A parameter of the scanned layers, one array of [L, ...] (kept-apart layers have an index in the path)."""
-    keys = _keys(path)
-    return keys[0] == "layers" and not isinstance(keys[1], int)
-
-
-def _layer_name(name: str, layer: int) -> str:
-    """model.layers.mlp.up_proj.weight -> model.layers.{layer}.mlp.up_proj.weight"""
-    return name.replace("model.layers.", f"model.layers.{layer}.", 1)
-
-
 def to_hf_tensors(model: MiniLLM) -> dict[str, jax.Array]:
     """Every parameter under its Hugging Face name, in Hugging Face layout ([out, in] for linears)."""
     _, state = nnx.split(model)
     tensors = {}
     for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
         name, transposed = hf_name(path)
-        if _stacked(path):  # [L, ...]: one tensor per layer
-            for layer in range(value.shape[0]):
-                tensors[_layer_name(name, layer)] = value[layer].T if transposed else value[layer]
-        else:
-            tensors[name] = value.T if transposed else value
+        tensors[name] = value.T if transposed else value
     return tensors
 
 
@@ -85,9 +70,6 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
 
     def fill(path, spec):
         name, transposed = hf_name(path)
-        if _stacked(path):  # [L, ...]
-            return jnp.asarray(np.stack([one(_layer_name(name, layer), transposed, spec.shape[1:])
-                                         for layer in range(spec.shape[0])]), dtype)
         return jnp.asarray(one(name, transposed, spec.shape), dtype)
 
     state = jax.tree_util.tree_map_with_path(fill, abstract)

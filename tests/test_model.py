@@ -73,6 +73,9 @@ def test_paged_state_incremental_equals_full_pass(model, token_rows, full_logits
     decoded, state, step_fn = _decode_jitted(model, state, token_rows, seq_idx=seq_idx, max_len=32)
     _check(prefill, decoded, full_logits)
     assert step_fn._cache_size() == 1
+    lens = np.asarray(state.table.seq_lens)  # [L, B]: the model path advances every layer together
+    np.testing.assert_array_equal(lens, np.broadcast_to(lens[0], lens.shape))
+    np.testing.assert_array_equal(lens[0, [2, 0, 3]], np.asarray(PROMPT_LENS) + DECODE_STEPS)
 
 
 def test_contiguous_state_incremental_equals_full_pass(model, token_rows, full_logits):
@@ -131,16 +134,20 @@ def test_model_config_validates():
             big.vocab_size) == (16, 2048, 32, 8, 64, 8192, 128256)
 
 
-def test_layers_kept_apart_equal_scanned_layers(model, token_rows):
-    """The same weights stored as a scanned [L, ...] stack and as separate layers give the same logits."""
-    assert not isinstance(model.layers, nnx.List), "on the CPU the default is the scanned stack"
-    apart = model_from_hf_tensors(model.config.replace(scan_layers=False), to_hf_tensors(model))
-    assert isinstance(apart.layers, nnx.List)
-    assert set(to_hf_tensors(apart)) == set(to_hf_tensors(model))
+def test_scanned_view_equals_the_unrolled_layers_and_the_tree_is_one_everywhere(model, token_rows):
+    """The parameter tree is a list of layers whatever the backend (a checkpoint loads anywhere); the
+    scanned() view stacks them for lax.scan and gives the same logits."""
+    assert isinstance(model.layers, nnx.List) and len(model.layers) == model.config.num_layers
+    names = set(to_hf_tensors(model))
+    assert "model.layers.1.self_attn.k_proj.weight" in names
+    view = model.scanned()
+    assert not isinstance(view.layers, nnx.List)
+    assert view.layers.self_attn.k_proj.kernel[...].shape[0] == model.config.num_layers  # [L, in, out]
+    assert isinstance(model.layers, nnx.List), "the view leaves the model as it was"
     config = jp.CacheConfig.from_model_config(model.config, num_blocks=12, block_size=8, max_seqs=3)
     tokens, lens = _padded_prompts(token_rows)
     outputs = []
-    for m in (model, apart):
+    for m in (model, view):
         logits, state, ok = m.step(tokens, jp.init_state(config), seq_idx=jnp.arange(3, dtype=jnp.int32),
                                    num_tokens=lens, max_len=32)
         assert bool(ok)

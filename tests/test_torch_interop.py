@@ -231,3 +231,28 @@ def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf():
     theirs = _hf_greedy(hf_model, prompts, 32)
     for mine, ref in zip(ours, theirs):
         assert mine == ref, (tokenizer.decode(mine), tokenizer.decode(ref))
+
+
+def test_greedy_tokens_equal_transformers_on_a_tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from jaxpaged.models.config import ModelConfig
+
+    torch.manual_seed(1)
+    hf_config = Qwen3Config(vocab_size=199, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                            num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    hf_model = Qwen3ForCausalLM(hf_config).eval()
+    with torch.no_grad():  # larger random weights, so that tokens vary along the sequence
+        for p in hf_model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    config = ModelConfig(vocab_size=199, hidden_size=64, intermediate_size=160, num_layers=3, num_heads=8,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=1000000.0,
+                         rms_norm_eps=1e-6, tie_embeddings=True, qk_norm=True)
+    model = state_dict_to_minillm(config, hf_model.state_dict())
+    assert model.layers[0].self_attn.q_norm.weight[...].shape == (16,)
+    prompts = [[5, 17, 99, 3], [190, 1, 1, 7, 8, 9, 10, 42], [150]]
+    ours = generate(model, prompts, max_new_tokens=32, block_size=8, eos_token_ids=[]).tokens
+    theirs = _hf_greedy(hf_model, prompts, 32)
+    assert ours == theirs
+    assert all(len(set(t)) > 3 for t in ours), "the comparison is not on a constant sequence"
