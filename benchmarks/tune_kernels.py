@@ -282,19 +282,23 @@ def tune_prefill(old_kernel, configs=None, heads=32, kv_heads=8, head_dim=128, s
 
 
 def ab_table(result) -> str:
-    """The A/B's table: per shape, the new defaults' throughput over the old file's (above 1: faster)."""
-    lines = [f"{'kernel':8} {'heads':>9} {'shape':>14} {'new':>9} {'old':>9} {'new/old':>8}"]
+    """The A/B's table: per shape, the new defaults' throughput over the old file's (above 1: faster),
+    and the relative difference of their outputs."""
+    lines = [f"{'kernel':8} {'heads':>9} {'shape':>14} {'new':>13} {'old':>13} {'new/old':>8} {'out diff':>9}"]
     for row in result.get("decode", []):
         new, old = row["GBps"].get("default"), row["GBps"].get("previous_kernel")
         if new and old:
-            lines.append(f"{'decode':8} {row['heads']:>9} {row['batch']:>6}x{row['context']:<7} {new:7.0f}GB {old:7.0f}GB "
-                         f"{new / old:8.3f}")
+            diff = row["rel_err_vs_default"]["previous_kernel"]
+            lines.append(f"{'decode':8} {row['heads']:>9} {row['batch']:>6}x{row['context']:<7} {new:8.0f} GB/s "
+                         f"{old:8.0f} GB/s {new / old:8.3f} {diff:9.1e}")
     for row in result.get("prefill", []):
         new, old = row["tokens_per_s"].get("default"), row["tokens_per_s"].get("previous_kernel")
         if new and old:
             heads = f"{row['heads']}/{row['kv_heads']}/{row['head_dim']}"
             shape = f"{row['batch']}x{row['prefix']}+{row['chunk']}"
-            lines.append(f"{'prefill':8} {heads:>9} {shape:>14} {new / 1e6:8.2f}M {old / 1e6:8.2f}M {new / old:8.3f}")
+            diff = row["rel_err_vs_first"]["previous_kernel"]
+            lines.append(f"{'prefill':8} {heads:>9} {shape:>14} {new / 1e6:7.2f} Mtok/s {old / 1e6:7.2f} Mtok/s "
+                         f"{new / old:8.3f} {diff:9.1e}")
     return "\n".join(lines)
 
 
