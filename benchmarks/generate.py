@@ -38,14 +38,12 @@ from ceilings import copy_bandwidth, device_name, spec_bandwidth
 
 
 def load(args) -> MiniLLM:
-    scan = {"auto": None, "scan": True, "unroll": False}[args.layers]
+    """The preset's model: real weights from the embedded file for smollm2-135m, else random."""
     if args.preset == "smollm2-135m" and not args.random_weights:
         from jaxpaged.models.gguf_weights import load_gguf
-        from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
-        model = load_gguf(dtype=args.dtype)[0]
-        return model_from_hf_tensors(model.config.replace(scan_layers=scan), to_hf_tensors(model))
-    return MiniLLM(preset(args.preset, dtype=args.dtype, scan_layers=scan), rngs=nnx.Rngs(0))
+        return load_gguf(dtype=args.dtype)[0]
+    return MiniLLM(preset(args.preset, dtype=args.dtype), rngs=nnx.Rngs(0))
 
 
 def main():
@@ -83,7 +81,8 @@ def main():
         for cache in ("paged", "contiguous"):
             def run():
                 return generate(model, prompts, max_new_tokens=args.new_tokens, cache=cache, block_size=args.block_size,
-                                eos_token_ids=[], chunk_size=args.chunk_size, impl=args.impl)
+                                eos_token_ids=[], chunk_size=args.chunk_size, impl=args.impl,
+                                scan_layers={"auto": None, "scan": True, "unroll": False}[args.layers])
 
             first = run()  # compiles
             timed = [run() for _ in range(args.repeats)]

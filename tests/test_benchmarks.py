@@ -43,6 +43,20 @@ def test_attention_benchmark_smoke_writes_prefill_and_chunked_prefill(tmp_path):
     assert (tmp_path / "prefill.png").exists() or "matplotlib not installed" in replot.stdout
 
 
+@pytest.mark.slow
+def test_generation_benchmark_runs_the_chosen_attention_path(tmp_path):
+    out = tmp_path / "generate.json"
+    result = _run("benchmarks/generate.py", "--preset", "tiny", "--batch-sizes", "1", "--prompt-len", "8", "--new-tokens", "8",
+                  "--chunk-size", "8", "--repeats", "1", "--impl", "reference", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert (written["impl"], written["spec_bandwidth_Bps"], written["copy_Bps"]) == ("reference", None, None)
+    (row,) = written["rows"]
+    assert row["greedy_tokens_identical"]
+    assert row["roofline_vs_spec"] is None and row["decode_step_bytes"] > written["weight_bytes"]  # no roofline on a CPU
+    assert row["paged_decode_tokens_per_s"] > 0 and row["contiguous_decode_tokens_per_s"] > 0
+
+
 def test_spec_bandwidth_is_looked_up_by_the_exact_device_name():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
