@@ -1,7 +1,7 @@
-"""Paged decode attention on the GPU: jaxpaged's kernel against its peers, in one run, on the same shapes.
+"""Paged attention on the GPU: jaxpaged's kernels against their peers, in one run, on the same shapes.
 
-Peers: jax's Pallas paged kernel (`jax.experimental.pallas.ops.gpu.paged_attention`, its block
-parameters tuned per shape), XLA gather-then-attend (jaxpaged's reference path), XLA dense
+Decode peers: jax's Pallas paged kernel (`jax.experimental.pallas.ops.gpu.paged_attention`, its
+block parameters tuned per shape), XLA gather-then-attend (jaxpaged's reference path), XLA dense
 attention over a contiguous cache, and torch's scaled_dot_product_attention over a contiguous cache.
 Every sequence holds the full context; block tables are random permutations (fragmented pools).
 Times are device time per call: 20 back-to-back calls under the profiler, the durations of all
@@ -10,25 +10,30 @@ the kernels and copies they ran on the GPU summed and divided by 20, the same fo
 neither framework's host dispatch nor launch gaps count. Wall-clock times are recorded beside: for
 jaxpaged a jitted loop of 20 dependent calls, for torch 20 back-to-back calls. Inputs rotate over
 enough copies to exceed the 50 MB L2 cache. jaxpaged's kernel runs with its defaults (what the
-model uses); the best of those and three alternatives (the block gather and the row gather forced,
-twice the splits) is recorded beside, and the kernel over the same pools in the layout before
-(NPKD, [L, N, P, K, D], against jaxpaged's head-major [L, K, N, P, D]). Effective bandwidth counts
-the K and V bytes read once. A device copy measured in the same run gives the ceiling.
+model uses); the best of those and four alternatives (the block gather and the row gather forced,
+twice the splits, one kv head a program) is recorded beside.
+
+Effective bandwidth counts the K and V bytes read once. It is reported as a share of the card's
+specified bandwidth (ceilings.py; "no spec" for a card missing from its table, and then only the
+copy's share), with XLA's device copy (read + write) and read-only sum, measured in the same run,
+beside it as peers: a kernel that only reads can pass the copy, so the copy is no ceiling.
 
 Also measured: prefill and chunked prefill (causal, a chunk of T tokens on a cached prefix, prefix 0
 for a whole prompt; 32/8/128 and SmolLM2's 9/3/64 heads) tokens/s of jaxpaged's prefill kernel and
-of its reference path, against XLA dense attention and torch SDPA, and for whole prompts jax's own
-flash-attention kernels too (cuDNN's through jax.nn, Pallas on Triton and on Mosaic GPU, their tiles
-tuned per shape), device time per call as for decode; the cost of the decode KV write, and the
-write's in-place update (donation, HLO aliasing, temporary bytes).
+of its reference path (gather, then attend), against XLA dense attention and torch SDPA, and for
+whole prompts jax's own flash-attention kernels too (cuDNN's through jax.nn, Pallas on Triton and
+on Mosaic GPU, their tiles tuned per shape), device time per call as for decode; the cost of the
+decode KV write, and the write's in-place update (donation, HLO aliasing, temporary bytes).
 
 Run: python benchmarks/attention.py --out-dir DIR   (add --quick for a small smoke test; --interpret on a CPU;
-     --heads 32/8/64 9/3/64 --all-sizes --only decode for the other head shapes at every size)
+     --heads 32/8/64 9/3/64 --all-sizes --only decode for the other head shapes at every size;
+     --replot JSON to redraw a result's plots against the card's specified bandwidth)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -42,8 +47,9 @@ import numpy as np
 
 import jaxpaged as jp
 from jaxpaged.attention import attend
-from jaxpaged.kernels.triton_decode import paged_decode_attention, paged_prefill_attention
-from timing import copy_ceiling, median_time, median_time_in_loop, seconds_per_call
+from jaxpaged.kernels import launch, paged_decode_attention, paged_prefill_attention
+from ceilings import describe, measure, share, spec_bandwidth
+from timing import median_time, median_time_in_loop, seconds_per_call
 
 L2_BYTES = 50 * 2**20
 JAX_PAGES_PER_BLOCK = (4, 8, 16, 32)  # jax's kernel: pages per compute block,
@@ -86,11 +92,6 @@ def gather_blocks(pool, tables):
 def dense_from_paged(s, block_size):
     """Contiguous [B, S, K, D] copies of the paged K/V (what a contiguous cache would hold)."""
     return gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"])
-
-
-def npkd(pool):
-    """A [L, K, N, P, D] pool in the layout before, [L, N, P, K, D]."""
-    return jnp.transpose(pool, (0, 2, 3, 1, 4))
 
 
 @jax.jit
@@ -137,7 +138,7 @@ def tune_jax_paged(args, blocks_per_seq, timer, error, interpret=False, toleranc
     return timed
 
 
-def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, ceiling, interpret, with_torch):
+def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, ceilings, interpret, with_torch):
     def time_jax(fn, args, name=None):
         if interpret:
             return median_time(fn, args)
@@ -163,39 +164,26 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
         out = np.asarray(out, np.float32)
         return float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) if np.isfinite(out).all() else float("inf")
 
-    # Ours: the defaults (what the model runs), and the best of them and two alternatives.
-    from jaxpaged.kernels import triton_decode
-
-    steps = blocks_per_seq // triton_decode.default_blocks_per_step(block_size, blocks_per_seq)
-    packed = triton_decode.default_heads_per_program(batch * kv_heads, kv_heads, heads // kv_heads, context)
-    one_per_sm = triton_decode.default_one_per_sm(batch * kv_heads // packed)  # one split, longer steps
-    auto_splits = 1 if one_per_sm else triton_decode.default_launch(batch, kv_heads // packed, head_dim, steps)[0]
+    # Ours: the defaults (what the model runs, for this card), and the best of them and four alternatives.
+    defaults = launch.decode_launch(batch, heads, kv_heads, head_dim, block_size, blocks_per_seq, 2, launch.this_gpu())
     args = [(x["q"], x["pool_k"], x["pool_v"], x["layer"], x["tables"], x["lengths"]) for x in sets]
     results = {}
     best = None
     for name, params in (("jaxpaged", {}), ("jaxpaged_block_gather", {"row_gather": False}),
                          ("jaxpaged_row_gather", {"row_gather": True}),
-                         ("jaxpaged_splits_x2", {"num_splits": 2 * auto_splits}),
+                         ("jaxpaged_splits_x2", {"num_splits": 2 * defaults.splits}),
                          ("jaxpaged_one_head_a_program", {"heads_per_program": 1})):
         fn = functools.partial(paged_decode_attention, interpret=interpret, **params)
         err = rel_err(fn(*args[0]))
         results[name] = time_jax(fn, args, None if params else "jaxpaged")
         if not params:
             row["jaxpaged_rel_err"] = err
-            row["jaxpaged_defaults"] = {"num_splits": auto_splits, "one_per_sm": one_per_sm,
-                                        "row_gather": triton_decode.default_row_gather(steps, auto_splits),
-                                        "heads_per_program": packed}
+            row["jaxpaged_defaults"] = dataclasses.asdict(defaults)
             if not interpret:
                 row["jaxpaged_wall_seconds_in_jitted_loop"] = median_time_in_loop(fn, args)
         if err < 2e-2 and (best is None or results[name] < best[1]):
             best = (params, results[name])
     row["jaxpaged_best_params"], results["jaxpaged_best"] = best
-    # The pool-layout comparison: the same kernel and defaults over the pools in the layout before.
-    npkd_sets = [(x["q"], npkd(x["pool_k"]), npkd(x["pool_v"]), x["layer"], x["tables"], x["lengths"]) for x in sets]
-    fn = functools.partial(paged_decode_attention, layout="NPKD", interpret=interpret)
-    row["jaxpaged_npkd_rel_err"] = rel_err(fn(*npkd_sets[0]))
-    results["jaxpaged_npkd_layout"] = time_jax(fn, npkd_sets)
-    del npkd_sets
 
     # jax's Pallas paged kernel, tuned over its launch parameters.
     # jax's kernel applies no 1/sqrt(D): the caller scales q (outside the timed call).
@@ -232,7 +220,9 @@ def bench_decode(rng, batch, context, heads, kv_heads, head_dim, block_size, cei
 
     row["seconds"] = results
     row["bandwidth_GBps"] = {name: kv_bytes / sec / 1e9 for name, sec in results.items()}
-    row["fraction_of_copy_ceiling"] = results["jaxpaged"] and kv_bytes / results["jaxpaged"] / ceiling
+    ours = kv_bytes / results["jaxpaged"]
+    row["fraction_of_spec"] = ceilings["spec_bandwidth_Bps"] and ours / ceilings["spec_bandwidth_Bps"]
+    row["fraction_of_copy"] = ours / ceilings["copy_Bps"]  # a peer's rate, which a read-only kernel can pass
     for peer in ("torch_sdpa", "jax_pallas_paged", "xla_gather_attend", "xla_dense"):
         if peer in results:
             row[f"speedup_vs_{peer}"] = results[peer] / results["jaxpaged"]
@@ -298,9 +288,10 @@ def prefill_peers_jax(q, k, v, expected, timer, tolerance=2e-2):
     return seconds, errors, settings, failures
 
 
-def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, with_peers):
+def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, with_peers, interpret):
     """Causal attention of a chunk of `chunk` tokens per sequence on a cached prefix of `prefix`
-    (prefix 0: a whole prompt's prefill): tokens/s of the chunk's attention alone."""
+    (prefix 0: a whole prompt's prefill): tokens/s of the chunk's attention alone. The kernel
+    (`interpret`: in Pallas's interpret mode, on a CPU) and the reference path over the same pools."""
     context = prefix + chunk
     config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=batch * context // block_size,
                             block_size=block_size, max_seqs=batch, dtype="bfloat16")
@@ -314,26 +305,26 @@ def bench_prefill(batch, prefix, chunk, heads, kv_heads, head_dim, block_size, w
     lengths = jnp.full((batch,), context, jnp.int32)
     dense = jax.jit(lambda q, k, v: attend(q, k, v, positions, lengths))
     expected = np.asarray(dense(q, k, v), np.float32)
-    timer = lambda fn, args: seconds_per_call(fn, args)[0]  # noqa: E731  (device time, as for decode)
+    timer = (lambda fn, args: median_time(fn, args, rounds=3, calls=2)) if interpret else (
+        lambda fn, args: seconds_per_call(fn, args)[0])  # device time, as for decode
 
     def rel_err(out):
         out = np.asarray(out, np.float32)
         return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
 
+    tables = state.table.block_ids[:batch]
+    kernel = jax.jit(lambda q, state: paged_prefill_attention(q, state.pools.k, state.pools.v, 0, tables, lengths, positions,
+                                                              interpret=interpret))
+
+    @jax.jit
+    def reference(q, state):  # what jp.paged_attention runs without the kernels
+        k, v, seq_lens = jp.gather_kv(state, 0, seq_idx, max_len=context)
+        return attend(q, k, v, positions, seq_lens)
+
     results, errors = {}, {}
-    for name, kernel in (("jaxpaged", "1"), ("jaxpaged_reference", "0")):
-        os.environ["JAXPAGED_KERNELS"] = kernel  # read when paged_attention is traced, just below
-        paged = jax.jit(lambda q, state: jp.paged_attention(q, state, 0, seq_idx, positions, max_len=context))
-        errors[name] = rel_err(paged(q, state))
-        results[name] = timer(paged, [(q, state)])
-    os.environ.pop("JAXPAGED_KERNELS")
-    if with_peers:  # on the GPU: the prefill kernel over the same pools in the layout before
-        tables = state.table.block_ids[:batch]
-        fn = jax.jit(lambda q, k, v: paged_prefill_attention(q, k, v, 0, tables, lengths, positions, layout="NPKD"))
-        npkd_args = (q, npkd(state.pools.k), npkd(state.pools.v))
-        errors["jaxpaged_npkd_layout"] = rel_err(fn(*npkd_args))
-        results["jaxpaged_npkd_layout"] = timer(fn, [npkd_args])
-        del npkd_args
+    for name, fn in (("jaxpaged", kernel), ("jaxpaged_reference", reference)):
+        errors[name] = rel_err(fn(q, state))
+        results[name] = timer(fn, [(q, state)])
     results["xla_dense"] = timer(dense, [(q, k, v)])
     settings, failures = {}, {}
     if with_peers and prefix == 0:
@@ -409,57 +400,78 @@ def main():
         return
     on_gpu = jax.default_backend() == "gpu"
     with_torch = on_gpu
-    device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     rng = np.random.default_rng(0)
-    ceiling = copy_ceiling(2**24 if args.quick else 2**31)
-    print(f"{device}: device copy {ceiling / 1e12:.2f} TB/s (read + write)")
+    ceilings = measure(2**24 if args.quick else 2**31)
+    print(describe(ceilings))
 
     head_shapes = [(32, 8, 128)] if args.quick else [tuple(int(x) for x in h.split("/")) for h in args.heads]
     batches, contexts = ((1, 4), (128, 256)) if args.quick else ((1, 8, 32, 128), (512, 2048, 8192))
     sizes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else [
         (batch, context) for batch in batches for context in contexts]
-    decode = []
+    decode, prefill, write = [], [], []
+    result = {**ceilings, "jax": jax.__version__, "decode": decode, "prefill": prefill, "kv_write": write}
+    os.makedirs(args.out_dir, exist_ok=True)
+    json_path = os.path.join(args.out_dir, f"{'prefill' if args.only == 'prefill' else 'attention'}{args.tag}.json")
+
+    def save():  # after every shape, so that a run stopped by a timeout keeps the shapes it finished
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+
     for heads, kv_heads, head_dim in head_shapes if args.only != "prefill" else ():
         for batch, context in sizes:
             large = batch >= 32 and context >= 2048
             if (heads, kv_heads, head_dim) != head_shapes[0] and not (large or args.all_sizes or args.shapes):
                 continue  # the other head shapes at the large sizes only
             try:
-                row = bench_decode(rng, batch, context, heads, kv_heads, head_dim, 16, ceiling, args.interpret, with_torch)
+                row = bench_decode(rng, batch, context, heads, kv_heads, head_dim, 16, ceilings, args.interpret, with_torch)
             except Exception as error:  # report and go on: the other shapes still tell something
                 print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch} S{context}: failed: {type(error).__name__}: {error}"[:2000])
                 continue
             decode.append(row)
+            save()
             bw = row["bandwidth_GBps"]
+            fraction, of = share(bw["jaxpaged"] * 1e9, ceilings)
             print(f"H{heads}/K{kv_heads}/D{head_dim} B{batch:>4} S{context:>5}: " + "  ".join(
-                f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {row['fraction_of_copy_ceiling']:.0%} of copy)")
+                f"{name} {bw[name]:7.0f}" for name in bw) + f"  GB/s  (ours {fraction:.0%} of {of})")
     with_prefill = args.only != "decode"
-    prefill = [bench_prefill(b, prefix, chunk, heads, kv_heads, head_dim, 16, with_torch)
-               for heads, kv_heads, head_dim in ([(32, 8, 128)] if args.quick else args.prefill_heads) if with_prefill
-               for b, prefix, chunk in (((1, 0, 128), (1, 64, 64)) if args.quick else PREFILL_SHAPES)]
-    write = [bench_write(b, s, 8, 128, 16) for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048))) if with_prefill]
-    result = {"device": device, "jax": jax.__version__, "copy_ceiling_Bps": ceiling, "decode": decode, "prefill": prefill,
-              "kv_write": write}
-    os.makedirs(args.out_dir, exist_ok=True)
-    json_path = os.path.join(args.out_dir, f"{'prefill' if args.only == 'prefill' else 'attention'}{args.tag}.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    for heads, kv_heads, head_dim in ([(32, 8, 128)] if args.quick else args.prefill_heads) if with_prefill else ():
+        for b, prefix, chunk in ((1, 0, 128), (1, 64, 64)) if args.quick else PREFILL_SHAPES:
+            prefill.append(bench_prefill(b, prefix, chunk, heads, kv_heads, head_dim, 16, with_torch, args.interpret))
+            save()
+    for b, s in (((4, 128),) if args.quick else ((32, 2048), (128, 2048))) if with_prefill else ():
+        write.append(bench_write(b, s, 8, 128, 16))
+    save()
 
     print_prefill(prefill)
     for w in write:
         print(f"KV write B{w['batch']}: {w['seconds'] * 1e6:.1f} us, pools aliased in place: {w['pools_aliased']}, "
               f"temporary bytes {w['temp_bytes']} (pool {w['pool_bytes_each']})")
-    if decode:
-        print(f"\n{'shape':<22}{'ours GB/s':>10}{'copy %':>8}{'vs sdpa':>9}{'vs jax':>8}{'vs gather':>10}{'vs dense':>9}"
-              "  rows/blocks  KNPD/NPKD layout")
+    print_decode(decode, ceilings)
+    plot_all(result, json_path)
+
+
+def print_decode(decode, ceilings):
+    """One line per decode shape: ours in GB/s and as a share of the spec (of the measured copy
+    where the card has none), ours against each peer (time ratios), the two gathers' ratio."""
+    if not decode:
+        return
+    of = share(1.0, ceilings)[1]
+    print(f"\n{describe(ceilings)}")
+    print(f"{'shape':<22}{'ours GB/s':>10}{'of ' + of:>9}{'vs sdpa':>9}{'vs jax':>8}{'vs gather':>10}{'vs dense':>9}"
+          "  rows/blocks")
     for r in decode:
         name = f"H{r['heads']}K{r['kv_heads']}D{r['head_dim']} B{r['batch']} S{r['context']}"
         sp = lambda k: f"{r.get(k, float('nan')):.2f}x"  # noqa: E731
-        print(f"{name:<22}{r['bandwidth_GBps']['jaxpaged']:>10.0f}{r['fraction_of_copy_ceiling']:>8.0%}{sp('speedup_vs_torch_sdpa'):>9}"
-              f"{sp('speedup_vs_jax_pallas_paged'):>8}{sp('speedup_vs_xla_gather_attend'):>10}{sp('speedup_vs_xla_dense'):>9}"
-              f"  {r['seconds']['jaxpaged_block_gather'] / r['seconds']['jaxpaged_row_gather']:11.2f}"
-              f"  {r['seconds']['jaxpaged_npkd_layout'] / r['seconds']['jaxpaged']:16.2f}")
-    plot_all(result, json_path)
+        print(f"{name:<22}{r['bandwidth_GBps']['jaxpaged']:>10.0f}{share(r['bandwidth_GBps']['jaxpaged'] * 1e9, ceilings)[0]:>9.0%}"
+              f"{sp('speedup_vs_torch_sdpa'):>9}{sp('speedup_vs_jax_pallas_paged'):>8}{sp('speedup_vs_xla_gather_attend'):>10}"
+              f"{sp('speedup_vs_xla_dense'):>9}  {r['seconds']['jaxpaged_block_gather'] / r['seconds']['jaxpaged_row_gather']:11.2f}")
+
+
+def ceilings_of(result):
+    """The specified bandwidth (looked up again by the card's name, so that files written before
+    the spec table read the same) and the copy measured in the run, of a result file."""
+    return {"device": result["device"], "spec_bandwidth_Bps": spec_bandwidth(result["device"]),
+            "copy_Bps": result.get("copy_Bps") or result["copy_ceiling_Bps"], "sum_Bps": result.get("sum_Bps")}
 
 
 def plot_all(result, json_path):
@@ -468,7 +480,7 @@ def plot_all(result, json_path):
     stem = os.path.splitext(json_path)[0]
     try:
         if result["decode"]:
-            plot(result["decode"], stem + ".png", result["device"], result["copy_ceiling_Bps"])
+            plot(result["decode"], stem + ".png", ceilings_of(result))
         if result["prefill"]:
             plot_prefill(result["prefill"], stem + ("_prefill.png" if result["decode"] else ".png"), result["device"])
     except ImportError:
@@ -485,7 +497,8 @@ def plot_prefill(prefill, path, device):
 
     base = "torch_sdpa" if all("torch_sdpa" in p["tokens_per_s"] for p in prefill) else "xla_dense"
     paths = [name for name in ("jaxpaged", "jax_cudnn", "jax_pallas_mha", "xla_dense") if name != base]
-    labels = [f"{p['heads']}/{p['kv_heads']}/{p['head_dim']}\nB{p['batch']} {p['prefix']}+{p['chunk']}" for p in prefill]
+    labels = [f"{p['heads']}/{p['kv_heads']}/{p['head_dim']}\nB{p['batch']} {p.get('prefix', 0)}+{p.get('chunk', p['context'])}"
+              for p in prefill]  # (files written before chunked prefill hold whole prompts, `context` tokens)
     x = np.arange(len(prefill))
     width = 0.2
     plt.figure(figsize=(12, 4.5))
@@ -508,7 +521,9 @@ def plot_prefill(prefill, path, device):
 
 def print_prefill(prefill):
     """Millions of tokens/s per prefill shape: jaxpaged's kernel, then each peer's ratio to it."""
-    names = [name for name in prefill[0]["tokens_per_s"] if name != "jaxpaged"] if prefill else []
+    if not prefill:
+        return
+    names = [name for name in prefill[0]["tokens_per_s"] if name != "jaxpaged"]
     for p in prefill[1:]:
         names += [name for name in p["tokens_per_s"] if name not in names and name != "jaxpaged"]
     print(f"\nprefill, M tokens/s ({', '.join(names)}: ours / theirs)")
@@ -519,7 +534,9 @@ def print_prefill(prefill):
         print(f"{shape}: {tps['jaxpaged'] / 1e6:7.2f}   {ratios}")
 
 
-def plot(decode, path, device, ceiling):
+def plot(decode, path, ceilings):
+    """GB/s of every decode path at the first head shape's sizes, the card's specified bandwidth
+    (where known) and the XLA copy measured in the run drawn across."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -534,11 +551,16 @@ def plot(decode, path, device, ceiling):
     plt.figure(figsize=(12, 4.5))
     for i, peer in enumerate(peers):
         plt.bar(x + (i - 2) * width, [r["bandwidth_GBps"].get(peer, 0) for r in rows], width, label=peer)
-    plt.axhline(ceiling / 1e9, color="k", linestyle="--", linewidth=1, label="device copy")
+    spec = ceilings["spec_bandwidth_Bps"]
+    if spec:
+        plt.axhline(spec / 1e9, color="k", linewidth=1.2, label=f"specified {spec / 1e12:.2f} TB/s")
+    plt.axhline(ceilings["copy_Bps"] / 1e9, color="k", linestyle="--", linewidth=1, label="XLA copy (read + write), same run")
+    plt.ylim(0, (spec or ceilings["copy_Bps"]) / 1e9 * 1.25)  # room for the legend
     plt.xticks(x, labels, fontsize=8)
     plt.ylabel("effective GB/s (K and V bytes / time)")
-    plt.title(f"Paged decode attention, {heads} query / {kv_heads} kv heads, head dim {head_dim}, bf16, block 16 — {device}")
-    plt.legend(fontsize=8, ncol=3)
+    plt.title(f"Paged decode attention, {heads} query / {kv_heads} kv heads, head dim {head_dim}, bf16, block 16 — "
+              f"{ceilings['device']}" + ("" if spec else " (no spec)"), fontsize=10)
+    plt.legend(fontsize=8, ncol=4)
     plt.tight_layout()
     plt.savefig(path, dpi=120)
     print(f"wrote {path}")

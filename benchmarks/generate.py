@@ -2,16 +2,21 @@
 
 Each configuration is generated once to compile, then timed `--repeats` times; the table gives
 medians. Prompts are random token ids of one length, EOS is disabled so every sequence decodes
-the full `--new-tokens`, and greedy paged and contiguous outputs are checked to be identical.
-On a GPU, the decode roofline: bytes of weights plus live K/V per step over a device copy measured
-in the same run. Not on the CPU, where an XLA elementwise pass (about 6 GB/s on a 2-core machine)
-is slower than the model's matrix-vector products read, so a copy is no ceiling there.
+the full `--new-tokens`, and greedy paged and contiguous outputs are compared. The attention path
+is `generate(..., impl=...)`: "kernel" (the Pallas kernels), "reference" (gather then attend) or
+"auto" (the kernels where they run).
+On a GPU, the decode roofline: each step reads every weight once and every live K/V once; those
+bytes at the card's specified bandwidth (ceilings.py) give the step's floor, and the roofline
+fraction is that floor over the measured step time. XLA's device copy, measured in the same run,
+is reported beside as a peer (its fraction too, and alone where the card has no spec). Not on the
+CPU, where an XLA elementwise pass (about 6 GB/s on a 2-core machine) is slower than the model's
+matrix-vector products read.
 
 Examples:
   python benchmarks/generate.py --preset tiny --batch-sizes 1 8
   python benchmarks/generate.py --preset smollm2-135m --batch-sizes 1 4          # real weights
-  python benchmarks/generate.py --preset llama-1b --batch-sizes 1 32 128 --dtype bfloat16 --random-weights
-  python benchmarks/generate.py --preset smollm2-135m-random --batch-sizes 1 32 128 --dtype bfloat16
+  python benchmarks/generate.py --preset llama-1b --batch-sizes 1 32 128 --dtype bfloat16 --impl kernel
+  python benchmarks/generate.py --preset smollm2-135m-random --batch-sizes 1 32 128 --dtype bfloat16 --impl reference
 """
 
 from __future__ import annotations
@@ -29,23 +34,16 @@ from tqdm import tqdm
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
-from timing import copy_ceiling
+from ceilings import copy_bandwidth, device_name, spec_bandwidth
 
 
 def load(args) -> MiniLLM:
-    scan = {"auto": None, "scan": True, "unroll": False}[args.layers]
+    """The preset's model: real weights from the embedded file for smollm2-135m, else random."""
     if args.preset == "smollm2-135m" and not args.random_weights:
         from jaxpaged.models.gguf_weights import load_gguf
-        from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
-        model = load_gguf(dtype=args.dtype)[0]
-        return model_from_hf_tensors(model.config.replace(scan_layers=scan), to_hf_tensors(model))
-    return MiniLLM(preset(args.preset, dtype=args.dtype, scan_layers=scan), rngs=nnx.Rngs(0))
-
-
-def device_name() -> str:
-    device = jax.devices()[0]
-    return getattr(device, "device_kind", device.platform)
+        return load_gguf(dtype=args.dtype)[0]
+    return MiniLLM(preset(args.preset, dtype=args.dtype), rngs=nnx.Rngs(0))
 
 
 def main():
@@ -59,6 +57,8 @@ def main():
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=32, help="decode steps per jitted call")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impl", choices=("auto", "kernel", "reference"), default="auto",
+                        help="attention path: the Pallas kernels, gather-then-attend, or auto (kernels where they run)")
     parser.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto",
                         help="scanned [L, ...] stack or separate unrolled layers (auto: scan on the CPU only)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate_<preset>_<device>.json)")
@@ -67,7 +67,9 @@ def main():
 
     model = load(args)
     device = device_name()
-    ceiling = copy_ceiling(2**31) if jax.default_backend() == "gpu" else None  # no ceiling on the CPU (docstring)
+    on_gpu = jax.default_backend() == "gpu"  # no roofline on the CPU (docstring)
+    spec = spec_bandwidth(device) if on_gpu else None
+    copy = copy_bandwidth(2**31) if on_gpu else None
     c = model.config
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(jnp.dtype(c.dtype)).itemsize
@@ -79,7 +81,8 @@ def main():
         for cache in ("paged", "contiguous"):
             def run():
                 return generate(model, prompts, max_new_tokens=args.new_tokens, cache=cache, block_size=args.block_size,
-                                eos_token_ids=[], chunk_size=args.chunk_size)
+                                eos_token_ids=[], chunk_size=args.chunk_size, impl=args.impl,
+                                scan_layers={"auto": None, "scan": True, "unroll": False}[args.layers])
 
             first = run()  # compiles
             timed = [run() for _ in range(args.repeats)]
@@ -92,11 +95,15 @@ def main():
         paged, dense = results["paged"], results["contiguous"]
         # The decode roofline: each step reads every weight once and every live K/V once.
         step_bytes = weight_bytes + batch * (args.prompt_len + args.new_tokens / 2) * kv_bytes_per_token
-        floor_seconds = step_bytes / ceiling if ceiling else None
+
+        def fractions(bandwidth):  # the step's floor at `bandwidth` over the measured step time
+            return bandwidth and {name: step_bytes / bandwidth * results[name]["decode_tokens_per_s"] / batch
+                                  for name in results}
+
         rows.append({
-            "roofline_fraction_paged": floor_seconds and floor_seconds * paged["decode_tokens_per_s"] / batch,
-            "roofline_fraction_contiguous": floor_seconds and floor_seconds * dense["decode_tokens_per_s"] / batch,
-            "decode_step_floor_ms": floor_seconds and floor_seconds * 1e3,
+            "decode_step_bytes": step_bytes,
+            "decode_step_floor_ms": spec and step_bytes / spec * 1e3,
+            "roofline_vs_spec": fractions(spec), "roofline_vs_copy": fractions(copy),
             "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "paged_prefill_tokens_per_s": paged["prefill_tokens_per_s"],
             "contiguous_prefill_tokens_per_s": dense["prefill_tokens_per_s"],
@@ -109,21 +116,24 @@ def main():
         })
 
     print(f"\n{args.preset} ({args.dtype}, {'random' if args.random_weights or args.preset != 'smollm2-135m' else 'real'} "
-          f"weights) on {device}, prompt {args.prompt_len}, {args.new_tokens} new tokens, block size {args.block_size}")
+          f"weights, impl {args.impl}) on {device}, prompt {args.prompt_len}, {args.new_tokens} new tokens, block size {args.block_size}")
     print(f"{'batch':>6}{'prefill paged':>15}{'prefill contig':>16}{'decode paged':>14}{'decode contig':>15}"
-          f"{'decode ratio':>14}{'same tokens':>13}{'roofline':>10}")
+          f"{'decode ratio':>14}{'same tokens':>13}{'of spec':>9}{'of copy':>9}")
     for r in rows:
         print(f"{r['batch']:>6}{r['paged_prefill_tokens_per_s']:>15.0f}{r['contiguous_prefill_tokens_per_s']:>16.0f}"
               f"{r['paged_decode_tokens_per_s']:>14.0f}{r['contiguous_decode_tokens_per_s']:>15.0f}"
               f"{r['decode_ratio_paged_over_contiguous']:>13.2f}x{str(r['greedy_tokens_identical']):>13}"
-              + (f"{r['roofline_fraction_paged']:>10.0%}" if ceiling else f"{'—':>10}"))
-    print(f"weights {weight_bytes / 1e9:.2f} GB; " + (f"copy ceiling {ceiling / 1e12:.2f} TB/s (read + write), measured in "
-                                                      "this run" if ceiling else "no roofline on the CPU"))
+              + "".join(f"{r[key]['paged']:>9.0%}" if r[key] else f"{'—':>9}" for key in ("roofline_vs_spec", "roofline_vs_copy")))
+    bandwidths = (f"specified {spec / 1e12:.2f} TB/s" if spec else "no spec for this card") + (
+        f"; XLA copy {copy / 1e12:.2f} TB/s (read + write), measured in this run" if copy else "")
+    print(f"weights {weight_bytes / 1e9:.2f} GB; roofline (paged) = the step's bytes at the bandwidth / its time; "
+          + (bandwidths if on_gpu else "no roofline on the CPU"))
 
-    out = args.out or f"benchmarks/results/generate_{args.preset}_{device.replace(' ', '_')}.json"
+    suffix = "" if args.impl == "auto" else f"_{args.impl}"
+    out = args.out or f"benchmarks/results/generate_{args.preset}_{device.replace(' ', '_')}{suffix}.json"
     with open(out, "w") as f:
-        json.dump({"preset": args.preset, "dtype": args.dtype, "device": device, "jax": jax.__version__,
-                   "copy_ceiling_Bps": ceiling, "weight_bytes": weight_bytes,
+        json.dump({"preset": args.preset, "dtype": args.dtype, "device": device, "jax": jax.__version__, "impl": args.impl,
+                   "spec_bandwidth_Bps": spec, "copy_Bps": copy, "weight_bytes": weight_bytes,
                    "block_size": args.block_size, "chunk_size": args.chunk_size, "repeats": args.repeats, "rows": rows}, f,
                   indent=2)
     print(f"wrote {out}")
@@ -141,7 +151,7 @@ def main():
         plt.yscale("log")
         plt.xlabel("batch")
         plt.ylabel("decode tokens/s")
-        plt.title(f"{args.preset} {args.dtype} on {device}")
+        plt.title(f"{args.preset} {args.dtype}, impl {args.impl}, on {device}")
         plt.legend()
         plt.tight_layout()
         plt.savefig(args.plot, dpi=120)

@@ -1,4 +1,5 @@
-"""Shared timing helpers for the benchmark scripts: medians of back-to-back calls, and the device copy ceiling."""
+"""Shared timing helpers for the benchmark scripts: medians of back-to-back calls, calls in a jitted
+loop, and device time from profiler traces. (What a bandwidth is measured against: ceilings.py.)"""
 
 from __future__ import annotations
 
@@ -32,13 +33,6 @@ def median_time(fn, inputs, rounds=5, calls=20, sync=None):
         sync(out)
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
-
-
-def copy_ceiling(size_bytes=2**31) -> float:
-    """Bytes per second of a device-to-device pass over a buffer, counting bytes read plus written."""
-    x = jnp.ones((size_bytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
-    return 2 * size_bytes / median_time(copy, [(x,)])
 
 
 def median_time_in_loop(fn, inputs, reps=20, rounds=5):
@@ -89,7 +83,7 @@ def device_time(fn, inputs, calls=20, sync=None):
     """Device time per call: `calls` back-to-back calls (inputs in turn) under the profiler, after a
     warm-up call on every input. (With only the first two warmed up, the first path timed on fresh
     inputs took 0.2-0.4 us more per call than the same kernel timed after it, at the few-microsecond
-    decode shapes of one H100 run: BENCHMARKS.md.)
+    decode shapes of one H100 run: benchmarks/NOTES.md.)
 
     The time the GPU was busy with the calls' kernels and copies (overlaps counted once), so neither
     the host's dispatch nor the gaps between launches count: what is left is what the calls cost

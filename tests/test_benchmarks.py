@@ -1,6 +1,7 @@
-"""The benchmark scripts run where the suite runs: every one answers --help, and the attention
+"""The benchmark scripts run where the suite runs: every one answers --help, the attention
 benchmark's smoke mode (small shapes, Pallas in interpret mode) writes its JSON, which --replot
-draws again."""
+draws again, bandwidths are looked up by the card's name, and the docs hold the tables that
+headline.py computes from the result files."""
 
 import json
 import os
@@ -34,11 +35,46 @@ def test_attention_benchmark_smoke_writes_prefill_and_chunked_prefill(tmp_path):
     for row in rows:
         assert set(row["tokens_per_s"]) >= {"jaxpaged", "jaxpaged_reference", "xla_dense"}
         assert all(tps > 0 for tps in row["tokens_per_s"].values())
-        assert row["rel_err_vs_xla_dense"]["jaxpaged"] < 1e-5  # (on a CPU both run the reference)
+        assert row["rel_err_vs_xla_dense"]["jaxpaged"] < 1e-2  # the prefill kernel, interpreted, in bfloat16
+        assert row["rel_err_vs_xla_dense"]["jaxpaged_reference"] < 1e-5  # gather then attend: XLA dense's arithmetic
     assert "prefill, M tokens/s" in result.stdout
     replot = _run("benchmarks/attention.py", "--replot", str(tmp_path / "prefill.json"))
     assert replot.returncode == 0, replot.stderr
     assert (tmp_path / "prefill.png").exists() or "matplotlib not installed" in replot.stdout
+
+
+@pytest.mark.slow
+def test_generation_benchmark_runs_the_chosen_attention_path(tmp_path):
+    out = tmp_path / "generate.json"
+    result = _run("benchmarks/generate.py", "--preset", "tiny", "--batch-sizes", "1", "--prompt-len", "8", "--new-tokens", "8",
+                  "--chunk-size", "8", "--repeats", "1", "--impl", "reference", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert (written["impl"], written["spec_bandwidth_Bps"], written["copy_Bps"]) == ("reference", None, None)
+    (row,) = written["rows"]
+    assert row["greedy_tokens_identical"]
+    assert row["roofline_vs_spec"] is None and row["decode_step_bytes"] > written["weight_bytes"]  # no roofline on a CPU
+    assert row["paged_decode_tokens_per_s"] > 0 and row["contiguous_decode_tokens_per_s"] > 0
+
+
+def test_spec_bandwidth_is_looked_up_by_the_exact_device_name():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from ceilings import share, spec_bandwidth
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert spec_bandwidth("NVIDIA H200") == 4.8e12
+    assert spec_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert spec_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    for unknown in ("cpu", "NVIDIA H100", "NVIDIA GeForce RTX 4090", ""):
+        assert spec_bandwidth(unknown) is None
+    assert share(2.4e12, {"spec_bandwidth_Bps": 4.8e12, "copy_Bps": 3.2e12}) == (0.5, "spec")
+    assert share(1.6e12, {"spec_bandwidth_Bps": None, "copy_Bps": 3.2e12}) == (0.5, "copy")  # no spec: the copy alone
+
+
+def test_docs_hold_the_tables_computed_from_the_results():
+    result = _run("benchmarks/headline.py", "--check", "BENCHMARKS.md", "benchmarks/NOTES.md")
+    assert result.returncode == 0, result.stderr
 
 
 def test_sass_summary_groups_instructions_by_how_often_they_ran(tmp_path):

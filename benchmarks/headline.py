@@ -1,0 +1,227 @@
+"""The tables of BENCHMARKS.md and benchmarks/NOTES.md, computed from the result JSONs they name.
+
+Every bandwidth is reported as a share of the card's specified bandwidth (ceilings.py), with
+XLA's device copy measured in the same run beside it as a peer; the decode roofline of generation
+likewise (a step's bytes, recovered from the JSON, at the specified bandwidth, over the measured step
+time). Each table says which JSON it comes from, so every figure in the docs can be traced and
+recomputed: `--check` fails where a table printed here is missing from the docs, word for word.
+
+Run: python benchmarks/headline.py [--results benchmarks/results] [--check BENCHMARKS.md benchmarks/NOTES.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ceilings import spec_bandwidth
+
+MIB = 2**20
+# The current results, per area; older runs of the same benchmarks are in results/archive/.
+DECODE_H100 = (("attention_H100.json", (32, 8, 128)), ("attention_H100_32_8_64.json", (32, 8, 64)),
+               ("attention_H100_d64.json", (9, 3, 64)))
+DECODE_H200 = "attention_H200.json"
+PREFILL = "prefill_attention_H100.json"
+MEMORY = "memory.json"
+# (model, JSON with the kernels, JSON of the same call with the reference attention or None, its batches)
+GENERATION = (
+    ("llama-1b", "generate_llama-1b_b1_linear_ab_current_H100.json", None, (1,)),
+    ("llama-1b", "generate_llama-1b_H100.json", "generate_llama-1b_H100_reference_attention.json", (32, 128)),
+    ("smollm2-135m-random", "generate_smollm2-135m-random_b1_linear_ab_current_H100.json", None, (1,)),
+    ("smollm2-135m-random", "generate_smollm2-135m-random_H100.json",
+     "generate_smollm2-135m-random_H100_reference_attention.json", (32, 128)),
+)
+# Every row of those runs, and the batch-1 runs before the two-row projections (NOTES.md)
+GENERATION_RUNS = tuple((model, kernels, reference, (1, 32, 128)) for model, kernels, reference, _ in GENERATION
+                        if reference) + tuple((model, f"generate_{model}_b1_linear_ab_{which}_H100.json", None, (1,))
+                                              for model in ("llama-1b", "smollm2-135m-random")
+                                              for which in ("before", "current"))
+
+
+def load(results, name):
+    with open(os.path.join(results, name)) as f:
+        return json.load(f)
+
+
+def copy_bps(result):
+    """The XLA copy's bytes/s measured in the run (named copy_ceiling_Bps in files written before)."""
+    return result.get("copy_Bps") or result.get("copy_ceiling_Bps")
+
+
+def card_line(result, source):
+    """The card, its specified bandwidth and the copy measured in the run, and where they come from."""
+    spec = spec_bandwidth(result["device"])
+    copy = copy_bps(result)
+    spec_text = f"specified {spec / 1e12:.2f} TB/s" if spec else "no spec for this card"
+    copy_text = f"XLA copy in the same run {copy / 1e12:.2f} TB/s (read + write" + (
+        f", {copy / spec:.0%} of spec)" if spec else ")")
+    return f"*{result['device']}, jax {result['jax']}; {spec_text}; {copy_text}. Source: `{source}`.*"
+
+
+def markdown(header, rows):
+    """A markdown table: a header of (title, align) pairs, align "l" or "r"."""
+    lines = ["| " + " | ".join(title for title, _ in header) + " |",
+             "|" + "|".join("---" if align == "l" else "--:" for _, align in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(x):
+    return f"{x:.2f}x" if x is not None else "—"
+
+
+def percent(x):
+    return f"{x:.0%}" if x is not None else "—"
+
+
+def decode_table(rows, spec, full=False):
+    """Decode rows of attention.py: ours and torch SDPA in GB/s and as a share of the spec, ours
+    against every peer (time ratios); `full` adds the kernel's own A/B columns and wall clock."""
+    header = [("heads/kv/dim", "l"), ("batch", "r"), ("context", "r"), ("ours GB/s", "r"), ("of spec", "r"),
+              ("torch SDPA GB/s", "r"), ("of spec", "r"), ("vs torch SDPA", "r"), ("vs jax Pallas paged", "r"),
+              ("vs XLA gather+attend", "r"), ("vs XLA dense", "r")]
+    if full:
+        header += [("rows / blocks", "r"), ("KNPD / NPKD", "r"), ("one kv head / default", "r"),
+                   ("wall GB/s, ours / torch", "r")]
+    table = []
+    for r in rows:
+        bw, sec = r["bandwidth_GBps"], r["seconds"]
+        of_spec = lambda name: percent(bw[name] * 1e9 / spec) if spec and name in bw else "—"  # noqa: E731
+        line = [f"{r['heads']}/{r['kv_heads']}/{r['head_dim']}", r["batch"], r["context"], f"{bw['jaxpaged']:,.0f}",
+                of_spec("jaxpaged"), f"{bw['torch_sdpa']:,.0f}" if "torch_sdpa" in bw else "—", of_spec("torch_sdpa")]
+        line += [ratio(sec[peer] / sec["jaxpaged"] if peer in sec else None)
+                 for peer in ("torch_sdpa", "jax_pallas_paged", "xla_gather_attend", "xla_dense")]
+        if full:
+            gathers = ("jaxpaged_block_gather", "jaxpaged_row_gather")
+            line.append(ratio(sec[gathers[0]] / sec[gathers[1]] if all(g in sec for g in gathers) else None))
+            for variant in ("jaxpaged_npkd_layout", "jaxpaged_one_head_a_program"):
+                line.append(ratio(sec[variant] / sec["jaxpaged"] if variant in sec else None))
+            wall = r.get("jaxpaged_wall_seconds_in_jitted_loop"), r.get("torch_sdpa_wall_seconds_back_to_back")
+            line.append(" / ".join(f"{r['kv_bytes'] / w / 1e9:,.0f}" if w else "—" for w in wall))
+        table.append(line)
+    return markdown(header, table)
+
+
+def headline_decode(results, full=False):
+    """The decode tables on the H100 (current kernel) and on the H200 (the one run there)."""
+    sections = []
+    picked = []
+    for name, heads in DECODE_H100:
+        result = load(results, name)
+        rows = [r for r in result["decode"] if (r["heads"], r["kv_heads"], r["head_dim"]) == heads]
+        if not full and heads != (32, 8, 128):  # the other head shapes at the large sizes only
+            rows = [r for r in rows if r["batch"] >= 32 and r["context"] >= 2048]
+        picked.append((name, result, rows))
+    lines = [card_line(result, f"benchmarks/results/{name}") for name, result, _ in picked]
+    spec = spec_bandwidth(picked[0][1]["device"])
+    sections.append("\n".join(lines) + "\n\n" + decode_table([r for *_, rows in picked for r in rows], spec, full))
+    h200 = load(results, DECODE_H200)
+    rows = h200["decode"] if full else [r for r in h200["decode"] if r["batch"] >= 32 and r["context"] >= 2048]
+    sections.append(card_line(h200, f"benchmarks/results/{DECODE_H200}") + "\n\n"
+                    + decode_table(rows, spec_bandwidth(h200["device"]), full))
+    return sections
+
+
+def headline_prefill(results):
+    """Millions of tokens/s of causal prefill, ours against torch SDPA and jax's kernels."""
+    result = load(results, PREFILL)
+    header = [("heads", "l"), ("batch x (cached + chunk)", "l"), ("jaxpaged", "r"), ("torch SDPA", "r"),
+              ("jax cuDNN (`jax.nn`)", "r"), ("jax Pallas (Triton)", "r"), ("XLA dense", "r"), ("vs torch", "r"),
+              ("vs best jax", "r")]
+    table = []
+    for p in result["prefill"]:
+        tps = p["tokens_per_s"]
+        best_jax = max(tps[name] for name in ("jax_cudnn", "jax_pallas_mha", "xla_dense") if name in tps)
+        cells = [f"{tps[name] / 1e6:.2f}" if name in tps else "—"
+                 for name in ("torch_sdpa", "jax_cudnn", "jax_pallas_mha", "xla_dense")]
+        table.append([f"{p['heads']}/{p['kv_heads']}/{p['head_dim']}", f"{p['batch']} x ({p['prefix']} + {p['chunk']})",
+                      f"**{tps['jaxpaged'] / 1e6:.2f}**", *cells, ratio(tps["jaxpaged"] / tps["torch_sdpa"]),
+                      ratio(tps["jaxpaged"] / best_jax)])
+    source = f"*{result['device']}, jax {result['jax']}. Source: `benchmarks/results/{PREFILL}`.*"
+    return [source + "\n\n" + markdown(header, table)]
+
+
+def roofline(result, row, tokens_per_s, bandwidth=None):
+    """The decode step's bytes at `bandwidth` (default the card's specified one; None without a
+    spec) over the step's measured time. Files written before held the step's floor at the
+    measured copy's rate, from which the bytes follow."""
+    bandwidth = bandwidth or spec_bandwidth(result["device"])
+    step_bytes = row.get("decode_step_bytes") or row["decode_step_floor_ms"] / 1e3 * copy_bps(result)
+    return bandwidth and step_bytes / bandwidth * tokens_per_s / row["batch"]
+
+
+def headline_generation(results, full=False):
+    """Decode tokens/s of batched generation, paged against contiguous, kernels and reference;
+    `full`: every row of the runs, the roofline at the copy's measured rate beside."""
+    header = [("model", "l"), ("batch", "r"), ("paged (kernels)", "r"), ("contiguous", "r"), ("ratio", "r"),
+              ("paged (reference attention)", "r"), ("contiguous", "r"), ("ratio", "r"),
+              ("roofline of spec, paged (kernels)", "r")] + [("roofline at the XLA copy", "r")] * full + [("source", "l")]
+    table, devices = [], set()
+    for model, kernels_json, reference_json, batches in GENERATION_RUNS if full else GENERATION:
+        kernels = load(results, kernels_json)
+        reference = load(results, reference_json) if reference_json else None
+        devices.add((kernels["device"], kernels["jax"]))
+        for row in (r for r in kernels["rows"] if r["batch"] in batches):
+            ref = next((r for r in reference["rows"] if r["batch"] == row["batch"]), None) if reference else None
+            paged, dense = row["paged_decode_tokens_per_s"], row["contiguous_decode_tokens_per_s"]
+            cells = [f"{ref['paged_decode_tokens_per_s']:,.0f}", f"{ref['contiguous_decode_tokens_per_s']:,.0f}",
+                     ratio(ref["decode_ratio_paged_over_contiguous"])] if ref else ["—"] * 3
+            sources = f"`{kernels_json}`" + (f", `{reference_json}`" if ref else "")
+            fractions = [roofline(kernels, row, paged)] + [roofline(kernels, row, paged, copy_bps(kernels))] * full
+            table.append([model, row["batch"], f"{paged:,.0f}", f"{dense:,.0f}", ratio(paged / dense), *cells,
+                          *map(percent, fractions), sources])
+    cards = "; ".join(f"{device}, jax {jax}" for device, jax in sorted(devices))
+    spec = spec_bandwidth(sorted(devices)[0][0])
+    note = f"*{cards}; specified {spec / 1e12:.2f} TB/s. Sources in `benchmarks/results/`.*" if spec else f"*{cards}.*"
+    return [note + "\n\n" + markdown(header, table)]
+
+
+def headline_memory(results):
+    """Bytes of the paged cache against contiguous preallocation, read back from real caches."""
+    result = load(results, MEMORY)
+    header = [("setting", "l"), ("cache", "l"), ("block size", "r"), ("reserved / needed MiB", "r"), ("live MiB", "r"),
+              ("saving", "r"), ("internal fragmentation", "r")]
+    settings = (("seed: 4 seqs, 16 x 8 x 64, fp32", result["seed_setting"]),
+                ("mixed lengths: 16 seqs, SmolLM2 shape, bf16", result["mixed_lengths"]["rows"]))
+    table = [[setting, r["cache"], r["block_size"] if r["cache"] == "paged" else "—", f"{r['bytes_needed'] / MIB:.2f}",
+              f"{r['bytes_live'] / MIB:.2f}", f"{r['saving_vs_contiguous']:.1%}" if r["cache"] == "paged" else "—",
+              f"{r['fragmentation']:.1%}"] for setting, rows in settings for r in rows]
+    return [f"*Bytes, not speed: the same on any device. Source: `benchmarks/results/{MEMORY}`.*\n\n"
+            + markdown(header, table)]
+
+
+def all_tables(results):
+    """{title: [markdown section, ...]} of every table the docs show."""
+    return {"memory": headline_memory(results), "decode attention": headline_decode(results),
+            "prefill attention": headline_prefill(results), "generation": headline_generation(results),
+            "decode attention, every shape": headline_decode(results, full=True),
+            "generation, every run": headline_generation(results, full=True)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--check", nargs="+", metavar="MARKDOWN",
+                        help="fail unless every table appears word for word in one of these files")
+    args = parser.parse_args()
+    tables = all_tables(args.results)
+    if not args.check:
+        for title, sections in tables.items():
+            print(f"## {title}\n")
+            print("\n\n".join(sections) + "\n")
+        return
+    docs = ""
+    for path in args.check:
+        with open(path) as f:
+            docs += f.read()
+    missing = [f"{title} ({i + 1})" for title, sections in tables.items() for i, section in enumerate(sections)
+               if section not in docs]
+    if missing:
+        sys.exit(f"tables not in {', '.join(args.check)} as printed by headline.py: {', '.join(missing)}")
+    print(f"all {sum(map(len, tables.values()))} tables found")
+
+
+if __name__ == "__main__":
+    main()
