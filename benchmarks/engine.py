@@ -163,7 +163,7 @@ def main():
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, max_model_len=2 * args.max_len)
     result = {"device": device_name(), "model": args.model, "dtype": config.dtype, "args": vars(args)}
-    bandwidth = spec_bandwidth() if gpu else None
+    bandwidth = spec_bandwidth(device_name()) if gpu else None
     flops = matmul_peak(jnp.dtype(config.dtype)) if gpu else None
     rows = []
 
