@@ -78,7 +78,9 @@ def run_engine(model, prompts, outputs, engine_args):
         timeline.append((time.perf_counter() - start, stats.generated_tokens, stats.running))
     seconds = time.perf_counter() - start
     results = [done[i] for i in range(len(prompts))]
-    return results, seconds, engine.stats(), timeline, max(warmup_seconds - seconds, 0.0)
+    stats = engine.stats()
+    stats.attention = "kernel" if engine.runner.kernels else "reference"
+    return results, seconds, stats, timeline, max(warmup_seconds - seconds, 0.0)
 
 
 def roofline_seconds(config, stats, prompt_tokens, matmul_flops, bandwidth):
@@ -169,7 +171,7 @@ def main():
 
     def record(name, prompts_, outputs_, engine_results, seconds, stats, compile_seconds):
         out_tokens = sum(len(r.outputs[0].token_ids) for r in engine_results)
-        entry = {"output_tokens_per_second": out_tokens / seconds,
+        entry = {"attention": stats.attention, "output_tokens_per_second": out_tokens / seconds,
                  "total_tokens_per_second": (out_tokens + sum(map(len, prompts_))) / seconds,
                  "seconds": seconds, "compile_seconds": compile_seconds, "preemptions": stats.preemptions,
                  "prefix_hit_rate": stats.prefix_hit_rate, "host_share": 1 - stats.device_seconds / seconds,

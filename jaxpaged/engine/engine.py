@@ -33,6 +33,7 @@ from jaxpaged.engine.request import (
 )
 from jaxpaged.engine.runner import Runner
 from jaxpaged.engine.sampling import SamplingParams
+from jaxpaged.kernels.launch import MAX_POOL_SIZE
 from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
 
 
@@ -64,8 +65,9 @@ class Engine:
       model: a model with `config` and `step(...)` over the cache protocol (`MiniLLM`).
       tokenizer: for text prompts, stop strings and output text; None takes token ids only.
       block_size: P.
-      num_blocks: N; default sized from the device's free memory (`gpu_memory_utilization` of it),
-        or, where the device does not say (the CPU), room for every row at max_model_len.
+      num_blocks: N; default what `gpu_memory_utilization` of the device's free memory holds, at most
+        room for every row at max_model_len (all of that where the device does not say: the CPU), and
+        on a GPU at most what the kernels address (2^31 elements in each of the K and V pools).
       max_num_seqs: sequences running at once.
       max_num_batched_tokens: prompt tokens one prefill step computes at most.
       max_model_len: longest prompt + output; default the model's context.
@@ -86,8 +88,11 @@ class Engine:
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         blocks_per_seq = -(-self.max_model_len // block_size)
         shape = CacheConfig.from_model_config(config, num_blocks=1, block_size=block_size, dtype=config.dtype)
-        if num_blocks is None:
-            num_blocks = _blocks_that_fit(shape.bytes_per_block, gpu_memory_utilization) or max_num_seqs * blocks_per_seq
+        if num_blocks is None:  # what fits, but no more than every row at max_model_len can use
+            fit = _blocks_that_fit(shape.bytes_per_block, gpu_memory_utilization)
+            num_blocks = min(fit or max_num_seqs * blocks_per_seq, max_num_seqs * blocks_per_seq)
+            if impl != "reference" and jax.default_backend() == "gpu":  # within the kernels' 32-bit offsets
+                num_blocks = min(num_blocks, MAX_POOL_SIZE // (shape.bytes_per_block // 2 // shape.itemsize))
         self.cache_config = CacheConfig.from_model_config(
             config, num_blocks=num_blocks, block_size=block_size, max_seqs=max_num_seqs,
             max_blocks_per_seq=blocks_per_seq, dtype=config.dtype)

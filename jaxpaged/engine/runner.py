@@ -124,7 +124,7 @@ class Runner:
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
         self.graphdef, self.params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
         self.config, self.impl = cache_config, impl
-        self._kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
+        self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
         state = init_state(cache_config)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
 
@@ -200,7 +200,7 @@ class Runner:
     def _read_bound(self, positions: int) -> int:
         """The static bound on positions the reference path gathers: a power of two (few compilations)
         covering the longest row after the call, at most the table's M * P (the kernels take that alone)."""
-        if self._kernels:
+        if self.kernels:
             return self.config.max_seq_len
         return min(bucket(positions, minimum=self.config.block_size), self.config.max_seq_len)
 
