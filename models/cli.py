@@ -104,7 +104,7 @@ def _status(args, message: str) -> None:
 
 def enable_compilation_cache(cache_dir: str) -> None:
     """Keeps XLA's compiled programs in cache_dir/xla, every one of them (by default JAX keeps only
-    those that took a second to compile, which on a CPU is none of the model's)."""
+    those that took over a second to compile; on a CPU the many small ones add up too)."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))

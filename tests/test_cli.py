@@ -1,5 +1,6 @@
 """The jaxpaged command end to end: generate with the embedded model and a trained one, train, caches, bad arguments."""
 
+import functools
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from flax import nnx
 from model_files import write_llama_gguf
 
 from jaxpaged.models import cli
-from jaxpaged.models.checkpoint import save_checkpoint
+from jaxpaged.models.checkpoint import load_checkpoint, save_checkpoint
 from jaxpaged.models.cli import blocks_needed, main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
@@ -124,12 +125,14 @@ def test_too_few_blocks_says_how_many_generate_needs(random_checkpoint, capsys):
     max_new, block_size = 12, 8
     needed = blocks_needed([5, 11], max_new, block_size)
     assert needed == 2 + 3
-    model = MiniLLM(preset("tiny", vocab_size=257), rngs=nnx.Rngs(0))
-    ids = [[1] * 5, [2] * 11]
-    with pytest.raises(RuntimeError, match="blocks"):  # without EOS every prompt runs to max_new: one block short fails
-        generate(model, ids, max_new_tokens=max_new, block_size=block_size, num_blocks=needed - 1, eos_token_ids=())
-    result = generate(model, ids, max_new_tokens=max_new, block_size=block_size, num_blocks=needed, eos_token_ids=())
-    assert [len(t) for t in result.tokens] == [max_new, max_new]
+    model, tokenizer = load_checkpoint(random_checkpoint)
+    ids = [tokenizer.encode(p) for p in prompts]
+    run = functools.partial(generate, model, ids, max_new_tokens=max_new, block_size=block_size,
+                            eos_token_ids=tokenizer.eos_token_ids)
+    result = run(num_blocks=needed)
+    assert result.finish_reasons == ["length", "length"], "both prompts ran to max_new, taking every block counted"
+    with pytest.raises(RuntimeError, match="blocks"):
+        run(num_blocks=needed - 1)
 
     args = ["generate", "--model", random_checkpoint, *prompts, "--max-new-tokens", str(max_new),
             "--block-size", str(block_size), "--num-blocks"]
@@ -138,6 +141,7 @@ def test_too_few_blocks_says_how_many_generate_needs(random_checkpoint, capsys):
     err = capsys.readouterr().err
     assert (f"jaxpaged generate: error: --num-blocks {needed - 1} is too few: 2 prompt(s) of 16 tokens with "
             f"--max-new-tokens {max_new} need {needed} blocks of {block_size} positions") in err
+    assert "loading weights" not in err
     assert main([*args, str(needed)]) == 0
 
 
