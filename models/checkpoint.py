@@ -1,10 +1,18 @@
-"""Hugging Face-style checkpoint directories (config.json, *.safetensors, tokenizer.json), and one loader for every model source."""
+"""Hugging Face-style checkpoint directories (config.json, *.safetensors, tokenizer.json), and one loader for every model source.
+
+A model is opened first (`open_model`: its config and tokenizer, cheap to read) and its weights
+loaded after (`ModelFiles.load`), so that a caller can check its inputs against the config before
+paying for the weights.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+import secrets
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -41,52 +49,114 @@ def config_from_hf_dict(hf: dict, dtype: str | None = None) -> ModelConfig:
     )
 
 
-def load_checkpoint(path: str, dtype: str | None = None) -> tuple[MiniLLM, Tokenizer | None]:
-    """Model (and tokenizer, if the directory has one) from a Hugging Face Llama checkpoint directory."""
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """A model on disk, opened: its architecture and tokenizer read, its weights read by `load`."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    weights_path: str  # where the weights come from (for a cached GGUF file, the cache entry)
+    read_tensors: Callable[[], Mapping[str, np.ndarray]]  # float32 tensors under Hugging Face names
+
+    def load(self, dtype: str | None = None) -> MiniLLM:
+        """The model, in `dtype` (default the config's)."""
+        return model_from_hf_tensors(self.config if dtype is None else self.config.replace(dtype=dtype),
+                                     self.read_tensors())
+
+
+def open_checkpoint(path: str) -> ModelFiles:
+    """A Hugging Face Llama checkpoint directory: config.json, *.safetensors, tokenizer.json if present."""
     from safetensors.numpy import load_file
 
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file} not found: not a checkpoint directory")
     with open(config_file) as f:
-        config = config_from_hf_dict(json.load(f), dtype)
+        config = config_from_hf_dict(json.load(f))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    tensors = {}
-    for file in files:
-        try:
-            tensors.update(load_file(file))
-        except Exception as error:  # safetensors raises its own error types on a bad file
-            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {error}") from error
-    model = model_from_hf_tensors(config, tensors)
     tokenizer = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     if tokenizer is not None and not tokenizer.eos_token_ids and config.eos_token_ids:
         tokenizer.eos_token_ids = config.eos_token_ids
-    return model, tokenizer
+
+    def read_tensors():
+        tensors = {}
+        for file in files:
+            try:
+                tensors.update(load_file(file))
+            except Exception as error:  # safetensors raises its own error types on a bad file
+                raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+        return tensors
+
+    return ModelFiles(config=config, tokenizer=tokenizer, weights_path=files[0] if len(files) == 1 else path,
+                      read_tensors=read_tensors)
 
 
-def save_checkpoint(model: MiniLLM, path: str, tokenizer: Tokenizer | None = None) -> None:
-    """Writes config.json, model.safetensors (float32) and the tokenizer: loadable here and by transformers."""
+def load_checkpoint(path: str, dtype: str | None = None) -> tuple[MiniLLM, Tokenizer | None]:
+    """Model (and tokenizer, if the directory has one) from a Hugging Face Llama checkpoint directory."""
+    files = open_checkpoint(path)
+    return files.load(dtype), files.tokenizer
+
+
+def _umask_file_mode() -> int:
+    """The permissions `open()` gives a new file here (0o666 less the umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_checkpoint(path: str, config: ModelConfig, tensors: Mapping[str, np.ndarray],
+                     tokenizer: Tokenizer | None = None) -> None:
+    """Writes a checkpoint directory from Hugging Face-named tensors, stored in float32.
+
+    Every file gets the permissions of an ordinary new file (safetensors alone would leave 0600),
+    and the weights file appears whole or not at all.
+    """
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_hf_dict(), f, indent=2)
-    tensors = {name: np.ascontiguousarray(np.asarray(value, np.float32)) for name, value in to_hf_tensors(model).items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        json.dump(config.to_hf_dict(), f, indent=2)
+    weights = os.path.join(path, "model.safetensors")
+    partial = f"{weights}.partial-{secrets.token_hex(4)}"
+    try:
+        save_file({name: np.ascontiguousarray(np.asarray(value, np.float32)) for name, value in tensors.items()},
+                  partial, metadata={"format": "pt"})
+        os.chmod(partial, _umask_file_mode())
+        os.replace(partial, weights)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     if tokenizer is not None:
         tokenizer.save(path)
 
 
-def load_model(path: str | None = None, dtype: str = "float32") -> tuple[MiniLLM, Tokenizer | None]:
-    """Model and tokenizer from a GGUF file, a checkpoint directory, or (path None) the embedded SmolLM2."""
-    from jaxpaged.models.gguf_weights import load_gguf
+def save_checkpoint(model: MiniLLM, path: str, tokenizer: Tokenizer | None = None) -> None:
+    """Writes config.json, model.safetensors (float32) and the tokenizer: loadable here and by transformers."""
+    write_checkpoint(path, model.config, to_hf_tensors(model), tokenizer)
+
+
+def open_model(path: str | None = None, *, cache_dir: str | None = None, progress: bool = False) -> ModelFiles:
+    """A GGUF file, a checkpoint directory, or (path None) the embedded SmolLM2, opened.
+
+    Args:
+      cache_dir, progress: for a GGUF file, where to cache its dequantised weights and whether to
+        show progress (see `jaxpaged.models.gguf_weights.open_gguf`).
+    """
+    from jaxpaged.models.gguf_weights import open_gguf
 
     if path is None or (os.path.isfile(path) and path.endswith(".gguf")):
-        return load_gguf(path, dtype)
+        return open_gguf(path, cache_dir=cache_dir, progress=progress)
     if os.path.isdir(path):
-        return load_checkpoint(path, dtype)
+        return open_checkpoint(path)
     if os.path.isfile(path):
         raise ValueError(f"{path}: expected a .gguf file or a checkpoint directory")
     raise FileNotFoundError(f"no model at {path}")
+
+
+def load_model(path: str | None = None, dtype: str = "float32", *, cache_dir: str | None = None,
+               progress: bool = False) -> tuple[MiniLLM, Tokenizer | None]:
+    """Model and tokenizer from a GGUF file, a checkpoint directory, or (path None) the embedded SmolLM2."""
+    files = open_model(path, cache_dir=cache_dir, progress=progress)
+    return files.load(dtype), files.tokenizer

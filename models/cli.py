@@ -3,14 +3,22 @@
     jaxpaged generate "The capital of France is"            # the embedded SmolLM2-135M-Instruct
     jaxpaged generate --chat "Tell me a joke" --temperature 0.7 --top-p 0.9
     jaxpaged train --text corpus.txt --out my-model && jaxpaged generate --model my-model "Once"
+
+Only the generated text goes to stdout; progress, memory statistics and speed go to stderr. By
+default the dequantised weights of a GGUF file and XLA's compiled programs are cached under
+$JAXPAGED_CACHE_DIR, else $XDG_CACHE_HOME/jaxpaged, else ~/.cache/jaxpaged (--no-cache: neither).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import time
 
 DTYPES = ("float32", "bfloat16", "float16")
+LONG_PREFILL_TOKENS = 1024  # a prefill this long takes seconds on a CPU: say so before it starts
 
 
 def _positive_int(text: str) -> int:
@@ -47,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from prompts", description=(
         "Generate text through the paged KV cache. Prompts come from the arguments or a file (one per line). "
-        "With one prompt the text streams as it is produced; memory statistics and tokens/s follow."))
+        "With one prompt the text streams as it is produced. Only the text goes to stdout; loading progress, "
+        "memory statistics and tokens/s go to stderr."))
     gen.add_argument("prompts", nargs="*", help="prompt texts")
     gen.add_argument("--file", help="a file with one prompt per line")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template as a user message")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate per prompt (default 64)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                     help="tokens to generate per prompt (default 64); prompt + this must fit the model's context")
     gen.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 (default) is greedy")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 (default) keeps all")
     gen.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling threshold (default 1: off)")
@@ -64,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a .gguf file or a checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and cache dtype (default float32)")
     gen.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per jitted call (default 16)")
+    gen.set_defaults(run=run_generate, subparser=gen)
 
     train = commands.add_parser("train", help="train or fine-tune a MiniLLM on a text file", description=(
         "Train a MiniLLM with optax (AdamW) on a text file and save a checkpoint directory that "
@@ -78,40 +89,113 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per window (default 64)")
     train.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the windows (default 0)")
+    train.set_defaults(run=run_train, subparser=train)
+
+    for command in (gen, train):
+        command.add_argument("--no-cache", action="store_true",
+                             help="neither read nor write the weight and compilation caches")
     return parser
 
 
-def _read_prompts(args, parser) -> list[str]:
+def _status(args, message: str) -> None:
+    """One line of progress or diagnostics on stderr, prefixed like the command's errors."""
+    print(f"jaxpaged {args.command}: {message}", file=sys.stderr, flush=True)
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+    """Keeps XLA's compiled programs in cache_dir/xla, every one of them (by default JAX keeps only
+    those that took over a second to compile; on a CPU the many small ones add up too)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _cache_dir(args) -> str | None:
+    """The user's cache directory (None with --no-cache), with the compilation cache turned on there."""
+    from jaxpaged.models.gguf_weights import user_cache_dir
+
+    if args.no_cache:
+        return None
+    cache_dir = user_cache_dir()
+    enable_compilation_cache(cache_dir)
+    return cache_dir
+
+
+def _open(args, path: str | None):
+    """Opens a model (ModelFiles) with the command's cache settings and progress on stderr."""
+    from jaxpaged.models.checkpoint import open_model
+
+    return open_model(path, cache_dir=_cache_dir(args), progress=True)
+
+
+def _load(args, files, dtype: str | None):
+    """The model's weights, with a line on stderr saying where from and how long it took."""
+    _status(args, f"loading weights from {files.weights_path}")
+    start = time.perf_counter()
+    model = files.load(dtype)
+    _status(args, f"loaded in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def _read_prompts(args) -> list[str]:
     prompts = list(args.prompts)
     if args.file:
         try:
             with open(args.file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as error:
-            parser.error(f"cannot read --file: {error}")
+            args.subparser.error(f"cannot read --file: {error}")
     if not prompts:
-        parser.error("give at least one prompt, as an argument or with --file")
+        args.subparser.error("give at least one prompt, as an argument or with --file")
     return prompts
 
 
-def run_generate(args, parser) -> int:
-    import jax
+def blocks_needed(prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+    """Blocks of the paged pool that the prompts take if every one runs to max_new_tokens.
 
-    from jaxpaged.models.checkpoint import load_model
-    from jaxpaged.models.generate import generate
-    from jaxpaged.models.sampling import SamplingParams
+    The cache holds a prompt and every new token but the last (which is sampled, never attended to).
+    """
+    return sum(math.ceil((length + max_new_tokens - 1) / block_size) for length in prompt_lengths)
 
-    prompts = _read_prompts(args, parser)
+
+def _check_sizes(args, ids: list[list[int]], context: int) -> None:
+    """Refuses, before any work, a prompt that cannot fit the context or a pool that cannot hold the prompts."""
+    error = args.subparser.error
+    for i, prompt in enumerate(ids):
+        if len(prompt) + args.max_new_tokens > context:
+            which = "the prompt" if len(ids) == 1 else f"prompt {i}"
+            error(f"{which} has {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} that is "
+                  f"{len(prompt) + args.max_new_tokens} positions, more than the model's context of {context}")
+    if args.cache == "paged" and args.num_blocks is not None:
+        needed = blocks_needed([len(p) for p in ids], args.max_new_tokens, args.block_size)
+        if args.num_blocks < needed:
+            error(f"--num-blocks {args.num_blocks} is too few: {len(ids)} prompt(s) of {sum(map(len, ids))} tokens "
+                  f"with --max-new-tokens {args.max_new_tokens} need {needed} blocks of {args.block_size} positions")
+
+
+def run_generate(args) -> int:
+    prompts = _read_prompts(args)
     if args.top_k < 0:
-        parser.error("--top-k must be >= 0")
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+        args.subparser.error("--top-k must be >= 0")
+    files = _open(args, args.model)
+    tokenizer = files.tokenizer
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: cannot turn text into tokens")
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     ids = [tokenizer.encode(p) for p in prompts]
     if any(not i for i in ids):
-        parser.error("a prompt encodes to no tokens")
+        args.subparser.error("a prompt encodes to no tokens")
+    _check_sizes(args, ids, files.config.max_position_embeddings)
+
+    import jax
+
+    from jaxpaged.models.generate import generate
+    from jaxpaged.models.sampling import SamplingParams
+
+    model = _load(args, files, args.dtype)
     eos = tuple(dict.fromkeys(tokenizer.eos_token_ids + model.config.eos_token_ids))
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     streamed = [[] for _ in prompts]
@@ -125,6 +209,9 @@ def run_generate(args, parser) -> int:
             sys.stdout.flush()
             shown[0] = text
 
+    prompt_tokens = sum(map(len, ids))
+    if prompt_tokens >= LONG_PREFILL_TOKENS:
+        _status(args, f"prefilling {prompt_tokens} prompt tokens")
     if len(prompts) == 1:
         sys.stdout.write(prompts[0] if not args.chat else "")
     result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
@@ -135,19 +222,23 @@ def run_generate(args, parser) -> int:
     else:
         for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens)):
             print(f"--- [{i}] {prompt if not args.chat else ''}{tokenizer.decode(tokens)}")
-    print(f"--- {args.cache} cache, peak memory:")
-    print(result.peak_memory.format())
-    print(f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tokens/s; "
-          f"decode: {result.decode_tokens} tokens, {result.decode_tokens_per_second:.1f} tokens/s "
-          f"(wall time on {jax.devices()[0].platform}, first calls include compilation)")
+    sys.stdout.flush()
+    cut = [i for i, reason in enumerate(result.finish_reasons) if reason == "length"]
+    if cut:
+        which = "the completion" if len(prompts) == 1 else f"completions {', '.join(map(str, cut))}"
+        _status(args, f"{which} stopped at --max-new-tokens {args.max_new_tokens}, not at an end-of-text token")
+    _status(args, f"{args.cache} cache, peak memory:\n{result.peak_memory.format()}")
+    _status(args, f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tokens/s; "
+                  f"decode: {result.decode_tokens} tokens, {result.decode_tokens_per_second:.1f} tokens/s "
+                  f"(wall time on {jax.devices()[0].platform}, first calls include compilation)")
     return 0
 
 
-def run_train(args, parser) -> int:
+def run_train(args) -> int:
     import numpy as np
     from flax import nnx
 
-    from jaxpaged.models.checkpoint import load_model, save_checkpoint
+    from jaxpaged.models.checkpoint import save_checkpoint
     from jaxpaged.models.config import preset
     from jaxpaged.models.llama import MiniLLM
     from jaxpaged.models.tokenizer import Tokenizer
@@ -157,12 +248,15 @@ def run_train(args, parser) -> int:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
     except OSError as error:
-        parser.error(f"cannot read --text: {error}")
+        args.subparser.error(f"cannot read --text: {error}")
     if args.init:
-        model, tokenizer = load_model(args.init)
+        files = _open(args, args.init)
+        tokenizer = files.tokenizer
         if tokenizer is None:
             raise ValueError(f"{args.init} has no tokenizer")
+        model = _load(args, files, None)
     else:
+        _cache_dir(args)
         tokenizer = Tokenizer.byte_level()
         config = preset(args.preset, vocab_size=tokenizer.vocab_size, eos_token_ids=tokenizer.eos_token_ids)
         model = MiniLLM(config, rngs=nnx.Rngs(args.seed))
@@ -175,11 +269,9 @@ def run_train(args, parser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    command = {"generate": run_generate, "train": run_train}[args.command]
+    args = build_parser().parse_args(argv)
     try:
-        return command(args, parser)
+        return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"jaxpaged {args.command}: error: {error}", file=sys.stderr)
         return 1

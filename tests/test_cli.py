@@ -1,45 +1,75 @@
-"""The jaxpaged command end to end: generate with the embedded model and a trained one, train, and bad arguments."""
+"""The jaxpaged command end to end: generate with the embedded model and a trained one, train, caches, bad arguments."""
 
+import functools
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 from flax import nnx
+from model_files import write_llama_gguf
 
-from jaxpaged.models.checkpoint import save_checkpoint
-from jaxpaged.models.cli import main
+from jaxpaged.models import cli
+from jaxpaged.models.checkpoint import load_checkpoint, save_checkpoint
+from jaxpaged.models.cli import blocks_needed, main
 from jaxpaged.models.config import preset
+from jaxpaged.models.generate import generate
+from jaxpaged.models.gguf_weights import weight_cache_entry
 from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.tokenizer import Tokenizer
 
 PATTERN = "the quick brown fox jumps over the lazy dog. "
+CONTEXT = 32  # of the random checkpoint: small, so that prompts can reach it cheaply
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """The command's cache directory, in tmp."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("JAXPAGED_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def compilation_cache_dirs(monkeypatch):
+    """JAX's compilation cache is process-wide: here the command's turning it on is only recorded (a subprocess
+    test turns it on for real)."""
+    enabled = []
+    monkeypatch.setattr(cli, "enable_compilation_cache", enabled.append)
+    return enabled
 
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     tokenizer = Tokenizer.byte_level()
-    model = MiniLLM(preset("tiny", vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
-    save_checkpoint(model, str(path), tokenizer)
+    config = preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=CONTEXT)
+    save_checkpoint(MiniLLM(config, rngs=nnx.Rngs(0)), str(path), tokenizer)
     return str(path)
 
 
-def test_generate_with_the_embedded_model(capsys):
-    assert main(["generate", "The capital of France is", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("The capital of France is Paris")
-    assert "peak memory" in out and "tokens/s" in out and "paged cache" in out
+def test_generate_writes_only_the_text_to_stdout(capsys, cache_dir, compilation_cache_dirs):
+    assert main(["generate", "The capital of France is", "--max-new-tokens", "4", "--no-cache"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("The capital of France is Paris") and out.endswith("\n"), out
+    assert not any(word in out for word in ("jaxpaged", "tokens/s", "memory", "blocks", "loaded")), out
+    assert "tokens/s" in err and "peak memory" in err and "paged cache" in err and "loaded in" in err
+    assert "the completion stopped at --max-new-tokens 4" in err
+    assert not cache_dir.exists() and compilation_cache_dirs == [], "--no-cache reads and writes no cache"
 
 
-def test_generate_from_a_file_with_every_option(random_checkpoint, tmp_path, capsys):
+def test_generate_from_a_file_with_every_option(random_checkpoint, tmp_path, capsys, cache_dir, compilation_cache_dirs):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\n\nworld, again\n")
     code = main(["generate", "--model", random_checkpoint, "--file", str(prompts), "extra", "--max-new-tokens", "6",
                  "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--cache", "contiguous",
                  "--block-size", "8", "--chunk-size", "4"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
-    assert out.count("--- [") == 3 and "--- [0] extra" in out and "--- [2] world, again" in out and "contiguous cache" in out
+    assert out.count("--- [") == 3 and "--- [0] extra" in out and "--- [2] world, again" in out
+    assert "contiguous cache" in err and "contiguous cache" not in out
+    assert compilation_cache_dirs == [str(cache_dir)], "the compilation cache is on by default"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -47,39 +77,129 @@ def test_generate_from_a_file_with_every_option(random_checkpoint, tmp_path, cap
     (["generate", "x", "--top-p", "1.5"], "must be in (0, 1]"),
     (["generate", "x", "--max-new-tokens", "0"], "positive integer"),
     (["generate", "x", "--cache", "ring"], "invalid choice"),
+    (["generate", "x", "--top-k", "-1"], "--top-k must be >= 0"),
     (["generate"], "at least one prompt"),
     (["generate", "--file", "/no/such/prompts.txt"], "cannot read --file"),
     (["train", "--out", "x"], "--text"),
-    (["fly"], "invalid choice"),
+    (["train", "--out", "x", "--text", "/no/such/corpus.txt"], "cannot read --text"),
 ])
-def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
+def test_bad_arguments_exit_2_with_the_subcommands_usage_and_prefix(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert f"usage: jaxpaged {args[0]} " in err and f"jaxpaged {args[0]}: error: " in err
+    assert "jaxpaged: error" not in err
+
+
+def test_an_unknown_command_gets_the_top_level_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fly"])
+    assert exit_info.value.code == 2 and "jaxpaged: error: argument COMMAND: invalid choice" in capsys.readouterr().err
 
 
 def test_bad_model_and_chat_without_template_exit_1(random_checkpoint, capsys):
     assert main(["generate", "--model", "/no/such/model", "x"]) == 1
-    assert "no model at /no/such/model" in capsys.readouterr().err
+    assert "jaxpaged generate: error: no model at /no/such/model" in capsys.readouterr().err
     assert main(["generate", "--model", random_checkpoint, "--chat", "x"]) == 1
     assert "no chat template" in capsys.readouterr().err
 
 
-def test_help_everywhere():
-    for args in ([], ["generate"], ["train"]):
-        result = subprocess.run([sys.executable, "-m", "jaxpaged.models", *args, "--help"], capture_output=True, text=True)
-        assert result.returncode == 0 and "usage: jaxpaged" in result.stdout
+def test_prompt_and_new_tokens_past_the_context_are_refused_before_loading(random_checkpoint, capsys):
+    prompt_len = len("hello")  # one token per byte
+    assert main(["generate", "--model", random_checkpoint, "hello", "--max-new-tokens", str(CONTEXT - prompt_len),
+                 "--block-size", "8"]) == 0  # exactly the context
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", random_checkpoint, "hello", "--max-new-tokens", str(CONTEXT - prompt_len + 1)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"jaxpaged generate: error: the prompt has {prompt_len} tokens; with --max-new-tokens "
+            f"{CONTEXT - prompt_len + 1} that is {CONTEXT + 1} positions, more than the model's context of {CONTEXT}") in err
+    assert "loading weights" not in err
+
+
+def test_too_few_blocks_says_how_many_generate_needs(random_checkpoint, capsys):
+    prompts = ["hello", "hello world"]  # 5 and 11 tokens
+    max_new, block_size = 12, 8
+    needed = blocks_needed([5, 11], max_new, block_size)
+    assert needed == 2 + 3
+    model, tokenizer = load_checkpoint(random_checkpoint)
+    ids = [tokenizer.encode(p) for p in prompts]
+    run = functools.partial(generate, model, ids, max_new_tokens=max_new, block_size=block_size,
+                            eos_token_ids=tokenizer.eos_token_ids)
+    result = run(num_blocks=needed)
+    assert result.finish_reasons == ["length", "length"], "both prompts ran to max_new, taking every block counted"
+    with pytest.raises(RuntimeError, match="blocks"):
+        run(num_blocks=needed - 1)
+
+    args = ["generate", "--model", random_checkpoint, *prompts, "--max-new-tokens", str(max_new),
+            "--block-size", str(block_size), "--num-blocks"]
+    with pytest.raises(SystemExit):
+        main([*args, str(needed - 1)])
+    err = capsys.readouterr().err
+    assert (f"jaxpaged generate: error: --num-blocks {needed - 1} is too few: 2 prompt(s) of 16 tokens with "
+            f"--max-new-tokens {max_new} need {needed} blocks of {block_size} positions") in err
+    assert "loading weights" not in err
+    assert main([*args, str(needed)]) == 0
+
+
+def test_help_on_every_command(capsys):
+    for command in ("generate", "train"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and out.startswith(f"usage: jaxpaged {command} ") and "--no-cache" in out
+    result = subprocess.run([sys.executable, "-m", "jaxpaged.models", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: jaxpaged" in result.stdout and "generate" in result.stdout
 
 
 def test_train_then_generate_the_pattern_through_the_paged_cache(tmp_path, capsys):
     text = tmp_path / "pattern.txt"
     text.write_text(PATTERN * 60)
-    out_dir = str(tmp_path / "trained")
-    assert main(["train", "--text", str(text), "--out", out_dir, "--steps", "150", "--seq-len", "48"]) == 0
+    out_dir = tmp_path / "trained"
+    assert main(["train", "--text", str(text), "--out", str(out_dir), "--steps", "150", "--seq-len", "48"]) == 0
     trained = capsys.readouterr().out
     first, last = (float(x) for x in trained.split("loss ")[1].split(" over")[0].split(" -> "))
     assert last < 0.2 < first
-    assert main(["generate", "--model", out_dir, "the quick", "--max-new-tokens", "60", "--block-size", "8"]) == 0
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in out_dir.iterdir()}
+    assert set(modes) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert len(set(modes.values())) == 1, f"the weights file has other permissions than its siblings: {modes}"
+    assert main(["generate", "--model", str(out_dir), "the quick", "--max-new-tokens", "60", "--block-size", "8"]) == 0
     generated = capsys.readouterr().out
     assert generated.startswith("the quick" + (PATTERN * 2)[len("the quick"):60]), generated
+
+
+# Runs the command in a fresh process, counting the compilation cache's hits and misses through JAX's monitoring events.
+_COUNTING_RUN = """
+import json, sys
+import jax.monitoring
+events = []
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+from jaxpaged.models.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "misses": events.count("/jax/compilation_cache/cache_misses")}), file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_run_reads_the_weights_and_the_compiled_programs_from_the_cache(tmp_path, cache_dir):
+    gguf = str(tmp_path / "tiny.gguf")
+    write_llama_gguf(gguf, MiniLLM(preset("tiny", vocab_size=260), rngs=nnx.Rngs(1)))
+    env = {**os.environ, "JAXPAGED_CACHE_DIR": str(cache_dir)}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COUNTING_RUN, "generate", "--model", gguf, "abc",
+                               "--max-new-tokens", "3"], capture_output=True, text=True, env=env)
+        runs.append((done.stdout, done.stderr, json.loads(done.stderr.strip().splitlines()[-1])))
+    entry = weight_cache_entry(str(cache_dir), gguf)
+    (first_out, first_err, first), (second_out, second_err, second) = runs
+    assert first["code"] == second["code"] == 0, first_err + second_err
+    assert first_out == second_out and first_out.startswith("abc")
+    assert f"loading weights from {gguf}" in first_err
+    assert f"loading weights from {os.path.join(entry, 'model.safetensors')}" in second_err
+    assert first["misses"] > 0 and first["hits"] == 0
+    assert second["misses"] == 0 and second["hits"] >= 2, second  # at least the prefill and the decode chunk
+    assert os.listdir(cache_dir / "xla")

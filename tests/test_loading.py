@@ -1,4 +1,4 @@
-"""Model files: a GGUF written as llama.cpp lays it out, checkpoint directories, and clear errors on bad files."""
+"""Model files: a GGUF written as llama.cpp lays it out, checkpoint directories, clear errors on bad files, the weight cache."""
 
 import json
 import os
@@ -11,7 +11,8 @@ from model_files import write_llama_gguf
 
 from jaxpaged.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from jaxpaged.models.config import preset
-from jaxpaged.models.gguf_weights import load_gguf, read_gguf_config
+from jaxpaged.models import gguf_weights
+from jaxpaged.models.gguf_weights import load_gguf, open_gguf, read_gguf_config, user_cache_dir, weight_cache_entry
 from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.tokenizer import Tokenizer
 from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
@@ -98,3 +99,102 @@ def test_checkpoint_directory_round_trip_and_errors(tiny, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_checkpoint(str(tmp_path / "ckpt"))
+
+
+def _bits_of(model) -> dict[str, bytes]:
+    return {name: np.asarray(value).tobytes() for name, value in to_hf_tensors(model).items()}
+
+
+@pytest.fixture
+def quantised_gguf(tiny, tmp_path):
+    import gguf
+
+    path = str(tmp_path / "q.gguf")
+    write_llama_gguf(path, tiny, quantize={"ffn_up.weight": gguf.GGMLQuantizationType.Q4_1})
+    return path
+
+
+@pytest.fixture
+def dequantise_calls(monkeypatch):
+    """Counts the GGUF files dequantised (the work the weight cache saves)."""
+    calls = []
+    original = gguf_weights._dequantise
+    monkeypatch.setattr(gguf_weights, "_dequantise", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    return calls
+
+
+def test_weight_cache_loads_the_same_bits_without_dequantising_again(quantised_gguf, tmp_path, dequantise_calls):
+    cache = str(tmp_path / "cache")
+    uncached, tokenizer = load_gguf(quantised_gguf)
+    first, _ = load_gguf(quantised_gguf, cache_dir=cache)
+    entry = weight_cache_entry(cache, quantised_gguf)
+    assert os.path.isfile(os.path.join(entry, "model.safetensors")) and len(dequantise_calls) == 2
+    files = open_gguf(quantised_gguf, cache_dir=cache)
+    assert files.weights_path == os.path.join(entry, "model.safetensors")
+    second = files.load()
+    assert len(dequantise_calls) == 2, "the second load read the cache"
+    assert _bits_of(second) == _bits_of(first) == _bits_of(uncached)
+    assert files.config == read_gguf_config(quantised_gguf)
+    assert files.tokenizer.encode("héllo <|endoftext|>") == tokenizer.encode("héllo <|endoftext|>")
+    assert files.tokenizer.eos_token_ids == tokenizer.eos_token_ids
+    assert load_gguf(quantised_gguf, "bfloat16", cache_dir=cache)[0].config.dtype == "bfloat16"
+    assert len(dequantise_calls) == 2, "one entry serves every dtype"
+
+
+def test_weight_cache_rebuilds_stale_and_corrupt_entries(quantised_gguf, tmp_path, dequantise_calls):
+    cache = str(tmp_path / "cache")
+    expected = _bits_of(load_gguf(quantised_gguf, cache_dir=cache)[0])
+    entry = weight_cache_entry(cache, quantised_gguf)
+    weights = os.path.join(entry, "model.safetensors")
+
+    def damage_and_reload(damage):
+        damage()
+        calls = len(dequantise_calls)
+        assert _bits_of(load_gguf(quantised_gguf, cache_dir=cache)[0]) == expected
+        assert len(dequantise_calls) == calls + 1, "the entry was rebuilt"
+        assert _bits_of(load_gguf(quantised_gguf, cache_dir=cache)[0]) == expected
+        assert len(dequantise_calls) == calls + 1, "the rebuilt entry is used"
+
+    def truncate_weights():
+        with open(weights, "r+b") as f:
+            f.truncate(os.path.getsize(weights) // 2)
+
+    def garble_stamp():
+        with open(os.path.join(entry, "source.json"), "w") as f:
+            f.write("{not json")
+
+    stat = os.stat(quantised_gguf)
+    damage_and_reload(lambda: os.utime(quantised_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9)))  # file changed
+    damage_and_reload(truncate_weights)
+    damage_and_reload(garble_stamp)
+    damage_and_reload(lambda: os.remove(os.path.join(entry, "config.json")))
+    assert sorted(os.listdir(os.path.dirname(entry))) == [os.path.basename(entry)], "no partial entries left behind"
+
+
+def test_an_unwritable_weight_cache_warns_and_loads(quantised_gguf, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.warns(RuntimeWarning, match="could not cache the dequantised weights"):
+        model, _ = load_gguf(quantised_gguf, cache_dir=str(not_a_dir))
+    assert _bits_of(model) == _bits_of(load_gguf(quantised_gguf)[0])
+
+
+def test_user_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAXPAGED_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_cache_dir() == str(tmp_path / "home" / ".cache" / "jaxpaged")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir() == str(tmp_path / "xdg" / "jaxpaged")
+    monkeypatch.setenv("JAXPAGED_CACHE_DIR", str(tmp_path / "mine"))
+    assert user_cache_dir() == str(tmp_path / "mine")
+
+
+def test_saved_checkpoint_files_follow_the_umask(tiny, tmp_path):
+    umask = os.umask(0o027)
+    try:
+        save_checkpoint(tiny, str(tmp_path / "ckpt"), Tokenizer.byte_level())
+    finally:
+        os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").iterdir()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"], 0o640)
