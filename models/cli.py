@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a .gguf file or a checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and cache dtype (default float32)")
     gen.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per jitted call (default 16)")
+    gen.add_argument("--attention", choices=("auto", "kernel", "reference"),
+                     default=os.environ.get("JAXPAGED_ATTENTION", "auto"),
+                     help="paged attention's path: the GPU kernels where they run (auto, the default; "
+                          "$JAXPAGED_ATTENTION sets another), the kernels or an error (kernel), or the "
+                          "gather-then-attend reference (reference)")
     gen.set_defaults(run=run_generate, subparser=gen)
 
     train = commands.add_parser("train", help="train or fine-tune a MiniLLM on a text file", description=(
@@ -216,7 +221,8 @@ def run_generate(args) -> int:
         sys.stdout.write(prompts[0] if not args.chat else "")
     result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       cache=args.cache, block_size=args.block_size, num_blocks=args.num_blocks, eos_token_ids=eos,
-                      chunk_size=args.chunk_size, on_tokens=stream if len(prompts) == 1 else None)
+                      chunk_size=args.chunk_size, on_tokens=stream if len(prompts) == 1 else None,
+                      impl=args.attention, show_progress=True)
     if len(prompts) == 1:
         sys.stdout.write("\n")
     else:

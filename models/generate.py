@@ -155,7 +155,7 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
             config, num_blocks=num_blocks or len(prompts) * blocks_per_seq, block_size=block_size, max_seqs=batch,
             max_blocks_per_seq=blocks_per_seq, dtype=config.dtype)
         state = init_state(cache_config)
-        blocks_needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
+        blocks_needed = sum(-(-(len(p) + max_new_tokens - 1) // block_size) for p in prompts)  # the last token is never written
         seq_idx = np.where(real, np.arange(batch), batch).astype(np.int32)  # padding rows -> sentinel
         memory_of = paged_memory_stats
     else:
