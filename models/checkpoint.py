@@ -21,15 +21,17 @@ from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.tokenizer import Tokenizer
 from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = ("llama", "qwen3")
 
 
 def config_from_hf_dict(hf: dict, dtype: str | None = None) -> ModelConfig:
-    """A ModelConfig from the fields of a Hugging Face Llama config.json."""
+    """A ModelConfig from the fields of a Hugging Face Llama or Qwen3 config.json."""
     archs = hf.get("architectures") or [hf.get("model_type")]
-    if not any(a in SUPPORTED_ARCHITECTURES or a == "llama" for a in archs):
+    if not any(a in SUPPORTED_ARCHITECTURES or a in MODEL_TYPES for a in archs):
         raise ValueError(f"unsupported architecture {archs}; supported: {SUPPORTED_ARCHITECTURES}")
-    scaling = hf.get("rope_scaling")
+    rope = hf.get("rope_parameters") or {}  # where newer transformers keep rope_theta and the scaling
+    scaling = hf.get("rope_scaling") or rope
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling {scaling}")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -40,12 +42,13 @@ def config_from_hf_dict(hf: dict, dtype: str | None = None) -> ModelConfig:
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, intermediate_size=hf["intermediate_size"],
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         dtype=dtype or {"float16": "float16", "bfloat16": "bfloat16"}.get(hf.get("torch_dtype"), "float32"),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=() if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,)),
+        qk_norm=hf.get("model_type") == "qwen3" or "Qwen3ForCausalLM" in archs,
     )
 
 

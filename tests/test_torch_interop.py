@@ -233,10 +233,10 @@ def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf():
         assert mine == ref, (tokenizer.decode(mine), tokenizer.decode(ref))
 
 
-def test_greedy_tokens_equal_transformers_on_a_tiny_qwen3():
+def test_greedy_tokens_equal_transformers_on_a_tiny_qwen3(tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from jaxpaged.models.config import ModelConfig
+    from jaxpaged.models.checkpoint import load_checkpoint
 
     torch.manual_seed(1)
     hf_config = Qwen3Config(vocab_size=199, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
@@ -246,10 +246,9 @@ def test_greedy_tokens_equal_transformers_on_a_tiny_qwen3():
     with torch.no_grad():  # larger random weights, so that tokens vary along the sequence
         for p in hf_model.parameters():
             p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    config = ModelConfig(vocab_size=199, hidden_size=64, intermediate_size=160, num_layers=3, num_heads=8,
-                         num_kv_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=1000000.0,
-                         rms_norm_eps=1e-6, tie_embeddings=True, qk_norm=True)
-    model = state_dict_to_minillm(config, hf_model.state_dict())
+    hf_model.save_pretrained(tmp_path / "tiny-qwen3", safe_serialization=True)
+    model, _ = load_checkpoint(str(tmp_path / "tiny-qwen3"))
+    assert model.config.qk_norm and model.config.rope_theta == 1000000.0
     assert model.layers[0].self_attn.q_norm.weight[...].shape == (16,)
     prompts = [[5, 17, 99, 3], [190, 1, 1, 7, 8, 9, 10, 42], [150]]
     ours = generate(model, prompts, max_new_tokens=32, block_size=8, eos_token_ids=[]).tokens
