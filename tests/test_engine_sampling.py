@@ -77,3 +77,13 @@ def test_logprobs_are_the_models_own():
     np.testing.assert_allclose(token_logprobs, reference[np.arange(3), np.asarray(tokens)], rtol=1e-6)
     np.testing.assert_array_equal(top_ids, np.argsort(-reference, axis=-1)[:, :4])
     np.testing.assert_allclose(top_logprobs, np.sort(reference, axis=-1)[:, ::-1][:, :4], rtol=1e-6)
+
+
+def test_the_static_switches_skip_work_without_changing_a_token():
+    logits = jnp.asarray(np.asarray(jax.random.normal(jax.random.key(1), (4, 9)), np.float32))
+    rows = SamplingRows.build([SamplingParams(temperature=0.0)] * 4, [0, 1, 2, 3], [0] * 4, 4)
+    full = sample(logits, rows, filtered=True, penalised=False, random=True, num_logprobs=2)
+    lean = sample(logits, rows, filtered=False, penalised=False, random=False, num_logprobs=None)
+    np.testing.assert_array_equal(full[0], lean[0])
+    np.testing.assert_array_equal(lean[0], np.argmax(np.asarray(logits), axis=-1))
+    assert lean[2].shape == (4, 0) and full[2].shape == (4, 2)

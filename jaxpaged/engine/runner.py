@@ -40,29 +40,32 @@ def _banned(stop_ids, generated, min_tokens, vocab: int):
 
 def _switches(params: list[SamplingParams]) -> dict:
     """The sampler's static switches for a batch: only the work some row needs."""
+    asked = [p.logprobs for p in params if p.logprobs is not None]
     return dict(filtered=any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params),
                 penalised=any(p.repetition_penalty != 1 for p in params),
-                num_logprobs=max((p.logprobs or 0 for p in params), default=0))
+                random=any(p.temperature > 0 for p in params), banning=any(p.min_tokens > 0 for p in params),
+                num_logprobs=max(asked) if asked else None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "filtered", "penalised", "num_logprobs"),
-                   donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "filtered", "penalised", "random", "banning",
+                                             "num_logprobs"), donate_argnames=("state",))
 def _prefill(graphdef, params, state, tokens, seq_idx, num_tokens, sample_rows, rows: SamplingRows, min_tokens,
-             stop_ids, seen, *, impl, max_len, filtered, penalised, num_logprobs):
+             stop_ids, seen, *, impl, max_len, filtered, penalised, random, banning, num_logprobs):
     """One chunk per row; samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1)."""
     model = nnx.merge(graphdef, params)
     logits, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
                                    logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
     logits = logits[sample_rows]
-    banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1])
-    out = sample(logits, rows, seen, banned, filtered=filtered, penalised=penalised, num_logprobs=num_logprobs)
+    banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1]) if banning else None
+    out = sample(logits, rows, seen, banned, filtered=filtered, penalised=penalised, random=random,
+                 num_logprobs=num_logprobs)
     return state, ok, out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "steps", "filtered", "penalised",
-                                             "num_logprobs"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "steps", "filtered", "penalised", "random",
+                                             "banning", "num_logprobs"), donate_argnames=("state",))
 def _decode(graphdef, params, state, last_tokens, seq_idx, active, rows: SamplingRows, max_tokens, min_tokens,
-            stop_ids, seen, *, impl, max_len, steps, filtered, penalised, num_logprobs):
+            stop_ids, seen, *, impl, max_len, steps, filtered, penalised, random, banning, num_logprobs):
     """Up to `steps` decode steps; a row stops at a stop id (after min_tokens) or at max_tokens.
 
     Returns (state, ok, tokens [steps, B], emitted [steps, B], logprob [steps, B], top ids and
@@ -70,9 +73,9 @@ def _decode(graphdef, params, state, last_tokens, seq_idx, active, rows: Samplin
     """
     model = nnx.merge(graphdef, params)
     batch = last_tokens.shape[0]
-    zeros = jnp.zeros((steps, batch))
-    outputs = (zeros.astype(jnp.int32), zeros.astype(bool), zeros, jnp.zeros((steps, batch, num_logprobs), jnp.int32),
-               jnp.zeros((steps, batch, num_logprobs)))
+    zeros, width = jnp.zeros((steps, batch)), num_logprobs or 0
+    outputs = (zeros.astype(jnp.int32), zeros.astype(bool), zeros, jnp.zeros((steps, batch, width), jnp.int32),
+               jnp.zeros((steps, batch, width)))
 
     def cond(carry):
         i, _, _, active, *_ = carry
@@ -82,9 +85,9 @@ def _decode(graphdef, params, state, last_tokens, seq_idx, active, rows: Samplin
         i, state, last, active, rows, seen, all_ok, outputs = carry
         logits, state, ok = model.step(last[:, None], state, seq_idx=seq_idx, num_tokens=active.astype(jnp.int32),
                                        max_len=max_len, logit_index=jnp.zeros((batch,), jnp.int32), impl=impl)
-        banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1])
+        banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1]) if banning else None
         token, logprob, top_ids, top_logprobs = sample(logits, rows, seen, banned, filtered=filtered,
-                                                       penalised=penalised, num_logprobs=num_logprobs)
+                                                       penalised=penalised, random=random, num_logprobs=num_logprobs)
         token = jnp.where(active, token, last)
         generated = rows.token_indices + active  # tokens in each row's output after this step
         stopped = jnp.any(token[:, None] == stop_ids, axis=-1)  # drawn only past min_tokens

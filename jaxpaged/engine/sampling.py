@@ -107,9 +107,9 @@ class SamplingRows:
         return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(self.seeds, self.token_indices)
 
 
-@functools.partial(jax.jit, static_argnames=("filtered", "penalised", "num_logprobs"))
+@functools.partial(jax.jit, static_argnames=("filtered", "penalised", "random", "num_logprobs"))
 def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array | None = None, banned: jax.Array | None = None, *,
-           filtered: bool, penalised: bool, num_logprobs: int = 0):
+           filtered: bool, penalised: bool, random: bool = True, num_logprobs: int | None = 0):
     """Next tokens for a batch of rows, each with its own parameters.
 
     Args:
@@ -119,13 +119,15 @@ def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array | None = None,
       banned: [B, V] bool, tokens a row may not draw now (stop tokens before min_tokens).
       filtered: whether any row uses top-k, top-p or min-p (static: without it, no sort).
       penalised: whether any row has a repetition penalty other than 1 (static).
-      num_logprobs: R, static: how many most likely tokens' log-probabilities to return.
+      random: whether any row samples (temperature > 0; static: without it, no random draw).
+      num_logprobs: R, static: how many most likely tokens' log-probabilities to return; None: no
+        log-probabilities at all (zeros, and R = 0).
 
     Returns:
       (tokens [B] int32, logprob of each token [B] float32, top ids [B, R] int32, top logprobs [B, R]).
       Log-probabilities are the model's own (before temperature, penalty and filters), as vLLM's.
     """
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    raw_logprobs = None if num_logprobs is None else jax.nn.log_softmax(logits, axis=-1)
     if banned is not None:
         logits = jnp.where(banned, -jnp.inf, logits)
     if penalised:  # vLLM's rule: divide positive logits, multiply negative ones
@@ -135,8 +137,13 @@ def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array | None = None,
     scaled = logits / jnp.where(greedy, 1.0, rows.temperature)[:, None]
     if filtered:
         scaled = _filter(scaled, rows)
-    sampled = jax.vmap(jax.random.categorical)(rows.keys(), scaled)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    tokens = jnp.argmax(logits, axis=-1)
+    if random:
+        tokens = jnp.where(greedy, tokens, jax.vmap(jax.random.categorical)(rows.keys(), scaled))
+    tokens = tokens.astype(jnp.int32)
+    if raw_logprobs is None:
+        batch = logits.shape[0]
+        return tokens, jnp.zeros((batch,)), jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0))
     token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs
