@@ -193,22 +193,33 @@ def _hf_greedy(hf_model, prompts, new_tokens):
     return outputs
 
 
-def test_greedy_tokens_equal_transformers_on_a_tiny_llama(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_HF = {  # a small random model of each architecture, with tied and separate output projections
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(vocab_size=211, head_dim=8, rope_theta=10000.0,
+                                                      tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(vocab_size=199, head_dim=16, rope_theta=1000000.0,
+                                                      tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY_HF))
+def test_greedy_tokens_equal_transformers_on_a_tiny_checkpoint(architecture, tmp_path):
+    import transformers
 
     from jaxpaged.models.checkpoint import load_checkpoint
 
+    config_class, model_class, fields = TINY_HF[architecture]
     torch.manual_seed(0)
-    hf_config = LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                            num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                            rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    hf_model = LlamaForCausalLM(hf_config).eval()
+    hf_config = getattr(transformers, config_class)(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                                    num_attention_heads=8, num_key_value_heads=2,
+                                                    max_position_embeddings=256, rms_norm_eps=1e-6, **fields)
+    hf_model = getattr(transformers, model_class)(hf_config).eval()
     with torch.no_grad():  # a random init with larger weights, so that tokens vary along the sequence
         for p in hf_model.parameters():
             p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    hf_model.save_pretrained(tmp_path / "tiny-llama", safe_serialization=True)
-    model, _ = load_checkpoint(str(tmp_path / "tiny-llama"))
-    prompts = [[5, 17, 99, 3], [200, 1, 1, 1, 7, 8, 9, 10, 42], [150]]
+    hf_model.save_pretrained(tmp_path / architecture, safe_serialization=True)
+    model, _ = load_checkpoint(str(tmp_path / architecture))
+    assert model.config.qk_norm == (architecture == "qwen3") and model.config.rope_theta == fields["rope_theta"]
+    prompts = [[5, 17, 99, 3], [190, 1, 1, 1, 7, 8, 9, 10, 42], [150]]
     ours = generate(model, prompts, max_new_tokens=40, block_size=8, eos_token_ids=[]).tokens
     theirs = _hf_greedy(hf_model, prompts, 40)
     assert ours == theirs
@@ -231,27 +242,3 @@ def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf():
     theirs = _hf_greedy(hf_model, prompts, 32)
     for mine, ref in zip(ours, theirs):
         assert mine == ref, (tokenizer.decode(mine), tokenizer.decode(ref))
-
-
-def test_greedy_tokens_equal_transformers_on_a_tiny_qwen3(tmp_path):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from jaxpaged.models.checkpoint import load_checkpoint
-
-    torch.manual_seed(1)
-    hf_config = Qwen3Config(vocab_size=199, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                            num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-    hf_model = Qwen3ForCausalLM(hf_config).eval()
-    with torch.no_grad():  # larger random weights, so that tokens vary along the sequence
-        for p in hf_model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    hf_model.save_pretrained(tmp_path / "tiny-qwen3", safe_serialization=True)
-    model, _ = load_checkpoint(str(tmp_path / "tiny-qwen3"))
-    assert model.config.qk_norm and model.config.rope_theta == 1000000.0
-    assert model.layers[0].self_attn.q_norm.weight[...].shape == (16,)
-    prompts = [[5, 17, 99, 3], [190, 1, 1, 7, 8, 9, 10, 42], [150]]
-    ours = generate(model, prompts, max_new_tokens=32, block_size=8, eos_token_ids=[]).tokens
-    theirs = _hf_greedy(hf_model, prompts, 32)
-    assert ours == theirs
-    assert all(len(set(t)) > 3 for t in ours), "the comparison is not on a constant sequence"
