@@ -63,7 +63,7 @@ class Linear(nnx.Linear):
     SmolLM2-135M) into a multiply fusion that writes the weight-sized product and a reduction
     that reads it back; with two rows it stays one GEMM fusion. On an H100 that took batch-1
     decode from 515 to 674 tokens/s for llama-1b and from 618 to 747 for SmolLM2's shape
-    (bfloat16, random weights; BENCHMARKS.md). On the CPU the two-row product is the slower one
+    (bfloat16, random weights; benchmarks/NOTES.md). On the CPU the two-row product is the slower one
     (2.3x a 2048 x 2048 float32 matrix-vector product), so it stays one row there.
     """
 
