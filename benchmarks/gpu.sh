@@ -16,6 +16,10 @@
 #                                          # the kernels and with the reference attention (generate(..., impl=...)),
 #                                          # llama-1b and smollm2-135m-random by default:
 #                                          # OUT/generate_PRESET_{kernel,reference}.json, OUT/generate_PRESET.png
+#   bash benchmarks/gpu.sh OUT engine [PRESET ...]
+#                                          # <= 9 min a preset: the engine's workloads A, B and C (benchmarks/engine.py)
+#                                          # with the static generate and transformers' continuous batching beside,
+#                                          # llama-1b by default: OUT/engine_PRESET.{json,txt}
 #
 # The times are the sums of the steps' timeouts: each step has its own, so that one running long still
 # leaves the others' files (attention.py rewrites its JSON after every shape, so even a step stopped by
@@ -25,7 +29,7 @@
 # The runs this script replaced (kernels128, heads64, rows, exp2, packed_ab, ...) are listed by name in
 # benchmarks/NOTES.md, where the results they wrote are cited.
 set -uo pipefail
-usage="usage: bash benchmarks/gpu.sh OUT kernels [HEADS ...] | attention | generate [PRESET ...]"
+usage="usage: bash benchmarks/gpu.sh OUT kernels [HEADS ...] | attention | generate [PRESET ...] | engine [PRESET ...]"
 out=${1:?$usage}
 run=${2:?$usage}
 shift 2
@@ -62,6 +66,14 @@ generate)
         $([ "$impl" = kernel ] && echo --plot "$out/generate_$preset.png") 2>&1 | quiet \
         | tee "$out/generate_${preset}_$impl.txt"
     done
+  done
+  ;;
+engine)
+  presets=("$@")
+  [ ${#presets[@]} -gt 0 ] || presets=(llama-1b)
+  for preset in "${presets[@]}"; do
+    timeout 540 python3 benchmarks/engine.py --model "$preset" --out "$out/engine_$preset.json" 2>&1 | quiet \
+      | tee "$out/engine_$preset.txt"
   done
   ;;
 *)
