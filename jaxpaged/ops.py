@@ -202,7 +202,8 @@ def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tok
     """Flat pool slots (block * P + offset) for T positions from starts [B]; unique sentinels past num_tokens.
 
     Positions past num_tokens, outside the row's M * P positions or past its blocks, and every
-    position of a padding row (seq_idx outside [0, B)), get no slot.
+    position of a padding row (seq_idx outside [0, B)), get no slot; nor does any position when a
+    real row is named twice (two rows would share slots).
 
     Returns:
       slots [B, T] int32; the padding positions get N*P + (b*T + t), out of range and distinct,
@@ -212,6 +213,7 @@ def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tok
     t = jnp.arange(num_chunk_tokens, dtype=jnp.int32)
     positions = starts[:, None] + t[None, :]  # [B, T]
     seq_idx = checks.padding_rows(seq_idx, c.max_seqs)
+    seq_idx = jnp.where(checks.repeats_a_row(seq_idx, c.max_seqs), c.max_seqs, seq_idx)
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     columns = jnp.clip(positions // c.block_size, 0, c.max_blocks_per_seq - 1)
     blocks = jnp.take_along_axis(rows, columns, axis=1)
@@ -307,9 +309,10 @@ def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.
 def allocate_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, *, num_chunk_tokens: int):
     """Takes blocks for a model step that writes every layer, once: the slot mapping. DONATES state.
 
-    Every layer of each sequence must hold the same length (as after model steps). The new
-    positions start at that length; every layer's length advances by num_tokens now, so each layer
-    then only scatters its K/V with `write_slots` and attends.
+    Every layer of each sequence must hold the same length (as after model steps; a row whose
+    layers differ refuses the call). The new positions start at that length; every layer's length
+    advances by num_tokens now, so each layer then only scatters its K/V with `write_slots` and
+    attends.
 
     Args:
       seq_idx: [B] int32 block-table rows; real rows distinct, any index outside [0, B) a padding row.
@@ -317,11 +320,15 @@ def allocate_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Arra
 
     Returns:
       (state, slots [B, T] int32, ok). When ok is False (out of blocks, past the block-table width,
-      or a real row named twice) nothing changes and every slot is a dropped sentinel.
+      a real row named twice, or a row whose layers hold different lengths) nothing changes and
+      every slot is a dropped sentinel.
     """
     num_chunk_tokens = checks.check_int(num_chunk_tokens, "num_chunk_tokens")
     _check_rows(seq_idx, num_tokens)
     seq_idx, _, accepted = _admit(state, seq_idx)
+    lens = state.table.seq_lens.at[:, seq_idx].get(mode="fill", fill_value=0)  # [L, B]
+    accepted &= jnp.all(lens == lens[:1])  # else a layer's length would pass the blocks taken for layer 0's
+    seq_idx = jnp.where(accepted, seq_idx, state.config.max_seqs)
     state, slots, num_tokens, ok = _take_slots(state, 0, seq_idx, num_tokens, num_chunk_tokens)
     seq_lens = state.table.seq_lens.at[:, seq_idx].add(num_tokens[None, :], mode="drop")
     return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok & accepted
