@@ -5,7 +5,8 @@ B sequence slots (rows of the block table), M blocks per sequence.
 
 Sentinels, never a reserved garbage block:
 - a block-table entry of N (`config.num_blocks`) means "no block";
-- a sequence index of B (`config.max_seqs`) means "no sequence" (a padding row of a batch).
+- a sequence index of B (`config.max_seqs`) means "no sequence" (a padding row of a batch); so does
+  any other index outside [0, B), negative ones included (`jaxpaged.ops` maps them to B).
 Reads through a sentinel are masked, writes through one are dropped (`mode="drop"`).
 """
 

@@ -389,3 +389,219 @@ def test_contiguous_append_and_read_property(lens, counts, layer):
     else:
         assert not np.any(np.asarray(seq_lens)) and not np.any(np.asarray(k_all)), "a layer out of range reads as empty"
     return labels | ({"refused"} if not expected_ok else set())
+
+
+# ----------------------------------------------------------------------------- the cases of misuse, one test each
+
+
+def two_rows_of_data():
+    """Rows 0 and B-1 hold 5 positions in both layers; a snapshot to compare against."""
+    state = jp.init_state(CONFIG)
+    rows = jnp.asarray([0, B - 1], jnp.int32)
+    for layer in range(L):
+        state, ok = ops.append(state, layer, rows, values(layer, (2, 5, K, D)), values(layer + 5, (2, 5, K, D)))
+        assert bool(ok)
+    return state, snapshot(state)
+
+
+def test_case_1_a_negative_sequence_index_is_a_padding_row():
+    state, before = two_rows_of_data()
+    minus_one = jnp.asarray([-1], jnp.int32)
+    k = values(3, (1, 2, K, D))
+    state, ok = ops.append(state, 0, minus_one, k, k)
+    assert bool(ok), "a padding row does not fail the call"
+    state, ok = ops.reserve(state, minus_one, jnp.asarray([9], jnp.int32), max_new_tokens=16)
+    assert bool(ok)
+    state, slots, ok = ops.allocate_slots(state, minus_one, jnp.asarray([2], jnp.int32), num_chunk_tokens=2)
+    assert bool(ok) and np.all(np.asarray(slots) >= N * P)
+    state, ok = ops.free_seqs(state, minus_one)
+    assert bool(ok)
+    k_read, _, lens = ops.gather_kv(state, 0, minus_one, max_len=8)
+    assert int(lens[0]) == 0 and not np.any(np.asarray(k_read)), "reads as empty, not as row B-1"
+    assert_same(before, snapshot(state), "calls through row -1")
+
+
+def test_case_2_a_row_named_twice_is_refused_and_leaks_nothing():
+    state, before = two_rows_of_data()
+    twice = jnp.asarray([0, 0], jnp.int32)
+    k = values(3, (2, 6, K, D))
+    state, ok = ops.append(state, 0, twice, k, k)
+    assert not bool(ok)
+    state, ok = ops.reserve(state, twice, jnp.asarray([6, 6], jnp.int32), max_new_tokens=8)
+    assert not bool(ok)
+    state, _, ok = ops.allocate_slots(state, twice, jnp.asarray([1, 1], jnp.int32), num_chunk_tokens=1)
+    assert not bool(ok)
+    state, ok = ops.free_seqs(state, twice)
+    assert not bool(ok)
+    assert_same(before, snapshot(state), "calls naming row 0 twice")
+    padding = jnp.asarray([B, 1, B, -3], jnp.int32)  # padding rows may repeat
+    state, ok = ops.append(state, 0, padding, values(4, (4, 3, K, D)), values(4, (4, 3, K, D)))
+    assert bool(ok) and int(state.table.seq_lens[0, 1]) == 3
+    state, ok = ops.free_seqs(state, jnp.arange(B, dtype=jnp.int32))
+    assert bool(ok) and int(state.allocator.num_free) == N, "every block back"
+
+
+def test_case_3_negative_counts_and_block_ids_are_refused_or_ignored():
+    alloc = jp.state.init_allocator(N)
+    alloc, ids, ok = ops.allocate_blocks(alloc, count=N)
+    assert bool(ok)
+    with pytest.raises(ValueError, match="count must be an int >= 0, got -2"):
+        ops.allocate_blocks(alloc, count=-2)
+    alloc, ok = ops.free_blocks(alloc, jnp.asarray([-1, -N, N, 2 * N], jnp.int32))
+    assert bool(ok) and int(alloc.num_free) == 0, "ids outside [0, N) free nothing, not block N-1"
+    alloc, taken, ok = ops.allocate_blocks(alloc, count=1)
+    assert not bool(ok) and int(taken[0]) == N, "no sentinel handed out as a block"
+    assert_allocator_invariant(snapshot(alloc), tables=False)
+
+
+def test_case_4_the_cache_allocator_refuses_a_block_a_sequence_holds(rng):
+    cache = jp.PagedKVCache(CONFIG, block_size=P, num_blocks=N, max_seqs=B)
+    cache.allocate_sequence("A")
+    k = values(1, (K, 6, D))
+    assert cache.append_tokens("A", 0, k, k)
+    before = snapshot(cache.state)
+    for block in cache.block_table("A"):
+        with pytest.raises(ValueError, match=f"block {block} is held by sequence 'A'"):
+            cache.allocator.free(block)
+    assert_same(before, snapshot(cache.state), "a refused free")
+    own = cache.allocator.allocate()  # what the allocator hands out, it may give back
+    cache.allocator.free(own)
+    cache.allocate_sequence("B")
+    assert cache.append_tokens("B", 0, -k, -k)
+    assert not set(cache.block_table("A")) & set(cache.block_table("B"))
+    assert_bit_equal(cache.get_kv("A", 0)[0], k, "A's data")
+
+
+def test_case_5_a_layer_out_of_range_is_refused():
+    state, before = two_rows_of_data()
+    rows = jnp.asarray([0], jnp.int32)
+    k = values(3, (1, 2, K, D))
+    for layer in (L, -1, 5):
+        with pytest.raises(IndexError, match=rf"layer must be an int in \[0, {L}\), got {layer}"):
+            ops.append(state, layer, rows, k, k)
+        for call in (lambda: ops.gather_kv(state, layer, rows, max_len=8),
+                     lambda: ops.reserve(state, rows, jnp.asarray([1], jnp.int32), layer, max_new_tokens=1),
+                     lambda: ops.write_slots(state, layer, jnp.zeros((1, 2), jnp.int32), k, k)):
+            with pytest.raises(IndexError):
+                call()
+    assert_same(before, snapshot(state), "refusals before any work")
+    for layer in (jnp.asarray(L), jnp.asarray(-1)):  # traced: ok=False, nothing written, reads empty
+        state, ok = ops.append(state, layer, rows, k, k)
+        assert not bool(ok)
+        state, ok = ops.reserve(state, rows, jnp.asarray([8], jnp.int32), layer, max_new_tokens=8)
+        assert not bool(ok)
+        k_read, _, lens = ops.gather_kv(state, layer, rows, max_len=8)
+        assert int(lens[0]) == 0 and not np.any(np.asarray(k_read))
+        state = jax.jit(ops.write_slots)(state, layer, jnp.asarray([[0, 1]], jnp.int32), k, k)
+    assert_same(before, snapshot(state), "traced layers out of range")
+    dense = jp.init_contiguous(L, 1, K, 8, D, jnp.float32)
+    with pytest.raises(IndexError):
+        jp.contiguous_append(dense, L, jnp.swapaxes(k, 1, 2), jnp.swapaxes(k, 1, 2))
+    with pytest.raises(IndexError):
+        jp.contiguous_read(dense, -1)
+    dense, ok = jp.contiguous_append(dense, jnp.asarray(-1), jnp.swapaxes(k, 1, 2), jnp.swapaxes(k, 1, 2))
+    assert not bool(ok) and not np.any(np.asarray(dense.k)) and not np.any(np.asarray(dense.seq_lens))
+
+
+def test_case_6_the_adapter_clips_num_tokens_as_kvcache_does_and_both_refuse_bad_ones(rng):
+    adapter = jp.create_paged_kv_cache(CONFIG, batch_size=2, block_size=P, blocks_per_seq=4)
+    dense = jp.KVCache(CONFIG, batch_size=2, max_len=16)
+    k = values(1, (2, K, 3, D))
+    for num_tokens in ([4, 9], [3, 0]):  # past T = 3: clipped to 3
+        paged_k, paged_v = adapter.update(0, k, -k, jnp.asarray(num_tokens, jnp.int32))
+        dense_k, dense_v = dense.update(0, k, -k, jnp.asarray(num_tokens, jnp.int32))
+        assert_bit_equal(paged_k, dense_k, "k")
+        assert_bit_equal(paged_v, dense_v, "v")
+    np.testing.assert_array_equal(adapter.seq_lens(0), [6, 3])
+    np.testing.assert_array_equal(dense.seq_lens(0), [6, 3])
+    bad = [(ValueError, "num_tokens must be >= 0", jnp.asarray([-1, 2], jnp.int32)),
+           (TypeError, "num_tokens must be an integer array, got float32", jnp.asarray([1.0, 2.0])),
+           (ValueError, r"num_tokens must be \[B=2\], got shape \(3,\)", jnp.asarray([1, 2, 3], jnp.int32)),
+           (ValueError, r"num_tokens must be \[B=2\], got shape \(\)", 2)]
+    for cache in (adapter, dense):
+        lens = cache.seq_lens(0)
+        for error, message, num_tokens in bad:
+            with pytest.raises(error, match=message):
+                cache.update(0, k, -k, num_tokens)
+        np.testing.assert_array_equal(cache.seq_lens(0), lens)
+
+
+def run_in_threads(targets, threaded=True):
+    """Runs each target in a thread of its own (or one after another); re-raises the first error."""
+    errors = []
+
+    def run(target):
+        try:
+            target()
+        except BaseException as error:  # a thread's error would otherwise only be printed
+            errors.append(error)
+
+    if threaded:
+        threads = [threading.Thread(target=run, args=(target,)) for target in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    else:
+        for target in targets:
+            run(target)
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.slow
+def test_case_7_threads_share_one_cache():
+    """4 threads x 40 appends through one PagedKVCache, and 4 x 10 updates through one adapter: none
+    fails, and the lengths and data equal a serial run's."""
+    config = jp.CacheConfig(num_layers=L, num_kv_heads=K, head_dim=D, num_blocks=256, block_size=P, max_seqs=4)
+    lengths = [3 + i % 2 for i in range(40)]  # one bucket of chunk lengths: one compilation
+
+    def appends(cache, seq_id):
+        for i, n in enumerate(lengths):
+            k = values(seq_id * 100 + i, (K, n, D))
+            assert cache.append_tokens(seq_id, i % L, k, -k)
+
+    caches = []
+    for threaded in (False, True):
+        cache = jp.PagedKVCache(config, block_size=P, num_blocks=256, max_seqs=4)
+        for seq_id in range(4):
+            cache.allocate_sequence(seq_id)
+        run_in_threads([lambda seq_id=seq_id: appends(cache, seq_id) for seq_id in range(4)], threaded)
+        caches.append(cache)
+    serial, threaded = caches
+    for seq_id in range(4):
+        for layer in range(L):
+            assert threaded.get_seq_len(seq_id, layer) == serial.get_seq_len(seq_id, layer) == sum(lengths[layer::L])
+            assert_bit_equal(threaded.get_kv(seq_id, layer)[0], serial.get_kv(seq_id, layer)[0], f"seq {seq_id}")
+    assert threaded.memory_stats().used_blocks == serial.memory_stats().used_blocks
+
+    adapter = jp.create_paged_kv_cache(config, batch_size=2, block_size=P, blocks_per_seq=32)
+    for layer in range(L):  # 40 positions first, so every read below pads to one bucket (64)
+        adapter.update(layer, values(1, (2, K, 40, D)), values(1, (2, K, 40, D)))
+    one = values(0, (2, K, 1, D))
+    run_in_threads([lambda: [adapter.update(i % L, one, one) for i in range(10)]] * 4)
+    for layer in range(L):
+        np.testing.assert_array_equal(adapter.seq_lens(layer), [60, 60])
+
+
+def test_case_9_clear_messages_before_any_change():
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got -1"):
+        jp.KVCache(CONFIG, batch_size=-1, max_len=8)
+    with pytest.raises(ValueError, match="max_len must be an int >= 1, got 0"):
+        jp.KVCache(CONFIG, batch_size=1, max_len=0)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        jp.create_paged_kv_cache(CONFIG, batch_size=0)
+    state, _ = two_rows_of_data()
+    rows = jnp.asarray([0], jnp.int32)
+    with pytest.raises(TypeError, match="num_tokens must be an integer array, got float32"):
+        ops.append(state, 0, rows, values(1, (1, 2, K, D)), values(1, (1, 2, K, D)), jnp.asarray([1.0]))
+    with pytest.raises(ValueError, match=r"num_tokens must be \[B=1\], got shape \(2,\)"):
+        ops.append(state, 0, rows, values(1, (1, 2, K, D)), values(1, (1, 2, K, D)), jnp.asarray([1, 1], jnp.int32))
+    new_state, ok = ops.append(state, 0, rows, values(1, (1, 2, K, D)), values(1, (1, 2, K, D)))
+    assert bool(ok)
+    with pytest.raises(ValueError, match="state was donated to an earlier call"):
+        ops.append(state, 0, rows, values(1, (1, 2, K, D)), values(1, (1, 2, K, D)))
+    alloc = jp.state.init_allocator(N)
+    ops.allocate_blocks(alloc, count=1)
+    with pytest.raises(ValueError, match="alloc was donated"):
+        ops.free_blocks(alloc, jnp.asarray([0], jnp.int32))
