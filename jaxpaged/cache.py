@@ -7,11 +7,18 @@ slicing of padded results; no cache logic of its own.
 Shapes follow the seed: heads first. A sequence's chunk is [K, T, D], a batch's is [B, K, T, D].
 Chunks are padded to a power-of-two T before the jitted call, so compilations grow with
 log(T), not with the number of distinct chunk lengths.
+
+Arguments are checked before any state changes (`jaxpaged.checks`); a wrong one raises an error
+naming it and its allowed range. Every facade is safe to call from several threads: a re-entrant
+lock serialises each call's read, jitted update and swap of the state (a state read by one thread
+must not be donated by another meanwhile).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 from collections.abc import Hashable
 from typing import Any
 
@@ -19,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged import ops
+from jaxpaged import checks, ops
 from jaxpaged.attention import attend
 from jaxpaged.config import CacheConfig, bucket
-from jaxpaged.protocol import Step, check_impl, new_positions
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read, init_contiguous
+from jaxpaged.protocol import Step, check_impl, new_positions
 from jaxpaged.state import BlockAllocatorState, PagedKVState, init_allocator, init_state
 from jaxpaged.stats import MemoryStats, contiguous_memory_stats, paged_memory_stats
 
@@ -47,19 +54,15 @@ class DoubleFreeError(RuntimeError):
     """A block that is already free was freed again; the allocator is unchanged."""
 
 
-def _as_array(x: Any, dtype, name: str) -> jax.Array:
-    """x as a jax array of exactly `dtype`: never a silent cast."""
-    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if jnp.dtype(x.dtype) != jnp.dtype(dtype):
-        raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {jnp.dtype(dtype).name}")
-    return jnp.asarray(x)
+def _locked(method):
+    """Runs the method holding the object's re-entrant lock, `self._lock`."""
 
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
 
-def _check_layer(layer_idx: Any, num_layers: int) -> int:
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, (int, np.integer)) or not 0 <= layer_idx < num_layers:
-        raise IndexError(f"layer_idx must be an int in [0, {num_layers}), got {layer_idx!r}")
-    return int(layer_idx)
+    return call
 
 
 def _pad_tokens(x: jax.Array, axis: int) -> jax.Array:
@@ -82,20 +85,22 @@ class BlockAllocator:
     """Hands out and takes back block ids; a facade over `BlockAllocatorState` and its pure ops.
 
     Standalone (`BlockAllocator(num_blocks)`) it owns its state; `PagedKVCache.allocator` returns
-    one bound to the cache's state, so blocks it hands out are ones no sequence can take.
+    one bound to the cache's state (and lock), so blocks it hands out are ones no sequence can
+    take, and it refuses to free a block that a sequence holds. Safe to call from several threads.
     """
 
     def __init__(self, num_blocks: int):
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        own = {"state": init_allocator(int(num_blocks))}
+        own = {"state": init_allocator(checks.check_int(num_blocks, "num_blocks", low=1))}
         self._get = lambda: own["state"]
         self._set = lambda state: own.__setitem__("state", state)
+        self._holder = lambda block_id: None
+        self._lock = threading.RLock()
 
     @classmethod
-    def _bound(cls, get, set_) -> BlockAllocator:
+    def _bound(cls, get, set_, holder, lock) -> BlockAllocator:
+        """An allocator over another object's state; holder(block_id) names the sequence that holds a block, or None."""
         allocator = cls.__new__(cls)
-        allocator._get, allocator._set = get, set_
+        allocator._get, allocator._set, allocator._holder, allocator._lock = get, set_, holder, lock
         return allocator
 
     @property
@@ -107,6 +112,7 @@ class BlockAllocator:
         return self.state.free_ids.shape[0]
 
     @property
+    @_locked
     def num_free_blocks(self) -> int:
         return int(self.state.num_free)
 
@@ -114,6 +120,7 @@ class BlockAllocator:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
+    @_locked
     def allocate(self) -> int:
         """Takes one free block and returns its id. Raises OutOfBlocksError when none is free."""
         new_state, ids, ok = ops.allocate_blocks(self.state, count=1)
@@ -122,18 +129,27 @@ class BlockAllocator:
             raise OutOfBlocksError(f"all {self.num_blocks} blocks are in use")
         return int(ids[0])
 
+    @_locked
     def free(self, block_id: int) -> None:
-        """Gives a block back. Raises DoubleFreeError if it is already free."""
-        if isinstance(block_id, bool) or not isinstance(block_id, (int, np.integer)) or not 0 <= block_id < self.num_blocks:
-            raise ValueError(f"block_id must be an int in [0, {self.num_blocks}), got {block_id!r}")
+        """Gives back a block this allocator handed out.
+
+        Raises IndexError for an id outside [0, N), ValueError for a block a sequence of the cache
+        holds (free the sequence instead), DoubleFreeError if it is already free; nothing changes.
+        """
+        block_id = checks.check_index(block_id, self.num_blocks, "block_id")
+        holder = self._holder(block_id)
+        if holder is not None:
+            raise ValueError(f"block {block_id} is held by sequence {holder!r}; free the sequence instead")
         new_state, ok = ops.free_blocks(self.state, jnp.asarray([block_id], jnp.int32))
         self._set(new_state)
         if not bool(ok):
             raise DoubleFreeError(f"block {block_id} is already free")
 
+    @_locked
     def ref_count(self, block_id: int) -> int:
-        return int(self.state.ref_counts[block_id])
+        return int(self.state.ref_counts[checks.check_index(block_id, self.num_blocks, "block_id")])
 
+    @_locked
     def stats(self) -> dict:
         """Total, used and free blocks, and the used share."""
         used = self.num_used_blocks
@@ -152,6 +168,13 @@ class PagedKVCache:
       max_seqs: sequences that can be live at once.
       max_blocks_per_seq: M, the most blocks one sequence may hold; default N.
       dtype: element type of the pools; default the config's.
+
+    What is safe to touch: every public method, from any thread (each holds the cache's re-entrant
+    lock while it reads, updates and swaps the state); `allocator`, which frees only blocks it
+    handed out itself, never one a sequence holds. `state` is the current pytree, to read: the
+    next call donates it (its arrays are then deleted), so copy what you keep, and never assign
+    it or pass it to a donating op yourself; the block-table row of a sequence is the cache's
+    business.
     """
 
     def __init__(self, config: Any, block_size: int = 16, num_blocks: int = 256, *, max_seqs: int = 32,
@@ -162,10 +185,12 @@ class PagedKVCache:
         self.config = CacheConfig.from_model_config(config, **overrides)
         self.state: PagedKVState = init_state(self.config)
         self._rows: dict[Hashable, int] = {}
+        self._lock = threading.RLock()
 
     # -- sequences
 
     @property
+    @_locked
     def seq_ids(self) -> list:
         return list(self._rows)
 
@@ -175,6 +200,7 @@ class PagedKVCache:
         except (KeyError, TypeError):
             raise UnknownSequenceError(f"unknown sequence {seq_id!r} (never allocated, or already freed)") from None
 
+    @_locked
     def allocate_sequence(self, seq_id: Hashable, initial_len: int = 0) -> None:
         """Starts a sequence with blocks reserved for `initial_len` positions; its length starts at 0.
 
@@ -185,8 +211,7 @@ class PagedKVCache:
             raise TypeError(f"seq_id must be hashable, got {type(seq_id).__name__}")
         if seq_id in self._rows:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
-        if isinstance(initial_len, bool) or not isinstance(initial_len, (int, np.integer)) or initial_len < 0:
-            raise ValueError(f"initial_len must be a non-negative int, got {initial_len!r}")
+        initial_len = checks.check_int(initial_len, "initial_len")
         taken = set(self._rows.values())
         row = next((r for r in range(self.config.max_seqs) if r not in taken), None)
         if row is None:
@@ -198,6 +223,7 @@ class PagedKVCache:
                                    f"{self.config.block_size}, at most {self.config.max_blocks_per_seq} per sequence")
         self._rows[seq_id] = row
 
+    @_locked
     def append_tokens(self, seq_id: Hashable, layer_idx: int, k: Any, v: Any) -> bool:
         """Appends T positions to one layer of a sequence, taking blocks as needed.
 
@@ -208,28 +234,30 @@ class PagedKVCache:
           True on success; False when the blocks ran out (nothing changed).
         """
         row = self._row(seq_id)
-        layer = _check_layer(layer_idx, self.config.num_layers)
-        k, v = (_as_array(x, self.config.dtype, name) for x, name in ((k, "k"), (v, "v")))
+        layer = checks.check_index(layer_idx, self.config.num_layers, "layer_idx")
         c = self.config
-        if k.ndim != 3 or k.shape[0] != c.num_kv_heads or k.shape[2] != c.head_dim or v.shape != k.shape:
-            raise ValueError(f"k and v must be [K={c.num_kv_heads}, T, D={c.head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        k, v = checks.check_kv(k, v, "KTD", c.dtype, K=c.num_kv_heads, D=c.head_dim)
         num_tokens = jnp.asarray([k.shape[1]], jnp.int32)
         k, v = (_pad_tokens(jnp.swapaxes(x, 0, 1)[None], axis=1) for x in (k, v))  # [1, T', K, D]
         self.state, ok = ops.append(self.state, layer, jnp.asarray([row], jnp.int32), k, v, num_tokens)
         return bool(ok)
 
+    @_locked
     def get_seq_len(self, seq_id: Hashable, layer_idx: int = 0) -> int:
         """Positions written to `layer_idx` of the sequence."""
-        return int(self.state.table.seq_lens[_check_layer(layer_idx, self.config.num_layers), self._row(seq_id)])
+        layer = checks.check_index(layer_idx, self.config.num_layers, "layer_idx")
+        return int(self.state.table.seq_lens[layer, self._row(seq_id)])
 
+    @_locked
     def get_kv(self, seq_id: Hashable, layer_idx: int) -> tuple[jax.Array, jax.Array]:
         """The sequence's K and V so far in one layer, each [K, S, D] with S its length."""
         row = self._row(seq_id)
-        layer = _check_layer(layer_idx, self.config.num_layers)
+        layer = checks.check_index(layer_idx, self.config.num_layers, "layer_idx")
         seq_len = self.get_seq_len(seq_id, layer)
         k, v, _ = ops.gather_kv(self.state, layer, jnp.asarray([row], jnp.int32), max_len=bucket(seq_len))
         return tuple(jnp.swapaxes(x[0, :seq_len], 0, 1) for x in (k, v))
 
+    @_locked
     def free_sequence(self, seq_id: Hashable) -> None:
         """Ends a sequence; its blocks become free for others. Raises UnknownSequenceError if not live."""
         row = self._row(seq_id)
@@ -242,26 +270,36 @@ class PagedKVCache:
 
     @property
     def allocator(self) -> BlockAllocator:
-        """A BlockAllocator bound to this cache's free list."""
+        """A BlockAllocator bound to this cache's free list and lock; it refuses to free a block a sequence holds."""
         return BlockAllocator._bound(lambda: self.state.allocator,
-                                     lambda alloc: setattr(self, "state", self.state.replace(allocator=alloc)))
+                                     lambda alloc: setattr(self, "state", self.state.replace(allocator=alloc)),
+                                     self._holder, self._lock)
+
+    @_locked
+    def _holder(self, block_id: int) -> Hashable | None:
+        """The id of the live sequence whose block-table row holds `block_id`, or None."""
+        rows = np.flatnonzero(np.any(np.asarray(self.state.table.block_ids) == block_id, axis=1))
+        return next((seq_id for seq_id, row in self._rows.items() if row in rows), None)
 
     @property
+    @_locked
     def num_free_blocks(self) -> int:
         return int(self.state.allocator.num_free)
 
+    @_locked
     def block_table(self, seq_id: Hashable) -> list[int]:
         """The ids of the blocks a sequence holds, in position order."""
         ids = np.asarray(self.state.table.block_ids[self._row(seq_id)])
         return [int(i) for i in ids[ids < self.config.num_blocks]]
 
+    @_locked
     def get_block(self, block_id: int, layer_idx: int) -> Block:
         """A view of one block of one layer: k_data and v_data, each [K, P, D]."""
-        if not 0 <= block_id < self.config.num_blocks:
-            raise IndexError(f"block_id must be in [0, {self.config.num_blocks}), got {block_id}")
-        layer = _check_layer(layer_idx, self.config.num_layers)
+        block_id = checks.check_index(block_id, self.config.num_blocks, "block_id")
+        layer = checks.check_index(layer_idx, self.config.num_layers, "layer_idx")
         return Block(block_id, self.state.pools.k[layer, :, block_id], self.state.pools.v[layer, :, block_id])
 
+    @_locked
     def memory_stats(self) -> MemoryStats:
         return paged_memory_stats(self.state)
 
@@ -287,34 +325,42 @@ class _StatefulCacheSteps:
 
 
 class KVCache(_StatefulCacheSteps):
-    """The classic contiguous cache: [B, K, max_len, D] preallocated per layer.
+    """The classic contiguous cache: [B, K, max_len, D] preallocated per layer. Safe to call from
+    several threads (one lock around each call).
 
     Args:
       config: a CacheConfig or any model config with layers, kv heads and head dim.
-      batch_size: B.
-      max_len: S, positions preallocated per row.
+      batch_size: B, >= 1.
+      max_len: S, positions preallocated per row, >= 1.
       dtype: element type; default the config's.
     """
 
     def __init__(self, config: Any, batch_size: int, max_len: int, dtype: Any = None):
+        batch_size, max_len = checks.check_int(batch_size, "batch_size", low=1), checks.check_int(max_len, "max_len", low=1)
         overrides = {"num_blocks": 1} if dtype is None else {"num_blocks": 1, "dtype": dtype}
         shape = CacheConfig.from_model_config(config, **overrides)
         self.config = shape
         self.num_layers = shape.num_layers
         self.state: ContiguousKVState = init_contiguous(shape.num_layers, batch_size, shape.num_kv_heads, max_len,
                                                         shape.head_dim, shape.jnp_dtype)
+        self._lock = threading.RLock()
 
+    @_locked
     def update(self, layer_idx: int, k: Any, v: Any, num_tokens: Any = None) -> tuple[jax.Array, jax.Array]:
         """Appends k, v [B, K, T, D] to one layer and returns its K and V so far, each [B, K, S, D].
 
         Args:
-          num_tokens: optional [B] valid tokens per row (the rest of the T is padding). S is the
-            longest row; shorter rows read as zeros past their length.
+          num_tokens: optional [B] integers >= 0, valid tokens per row (the rest of the T is
+            padding; more than T is clipped to T). S is the longest row; shorter rows read as zeros
+            past their length.
+
+        Raises IndexError, TypeError or ValueError for a bad argument and OutOfBlocksError when a
+        row would pass max_len; nothing changes in each case.
         """
-        layer = _check_layer(layer_idx, self.num_layers)
-        k, v = (_as_array(x, self.state.k.dtype, name) for x, name in ((k, "k"), (v, "v")))
-        if num_tokens is not None:
-            num_tokens = jnp.asarray(num_tokens, jnp.int32)
+        layer = checks.check_index(layer_idx, self.num_layers, "layer_idx")
+        batch, heads, _, head_dim = self.state.k.shape[1:]
+        k, v = checks.check_kv(k, v, "BKTD", self.state.k.dtype, B=batch, K=heads, D=head_dim)
+        num_tokens = checks.num_tokens_array(num_tokens, batch, k.shape[2])
         self.state, ok = contiguous_append(self.state, layer, k, v, num_tokens)
         if not bool(ok):
             raise OutOfBlocksError(f"a row would pass max_len={self.state.k.shape[3]}")
@@ -322,28 +368,32 @@ class KVCache(_StatefulCacheSteps):
         longest = int(jnp.max(seq_lens))
         return k_all[:, :, :longest], v_all[:, :, :longest]
 
+    @_locked
     def seq_lens(self, layer_idx: int = 0) -> np.ndarray:
-        return np.asarray(self.state.seq_lens[_check_layer(layer_idx, self.num_layers)])
+        return np.asarray(self.state.seq_lens[checks.check_index(layer_idx, self.num_layers, "layer_idx")])
 
+    @_locked
     def reset(self) -> None:
         num_layers, batch, heads, max_len, head_dim = self.state.k.shape
         self.state = init_contiguous(num_layers, batch, heads, max_len, head_dim, self.state.k.dtype)
 
+    @_locked
     def memory_stats(self) -> MemoryStats:
         return contiguous_memory_stats(self.state)
 
 
 class PagedKVCacheAdapter(_StatefulCacheSteps):
-    """`KVCache.update()` backed by paged blocks: the same results, bit for bit.
+    """`KVCache.update()` backed by paged blocks: the same results, bit for bit, and the same errors.
 
     Batch row b is the sequence `b` of an inner PagedKVCache, which takes blocks only as rows grow.
+    Safe to call from several threads: every call holds the inner cache's lock.
 
     Args:
       config: a CacheConfig or any model config with layers, kv heads and head dim.
-      batch_size: B.
+      batch_size: B, >= 1.
       block_size: P.
       num_blocks: N, the shared pool; default enough for every row to reach max_len.
-      max_len: the most positions one row may hold; default N * P.
+      max_len: the most positions one row may hold, >= 1; default N * P.
       dtype: element type; default the config's.
     """
 
@@ -351,6 +401,10 @@ class PagedKVCacheAdapter(_StatefulCacheSteps):
                  max_len: int | None = None, dtype: Any = None):
         if num_blocks is None and max_len is None:
             raise ValueError("give num_blocks, max_len or both")
+        batch_size = checks.check_int(batch_size, "batch_size", low=1)
+        block_size = checks.check_int(block_size, "block_size", low=1)
+        if max_len is not None:
+            max_len = checks.check_int(max_len, "max_len", low=1)
         blocks_per_row = None if max_len is None else -(-max_len // block_size)
         if num_blocks is None:
             num_blocks = batch_size * blocks_per_row
@@ -358,8 +412,10 @@ class PagedKVCacheAdapter(_StatefulCacheSteps):
         self.cache = PagedKVCache(config, block_size, num_blocks, max_seqs=batch_size,
                                   max_blocks_per_seq=blocks_per_row, dtype=dtype)
         self.config = self.cache.config
+        self._lock = self.cache._lock
         self.reset()
 
+    @_locked
     def reset(self) -> None:
         """Frees every row and starts them again empty."""
         for seq_id in self.cache.seq_ids:
@@ -367,20 +423,19 @@ class PagedKVCacheAdapter(_StatefulCacheSteps):
         for row in range(self.batch_size):
             self.cache.allocate_sequence(row)
 
+    @_locked
     def update(self, layer_idx: int, k: Any, v: Any, num_tokens: Any = None) -> tuple[jax.Array, jax.Array]:
         """Appends k, v [B, K, T, D] to one layer and returns its K and V so far, each [B, K, S, D].
 
-        Raises OutOfBlocksError (nothing changed) when the pool cannot hold the new positions.
+        num_tokens as in `KVCache.update` (more than T is clipped to T, before the chunk is padded).
+        Raises OutOfBlocksError (nothing changed) when the pool cannot hold the new positions, and
+        IndexError, TypeError or ValueError for a bad argument.
         """
-        layer = _check_layer(layer_idx, self.config.num_layers)
-        k, v = (_as_array(x, self.config.dtype, name) for x, name in ((k, "k"), (v, "v")))
+        layer = checks.check_index(layer_idx, self.config.num_layers, "layer_idx")
         c = self.config
-        if k.ndim != 4 or k.shape[0] != self.batch_size or k.shape[1] != c.num_kv_heads or k.shape[3] != c.head_dim:
-            raise ValueError(f"k must be [B={self.batch_size}, K={c.num_kv_heads}, T, D={c.head_dim}], got {tuple(k.shape)}")
-        if v.shape != k.shape:
-            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        k, v = checks.check_kv(k, v, "BKTD", c.dtype, B=self.batch_size, K=c.num_kv_heads, D=c.head_dim)
         chunk = k.shape[2]
-        num_tokens = jnp.full((self.batch_size,), chunk, jnp.int32) if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
+        num_tokens = checks.num_tokens_array(num_tokens, self.batch_size, chunk)
         k, v = (_pad_tokens(jnp.swapaxes(x, 1, 2), axis=1) for x in (k, v))  # [B, T', K, D]
         seq_idx = jnp.arange(self.batch_size, dtype=jnp.int32)
         cache = self.cache
@@ -392,8 +447,9 @@ class PagedKVCacheAdapter(_StatefulCacheSteps):
         k_all, v_all, _ = ops.gather_kv(cache.state, layer, seq_idx, max_len=bucket(longest))
         return tuple(jnp.swapaxes(x[:, :longest], 1, 2) for x in (k_all, v_all))
 
+    @_locked
     def seq_lens(self, layer_idx: int = 0) -> np.ndarray:
-        return np.asarray(self.cache.state.table.seq_lens[_check_layer(layer_idx, self.config.num_layers)])
+        return np.asarray(self.cache.state.table.seq_lens[checks.check_index(layer_idx, self.config.num_layers, "layer_idx")])
 
     def memory_stats(self) -> MemoryStats:
         return self.cache.memory_stats()
@@ -405,5 +461,7 @@ def create_paged_kv_cache(config: Any, batch_size: int, block_size: int = 16, bl
 
     The pool holds batch_size * blocks_per_seq blocks, so every row can reach its maximum.
     """
+    blocks_per_seq = checks.check_int(blocks_per_seq, "blocks_per_seq", low=1)
+    batch_size = checks.check_int(batch_size, "batch_size", low=1)
     return PagedKVCacheAdapter(config, batch_size, block_size, num_blocks=batch_size * blocks_per_seq,
                                max_len=blocks_per_seq * block_size, dtype=dtype)

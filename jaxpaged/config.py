@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
+from jaxpaged.checks import check_int
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -48,16 +48,12 @@ class CacheConfig:
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "max_seqs"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CacheConfig.{name} must be a positive int, got {value!r}")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_int(getattr(self, name), f"CacheConfig.{name}", low=1))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"CacheConfig.block_size must be a power of two, got {self.block_size}")
         width = self.num_blocks if self.max_blocks_per_seq is None else self.max_blocks_per_seq
-        if not isinstance(width, (int, np.integer)) or width < 1:
-            raise ValueError(f"CacheConfig.max_blocks_per_seq must be a positive int, got {width!r}")
-        object.__setattr__(self, "max_blocks_per_seq", int(min(width, self.num_blocks)))
+        width = check_int(width, "CacheConfig.max_blocks_per_seq", low=1)
+        object.__setattr__(self, "max_blocks_per_seq", min(width, self.num_blocks))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
 
     @classmethod

@@ -1,6 +1,10 @@
 """The classic contiguous KV cache as a pytree and pure jitted functions: the baseline the paged cache is measured against.
 
 Axis letters: L layers, B batch rows, K kv heads, S max positions, T tokens in a chunk, D head dim.
+
+The paged ops' rules hold here too (`jaxpaged.ops`): num_tokens is clipped to [0, T]; a layer
+given as a Python int outside [0, L) raises IndexError, a traced one refuses the append (ok=False,
+nothing changed) and reads as empty; a donated state passed again raises ValueError.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxpaged import checks
 from jaxpaged.protocol import Step, check_impl, new_positions
 
 
@@ -48,30 +53,34 @@ def init_contiguous(num_layers: int, batch_size: int, num_kv_heads: int, max_len
     )
 
 
+def _num_layers(state: ContiguousKVState) -> int:
+    return state.k.shape[0]
+
+
+@functools.partial(checks.guard, num_layers=_num_layers)
 @functools.partial(jax.jit, donate_argnames=("state",))
 def contiguous_append(state: ContiguousKVState, layer, k: jax.Array, v: jax.Array, num_tokens=None):
     """Writes k, v [B, K, T, D] after each row's length in `layer`. DONATES state.
 
     Args:
-      num_tokens: [B] int32 valid tokens per row (the rest is padding); default T.
+      layer: [] int; a Python int must lie in [0, L).
+      num_tokens: [B] int32 valid tokens per row (the rest is padding); default T. Clipped to [0, T].
 
     Returns:
-      (state, ok); ok is False, and nothing changes, when a row would pass max_len.
+      (state, ok); ok is False, and nothing changes, when a row would pass max_len or a traced
+      layer is out of range.
     """
-    _, batch, heads, max_len, head_dim = state.k.shape
-    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim or k.ndim != 4:
-        raise ValueError(f"k must be [B={batch}, K={heads}, T, D={head_dim}], got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != state.k.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {state.k.dtype}")
+    num_layers, batch, heads, max_len, head_dim = state.k.shape
+    k, v = checks.check_kv(k, v, "BKTD", state.k.dtype, B=batch, K=heads, D=head_dim)
     chunk = k.shape[2]
     if num_tokens is None:
         num_tokens = jnp.full((batch,), chunk, jnp.int32)
+    checks.check_index_array(num_tokens, "num_tokens", "B", B=batch)
     num_tokens = jnp.clip(num_tokens, 0, chunk)
+    layer_ok = checks.in_range(layer, num_layers)
+    layer = jnp.where(layer_ok, layer, 0)
     starts = state.seq_lens[layer]  # [B]
-    ok = jnp.all(starts + num_tokens <= max_len)
+    ok = layer_ok & jnp.all(starts + num_tokens <= max_len)
     t = jnp.arange(chunk, dtype=jnp.int32)[None, :]
     positions = jnp.where((t < num_tokens[:, None]) & ok, starts[:, None] + t, max_len)  # [B, T]; max_len is dropped
     rows = jnp.arange(batch)[:, None]
@@ -81,10 +90,17 @@ def contiguous_append(state: ContiguousKVState, layer, k: jax.Array, v: jax.Arra
     return ContiguousKVState(k=new_k, v=new_v, seq_lens=seq_lens), ok
 
 
+@functools.partial(checks.guard, num_layers=_num_layers)
 @jax.jit
 def contiguous_read(state: ContiguousKVState, layer):
-    """One layer's K and V, [B, K, S, D] each, zero past each row's length, and seq_lens [B]."""
-    seq_lens = state.seq_lens[layer]
+    """One layer's K and V, [B, K, S, D] each, zero past each row's length, and seq_lens [B].
+
+    A layer given as a Python int must lie in [0, L) (IndexError); a traced one out of range reads
+    as empty.
+    """
+    layer_ok = checks.in_range(layer, state.k.shape[0])
+    layer = jnp.where(layer_ok, layer, 0)
+    seq_lens = jnp.where(layer_ok, state.seq_lens[layer], 0)
     positions = jnp.arange(state.k.shape[3])
     live = (positions[None, :] < seq_lens[:, None])[:, None, :, None]  # [B, 1, S, 1]
     k, v = state.k[layer], state.v[layer]

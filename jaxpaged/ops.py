@@ -11,6 +11,24 @@ positions, M blocks per sequence.
 
 Failure is reported, never silent: functions that can run out of blocks return `ok`, a bool
 scalar, and when it is False they return the state unchanged (same contents) and drop the writes.
+
+One rule for indices that name nothing, in every function: they are padding.
+- A sequence index outside [0, B) (negative, B, or above) is a padding row: it takes no block,
+  writes nothing, advances no length and reads as empty; the other rows of the call go ahead.
+- A block id outside [0, N) is ignored (`free_blocks`); a slot outside [0, N * P) writes nothing
+  (`write_slots`); a position outside a row's M * P positions gets no slot (`slot_mapping`).
+- Counts are clipped to [0, T] (num_tokens; T the chunk, or max_new_tokens), never negative.
+A call is refused, ok=False and nothing changed, when it names a real row twice (padding rows
+may repeat; `gather_kv` may read a row twice), when a traced layer lies outside [0, L), when the
+pool or a block-table row is full, or when a block would be freed twice. Where Python can see
+the mistake, it raises before any work: a layer given as a Python int outside [0, L)
+(IndexError), a negative static size (`count`, `max_new_tokens`, `max_len`, `num_chunk_tokens`:
+ValueError), wrong shapes or dtypes, and a state donated to an earlier call (ValueError).
+`gather_kv` and `write_slots` return no flag: a traced layer out of range reads as empty and
+writes nothing there.
+
+Checks inside jit are vector operations on the index arrays ([B], [B, T] or [B, M]), never on
+the pools.
 """
 
 from __future__ import annotations
@@ -20,11 +38,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpaged import checks
 from jaxpaged.state import BlockAllocatorState, PagedKVState
 
 
 def _ceil_div(a, b):
     return (a + b - 1) // b
+
+
+def _num_layers(state: PagedKVState) -> int:
+    return state.config.num_layers
 
 
 # ----------------------------------------------------------------------------- the allocator
@@ -51,12 +74,13 @@ def _pop_blocks(alloc: BlockAllocatorState, counts: jax.Array, width: int):
 
 
 def _release_blocks(alloc: BlockAllocatorState, ids: jax.Array):
-    """Drops one reference per entry of `ids` (any shape; N entries ignored), all or none.
+    """Drops one reference per entry of `ids` (any shape; entries outside [0, N) ignored), all or none.
 
     Blocks whose count reaches 0 go back on the free stack. Returns (allocator, ok); ok is False,
     and nothing changes, when some block would drop below zero references (a double free).
     """
     num_blocks = alloc.free_ids.shape[0]
+    ids = jnp.where(checks.in_range(ids, num_blocks), ids, num_blocks)  # negative ids too: none is block N-1
     drops = jnp.zeros((num_blocks,), jnp.int32).at[ids.ravel()].add(1, mode="drop")
     ok = jnp.all(drops <= alloc.ref_counts)
     drops = jnp.where(ok, drops, 0)
@@ -74,28 +98,59 @@ def _release_blocks(alloc: BlockAllocatorState, ids: jax.Array):
     return new_alloc, ok
 
 
+@checks.guard
 @functools.partial(jax.jit, static_argnames=("count",), donate_argnames=("alloc",))
 def allocate_blocks(alloc: BlockAllocatorState, count: int):
     """Takes `count` free blocks. DONATES alloc.
 
+    Args:
+      count: static, >= 0 (ValueError otherwise).
+
     Returns:
       (allocator, ids [count] int32, ok); when ok is False nothing is taken and ids are N.
     """
+    count = checks.check_int(count, "count")
     new_alloc, ids, ok = _pop_blocks(alloc, jnp.full((1,), count, jnp.int32), count)
     return new_alloc, ids[0], ok
 
 
+@checks.guard
 @functools.partial(jax.jit, donate_argnames=("alloc",))
 def free_blocks(alloc: BlockAllocatorState, ids: jax.Array):
     """Drops one reference to each block in `ids` [n]; blocks left with none become free. DONATES alloc.
 
+    An id outside [0, N) (negative included) is ignored; an id named twice drops two references.
+
     Returns:
       (allocator, ok); ok is False, and nothing changes, on a double free.
     """
+    checks.check_index_array(ids, "ids", None)
     return _release_blocks(alloc, ids)
 
 
 # ----------------------------------------------------------------------------- sequences
+
+
+def _admit(state: PagedKVState, seq_idx, layer=0):
+    """The call's rows and layer as the functions below use them, and whether the call is accepted.
+
+    Indices naming no row become padding rows. A real row named twice, or a layer outside [0, L),
+    refuses the whole call, which then runs with every row a padding row (and layer 0): nothing
+    changes. Returns (rows [B], layer, accepted []).
+    """
+    c = state.config
+    rows = checks.padding_rows(seq_idx, c.max_seqs)
+    layer_ok = checks.in_range(layer, c.num_layers)
+    accepted = layer_ok & ~checks.repeats_a_row(rows, c.max_seqs)
+    return jnp.where(accepted, rows, c.max_seqs), jnp.where(layer_ok, layer, 0), accepted
+
+
+def _check_rows(seq_idx, num_tokens=None, **batch: int) -> None:
+    """Host checks of static shapes and dtypes: seq_idx (and num_tokens) are [B] integer arrays;
+    `batch` may fix B (B=...)."""
+    checks.check_index_array(seq_idx, "seq_idx", "B", **batch)
+    if num_tokens is not None:
+        checks.check_index_array(num_tokens, "num_tokens", "B", B=seq_idx.shape[0])
 
 
 def _seq_lens_of(state: PagedKVState, layer, seq_idx):
@@ -103,12 +158,14 @@ def _seq_lens_of(state: PagedKVState, layer, seq_idx):
 
 
 def _reserve(state: PagedKVState, seq_idx, target_lens, max_new_blocks: int):
-    """Grows each sequence's blocks to cover target_lens [B] positions. Returns (state, ok)."""
+    """Grows each sequence's blocks to cover target_lens [B] positions. Returns (state, ok).
+
+    seq_idx [B] holds distinct real rows and padding rows (index B) only (`_admit`)."""
     c = state.config
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     held = jnp.sum(rows < c.num_blocks, axis=-1, dtype=jnp.int32)  # [B]
     needed = _ceil_div(target_lens, c.block_size)
-    real_row = (seq_idx >= 0) & (seq_idx < c.max_seqs)  # padding rows take no blocks
+    real_row = seq_idx < c.max_seqs  # padding rows take no blocks
     width_ok = jnp.all((needed <= c.max_blocks_per_seq) | ~real_row)
     counts = jnp.where(width_ok & real_row, jnp.maximum(needed - held, 0), 0)
     allocator, new_ids, fits = _pop_blocks(state.allocator, counts, max_new_blocks)
@@ -119,37 +176,34 @@ def _reserve(state: PagedKVState, seq_idx, target_lens, max_new_blocks: int):
     return new_state, fits & width_ok
 
 
+@functools.partial(checks.guard, num_layers=_num_layers)
 @functools.partial(jax.jit, static_argnames=("max_new_tokens",), donate_argnames=("state",))
 def reserve(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, layer=0, *, max_new_tokens: int):
     """Makes room for num_tokens [B] more positions past each sequence's length in `layer`. DONATES state.
 
-    Lengths do not change; only blocks are taken. `max_new_tokens` (static) bounds num_tokens and
-    sizes the work. Sequence indices must be distinct, except padding rows (index B) or rows asking
-    for 0 tokens.
+    Lengths do not change; only blocks are taken. `max_new_tokens` (static, >= 0) bounds num_tokens
+    and sizes the work. Real rows must be distinct; padding rows (any index outside [0, B)) take
+    nothing.
 
     Returns:
-      (state, ok); ok is False, and nothing changes, when the pool or a block-table row is full.
+      (state, ok); ok is False, and nothing changes, when the pool or a block-table row is full, a
+      real row is named twice or a traced layer is out of range.
     """
+    max_new_tokens = checks.check_int(max_new_tokens, "max_new_tokens")
+    _check_rows(seq_idx, num_tokens)
+    seq_idx, layer, accepted = _admit(state, seq_idx, layer)
     num_tokens = jnp.clip(num_tokens, 0, max_new_tokens)
     target = _seq_lens_of(state, layer, seq_idx) + num_tokens
-    return _reserve(state, seq_idx, target, _ceil_div(max_new_tokens, state.config.block_size) or 1)
-
-
-def _check_chunk(state: PagedKVState, seq_idx, k, v):
-    c = state.config
-    if k.ndim != 4 or k.shape[2:] != (c.num_kv_heads, c.head_dim):
-        raise ValueError(f"k must be [B, T, K={c.num_kv_heads}, D={c.head_dim}], got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != c.jnp_dtype:
-            raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {c.dtype}")
-    if seq_idx.shape != k.shape[:1]:
-        raise ValueError(f"seq_idx must be [B={k.shape[0]}], got {tuple(seq_idx.shape)}")
+    state, ok = _reserve(state, seq_idx, target, _ceil_div(max_new_tokens, state.config.block_size) or 1)
+    return state, ok & accepted
 
 
 def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tokens: int):
     """Flat pool slots (block * P + offset) for T positions from starts [B]; unique sentinels past num_tokens.
+
+    Positions past num_tokens, outside the row's M * P positions or past its blocks, and every
+    position of a padding row (seq_idx outside [0, B)), get no slot; nor does any position when a
+    real row is named twice (two rows would share slots).
 
     Returns:
       slots [B, T] int32; the padding positions get N*P + (b*T + t), out of range and distinct,
@@ -158,18 +212,33 @@ def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tok
     c = state.config
     t = jnp.arange(num_chunk_tokens, dtype=jnp.int32)
     positions = starts[:, None] + t[None, :]  # [B, T]
+    seq_idx = checks.padding_rows(seq_idx, c.max_seqs)
+    seq_idx = jnp.where(checks.repeats_a_row(seq_idx, c.max_seqs), c.max_seqs, seq_idx)
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
-    blocks = jnp.take_along_axis(rows, jnp.minimum(positions // c.block_size, c.max_blocks_per_seq - 1), axis=1)
+    columns = jnp.clip(positions // c.block_size, 0, c.max_blocks_per_seq - 1)
+    blocks = jnp.take_along_axis(rows, columns, axis=1)
     slots = blocks * c.block_size + positions % c.block_size
     sentinel = c.num_blocks * c.block_size + jnp.arange(slots.size, dtype=jnp.int32).reshape(slots.shape)
-    valid = (t[None, :] < num_tokens[:, None]) & (blocks < c.num_blocks)
+    valid = (t[None, :] < num_tokens[:, None]) & checks.in_range(positions, c.max_seq_len) & (blocks < c.num_blocks)
     return jnp.where(valid, slots, sentinel)
 
 
 def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVState:
-    """Scatters k, v [B, T, K, D] into `layer`'s pools at slots [B, T]; out-of-range slots are dropped."""
+    """Scatters k, v [B, T, K, D] into `layer`'s pools at slots [B, T]; slots outside [0, N * P) are dropped.
+
+    Real slots must be distinct (as `slot_mapping` gives them). A layer given as a Python int must
+    lie in [0, L) (IndexError); a traced one out of range writes nothing.
+    """
     c = state.config
-    blocks, offsets = _block_and_offset(slots.reshape(-1), c.block_size)  # [B * T] each
+    k, v = checks.check_kv(k, v, "BTKD", c.jnp_dtype, K=c.num_kv_heads, D=c.head_dim)
+    checks.check_index_array(slots, "slots", "BT", B=k.shape[0], T=k.shape[1])
+    if checks.is_int(layer):
+        checks.check_index(layer, c.num_layers, "layer")
+    else:  # L is out of range: the scatter drops every window
+        layer = jnp.where(checks.in_range(layer, c.num_layers), layer, c.num_layers)
+    slots = slots.reshape(-1)  # [B * T]
+    outside = c.num_blocks * c.block_size + jnp.arange(slots.size, dtype=slots.dtype)  # distinct, like slot_mapping's
+    blocks, offsets = _block_and_offset(jnp.where(slots >= 0, slots, outside), c.block_size)  # no negative wraps
     new_pools = []
     for pool, x in ((state.pools.k, k), (state.pools.v, v)):
         # one (block, offset) index per token, its [K, D] window strided across the heads (not K indices
@@ -194,7 +263,8 @@ def _block_and_offset(slots: jax.Array, block_size: int):
 def _take_slots(state: PagedKVState, layer, seq_idx, num_tokens, num_chunk_tokens: int):
     """Blocks for num_tokens [B] more positions past `layer`'s lengths, and the slots they land in.
 
-    Returns (state, slots [B, T], num_tokens as granted [B], ok); lengths are not advanced.
+    seq_idx and layer as `_admit` returns them. Returns (state, slots [B, T], num_tokens as granted
+    [B], ok); lengths are not advanced.
     """
     num_tokens = jnp.where(seq_idx < state.config.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
     starts = _seq_lens_of(state, layer, seq_idx)
@@ -203,6 +273,7 @@ def _take_slots(state: PagedKVState, layer, seq_idx, num_tokens, num_chunk_token
     return state, slot_mapping(state, seq_idx, starts, num_tokens, num_chunk_tokens), num_tokens, ok
 
 
+@functools.partial(checks.guard, num_layers=_num_layers)
 @functools.partial(jax.jit, donate_argnames=("state",))
 def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.Array, num_tokens=None):
     """Appends a chunk of tokens to each of B sequences in one layer, taking blocks as needed. DONATES state.
@@ -211,45 +282,59 @@ def append(state: PagedKVState, layer, seq_idx: jax.Array, k: jax.Array, v: jax.
 
     Args:
       state: the cache.
-      layer: [] int, the layer written.
-      seq_idx: [B] int32 block-table rows, distinct except padding rows (index B = `max_seqs`).
+      layer: [] int, the layer written; a Python int must lie in [0, L) (IndexError).
+      seq_idx: [B] int32 block-table rows; real rows distinct, any index outside [0, B) a padding row.
       k, v: [B, T, K, D] in the cache dtype.
       num_tokens: [B] int32, valid tokens per row (the rest is padding); default T. Clipped to [0, T].
 
     Returns:
-      (state, ok). When ok is False (out of blocks or past the block-table width) the state is
-      returned unchanged: no block taken, nothing written, no length advanced.
+      (state, ok). When ok is False (out of blocks, past the block-table width, a real row named
+      twice, or a traced layer out of range) the state is returned unchanged: no block taken,
+      nothing written, no length advanced.
     """
-    _check_chunk(state, seq_idx, k, v)
+    c = state.config
+    k, v = checks.check_kv(k, v, "BTKD", c.jnp_dtype, K=c.num_kv_heads, D=c.head_dim)
     if num_tokens is None:
-        num_tokens = jnp.full(seq_idx.shape, k.shape[1], jnp.int32)
+        num_tokens = jnp.full(k.shape[:1], k.shape[1], jnp.int32)
+    _check_rows(seq_idx, num_tokens, B=k.shape[0])
+    seq_idx, layer, accepted = _admit(state, seq_idx, layer)
     state, slots, num_tokens, ok = _take_slots(state, layer, seq_idx, num_tokens, k.shape[1])
     state = write_slots(state, layer, slots, k, v)
     seq_lens = state.table.seq_lens.at[layer, seq_idx].add(num_tokens, mode="drop")
-    return state.replace(table=state.table.replace(seq_lens=seq_lens)), ok
+    return state.replace(table=state.table.replace(seq_lens=seq_lens)), ok & accepted
 
 
+@checks.guard
 @functools.partial(jax.jit, static_argnames=("num_chunk_tokens",), donate_argnames=("state",))
 def allocate_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, *, num_chunk_tokens: int):
     """Takes blocks for a model step that writes every layer, once: the slot mapping. DONATES state.
 
-    Every layer of each sequence must hold the same length (as after model steps). The new
-    positions start at that length; every layer's length advances by num_tokens now, so each layer
-    then only scatters its K/V with `write_slots` and attends.
+    Every layer of each sequence must hold the same length (as after model steps; a row whose
+    layers differ refuses the call). The new positions start at that length; every layer's length
+    advances by num_tokens now, so each layer then only scatters its K/V with `write_slots` and
+    attends.
 
     Args:
-      seq_idx: [B] int32 block-table rows, distinct except padding rows (index B).
-      num_tokens: [B] int32 new positions per row, at most num_chunk_tokens (T, static).
+      seq_idx: [B] int32 block-table rows; real rows distinct, any index outside [0, B) a padding row.
+      num_tokens: [B] int32 new positions per row, clipped to [0, num_chunk_tokens] (T, static, >= 0).
 
     Returns:
-      (state, slots [B, T] int32, ok). When ok is False nothing changes and every slot is a
-      dropped sentinel.
+      (state, slots [B, T] int32, ok). When ok is False (out of blocks, past the block-table width,
+      a real row named twice, or a row whose layers hold different lengths) nothing changes and
+      every slot is a dropped sentinel.
     """
+    num_chunk_tokens = checks.check_int(num_chunk_tokens, "num_chunk_tokens")
+    _check_rows(seq_idx, num_tokens)
+    seq_idx, _, accepted = _admit(state, seq_idx)
+    lens = state.table.seq_lens.at[:, seq_idx].get(mode="fill", fill_value=0)  # [L, B]
+    accepted &= jnp.all(lens == lens[:1])  # else a layer's length would pass the blocks taken for layer 0's
+    seq_idx = jnp.where(accepted, seq_idx, state.config.max_seqs)
     state, slots, num_tokens, ok = _take_slots(state, 0, seq_idx, num_tokens, num_chunk_tokens)
     seq_lens = state.table.seq_lens.at[:, seq_idx].add(num_tokens[None, :], mode="drop")
-    return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok
+    return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok & accepted
 
 
+@functools.partial(checks.guard, num_layers=_num_layers)
 @functools.partial(jax.jit, static_argnames=("max_len",))
 def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     """Reads B sequences of one layer as contiguous, zero-padded arrays.
@@ -258,15 +343,22 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     reused block never shows its previous owner's data.
 
     Args:
-      layer: [] int.
-      seq_idx: [B] int32 block-table rows (index B = a padding row, which reads as empty).
-      max_len: S, static; positions past it are not read.
+      layer: [] int; a Python int must lie in [0, L) (IndexError), a traced one out of range
+        reads every row as empty.
+      seq_idx: [B] int32 block-table rows (any index outside [0, B) is a padding row, which reads
+        as empty); a row may be read twice.
+      max_len: S, static, >= 0; positions past it are not read.
 
     Returns:
       (k [B, S, K, D], v [B, S, K, D], seq_lens [B] int32).
     """
     c = state.config
-    seq_lens = _seq_lens_of(state, layer, seq_idx)
+    max_len = checks.check_int(max_len, "max_len")
+    _check_rows(seq_idx)
+    seq_idx = checks.padding_rows(seq_idx, c.max_seqs)
+    layer_ok = checks.in_range(layer, c.num_layers)
+    layer = jnp.where(layer_ok, layer, 0)
+    seq_lens = jnp.where(layer_ok, _seq_lens_of(state, layer, seq_idx), 0)  # a layer out of range reads as empty
     positions = jnp.arange(max_len, dtype=jnp.int32)
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     blocks = rows.at[:, positions // c.block_size].get(mode="fill", fill_value=c.num_blocks)  # [B, S]
@@ -277,17 +369,22 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     return k, v, seq_lens
 
 
+@checks.guard
 @functools.partial(jax.jit, donate_argnames=("state",))
 def free_seqs(state: PagedKVState, seq_idx: jax.Array):
     """Ends sequences: their blocks lose a reference (and are free at zero), their rows empty. DONATES state.
 
     Args:
-      seq_idx: [B] int32 rows to free; padding rows (index B) are ignored.
+      seq_idx: [B] int32 rows to free; real rows distinct, any index outside [0, B) a padding row,
+        ignored.
 
     Returns:
-      (state, ok); ok is False, and nothing changes, if a block would be freed twice.
+      (state, ok); ok is False, and nothing changes, if a block would be freed twice or a real row
+      is named twice.
     """
     c = state.config
+    _check_rows(seq_idx)
+    seq_idx, _, accepted = _admit(state, seq_idx)
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     allocator, ok = _release_blocks(state.allocator, rows)
     cleared = jnp.where(ok, seq_idx, c.max_seqs)
@@ -295,4 +392,4 @@ def free_seqs(state: PagedKVState, seq_idx: jax.Array):
         block_ids=state.table.block_ids.at[cleared].set(c.num_blocks, mode="drop"),
         seq_lens=state.table.seq_lens.at[:, cleared].set(0, mode="drop"),
     )
-    return state.replace(table=table, allocator=allocator), ok
+    return state.replace(table=table, allocator=allocator), ok & accepted

@@ -5,7 +5,8 @@ B sequence slots (rows of the block table), M blocks per sequence.
 
 Sentinels, never a reserved garbage block:
 - a block-table entry of N (`config.num_blocks`) means "no block";
-- a sequence index of B (`config.max_seqs`) means "no sequence" (a padding row of a batch).
+- a sequence index of B (`config.max_seqs`) means "no sequence" (a padding row of a batch); so does
+  any other index outside [0, B), negative ones included (`jaxpaged.ops` maps them to B).
 Reads through a sentinel are masked, writes through one are dropped (`mode="drop"`).
 """
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxpaged import checks
 from jaxpaged.config import CacheConfig
 from jaxpaged.protocol import Step, check_impl, new_positions
 
@@ -23,7 +25,7 @@ from jaxpaged.protocol import Step, check_impl, new_positions
 class KVPools:
     """Block pools, K and V apart, one pair per layer stacked on the leading axis, head-major: each
     kv head's blocks lie apart, so one head's P positions of a block are P * D contiguous elements
-    (the layout the decode kernel reads fastest; BENCHMARKS.md)."""
+    (the layout the decode kernel reads fastest; benchmarks/NOTES.md)."""
 
     k: jax.Array  # [L, K, N, P, D]
     v: jax.Array  # [L, K, N, P, D]
@@ -67,7 +69,8 @@ class PagedKVState:
 
         if seq_idx is None:
             raise ValueError("a PagedKVState needs seq_idx, the block-table row of each batch row")
-        starts = self.table.seq_lens.at[0, seq_idx].get(mode="fill", fill_value=0)  # [B]
+        rows = checks.padding_rows(seq_idx, self.config.max_seqs)  # no negative index wraps to row B - 1
+        starts = self.table.seq_lens.at[0, rows].get(mode="fill", fill_value=0)  # [B]
         state, slots, ok = allocate_slots(self, seq_idx, num_tokens, num_chunk_tokens=num_chunk_tokens)
         return state, Step(seq_idx=seq_idx, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
                            ok=ok, slots=slots, max_len=max_len, impl=check_impl(impl))

@@ -129,7 +129,7 @@ def test_block_allocator(rng):
     allocator.free(ids[1])
     with pytest.raises(jp.DoubleFreeError):
         allocator.free(ids[1])
-    with pytest.raises(ValueError):
+    with pytest.raises(IndexError, match=r"block_id must be an int in \[0, 3\)"):
         allocator.free(7)
     assert allocator.allocate() == ids[1], "a freed block is reused"
     assert allocator.stats() == {"total_blocks": 3, "used_blocks": 3, "free_blocks": 0, "utilisation": 1.0}
