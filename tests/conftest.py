@@ -7,6 +7,14 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 DTYPES = ("float32", "float16", "bfloat16")
+PROPERTY_REPORT: list[str] = []  # a line per property test (examples, coverage, time), printed after the run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PROPERTY_REPORT:
+        terminalreporter.section("property tests")
+        for line in PROPERTY_REPORT:
+            terminalreporter.write_line(line)
 
 
 def random_array(rng: np.random.Generator, shape, dtype) -> jax.Array:

@@ -6,9 +6,10 @@ T) and check each result against a NumPy oracle of the ops' rule (`jaxpaged.ops`
 are bit-identical afterwards, a refused call changes nothing, and the allocator's invariant holds
 (the free list is exactly the blocks with no reference, its entries distinct, free + used = total,
 each block referenced once per table entry). Shapes are tiny and fixed, so each op compiles once;
-each property test prints its example count, what the examples covered and its time (`-rP` shows
-them), and fails if a kind of misuse it must meet never came up. The examples are derandomised:
-the same ones every run, so CI time and coverage do not vary. Then one regression test per case of misuse found by hand (cases 1-7 and 9; the command
+each property test reports its example count, what the examples covered and its time (printed in
+a "property tests" section after the run, in CI too), and fails if a kind of misuse it must meet
+never came up. The examples are derandomised: the same ones every run, so CI time and coverage do
+not vary. Then one regression test per case of misuse found by hand (cases 1-7 and 9; the command
 line's checks live with the command).
 """
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_bit_equal
+from conftest import PROPERTY_REPORT, assert_bit_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -68,7 +69,8 @@ def property_test(must_cover, **strategies):
 
             run()
             elapsed = time.perf_counter() - start
-            print(f"{check.__name__}: {covered.pop('examples')} examples in {elapsed:.1f} s; {dict(covered)}")
+            PROPERTY_REPORT.append(f"{check.__name__}: {covered.pop('examples')} examples in {elapsed:.1f} s; "
+                                   f"{dict(covered)}")
             missing = set(must_cover) - covered.keys()
             assert not missing, f"no example covered {sorted(missing)}"
 
