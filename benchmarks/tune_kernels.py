@@ -21,10 +21,10 @@ tune_kernels_decode_layout_H100.json, attention_H100*_npkd_pools.json); the load
 tune_kernels_decode_rows_H100.json); masking only the last step (mask_tail_only:
 tune_kernels_decode_tail_mask_H100.json, tune_kernels_decode_H100.json); an evict-first hint on the
 K/V loads and V loaded masked as a choice of its own (eviction_policy, masked_loads:
-tune_kernels_decode_transposed_H100.json); twice the splits for the block gather
-(tune_kernels_decode_rows_H100.json); prefill's block gather (tune_kernels_prefill_H100.json) and
-its query blocks in order (light_first: tune_kernels_prefill_best_H100.json,
-tune_kernels_prefill_rows_*_H100.json).
+tune_kernels_decode_transposed_H100.json); twice the splits for long contexts (default_launch
+before: tune_kernels_decode_rows_H100.json, tune_kernels_decode_layout_H100.json); prefill's block
+gather (tune_kernels_prefill_H100.json) and its query blocks in order (light_first:
+tune_kernels_prefill_best_H100.json, tune_kernels_prefill_rows_*_H100.json).
 
 Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all] [--heads 32/8/128]
      [--variants NAME ...] [--options JSON]... [--wall NAME ...] [--shapes 32x2048 ...]
