@@ -507,6 +507,9 @@ def test_launch_rules_scale_the_tuned_cards_program_counts_by_the_sm_count():
     assert launch.default_heads_per_program(512, 8, 4, 512, 132) == 2
     assert launch.default_heads_per_program(302, 8, 4, 512, 78) == 2 and launch.default_heads_per_program(302, 8, 4, 512, 132) == 1
     assert launch.default_transposed(600, 128, True, 1, 132) and not launch.default_transposed(600, 128, True, 1, 400)
+    assert launch.default_loads_ahead(64, 128, False, 132) and not launch.default_loads_ahead(64, 128, True, 132)
+    assert launch.default_loads_ahead(256, 256, False, 132) and not launch.default_loads_ahead(257, 256, False, 132)
+    assert launch.default_loads_ahead(257, 256, False, 264) and not launch.default_loads_ahead(8, 512, False, 132)
 
 
 def test_decode_stages_fit_the_cards_shared_memory():

@@ -13,7 +13,8 @@ pools viewed as rows, the block table giving each row's block; in jaxpaged's hea
 [L, K, N, P, D], one head's rows of a block are contiguous), which Triton copies asynchronously
 into shared memory, three steps in flight, and feeds to the dots from there; with head dim 128 the
 products are transposed (the chunk rather than the query rows as the dots' long side, so they
-become Hopper's wgmma). Otherwise it gathers whole [blocks, P, D] blocks. Positions at or past the
+become Hopper's wgmma). Otherwise it gathers whole [blocks, P, D] blocks, issuing each step's loads
+a step ahead where that measured faster (`launch.default_loads_ahead`). Positions at or past the
 length get probability 0 and their V rows are loaded as zeros (or zeroed after the load), so an
 unwritten or freed slot (NaN, or another sequence's data) can not reach the output. With one split
 the program writes its G output rows in place, so the whole call is one launch; more splits are
@@ -60,9 +61,27 @@ def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, 
     return step_update(carry, q, k, v, step, length, scale=scale, v_zeroed=live is not None, heads=heads, group=group)
 
 
+def _attend_loaded(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last: int,
+                   blocks_per_step: int, num_blocks: int, scale: float, transposed: bool, masked_loads: bool):
+    """One loop step of the block gather with its loads a step ahead (`launch.default_loads_ahead`):
+    issue the loads of step + 1 (and the block ids of step + 2), then compute step `step` from the
+    tiles loaded one step earlier, so memory latency overlaps the math. `last` is the last step to
+    compute: the loads past it read it again (and are not used)."""
+    (ids_next, k, v), softmax = carry
+    chunk = blocks_per_step * k_ref.shape[-2]
+    live = live_positions(jnp.minimum(step + 1, last), length, chunk) if masked_loads else None
+    k_next, v_next = load_kv(ids_next, k_ref, v_ref, live=live)
+    ids_after = load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
+                         num_blocks=num_blocks)
+    step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
+    softmax = step_update(softmax, q, k, v, step, length, scale=scale, v_zeroed=masked_loads)
+    return (ids_after, k_next, v_next), softmax
+
+
 def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
                    block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
-                   kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int):
+                   kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int,
+                   loads_ahead: bool):
     """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
     s-th slice of the blocks; grid (B, K / heads, splits).
 
@@ -79,14 +98,26 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out
     first_step = split * steps_per_split
     last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
     layer_base = program_layer_base(layer_ref, num_blocks, num_layers, kv_heads, heads)
-    step = functools.partial(_attend_chunk, q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref,
-                             v_ref=v_ref, layer_base=layer_base, length=length, blocks_per_step=blocks_per_step,
-                             num_blocks=num_blocks, scale=scale, transposed=transposed, masked_loads=masked_loads,
-                             row_gather=block_size if row_gather else 0, heads=heads, group=group)
+    shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
+                  length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
+                  transposed=transposed, masked_loads=masked_loads)
     softmax = empty_carry(*q.shape)
     if transposed:
         softmax = (softmax[0].T, *softmax[1:])
-    o, m, l = jax.lax.fori_loop(first_step, last_step, step, softmax)
+    if loads_ahead:  # the first step's tiles and the second's block ids are loaded before the loop
+        last = jnp.clip(last_step - 1, 0, tables_ref.shape[0] // blocks_per_step - 1)
+        ids = functools.partial(load_ids, tables_ref=tables_ref, layer_base=layer_base,
+                                blocks_per_step=blocks_per_step, num_blocks=num_blocks)
+        first = jnp.minimum(first_step, last)
+        live = live_positions(first, length, chunk) if masked_loads else None
+        k, v = load_kv(ids(first), k_ref, v_ref, live=live)
+        carry = ((ids(jnp.minimum(first_step + 1, last)), k, v), softmax)
+        step = functools.partial(_attend_loaded, last=last, **shared)
+        o, m, l = jax.lax.fori_loop(first_step, last_step, step, carry)[1]
+    else:
+        step = functools.partial(_attend_chunk, row_gather=block_size if row_gather else 0, heads=heads, group=group,
+                                 **shared)
+        o, m, l = jax.lax.fori_loop(first_step, last_step, step, softmax)
     if transposed:
         o = o.T
     if len(out_refs) == 1:
@@ -160,7 +191,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                num_blocks=num_blocks, num_layers=num_layers, kv_heads=kv_heads,
                                scale=softmax_scale(head_dim), transposed=plan.transposed,
                                masked_loads=(plan.transposed or plan.row_gather) and not interpret,
-                               row_gather=plan.row_gather, heads=plan.heads_per_program)
+                               row_gather=plan.row_gather, heads=plan.heads_per_program,
+                               loads_ahead=plan.loads_ahead)
     if splits == 1:  # every program writes its rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)

@@ -102,6 +102,20 @@ def default_row_gather(steps: int, splits: int) -> bool:
     return -(-steps // splits) > 1
 
 
+def default_loads_ahead(programs: int, row_bytes: int, row_gather: bool, sm_count: int | None) -> bool:
+    """Whether the block gather issues each step's loads a step ahead, its K/V tiles carried in
+    registers (the row gather overlaps its loads through Triton's pipeline instead): with rows of
+    <= 128 bytes (head dim 64 in 16 bits) always; with 256-byte rows (head dim 128) within about one
+    wave (the tiles leave room for two programs a SM); with wider rows never.
+    Measured on an H200 with bfloat16 (tune_kernels.py --ab, the kernel file before against one
+    without it), at the shapes where each split walks one step: 32/8/128 x 1 x 512 545 GB/s against
+    419, 1 x 2048 1,205 against 887; 9/3/64 x 1 x 512 121 against 110, 1 x 2048 424 against 389,
+    8 x 512 774 against 666 (1.10-1.36x)."""
+    if row_gather:
+        return False
+    return row_bytes <= 128 or (row_bytes <= 256 and programs <= programs_per_wave(sm_count))
+
+
 def default_transposed(programs: int, row_bytes: int, row_gather: bool, splits: int, sm_count: int | None) -> bool:
     """Whether the decode kernel computes the transposed products (`programs`: the whole grid).
 
@@ -112,11 +126,11 @@ def default_transposed(programs: int, row_bytes: int, row_gather: bool, splits: 
     within 1% either way at the other five); at head dim 64, +2-6% at 32/8/64 x 128 sequences
     (1,024 programs), 1-4% slower at up to 512 programs (32/8/64 x 32 and fewer sequences) and 1-7%
     slower at every 9/3/64 shape (384 programs, or 768 in two splits at 128 x 8192).
-    Block gather (by default only where each split walks one step): as it was chosen with its loads
-    issued a step ahead, an option since removed (tune_kernels_decode_transposed_H100.json): with
-    head dim 64 in 16 bits beyond one wave, with 16-bit head dim 128 within one wave, else not.
-    With those loads: +3-6% at 32/8/128 heads (32 x 2048, 8 x 8192) and at 32/8/64 x 128 sequences;
-    2-3% slower at 32/8/64 x 32 sequences (256 programs).
+    Block gather (by default only where each split walks one step), with its loads issued a step
+    ahead (`default_loads_ahead`; tune_kernels_decode_transposed_H100.json): with head dim 64 in 16
+    bits beyond one wave, with 16-bit head dim 128 within one wave, else not. +3-6% at 32/8/128
+    heads (32 x 2048, 8 x 8192) and at 32/8/64 x 128 sequences; 2-3% slower at 32/8/64 x 32
+    sequences (256 programs).
     """
     wave = programs_per_wave(sm_count)
     if row_gather:
@@ -213,6 +227,7 @@ class DecodeLaunch:
     one_per_sm: bool  # one program per sequence and kv-head group, 32 KiB steps (`default_one_per_sm`)
     blocks_per_step: int  # blocks gathered per loop step
     row_gather: bool  # K/V gathered as rows of positions, else as whole blocks
+    loads_ahead: bool  # the block gather's loads issued a step ahead (`default_loads_ahead`)
     transposed: bool  # the products computed transposed (`default_transposed`)
     num_stages: int  # Triton's software-pipelining depth
     rows: int  # query rows of a program's tile (heads_per_program x G, padded to >= 16, a power of two)
@@ -260,9 +275,10 @@ def decode_launch(batch: int, num_heads: int, kv_heads: int, head_dim: int, bloc
     step_bytes = 2 * heads_per_program * blocks_per_step * block_size * row_bytes
     num_stages = num_stages or default_stages(row_gather, step_bytes, one_per_sm, gpu.shared_memory_per_block)
     rows = max(MIN_ROWS, 1 << (heads_per_program * group - 1).bit_length())
+    loads_ahead = default_loads_ahead(batch * kv_groups * splits, row_bytes, row_gather, gpu.sm_count)
     return DecodeLaunch(splits=splits, heads_per_program=heads_per_program, one_per_sm=one_per_sm,
-                        blocks_per_step=blocks_per_step, row_gather=row_gather, transposed=transposed,
-                        num_stages=num_stages, rows=rows)
+                        blocks_per_step=blocks_per_step, row_gather=row_gather, loads_ahead=loads_ahead,
+                        transposed=transposed, num_stages=num_stages, rows=rows)
 
 
 def default_prefill_splits(programs: int, steps: int, row_bytes: int, sm_count: int | None) -> int:
