@@ -3,9 +3,9 @@
 # flax and torch installed, with no network (random-weight presets only), from the repository root:
 #
 #   bash benchmarks/gpu.sh OUT kernels [HEADS ...]
-#                                          # <= 10 min: the kernel tests on the GPU, then both files' default kernels,
-#                                          # the current ones against the file before the split
-#                                          # (benchmarks/kernels_before.py), decode and prefill, in one run each
+#                                          # <= 10 min: the kernel tests on the GPU, then, where a module with the
+#                                          # kernels before a change is saved as benchmarks/kernels_before.py (or
+#                                          # $PREVIOUS_KERNELS), both default kernels, decode and prefill, in one run each
 #                                          # (tune_kernels.py --ab), 32/8/128 and 9/3/64 heads by default:
 #                                          # OUT/pytest_gpu.txt, OUT/kernels_ab_HEADS.{json,txt} (HEADS as 32_8_128)
 #   bash benchmarks/gpu.sh OUT attention   # <= 9 min: decode attention at 9 headline shapes (3 head shapes x 8x8192,
@@ -45,9 +45,14 @@ kernels)
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 15 | tee "$out/pytest_gpu.txt"
   heads=("$@")
   [ ${#heads[@]} -gt 0 ] || heads=(32/8/128 9/3/64)
+  previous=${PREVIOUS_KERNELS:-benchmarks/kernels_before.py}  # the kernels before a change, as one module
+  if [ ! -e "$previous" ]; then
+    echo "no $previous: to time a change, save a module with the kernels before it there (tune_kernels.py --previous)"
+  fi
   for head in "${heads[@]}"; do  # decode at 9 shapes, prefill at 3; each file's defaults timed twice (tune_kernels.py)
+    [ -e "$previous" ] || break
     name=${head//\//_}
-    timeout 180 python3 benchmarks/tune_kernels.py --ab --previous benchmarks/kernels_before.py --part all \
+    timeout 180 python3 benchmarks/tune_kernels.py --ab --previous "$previous" --part all \
       --heads "$head" --out "$out/kernels_ab_$name.json" 2>&1 | quiet | tee "$out/kernels_ab_$name.txt"
   done
   ;;
