@@ -84,8 +84,8 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
 
     def body(carry):
         i, cache, last_tokens, active, generated, out_tokens, emitted, all_ok = carry
-        logits, cache, ok = model.step(last_tokens[:, None], cache, seq_idx=seq_idx, num_tokens=active.astype(jnp.int32),
-                                       max_len=max_len, logit_index=jnp.zeros((batch,), jnp.int32), impl=impl)
+        logits, cache, ok = model.decode_step(last_tokens, cache, active=active, seq_idx=seq_idx, max_len=max_len,
+                                              impl=impl)
         step_key = jax.random.fold_in(key, generated.max())
         next_tokens = jnp.where(active, sample(logits, step_key, sampling), 0)
         generated = generated + active

@@ -222,3 +222,16 @@ class MiniLLM(nnx.Module):
         cache, step = cache.begin_step(seq_idx, num_tokens, length, max_len=max_len, impl=impl)
         logits, cache = self._run(input_ids, cache, step, logit_index)
         return logits, cache, step.ok
+
+    def decode_step(self, last_tokens: jax.Array, cache: Any, *, active: jax.Array, seq_idx: jax.Array | None = None,
+                    max_len: int | None = None, impl: str = "auto"):
+        """One decode step: each active row feeds its last token; inactive rows write nothing.
+
+        Args:
+          last_tokens: [B] int32. active: [B] bool. The rest as `step`.
+
+        Returns:
+          (logits [B, V] float32, cache, ok).
+        """
+        return self.step(last_tokens[:, None], cache, seq_idx=seq_idx, num_tokens=active.astype(jnp.int32),
+                         max_len=max_len, logit_index=jnp.zeros(last_tokens.shape, jnp.int32), impl=impl)

@@ -83,8 +83,7 @@ def _decode(graphdef, params, state, last_tokens, seq_idx, active, rows: Samplin
 
     def body(carry):
         i, state, last, active, rows, seen, all_ok, outputs = carry
-        logits, state, ok = model.step(last[:, None], state, seq_idx=seq_idx, num_tokens=active.astype(jnp.int32),
-                                       max_len=max_len, logit_index=jnp.zeros((batch,), jnp.int32), impl=impl)
+        logits, state, ok = model.decode_step(last, state, active=active, seq_idx=seq_idx, max_len=max_len, impl=impl)
         banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1]) if banning else None
         token, logprob, top_ids, top_logprobs = sample(logits, rows, seen, banned, filtered=filtered,
                                                        penalised=penalised, random=random, num_logprobs=num_logprobs)
@@ -116,8 +115,9 @@ class Runner:
     """Holds the model's parameters and the paged state on the device, and runs plans.
 
     Args:
-      model: a model with `step(tokens, cache, seq_idx=, num_tokens=, max_len=, logit_index=, impl=)`
-        and a `config` (MiniLLM); if it has `scanned()` and scan_layers, the scanned view runs.
+      model: a model with `step(tokens, cache, seq_idx=, num_tokens=, max_len=, logit_index=, impl=)`,
+        `decode_step(last_tokens, cache, active=, seq_idx=, max_len=, impl=)` and a `config`
+        (MiniLLM); if it has `scanned()` and scan_layers, the scanned view runs.
       cache_config: the pool's geometry (max_seqs = table rows).
       impl: paged attention's path.
       scan_layers: run the scanned view; default on the CPU.
