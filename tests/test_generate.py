@@ -88,3 +88,13 @@ def test_bad_arguments():
         generate(model, [[1], []])
     with pytest.raises(ValueError, match="cache"):
         generate(model, [[1]], cache="ring")
+
+
+def test_generate_refuses_past_the_context_and_prefills_long_prompts_in_chunks(model):
+    with pytest.raises(ValueError, match=r"\(1000 tokens\) plus max_new_tokens \(30\) is 1030 positions, past "
+                                         r"the model's context of 1024"):
+        generate(model, [[1] * 1000], max_new_tokens=30)
+    prompt = np.random.default_rng(0).integers(0, 64, 40).tolist()
+    whole = generate(model, [prompt, [3, 4]], max_new_tokens=6, block_size=8)
+    chunked = generate(model, [prompt, [3, 4]], max_new_tokens=6, block_size=8, prefill_chunk=16)  # 3 chunks
+    assert chunked.tokens == whole.tokens and chunked.prompt_tokens == whole.prompt_tokens == 42
