@@ -140,6 +140,31 @@ def run_hf(config, prompts, outputs):
         return {"failed": f"{type(error).__name__}: {error}"[:300]}
 
 
+def plot_timeline(result, path):
+    """Workload A over time: output tokens/s (between steps) and the running requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "timeline" not in result.get("A", {}):
+        return
+    times, generated, running = (np.asarray(column, float) for column in zip(*result["A"]["timeline"]))
+    rate = np.diff(generated) / np.maximum(np.diff(times), 1e-9)
+    fig, left = plt.subplots(figsize=(8, 4))
+    left.plot(times[1:], rate, color="tab:blue", lw=1)
+    left.set_xlabel("seconds into the run")
+    left.set_ylabel("output tokens/s", color="tab:blue")
+    right = left.twinx()
+    right.plot(times, running, color="tab:orange", lw=1)
+    right.set_ylabel("running requests", color="tab:orange")
+    left.set_title(f"engine, workload A: {result['model']} ({result['dtype']}), {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b", help="a preset (random weights): llama-1b, qwen3-0.6b, tiny, ...")
@@ -154,7 +179,12 @@ def main():
     parser.add_argument("--static-group", type=int, default=64)
     parser.add_argument("--hf-requests", type=int, default=16, help="0 skips the transformers peer")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the plot of a result file written before")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot_timeline(json.load(f), args.replot.removesuffix(".json") + ".png")
+        return
 
     config = preset(args.model, **({} if args.dtype is None else {"dtype": args.dtype}))
     model = MiniLLM(config, rngs=nnx.Rngs(0))
@@ -211,6 +241,7 @@ def main():
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    plot_timeline(result, args.out.removesuffix(".json") + ".png")
     print(f"\n{result['device']}, {args.model} ({config.dtype}), {args.num_requests} requests; written to {args.out}")
     print(f"{'run':<16}{'out tok/s':>11}{'total tok/s':>13}{'compile s':>11}{'preempt':>9}{'hits':>7}{'host':>7}"
           f"{'TTFT s':>9}{'roofline':>10}")
