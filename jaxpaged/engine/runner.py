@@ -47,12 +47,18 @@ def _switches(params: list[SamplingParams]) -> dict:
                 num_logprobs=max(asked) if asked else None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "filtered", "penalised", "random", "banning",
-                                             "num_logprobs"), donate_argnames=("state",))
-def _prefill(graphdef, params, state, tokens, seq_idx, num_tokens, sample_rows, rows: SamplingRows, min_tokens,
-             stop_ids, seen, *, impl, max_len, filtered, penalised, random, banning, num_logprobs):
+def _with_table(state: PagedKVState, table, lens) -> PagedKVState:
+    """The host's block table [B, M] and lengths [B] in the state (every layer's lengths alike)."""
+    lens = jnp.broadcast_to(lens, state.table.seq_lens.shape)
+    return state.replace(table=BlockTable(block_ids=table, seq_lens=lens))
+
+
+def _prefill(graphdef, treedef, leaves, state, table, lens, tokens, seq_idx, num_tokens, sample_rows,
+             rows: SamplingRows, min_tokens, stop_ids, seen, *, impl, max_len, filtered, penalised, random, banning,
+             num_logprobs):
     """One chunk per row; samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1)."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    state = _with_table(state, table, lens)
     logits, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
                                    logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
     logits = logits[sample_rows]
@@ -62,16 +68,16 @@ def _prefill(graphdef, params, state, tokens, seq_idx, num_tokens, sample_rows, 
     return state, ok, out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_len", "steps", "filtered", "penalised", "random",
-                                             "banning", "num_logprobs"), donate_argnames=("state",))
-def _decode(graphdef, params, state, last_tokens, seq_idx, active, rows: SamplingRows, max_tokens, min_tokens,
-            stop_ids, seen, *, impl, max_len, steps, filtered, penalised, random, banning, num_logprobs):
+def _decode(graphdef, treedef, leaves, state, table, lens, last_tokens, seq_idx, active, rows: SamplingRows,
+            max_tokens, min_tokens, stop_ids, seen, *, impl, max_len, steps, filtered, penalised, random, banning,
+            num_logprobs, loop="while"):
     """Up to `steps` decode steps; a row stops at a stop id (after min_tokens) or at max_tokens.
 
     Returns (state, ok, tokens [steps, B], emitted [steps, B], logprob [steps, B], top ids and
     logprobs [steps, B, R]).
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    state = _with_table(state, table, lens)
     batch = last_tokens.shape[0]
     zeros, width = jnp.zeros((steps, batch)), num_logprobs or 0
     outputs = (zeros.astype(jnp.int32), zeros.astype(bool), zeros, jnp.zeros((steps, batch, width), jnp.int32),
@@ -98,8 +104,25 @@ def _decode(graphdef, params, state, last_tokens, seq_idx, active, rows: Samplin
         return i + 1, state, token, still, rows, seen, all_ok & ok, new_outputs
 
     carry = (jnp.asarray(0), state, last_tokens, active, rows, seen, jnp.asarray(True), outputs)
-    _, state, _, _, _, _, ok, outputs = jax.lax.while_loop(cond, body, carry)
+    if loop == "while":
+        _, state, _, _, _, _, ok, outputs = jax.lax.while_loop(cond, body, carry)
+    else:
+        _, state, _, _, _, _, ok, outputs = jax.lax.fori_loop(0, steps, lambda _, c: body(c), carry)
     return (state, ok) + outputs
+
+
+_SWITCHES = ("impl", "max_len", "filtered", "penalised", "random", "banning", "num_logprobs")
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef, treedef):
+    """The prefill and decode calls of one model structure, jitted with it bound: the structure is
+    hashed once here, not at every call (a 16-layer model's takes milliseconds on the host), and
+    the parameters pass as a flat list of arrays."""
+    return (jax.jit(functools.partial(_prefill, graphdef, treedef), static_argnames=_SWITCHES,
+                    donate_argnames=("state",)),
+            jax.jit(functools.partial(_decode, graphdef, treedef), static_argnames=_SWITCHES + ("steps", "loop"),
+                    donate_argnames=("state",)))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -125,23 +148,21 @@ class Runner:
 
     def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None):
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
-        self.graphdef, self.params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
+        graphdef, params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
+        self.leaves, treedef = jax.tree.flatten(params)
+        self._prefill, self._decode = _compiled(graphdef, treedef)
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
+        self.min_decode_rows, self.decode_loop = 8, "while"
         state = init_state(cache_config)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
-
-    def _sync(self, table: np.ndarray, lens: np.ndarray) -> None:
-        """The host's block table [B, M] and lengths [B] into the device state."""
-        lens = np.broadcast_to(lens.astype(np.int32), (self.config.num_layers, lens.size))
-        self.state = self.state.replace(table=BlockTable(block_ids=jnp.asarray(table), seq_lens=jnp.asarray(lens)))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             padded = bucket(len(copies))
             pairs = np.full((2, padded), self.config.num_blocks, np.int32)
             pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
-            self.state = _copy_blocks(self.state, jnp.asarray(pairs[0]), jnp.asarray(pairs[1]))
+            self.state = _copy_blocks(self.state, pairs[0], pairs[1])
 
     def prefill(self, table, lens, rows, chunks, sample_rows, params, seeds, token_indices, min_tokens, stop_ids,
                 seen=None):
@@ -157,7 +178,6 @@ class Runner:
 
         Returns numpy (tokens [S], logprob [S], top ids [S, R], top logprobs [S, R]).
         """
-        self._sync(table, lens)
         batch, width = bucket(len(rows)), bucket(max(len(c) for c in chunks), minimum=16)
         tokens = np.zeros((batch, width), np.int32)
         for i, chunk in enumerate(chunks):
@@ -170,15 +190,16 @@ class Runner:
         sampled = np.zeros(samples, np.int32)
         sampled[: len(sample_rows)] = sample_rows
         switches = _switches(params)
-        self.state, ok, out = _prefill(
-            self.graphdef, self.params, self.state, jnp.asarray(tokens), jnp.asarray(seq_idx), jnp.asarray(num_tokens),
-            jnp.asarray(sampled), SamplingRows.build(params, seeds, token_indices, samples),
+        self.state, ok, out = self._prefill(
+            self.leaves, self.state, table, lens.astype(np.int32), tokens, seq_idx, num_tokens, sampled,
+            SamplingRows.build(params, seeds, token_indices, samples),
             _column(min_tokens, samples, np.int32), _stop_table(stop_ids, samples),
             _pad_rows(seen, samples) if switches["penalised"] else None, impl=self.impl,
             max_len=self._read_bound(max(lens[r] + len(c) for r, c in zip(rows, chunks))),
             **switches)
+        ok, out = jax.device_get((ok, out))  # one transfer
         self._check(ok)
-        return tuple(np.asarray(x)[: len(sample_rows)] for x in out)
+        return tuple(x[: len(sample_rows)] for x in out)
 
     def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
                steps: int, seen=None):
@@ -187,18 +208,20 @@ class Runner:
         Returns numpy (tokens [steps, B], emitted [steps, B], logprob [steps, B], top ids and
         top logprobs [steps, B, R]) for the B rows given.
         """
-        self._sync(table, lens)
-        batch, count = self.config.max_seqs, len(rows)  # one shape: decode compiles once
+        count = len(rows)  # rows padded to a power of two: a few shapes, and no work for empty rows
+        batch = min(bucket(count, minimum=self.min_decode_rows), self.config.max_seqs)
         switches = _switches(params)
-        self.state, ok, *out = _decode(
-            self.graphdef, self.params, self.state, _column(last_tokens, batch, np.int32),
+        self.state, ok, *out = self._decode(
+            self.leaves, self.state, table, lens.astype(np.int32), _column(last_tokens, batch, np.int32),
             _column(rows, batch, np.int32, self.config.max_seqs), _column([True] * count, batch, bool, False),
             SamplingRows.build(params, seeds, token_indices, batch), _column(max_tokens, batch, np.int32),
             _column(min_tokens, batch, np.int32), _stop_table(stop_ids, batch),
             _pad_rows(seen, batch) if switches["penalised"] else None,
-            impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps, **switches)
+            impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps,
+            loop=self.decode_loop, **switches)
+        ok, out = jax.device_get((ok, out))  # one transfer
         self._check(ok)
-        return tuple(np.asarray(x)[:, :count] for x in out)
+        return tuple(x[:, :count] for x in out)
 
     def _read_bound(self, positions: int) -> int:
         """The static bound on positions the reference path gathers: a power of two (few compilations)
@@ -213,18 +236,18 @@ class Runner:
             raise RuntimeError("internal error: a step needed a block the scheduler did not reserve")
 
 
-def _column(values, rows: int, dtype, fill=0) -> jax.Array:
+def _column(values, rows: int, dtype, fill=0) -> np.ndarray:
     values = list(values)
-    return jnp.asarray(np.asarray(values + [fill] * (rows - len(values)), dtype))
+    return np.asarray(values + [fill] * (rows - len(values)), dtype)
 
 
-def _stop_table(stop_ids: list[tuple[int, ...]], rows: int) -> jax.Array:
+def _stop_table(stop_ids: list[tuple[int, ...]], rows: int) -> np.ndarray:
     """[rows, MAX_STOP_IDS] int32, NO_STOP past each row's ids."""
     table = np.full((rows, MAX_STOP_IDS), NO_STOP, np.int32)
     for i, ids in enumerate(stop_ids):
         table[i, : len(ids)] = ids[:MAX_STOP_IDS]
-    return jnp.asarray(table)
+    return table
 
 
-def _pad_rows(seen: np.ndarray, rows: int) -> jax.Array:
-    return jnp.asarray(np.pad(seen, ((0, rows - seen.shape[0]), (0, 0))))
+def _pad_rows(seen: np.ndarray, rows: int) -> np.ndarray:
+    return np.pad(seen, ((0, rows - seen.shape[0]), (0, 0)))
