@@ -1,9 +1,9 @@
 """The engine's decode call at one steady shape, in variants: wall time per step against the device's
 busy time per step (the difference is time the GPU waited on the host).
 
-Variants (padding-loop[-steps]): the decode batch padded to all table rows ("all") or to a power of
-two of the running rows ("pow2"); the steps as a `while_loop` that stops when no row is active, or
-a `fori_loop` of a fixed count; the steps a call (default --steps). Run it
+Variants (padding[-steps]): the decode batch padded to all table rows ("all") or to a power of two
+of the running rows ("pow2"); the steps a call (default --steps). (A fixed-count `fori_loop` in
+place of the `while_loop` was also timed once this way: benchmarks/NOTES.md.) Run it
 under different XLA_FLAGS in separate processes to compare XLA's command buffers.
 
 Run: python benchmarks/tune_engine_decode.py --out FILE.json [--model llama-1b] [--rows 128] [--context 800]
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--context", type=int, default=600, help="mean cached positions a row (U[ctx/2, 3ctx/2])")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--calls", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=["all-while", "pow2-while", "pow2-fori"])
+    parser.add_argument("--variants", nargs="+", default=["all", "pow2", "pow2-1"])
     args = parser.parse_args()
 
     config = preset(args.model)
@@ -62,25 +62,24 @@ def main():
         rows = list(range(count))
         params = [SamplingParams(temperature=0.0, max_tokens=10**6, ignore_eos=True)] * count
         for variant in args.variants:
-            padding, loop, *steps = variant.split("-")
+            padding, *steps = variant.split("-")
             steps = int(steps[0]) if steps else args.steps
             call_args = (table, lens, rows, [1] * count, params, [0] * count, [0] * count, [0] * count, [()] * count,
                          [10**6] * count, steps)
             runner.min_decode_rows = args.table_rows if padding == "all" else 8
-            runner.decode_loop = loop
             start = time.perf_counter()
-            runner.decode(*call_args)
+            runner.results(runner.decode(*call_args))
             compile_s = time.perf_counter() - start
-            runner.decode(*call_args)
+            runner.results(runner.decode(*call_args))
             walls = []
             for _ in range(args.calls):
                 start = time.perf_counter()
-                runner.decode(*call_args)
+                runner.results(runner.decode(*call_args))
                 walls.append(time.perf_counter() - start)
             trace = tempfile.mkdtemp()
             jax.profiler.start_trace(trace)
             for _ in range(args.calls):
-                runner.decode(*call_args)
+                runner.results(runner.decode(*call_args))
             jax.profiler.stop_trace()
             _, _, busy = device_kernel_times(trace)
             shutil.rmtree(trace, ignore_errors=True)

@@ -63,6 +63,15 @@ def test_a_mixed_batch_arriving_over_time_equals_each_request_alone(model, solo)
     assert all(len(out[0]) == p.max_tokens for out, p in zip(solo, params)), "no EOS among these (checked)"
 
 
+def test_overlapped_decode_calls_give_the_same_tokens_as_calls_read_one_by_one(model, solo):
+    prompts, params = _requests()
+    engine = _engine(model, overlap=False)
+    assert _run(engine, prompts, params) == solo and engine.stats().overlapped_calls == 0
+    engine = _engine(model)  # overlap is the default
+    assert _run(engine, prompts, params) == solo
+    assert engine.stats().overlapped_calls > 0, "no decode call was started ahead"
+
+
 @pytest.mark.parametrize("caching", [True, False])
 def test_preempted_and_resumed_requests_give_the_same_tokens(model, solo, caching):
     prompts, params = _requests()

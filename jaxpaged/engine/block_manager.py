@@ -166,10 +166,11 @@ class BlockManager:
     def blocks_to_grow(self, seq: SeqBlocks, num_tokens: int, num_held_tokens: int) -> int:
         """Free blocks `grow` would take: new ones past the table's end, and a copy of a shared tail
         block about to be written."""
-        return max(self.blocks_for(num_tokens) - len(seq.blocks), 0) + int(self._shared_tail(seq, num_tokens,
+        return max(self.blocks_for(num_tokens) - len(seq.blocks), 0) + int(self.shares_tail(seq, num_tokens,
                                                                                                num_held_tokens))
 
-    def _shared_tail(self, seq: SeqBlocks, num_tokens: int, num_held_tokens: int) -> bool:
+    def shares_tail(self, seq: SeqBlocks, num_tokens: int, num_held_tokens: int) -> bool:
+        """Whether growing to num_tokens writes into a partly filled block another sequence holds."""
         return (num_tokens > num_held_tokens and num_held_tokens % self.block_size != 0
                 and self.ref_counts[seq.blocks[(num_held_tokens - 1) // self.block_size]] > 1)
 
@@ -182,7 +183,7 @@ class BlockManager:
         Returns the (source, destination) block copies the device must make before the step.
         Raises NoFreeBlocks, changing nothing, when the pool is short.
         """
-        shared_tail = self._shared_tail(seq, num_tokens, num_held_tokens)
+        shared_tail = self.shares_tail(seq, num_tokens, num_held_tokens)
         needed = self.blocks_to_grow(seq, num_tokens, num_held_tokens)
         if needed > len(self._free):
             raise NoFreeBlocks(f"{needed} blocks needed, {len(self._free)} free")

@@ -21,8 +21,8 @@ from collections.abc import Sequence as SequenceType
 import jax
 import numpy as np
 
-from jaxpaged.config import CacheConfig
-from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.config import CacheConfig, bucket
+from jaxpaged.engine.block_manager import BlockManager, NoFreeBlocks
 from jaxpaged.engine.request import (
     CompletionOutput,
     Request,
@@ -51,6 +51,7 @@ class EngineStats:
     device_seconds: float  # of it, waiting on the device's calls (the rest is the host's work)
     decode_steps: int  # decode steps the device ran
     kv_positions_read: int  # cached positions the decode steps attended over, summed over rows and steps
+    overlapped_calls: int  # decode calls started before the host read the previous one (overlap)
 
     def format(self) -> str:
         return (f"running {self.running}, waiting {self.waiting}, preempted {self.preemptions}, "
@@ -75,6 +76,8 @@ class Engine:
       seed: draws the seeds of requests that give none.
       impl: paged attention's path ("auto", "kernel", "reference").
       decode_steps: decode steps per device call.
+      overlap: while the plan stays the same, start the next decode call before reading the last
+        one's tokens (the host's work then overlaps the device's).
       check_integrity: run the block-ownership check after every step (tests).
     """
 
@@ -82,7 +85,7 @@ class Engine:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
-                 check_integrity: bool = False):
+                 overlap: bool = True, check_integrity: bool = False):
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -101,12 +104,13 @@ class Engine:
                                    max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps)
         self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers)
         self.eos_token_ids = tuple(config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.check_integrity = check_integrity
+        self.check_integrity, self.overlap = check_integrity, overlap
+        self._inflight = None  # (sequences, decode call, steps) started and not yet read
         self.requests: dict[str, Request] = {}
         self._seeds = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._busy_seconds, self._generated = 0.0, 0
-        self._device_seconds, self._decode_steps, self._kv_positions_read = 0.0, 0, 0
+        self._device_seconds, self._decode_steps, self._kv_positions_read, self._overlapped_calls = 0.0, 0, 0, 0
 
     # -- requests
 
@@ -164,14 +168,19 @@ class Engine:
         """Runs one scheduled step; returns the requests that produced tokens in it (finished ones
         for the last time: they leave the engine)."""
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return []
-        touched = self._prefill(plan) if isinstance(plan, PrefillPlan) else self._decode(plan)
+        if self._inflight is not None:  # decode steps started in the last step
+            touched = self._finish_decode(*self._inflight)
+        else:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return []
+            touched = self._prefill(plan) if isinstance(plan, PrefillPlan) else self._decode(plan)
         if self.check_integrity:
             self.scheduler.check()
         outputs = []
         for request in dict.fromkeys(touched):
+            if request.request_id not in self.requests:
+                continue  # it finished or was aborted in an earlier step
             outputs.append(self._output(request))
             if request.finished:
                 request.finish_time = time.perf_counter()
@@ -217,23 +226,58 @@ class Engine:
             s.status is Status.WAITING and s.blocks is None and not s.output for s in seq.request.sequences[1:])
 
     def _decode(self, plan: DecodePlan) -> list[Request]:
-        start = time.perf_counter()
         self.runner.copy_blocks(plan.copies)
         seqs = plan.seqs
-        tokens, emitted, logprobs, top_ids, top_logprobs = self.runner.decode(
-            self.scheduler.table, self._lens(), [s.row for s in seqs], [s.tokens[-1] for s in seqs],
+        call = self.runner.decode(
+            self.scheduler.table, self._lens(), [s.row for s in seqs], [s.last_token for s in seqs],
             *self._sampling_columns(seqs), [s.request.params.max_tokens for s in seqs], plan.steps,
             seen=self._seen(seqs))
+        return self._finish_decode(seqs, call, plan.steps)
+
+    def _finish_decode(self, seqs: list[Sequence], call, steps: int) -> list[Request]:
+        """Starts the next steps of the same rows where it may (`_chain`), then reads this call's
+        tokens: the host does its part of a step while the device runs the next."""
+        self._inflight = self._chain(seqs, call, steps) if self.overlap else None
+        start = time.perf_counter()
+        tokens, emitted, logprobs, top_ids, top_logprobs = self.runner.results(call)
         self._device_seconds += time.perf_counter() - start
         self._decode_steps += int(emitted.any(axis=1).sum())
-        for b, seq in enumerate(seqs):
-            steps = np.flatnonzero(emitted[:, b])
-            self._kv_positions_read += len(steps) * seq.num_computed + len(steps) * (len(steps) + 1) // 2
-            seq.num_computed += len(steps)
-            self._append(seq, [int(t) for t in tokens[steps, b]], logprobs[steps, b], top_ids[steps, b],
-                         top_logprobs[steps, b])
+        counts = emitted.sum(axis=0).tolist()  # a row emits in its first steps only: it stops, never pauses
+        for b, (seq, count, row_tokens) in enumerate(zip(seqs, counts, tokens.T.tolist())):
+            self._kv_positions_read += count * seq.num_computed + count * (count + 1) // 2
+            seq.num_computed += count
+            self._append(seq, row_tokens[:count], logprobs[:count, b], top_ids[:count, b], top_logprobs[:count, b])
             self._cache_blocks(seq)
         return [seq.request for seq in seqs]
+
+    def _chain(self, seqs: list[Sequence], call, steps: int):
+        """The same rows' next `steps` steps, started now, or None where the plan may change instead:
+        requests wait to be admitted, a sequence is prefilling, enough rows finished for a smaller
+        batch, or the pool can't reserve the blocks of both calls' steps (no preemption here)."""
+        scheduler, blocks = self.scheduler, self.scheduler.blocks
+        alive = [seq.status is Status.RUNNING for seq in seqs]
+        if scheduler.waiting or sum(alive) < len(scheduler.running) or not any(alive):
+            return None
+        if bucket(sum(alive), minimum=self.runner.min_decode_rows) < bucket(len(seqs), self.runner.min_decode_rows):
+            return None
+        if all(seq.request.params.max_tokens - len(seq.output) <= steps for seq, live in zip(seqs, alive) if live):
+            return None  # this call ends every row
+        longest = 0
+        for seq, live in zip(seqs, alive):
+            if not live:
+                continue
+            ahead = min(2 * steps, seq.request.params.max_tokens - len(seq.output))  # this call's and the next's
+            positions = seq.num_computed + ahead
+            if blocks.shares_tail(seq.blocks, positions, seq.num_computed):
+                return None
+            try:
+                blocks.grow(seq.blocks, positions, seq.num_computed)
+            except NoFreeBlocks:
+                return None  # the blocks already grown stay with their sequences: the next plan uses them
+            scheduler.write_row(seq)
+            longest = max(longest, positions)
+        self._overlapped_calls += 1
+        return seqs, self.runner.chain(call, scheduler.table, alive, longest), steps
 
     def _sampling_columns(self, seqs: list[Sequence]):
         """(params, seeds, token indices, min_tokens, stop ids) of each sequence, for the runner."""
@@ -283,8 +327,11 @@ class Engine:
         return min(found) if found else None
 
     def _cache_blocks(self, seq: Sequence) -> None:
-        if seq.status is Status.RUNNING:
-            self.scheduler.blocks.cache_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+        """Names the sequence's newly full blocks for the prefix cache (its token list built only then)."""
+        blocks = self.scheduler.blocks
+        if (blocks.enable_prefix_caching and seq.status is Status.RUNNING
+                and seq.blocks.num_named < seq.num_computed // blocks.block_size):
+            blocks.cache_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
 
     def _output(self, request: Request) -> RequestOutput:
         completions = []
@@ -310,7 +357,8 @@ class Engine:
                            generated_tokens=self._generated,
                            tokens_per_second=self._generated / self._busy_seconds if self._busy_seconds else 0.0,
                            step_seconds=self._busy_seconds, device_seconds=self._device_seconds,
-                           decode_steps=self._decode_steps, kv_positions_read=self._kv_positions_read)
+                           decode_steps=self._decode_steps, kv_positions_read=self._kv_positions_read,
+                           overlapped_calls=self._overlapped_calls)
 
 
 def _blocks_that_fit(bytes_per_block: int, utilisation: float) -> int | None:

@@ -42,6 +42,10 @@ class Sequence:
         return self.request.prompt_token_ids + self.output
 
     @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.request.prompt_token_ids[-1]
+
+    @property
     def num_tokens(self) -> int:
         return len(self.request.prompt_token_ids) + len(self.output)
 

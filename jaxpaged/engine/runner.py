@@ -15,6 +15,7 @@ Axis letters: B rows, T chunk tokens, S samples, V vocab, R logprobs per token, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -48,8 +49,10 @@ def _switches(params: list[SamplingParams]) -> dict:
 
 
 def _with_table(state: PagedKVState, table, lens) -> PagedKVState:
-    """The host's block table [B, M] and lengths [B] in the state (every layer's lengths alike)."""
-    lens = jnp.broadcast_to(lens, state.table.seq_lens.shape)
+    """The host's block table [B, M] and lengths [B] in the state (every layer's lengths alike). A row
+    without blocks has no positions (a chained call's lengths come from the device, where a row the
+    host has since released keeps its last length)."""
+    lens = jnp.broadcast_to(jnp.where(table[:, 0] < state.config.num_blocks, lens, 0), state.table.seq_lens.shape)
     return state.replace(table=BlockTable(block_ids=table, seq_lens=lens))
 
 
@@ -70,11 +73,15 @@ def _prefill(graphdef, treedef, leaves, state, table, lens, tokens, seq_idx, num
 
 def _decode(graphdef, treedef, leaves, state, table, lens, last_tokens, seq_idx, active, rows: SamplingRows,
             max_tokens, min_tokens, stop_ids, seen, *, impl, max_len, steps, filtered, penalised, random, banning,
-            num_logprobs, loop="while"):
+            num_logprobs):
     """Up to `steps` decode steps; a row stops at a stop id (after min_tokens) or at max_tokens.
 
-    Returns (state, ok, tokens [steps, B], emitted [steps, B], logprob [steps, B], top ids and
-    logprobs [steps, B, R]).
+    The steps run as a `while_loop` that ends early once no row is active (a fixed-count `fori_loop`
+    was 2% faster a step on an H200 at 128 rows: benchmarks/NOTES.md; the early end wins it back).
+
+    Returns (state, ok, outputs, carry): outputs are tokens [steps, B], emitted [steps, B],
+    logprob [steps, B], top ids and logprobs [steps, B, R]; carry is what a following call
+    continues from: (last tokens [B], active [B], rows, seen).
     """
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     state = _with_table(state, table, lens)
@@ -104,11 +111,8 @@ def _decode(graphdef, treedef, leaves, state, table, lens, last_tokens, seq_idx,
         return i + 1, state, token, still, rows, seen, all_ok & ok, new_outputs
 
     carry = (jnp.asarray(0), state, last_tokens, active, rows, seen, jnp.asarray(True), outputs)
-    if loop == "while":
-        _, state, _, _, _, _, ok, outputs = jax.lax.while_loop(cond, body, carry)
-    else:
-        _, state, _, _, _, _, ok, outputs = jax.lax.fori_loop(0, steps, lambda _, c: body(c), carry)
-    return (state, ok) + outputs
+    _, state, last, active, rows, seen, ok, outputs = jax.lax.while_loop(cond, body, carry)
+    return state, ok, outputs, (last, active, rows, seen)
 
 
 _SWITCHES = ("impl", "max_len", "filtered", "penalised", "random", "banning", "num_logprobs")
@@ -121,7 +125,7 @@ def _compiled(graphdef, treedef):
     the parameters pass as a flat list of arrays."""
     return (jax.jit(functools.partial(_prefill, graphdef, treedef), static_argnames=_SWITCHES,
                     donate_argnames=("state",)),
-            jax.jit(functools.partial(_decode, graphdef, treedef), static_argnames=_SWITCHES + ("steps", "loop"),
+            jax.jit(functools.partial(_decode, graphdef, treedef), static_argnames=_SWITCHES + ("steps",),
                     donate_argnames=("state",)))
 
 
@@ -132,6 +136,18 @@ def _copy_blocks(state: PagedKVState, sources, destinations) -> PagedKVState:
     k = pools.k.at[:, :, destinations].set(pools.k.at[:, :, sources].get(mode="fill", fill_value=0), mode="drop")
     v = pools.v.at[:, :, destinations].set(pools.v.at[:, :, sources].get(mode="fill", fill_value=0), mode="drop")
     return state.replace(pools=pools.replace(k=k, v=v))
+
+
+@dataclasses.dataclass
+class DecodeCall:
+    """A decode call on its way: what it was given, and its outputs (device arrays) once started."""
+
+    count: int  # rows that decode (the first of the batch's B)
+    fixed: tuple  # (seq_idx, max_tokens, min_tokens, stop ids): the same in a chained call
+    options: dict  # the jitted call's static arguments
+    carry: tuple  # (last tokens, active, sampling rows, seen): the inputs, then what a chained call takes
+    ok: jax.Array | None = None
+    outputs: tuple | None = None
 
 
 class Runner:
@@ -153,7 +169,7 @@ class Runner:
         self._prefill, self._decode = _compiled(graphdef, treedef)
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
-        self.min_decode_rows, self.decode_loop = 8, "while"
+        self.min_decode_rows = 8
         state = init_state(cache_config)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
 
@@ -191,7 +207,7 @@ class Runner:
         sampled[: len(sample_rows)] = sample_rows
         switches = _switches(params)
         self.state, ok, out = self._prefill(
-            self.leaves, self.state, table, lens.astype(np.int32), tokens, seq_idx, num_tokens, sampled,
+            self.leaves, self.state, np.array(table), lens.astype(np.int32), tokens, seq_idx, num_tokens, sampled,
             SamplingRows.build(params, seeds, token_indices, samples),
             _column(min_tokens, samples, np.int32), _stop_table(stop_ids, samples),
             _pad_rows(seen, samples) if switches["penalised"] else None, impl=self.impl,
@@ -202,26 +218,57 @@ class Runner:
         return tuple(x[: len(sample_rows)] for x in out)
 
     def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
-               steps: int, seen=None):
-        """Runs up to `steps` decode steps for the given rows (each a running sequence).
+               steps: int, seen=None) -> DecodeCall:
+        """Starts up to `steps` decode steps for the given rows (each a running sequence); the device
+        runs them while the host goes on. `results(call)` waits for what they produced.
 
-        Returns numpy (tokens [steps, B], emitted [steps, B], logprob [steps, B], top ids and
-        top logprobs [steps, B, R]) for the B rows given.
+        Args:
+          table, lens: the scheduler's block table [B_all, M] and each row's computed positions [B_all].
+          rows: the table rows that decode; last_tokens: each one's last token.
+          params, seeds, token_indices, min_tokens, stop_ids, max_tokens: per row, as `prefill`'s samples.
+          seen: [B, V] bool of each row's seen tokens, where some row has a repetition penalty.
         """
         count = len(rows)  # rows padded to a power of two: a few shapes, and no work for empty rows
         batch = min(bucket(count, minimum=self.min_decode_rows), self.config.max_seqs)
         switches = _switches(params)
-        self.state, ok, *out = self._decode(
-            self.leaves, self.state, table, lens.astype(np.int32), _column(last_tokens, batch, np.int32),
-            _column(rows, batch, np.int32, self.config.max_seqs), _column([True] * count, batch, bool, False),
-            SamplingRows.build(params, seeds, token_indices, batch), _column(max_tokens, batch, np.int32),
-            _column(min_tokens, batch, np.int32), _stop_table(stop_ids, batch),
-            _pad_rows(seen, batch) if switches["penalised"] else None,
-            impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps,
-            loop=self.decode_loop, **switches)
-        ok, out = jax.device_get((ok, out))  # one transfer
+        fixed = (_column(rows, batch, np.int32, self.config.max_seqs), _column(max_tokens, batch, np.int32),
+                 _column(min_tokens, batch, np.int32), _stop_table(stop_ids, batch))
+        carry = (_column(last_tokens, batch, np.int32), _column([True] * count, batch, bool, False),
+                 SamplingRows.build(params, seeds, token_indices, batch),
+                 _pad_rows(seen, batch) if switches["penalised"] else None)
+        options = dict(impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps,
+                       **switches)
+        return self._run_decode(DecodeCall(count, fixed, options, carry), table, lens.astype(np.int32))
+
+    def chain(self, call: DecodeCall, table, alive, longest: int) -> DecodeCall:
+        """Starts the next `steps` steps of the same rows, from where `call` leaves them on the device
+        (nothing read back): the host can read `call`'s results while these run.
+
+        Args:
+          table: the block table [B_all, M], with blocks reserved for these steps too.
+          alive: [B] bool, the rows the host still runs (one it finished or aborted stops here).
+          longest: the most positions a row can hold after these steps.
+        """
+        last, active, rows, seen = call.carry
+        alive = _column(alive, active.shape[0], bool, False)
+        options = dict(call.options, max_len=self._read_bound(longest))
+        return self._run_decode(dataclasses.replace(call, options=options, carry=(last, active & alive, rows, seen)),
+                                table, self.state.table.seq_lens[0])
+
+    def _run_decode(self, call: DecodeCall, table, lens) -> DecodeCall:
+        table = np.array(table)  # a copy: the host changes its table while the call may still read this one
+        seq_idx, max_tokens, min_tokens, stop_ids = call.fixed
+        last, active, rows, seen = call.carry
+        self.state, ok, outputs, carry = self._decode(self.leaves, self.state, table, lens, last, seq_idx, active, rows,
+                                                      max_tokens, min_tokens, stop_ids, seen, **call.options)
+        return dataclasses.replace(call, ok=ok, outputs=outputs, carry=carry)
+
+    def results(self, call: DecodeCall):
+        """Waits for a decode call. Returns numpy (tokens [steps, B], emitted [steps, B], logprob
+        [steps, B], top ids and top logprobs [steps, B, R]) for the B rows given."""
+        ok, outputs = jax.device_get((call.ok, call.outputs))  # one transfer
         self._check(ok)
-        return tuple(x[:, :count] for x in out)
+        return tuple(x[:, :call.count] for x in outputs)
 
     def _read_bound(self, positions: int) -> int:
         """The static bound on positions the reference path gathers: a power of two (few compilations)

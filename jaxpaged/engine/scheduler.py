@@ -90,7 +90,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status, seq.row, seq.num_computed = Status.RUNNING, self._free_rows.pop(), seq.blocks.num_cached
             self.running.append(seq)
-            self._write_row(seq)
+            self.write_row(seq)
             budget -= self._add_chunk(plan, seq, budget)
         return plan if plan.seqs else None
 
@@ -110,7 +110,7 @@ class Scheduler:
             while True:
                 try:
                     copies += self.blocks.grow(seq.blocks, seq.num_tokens - 1 + steps, seq.num_tokens - 1)
-                    self._write_row(seq)
+                    self.write_row(seq)
                     break
                 except NoFreeBlocks:
                     victim = self.running[-1]
@@ -144,7 +144,7 @@ class Scheduler:
         child.blocks = self.blocks.fork(parent.blocks)
         child.status, child.row, child.num_computed = Status.RUNNING, self._free_rows.pop(), parent.num_computed
         self.running.append(child)
-        self._write_row(child)
+        self.write_row(child)
         return True
 
     def _release(self, seq: Sequence) -> None:
@@ -154,7 +154,8 @@ class Scheduler:
         self.running.remove(seq)
         seq.blocks, seq.row = None, None
 
-    def _write_row(self, seq: Sequence) -> None:
+    def write_row(self, seq: Sequence) -> None:
+        """The sequence's blocks into its row of the table."""
         row = self.table[seq.row]
         row[:] = self.blocks.num_blocks
         row[: len(seq.blocks.blocks)] = seq.blocks.blocks
