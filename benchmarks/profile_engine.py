@@ -55,17 +55,18 @@ def main():
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--top", type=int, default=25, help="kernels printed")
+    parser.add_argument("--no-overlap", action="store_true", help="read each decode call before starting the next")
     args = parser.parse_args()
 
     model = MiniLLM(preset(args.model), rngs=nnx.Rngs(0))
     prompts, outputs = workload_a(np.random.default_rng(0), args.num_requests, min(100, args.max_len), args.max_len,
                                  10000)
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       decode_steps=args.decode_steps, max_model_len=2 * args.max_len)
+                       decode_steps=args.decode_steps, max_model_len=2 * args.max_len, overlap=not args.no_overlap)
     LLM(model, **engine_args).generate(prompts, params_for(outputs), use_tqdm=False)  # compiles every shape
     engine = LLM(model, **engine_args).engine
     calls = collections.defaultdict(list)  # wall seconds of the runner's calls, by kind
-    for name in ("prefill", "decode"):
+    for name in ("prefill", "decode", "chain", "results"):  # decode and chain start a call; results waits for it
         method = getattr(engine.runner, name)
 
         def timed(*a, _method=method, _name=name, **k):
@@ -94,7 +95,8 @@ def main():
               "decode_steps": stats.decode_steps, "calls": {k: {"count": len(v), "seconds": sum(v)}
                                                             for k, v in calls.items()},
               "kinds_us": dict(by_kind), "kernels_us": dict(totals), "counts": dict(counts)}
-    with open(os.path.join(args.out_dir, f"profile_engine_{args.model}.json"), "w") as f:
+    name = f"profile_engine_{args.model}{'_no_overlap' if args.no_overlap else ''}.json"
+    with open(os.path.join(args.out_dir, name), "w") as f:
         json.dump(result, f, indent=1)
     print(f"{result['device']}, {args.model}, {args.num_requests} requests: wall {wall:.2f} s, device busy "
           f"{busy / 1e6:.2f} s, {stats.generated_tokens / wall:.0f} out tok/s, {stats.decode_steps} decode steps")
