@@ -78,7 +78,7 @@ def main():
         setattr(engine.runner, name, timed)
     for i, (prompt, params) in enumerate(zip(prompts, params_for(outputs))):
         engine.add_request(str(i), prompt, params)
-    trace_dir = os.path.join(args.out_dir, "engine_trace")
+    trace_dir = os.path.join(args.out_dir, "engine_trace_no_overlap" if args.no_overlap else "engine_trace")
     jax.profiler.start_trace(trace_dir)
     start = time.perf_counter()
     while engine.has_unfinished_requests():

@@ -48,7 +48,8 @@ class EngineStats:
     generated_tokens: int
     tokens_per_second: float  # generated tokens over the time spent in steps
     step_seconds: float  # wall time inside step()
-    device_seconds: float  # of it, waiting on the device's calls (the rest is the host's work)
+    device_seconds: float  # of it, in the runner's calls: starting them (which holds the host until a
+    #                        decode call's loop has run: XLA drives the loop) and waiting for them
     decode_steps: int  # decode steps the device ran
     kv_positions_read: int  # cached positions the decode steps attended over, summed over rows and steps
     overlapped_calls: int  # decode calls started before the host read the previous one (overlap)
@@ -226,12 +227,14 @@ class Engine:
             s.status is Status.WAITING and s.blocks is None and not s.output for s in seq.request.sequences[1:])
 
     def _decode(self, plan: DecodePlan) -> list[Request]:
+        start = time.perf_counter()
         self.runner.copy_blocks(plan.copies)
         seqs = plan.seqs
         call = self.runner.decode(
             self.scheduler.table, self._lens(), [s.row for s in seqs], [s.last_token for s in seqs],
             *self._sampling_columns(seqs), [s.request.params.max_tokens for s in seqs], plan.steps,
             seen=self._seen(seqs))
+        self._device_seconds += time.perf_counter() - start
         return self._finish_decode(seqs, call, plan.steps)
 
     def _finish_decode(self, seqs: list[Sequence], call, steps: int) -> list[Request]:
@@ -277,7 +280,10 @@ class Engine:
             scheduler.write_row(seq)
             longest = max(longest, positions)
         self._overlapped_calls += 1
-        return seqs, self.runner.chain(call, scheduler.table, alive, longest), steps
+        start = time.perf_counter()
+        chained = self.runner.chain(call, scheduler.table, alive, longest)
+        self._device_seconds += time.perf_counter() - start
+        return seqs, chained, steps
 
     def _sampling_columns(self, seqs: list[Sequence]):
         """(params, seeds, token indices, min_tokens, stop ids) of each sequence, for the runner."""
