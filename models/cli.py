@@ -1,8 +1,9 @@
-"""The `jaxpaged` command: generate text on the engine, or train a MiniLLM.
+"""The `jaxpaged` command: generate text on the engine, benchmark it, or train a MiniLLM.
 
     jaxpaged generate "The capital of France is"            # the embedded SmolLM2-135M-Instruct
     jaxpaged generate --chat "Tell me a joke" --temperature 0.7 --top-p 0.9
     jaxpaged generate --file prompts.txt --max-num-seqs 16   # continuous batching over many prompts
+    jaxpaged bench --model llama-1b --workload A --out engine.json
     jaxpaged train --text corpus.txt --out my-model && jaxpaged generate --model my-model "Once"
 
 Only the generated text goes to stdout; progress, memory statistics and speed go to stderr. By
@@ -17,6 +18,9 @@ import math
 import os
 import sys
 import time
+
+from jaxpaged.engine.bench import WORKLOADS
+from jaxpaged.models.config import PRESET_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 LONG_PREFILL_TOKENS = 1024  # a prefill this long takes seconds on a CPU: say so before it starts
@@ -126,6 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
     _attention_argument(gen)
     gen.set_defaults(run=run_generate, subparser=gen)
 
+    bench = commands.add_parser("bench", help="run the engine's throughput benchmark", description=(
+        "Run the engine's offline throughput benchmark (jaxpaged.engine.bench) and print one row a run: "
+        "output and total (prompt + output) tokens/s, compilation seconds, preemptions, prefix cache hit "
+        "rate, the host's share of the wall time, and the mean time to the first token. Prompts are random "
+        "tokens, decoding is greedy with EOS ignored, and every timed run follows an untimed run of the same "
+        "requests that compiles its shapes (the difference is the compile column). XLA's compilation cache "
+        "is not used. The workloads: " + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()) + ". "
+        "The defaults are the GPU workload (256 requests of U[100, 1024] tokens in and out); on a CPU, "
+        "try --model tiny --num-requests 8 --max-len 64. benchmarks/engine.py runs the same with peers beside."))
+    bench.add_argument("--model", default="llama-1b",
+                       help=f"a preset with random weights ({', '.join(PRESET_NAMES)}; default llama-1b), or a "
+                            ".gguf file or a checkpoint directory (its weights)")
+    bench.add_argument("--dtype", choices=DTYPES, default=None, help="parameter and cache dtype (default: the model's)")
+    bench.add_argument("--workload", nargs="+", choices=tuple(WORKLOADS), default=["A"],
+                       help="one or more of A, B, C (default A; C runs A too, to compare tokens)")
+    bench.add_argument("--num-requests", type=_positive_int, default=256,
+                       help="requests of each workload (default 256)")
+    bench.add_argument("--min-len", type=_positive_int, default=100,
+                       help="shortest prompt and output of workloads A and C (default 100, capped at --max-len)")
+    bench.add_argument("--max-len", type=_positive_int, default=1024,
+                       help="longest prompt and output of A and C (default 1024); B's system prompt (up to 1024)")
+    bench.add_argument("--block-size", type=_power_of_two, default=16, help="positions per block (default 16)")
+    bench.add_argument("--max-num-seqs", type=_positive_int, default=256,
+                       help="sequences the engine runs at once (default 256)")
+    bench.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
+                       help="prompt tokens one prefill step computes at most (default 8192)")
+    bench.add_argument("--decode-steps", type=_positive_int, default=16,
+                       help="decode steps per device call (default 16)")
+    _attention_argument(bench)
+    bench.add_argument("--out", metavar="FILE.json", default=None,
+                       help="also write the results (each run's row, A's timeline, the arguments) as JSON")
+    bench.set_defaults(run=run_bench, subparser=bench)
+
     train = commands.add_parser("train", help="train or fine-tune a MiniLLM on a text file", description=(
         "Train a MiniLLM with optax (AdamW) on a text file and save a checkpoint directory that "
         "`jaxpaged generate --model` loads. From scratch with a preset and a byte-level tokenizer, "
@@ -144,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (gen, train):
         command.add_argument("--no-cache", action="store_true",
                              help="neither read nor write the weight and compilation caches")
+    bench.add_argument("--no-cache", action="store_true",
+                       help="neither read nor write the cache of a GGUF file's weights (XLA's compilation cache "
+                            "is never used here)")
     return parser
 
 
@@ -398,6 +438,51 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
                   f"tokens generated in {stats.step_seconds:.1f} s, {stats.tokens_per_second:.1f} tokens/s; "
                   f"preempted {stats.preemptions}, prefix hits {stats.prefix_hit_rate:.0%}, host share {host:.0%} "
                   f"(wall time on {jax.devices()[0].platform}, first calls include compilation)")
+    return 0
+
+
+def _bench_model(args):
+    """A preset with random weights, or a model file's weights (cached as generate caches them, but
+    without XLA's compilation cache, so that the compile column measures this run)."""
+    if args.model in PRESET_NAMES:
+        from flax import nnx
+
+        from jaxpaged.models.config import preset
+        from jaxpaged.models.llama import MiniLLM
+
+        config = preset(args.model, **({} if args.dtype is None else {"dtype": args.dtype}))
+        return MiniLLM(config, rngs=nnx.Rngs(0))
+    from jaxpaged.models.checkpoint import open_model
+    from jaxpaged.models.gguf_weights import user_cache_dir
+
+    files = open_model(args.model, cache_dir=None if args.no_cache else user_cache_dir(), progress=True)
+    return _load(args, files, args.dtype)
+
+
+def run_bench(args) -> int:
+    import json
+
+    from jaxpaged.engine.bench import device_name, format_table, run_workloads
+
+    model = _bench_model(args)
+    engine_args = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, decode_steps=args.decode_steps,
+                       impl=args.attention)
+    rows = run_workloads(model, args.workload, num_requests=args.num_requests, min_len=args.min_len,
+                         max_len=args.max_len, engine_args=engine_args, log=lambda line: _status(args, line))
+    arguments = {k: v for k, v in vars(args).items() if k not in ("run", "subparser", "command")}
+    result = {"device": device_name(), "model": args.model, "dtype": model.config.dtype, "args": arguments, **rows}
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    where = f"; written to {args.out}" if args.out else ""
+    print(f"{result['device']}, {args.model} ({model.config.dtype}), {args.num_requests} requests{where}")
+    print(format_table(rows))
+    if "C" in rows:
+        c = rows["C"]
+        print(f"C: a pool of {c['num_blocks']} blocks; {c['requests_equal_to_A']} of {args.num_requests} requests "
+              f"gave workload A's tokens, {c['completed']} completed")
     return 0
 
 

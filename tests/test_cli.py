@@ -1,5 +1,5 @@
 """The jaxpaged command end to end: generate on the engine (and the static path) with the embedded model and a
-trained one, streaming, train, caches, bad arguments."""
+trained one, streaming, bench, train, caches, bad arguments."""
 
 import functools
 import json
@@ -87,6 +87,9 @@ def test_generate_from_a_file_with_every_option(random_checkpoint, tmp_path, cap
     (["generate", "x", "--repetition-penalty", "0"], "must be > 0"),
     (["generate", "x", "--n", "0"], "positive integer"),
     (["generate", "x", "--cache", "contiguous", "--stop", ".", "--n", "2"], "--stop, --n: the engine's options"),
+    (["bench", "--workload", "D"], "invalid choice"),
+    (["bench", "--num-requests", "0"], "positive integer"),
+    (["bench", "--block-size", "10"], "power of two"),
     (["train", "--out", "x"], "--text"),
     (["train", "--out", "x", "--text", "/no/such/corpus.txt"], "cannot read --text"),
 ])
@@ -223,13 +226,29 @@ def test_the_engines_sampling_flags_and_several_completions(random_checkpoint, t
 
 
 def test_help_on_every_command(capsys):
-    for command in ("generate", "train"):
+    for command in ("generate", "bench", "train"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         out = capsys.readouterr().out
         assert exit_info.value.code == 0 and out.startswith(f"usage: jaxpaged {command} ") and "--no-cache" in out
     result = subprocess.run([sys.executable, "-m", "jaxpaged.models", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: jaxpaged" in result.stdout and "generate" in result.stdout
+
+
+def test_bench_runs_a_small_workload_and_writes_its_row(tmp_path, capsys):
+    out = tmp_path / "bench" / "engine.json"
+    assert main(["bench", "--model", "tiny", "--workload", "A", "--num-requests", "4", "--max-len", "32",
+                 "--max-num-seqs", "4", "--decode-steps", "8", "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    written = json.loads(out.read_text())
+    assert {"device", "model", "dtype", "args", "A"} <= set(written) and written["model"] == "tiny"
+    row = written["A"]
+    assert {"output_tokens_per_second", "total_tokens_per_second", "compile_seconds", "preemptions",
+            "prefix_hit_rate", "host_share", "mean_ttft", "seconds", "timeline"} <= set(row)
+    assert row["total_tokens_per_second"] > row["output_tokens_per_second"] > 0 and row["preemptions"] == 0
+    assert written["args"]["num_requests"] == 4 and written["args"]["workload"] == ["A"]
+    assert "out tok/s" in printed and "TTFT s" in printed and "\nA " in printed and str(out) in printed
+    assert "A: 4 requests" in err
 
 
 def test_train_then_generate_the_pattern_through_the_paged_cache(tmp_path, capsys):

@@ -30,14 +30,24 @@ from jaxpaged.engine.sampling import SamplingParams
 
 WORKLOADS = {
     "A": "random prompts and outputs of U[min-len, max-len] tokens each",
-    "B": "a shared system prompt of max-len tokens (at most 1,024), 64-256 of their own, 128 out; prefix caching on and off",
+    "B": "a shared system prompt of max-len tokens (at most 1,024), 64-256 of their own, 128 out; "
+         "prefix caching on and off",
     "C": "workload A in a pool of a quarter of the blocks it needs (preemption); tokens compared with A's",
 }
 BLOCK_SIZE = 16
 VOCAB = 10000  # prompts draw token ids below this (or the model's vocabulary, if smaller)
 
 
-def workload_a(rng: np.random.Generator, count: int, low: int, high: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+def device_name(device=None) -> str:
+    """The card's name as JAX reports it (`device_kind`), or the platform where there is none."""
+    import jax
+
+    device = device or jax.devices()[0]
+    return getattr(device, "device_kind", device.platform)
+
+
+def workload_a(rng: np.random.Generator, count: int, low: int, high: int,
+               vocab: int) -> tuple[list[list[int]], list[int]]:
     """Workload A: `count` prompts of U[low, high] random tokens below `vocab`, each to produce
     U[low, high] tokens. Returns (prompts as token-id lists, output lengths)."""
     prompts = [rng.integers(0, vocab, rng.integers(low, high + 1)).tolist() for _ in range(count)]
@@ -115,7 +125,8 @@ def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flop
     item = jnp.dtype(config.dtype).itemsize
     e, f, layers, heads, kv, d, v = (config.hidden_size, config.intermediate_size, config.num_layers, config.num_heads,
                                      config.num_kv_heads, config.head_dim, config.vocab_size)
-    weights = layers * (e * (heads + 2 * kv) * d + heads * d * e + 3 * e * f) + v * e * (1 if config.tie_embeddings else 2)
+    weights = (layers * (e * (heads + 2 * kv) * d + heads * d * e + 3 * e * f)
+               + v * e * (1 if config.tie_embeddings else 2))
     kv_bytes_per_position = 2 * layers * kv * d * item
     prefill_flops = 2 * weights * prompt_tokens
     return (prefill_flops / matmul_flops + stats.decode_steps * weights * item / bandwidth
@@ -174,12 +185,13 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
             raise ValueError(f"workload {name[0]}: a request takes {longest} positions, past the model's context of "
                              f"{config.max_position_embeddings}; lower --max-len")
         args = {"max_model_len": max(2 * max_len, longest), **args}
-        say(f"workload {name}: {len(prompts)} requests, {sum(map(len, prompts))} prompt and {sum(outputs)} output "
+        say(f"{name}: {len(prompts)} requests, {sum(map(len, prompts))} prompt and {sum(outputs)} output "
             f"tokens (an untimed run first, then the timed one)")
         run = run_engine(model, prompts, outputs, args)
         entry = summarise(prompts, run)
         if ceilings:
-            entry["roofline_fraction"] = roofline_seconds(config, run.stats, sum(map(len, prompts)), *ceilings) / run.seconds
+            ideal = roofline_seconds(config, run.stats, sum(map(len, prompts)), *ceilings)
+            entry["roofline_fraction"] = ideal / run.seconds
         result[name], runs[name] = entry, run
         return run
 
