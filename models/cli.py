@@ -375,7 +375,7 @@ class TextStream:
 def _note_cut(args, cut: list[str], count: int) -> None:
     """Says on stderr which completions stopped at --max-new-tokens rather than at an end-of-text token."""
     if cut:
-        which = "the completion" if count == 1 else f"completions {', '.join(cut)}"
+        which = "the completion" if count == 1 else f"completion{'s' * (len(cut) > 1)} {', '.join(cut)}"
         _status(args, f"{which} stopped at --max-new-tokens {args.max_new_tokens}, not at an end-of-text token")
 
 
