@@ -18,6 +18,7 @@ import json
 import jax
 import jax.numpy as jnp
 
+from jaxpaged.engine.bench import device_name
 from timing import median_time
 
 # The vendor's specified memory bandwidth in bytes/s (decimal TB/s), keyed by
@@ -41,12 +42,6 @@ SPEC_BANDWIDTH_BPS = {
     "Tesla V100-SXM2-16GB": 0.9e12,
     "Tesla V100-SXM2-32GB": 0.9e12,
 }
-
-
-def device_name(device=None) -> str:
-    """The card's name as JAX reports it (`device_kind`), or the platform where there is none."""
-    device = device or jax.devices()[0]
-    return getattr(device, "device_kind", device.platform)
 
 
 def spec_bandwidth(device_kind: str) -> float | None:

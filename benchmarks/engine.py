@@ -1,5 +1,8 @@
 """The engine end to end: offline throughput on three workloads, with peers in the same run.
 
+The workloads, the timed runs and the table come from jaxpaged/engine/bench.py (which `jaxpaged
+bench` runs without the peers); this script adds the peers, the roofline and the plot.
+
 Workloads (random token prompts, random weights, EOS ignored; seed 0):
   A  --num-requests prompts of U[100, 1024] tokens, outputs of U[100, 1024] tokens (nano-vllm's bench).
      Peers: the static `generate` (models/generate.py) in groups of --static-group requests, each
@@ -10,7 +13,8 @@ Workloads (random token prompts, random weights, EOS ignored; seed 0):
   C  workload A with a pool of a quarter of the blocks it needs: throughput, preemptions, and the
      greedy tokens' agreement with A's.
 Every timed run is preceded by an untimed run of the same requests, which compiles every shape the
-timed run meets (its extra time is reported as compilation). Decoding is greedy.
+timed run meets (its extra time is reported as compilation). Decoding is greedy. --min-len is capped
+at --max-len, and workload B's lengths at --max-len too, so that small smoke runs fit.
 
 Roofline (on a GPU): prefill at the measured bf16 matmul peak, and each decode step the engine ran
 reading the weights once plus every live K/V position once, at the card's specified bandwidth
@@ -34,65 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpaged.engine import LLM, SamplingParams
+from jaxpaged.engine.bench import format_table, run_workloads
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ceilings import device_name, spec_bandwidth  # noqa: E402
-
-
-def workload_a(rng, count, low, high, vocab):
-    prompts = [rng.integers(0, vocab, rng.integers(low, high + 1)).tolist() for _ in range(count)]
-    outputs = rng.integers(low, high + 1, count).tolist()
-    return prompts, outputs
-
-
-def workload_b(rng, count, system_len, low, high, output_len, vocab):
-    system = rng.integers(0, vocab, system_len).tolist()
-    return [system + rng.integers(0, vocab, rng.integers(low, high + 1)).tolist() for _ in range(count)], \
-        [output_len] * count
-
-
-def params_for(outputs):
-    return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outputs]
-
-
-def run_engine(model, prompts, outputs, engine_args):
-    """(results, seconds, engine stats, timeline, compile seconds) of a timed run after an untimed one of
-    the same requests (which compiles every shape the timed run meets; its extra time is the compilation)."""
-    start = time.perf_counter()
-    LLM(model, **engine_args).generate(prompts, params_for(outputs), use_tqdm=False)
-    warmup_seconds = time.perf_counter() - start
-    engine = LLM(model, **engine_args).engine
-    for i, (prompt, params) in enumerate(zip(prompts, params_for(outputs))):
-        engine.add_request(str(i), prompt, params)
-    timeline, done = [], {}
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                done[int(output.request_id)] = output
-        stats = engine.stats()
-        timeline.append((time.perf_counter() - start, stats.generated_tokens, stats.running))
-    seconds = time.perf_counter() - start
-    results = [done[i] for i in range(len(prompts))]
-    stats = engine.stats()
-    stats.attention = "kernel" if engine.runner.kernels else "reference"
-    return results, seconds, stats, timeline, max(warmup_seconds - seconds, 0.0)
-
-
-def roofline_seconds(config, stats, prompt_tokens, matmul_flops, bandwidth):
-    """The time the engine's work would take at the ceilings (see the module docstring)."""
-    item = jnp.dtype(config.dtype).itemsize
-    e, f, layers, heads, kv, d, v = (config.hidden_size, config.intermediate_size, config.num_layers, config.num_heads,
-                                     config.num_kv_heads, config.head_dim, config.vocab_size)
-    weights = layers * (e * (heads + 2 * kv) * d + heads * d * e + 3 * e * f) + v * e * (1 if config.tie_embeddings else 2)
-    kv_bytes_per_position = 2 * layers * kv * d * item
-    prefill_flops = 2 * weights * prompt_tokens
-    return (prefill_flops / matmul_flops + stats.decode_steps * weights * item / bandwidth
-            + stats.kv_positions_read * kv_bytes_per_position / bandwidth)
 
 
 def matmul_peak(dtype) -> float:
@@ -192,66 +144,30 @@ def main():
     config = preset(args.model, **({} if args.dtype is None else {"dtype": args.dtype}))
     model = MiniLLM(config, rngs=nnx.Rngs(0))
     gpu = jax.default_backend() == "gpu"
-    rng = np.random.default_rng(0)
-    vocab = min(config.vocab_size, 10000)
-    prompts, outputs = workload_a(rng, args.num_requests, args.min_len, args.max_len, vocab)
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       decode_steps=args.decode_steps, max_model_len=2 * args.max_len)
+                       decode_steps=args.decode_steps)
     result = {"device": device_name(), "model": args.model, "dtype": config.dtype, "args": vars(args)}
     bandwidth = spec_bandwidth(device_name()) if gpu else None
     flops = matmul_peak(jnp.dtype(config.dtype)) if gpu else None
-    rows = []
 
-    def record(name, prompts_, outputs_, engine_results, seconds, stats, compile_seconds):
-        out_tokens = sum(len(r.outputs[0].token_ids) for r in engine_results)
-        entry = {"attention": stats.attention, "output_tokens_per_second": out_tokens / seconds,
-                 "total_tokens_per_second": (out_tokens + sum(map(len, prompts_))) / seconds,
-                 "seconds": seconds, "compile_seconds": compile_seconds, "preemptions": stats.preemptions,
-                 "prefix_hit_rate": stats.prefix_hit_rate, "host_share": 1 - stats.device_seconds / seconds,
-                 "mean_ttft": float(np.mean([r.metrics.time_to_first_token for r in engine_results]))}
-        if bandwidth and flops:
-            entry["roofline_fraction"] = roofline_seconds(config, stats, sum(map(len, prompts_)), flops,
-                                                          bandwidth) / seconds
-        result[name] = entry
-        rows.append((name, entry))
-
-    if "A" in args.workloads or "C" in args.workloads:
-        a_results, seconds, stats, timeline, compiled = run_engine(model, prompts, outputs, engine_args)
-        record("A", prompts, outputs, a_results, seconds, stats, compiled)
-        result["A"]["timeline"] = timeline
+    def peers(prompts, outputs, _):
+        """The static generate and transformers on workload A's requests, right after the engine's run."""
         if "A" in args.workloads:
             result["A_static_generate"] = run_static(model, prompts, outputs, args.static_group)
             if args.hf_requests:
                 result["A_transformers"] = run_hf(config, prompts[:args.hf_requests], outputs[:args.hf_requests])
-        if "C" in args.workloads:
-            needed = sum(-(-(len(p) + o) // 16) for p, o in zip(prompts, outputs))
-            c_args = dict(engine_args, num_blocks=max(needed // 4, max(-(-(len(p) + o) // 16)
-                                                                       for p, o in zip(prompts, outputs))))
-            c_results, seconds, stats, _, compiled = run_engine(model, prompts, outputs, c_args)
-            record("C", prompts, outputs, c_results, seconds, stats, compiled)
-            same = sum(c.outputs[0].token_ids == a.outputs[0].token_ids for c, a in zip(c_results, a_results))
-            result["C"].update(num_blocks=c_args["num_blocks"], requests_equal_to_A=same,
-                               completed=sum(r.finished for r in c_results))
-    if "B" in args.workloads:
-        b_prompts, b_outputs = workload_b(np.random.default_rng(2), args.num_requests, min(1024, args.max_len), 64,
-                                          256, min(128, args.max_len), vocab)
-        for caching in (True, False):
-            b_results, seconds, stats, _, compiled = run_engine(
-                model, b_prompts, b_outputs, dict(engine_args, enable_prefix_caching=caching))
-            record(f"B_caching_{'on' if caching else 'off'}", b_prompts, b_outputs, b_results, seconds, stats, compiled)
+
+    rows = run_workloads(model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
+                         max_len=args.max_len, engine_args=engine_args,
+                         ceilings=(flops, bandwidth) if bandwidth and flops else None, on_workload_a=peers)
+    result.update(rows)
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     plot_timeline(result, args.out.removesuffix(".json") + ".png")
     print(f"\n{result['device']}, {args.model} ({config.dtype}), {args.num_requests} requests; written to {args.out}")
-    print(f"{'run':<16}{'out tok/s':>11}{'total tok/s':>13}{'compile s':>11}{'preempt':>9}{'hits':>7}{'host':>7}"
-          f"{'TTFT s':>9}{'roofline':>10}")
-    for name, e in rows:
-        roof = f"{e['roofline_fraction']:.0%}" if "roofline_fraction" in e else "-"
-        print(f"{name:<16}{e['output_tokens_per_second']:>11.0f}{e['total_tokens_per_second']:>13.0f}"
-              f"{e['compile_seconds']:>11.1f}{e['preemptions']:>9}{e['prefix_hit_rate']:>7.0%}{e['host_share']:>7.0%}"
-              f"{e['mean_ttft']:>9.3f}{roof:>10}")
+    print(format_table(rows))
     for peer in ("A_static_generate", "A_transformers"):
         if peer in result:
             print(f"{peer:<16}{json.dumps(result[peer])}")

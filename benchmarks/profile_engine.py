@@ -21,11 +21,11 @@ import numpy as np
 from flax import nnx
 
 from jaxpaged.engine import LLM
+from jaxpaged.engine.bench import params_for, workload_a
 from jaxpaged.models.config import preset
 from jaxpaged.models.llama import MiniLLM
 
 sys.path.insert(0, os.path.dirname(__file__))
-from engine import params_for, workload_a  # noqa: E402
 from timing import device_kernel_times  # noqa: E402
 
 KINDS = (  # first match wins

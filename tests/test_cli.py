@@ -1,4 +1,5 @@
-"""The jaxpaged command end to end: generate with the embedded model and a trained one, train, caches, bad arguments."""
+"""The jaxpaged command end to end: generate on the engine (and the static path) with the embedded model and a
+trained one, streaming, bench, train, caches, bad arguments."""
 
 import functools
 import json
@@ -12,7 +13,7 @@ from model_files import write_llama_gguf
 
 from jaxpaged.models import cli
 from jaxpaged.models.checkpoint import load_checkpoint, save_checkpoint
-from jaxpaged.models.cli import blocks_needed, main
+from jaxpaged.models.cli import TextStream, blocks_needed, main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.gguf_weights import weight_cache_entry
@@ -80,6 +81,15 @@ def test_generate_from_a_file_with_every_option(random_checkpoint, tmp_path, cap
     (["generate", "x", "--top-k", "-1"], "--top-k must be >= 0"),
     (["generate"], "at least one prompt"),
     (["generate", "--file", "/no/such/prompts.txt"], "cannot read --file"),
+    (["generate", "x", "--max-num-seqs", "0"], "positive integer"),
+    (["generate", "x", "--max-num-batched-tokens", "-3"], "positive integer"),
+    (["generate", "x", "--min-p", "1.5"], "must be in [0, 1]"),
+    (["generate", "x", "--repetition-penalty", "0"], "must be > 0"),
+    (["generate", "x", "--n", "0"], "positive integer"),
+    (["generate", "x", "--cache", "contiguous", "--stop", ".", "--n", "2"], "--stop, --n: the engine's options"),
+    (["bench", "--workload", "D"], "invalid choice"),
+    (["bench", "--num-requests", "0"], "positive integer"),
+    (["bench", "--block-size", "10"], "power of two"),
     (["train", "--out", "x"], "--text"),
     (["train", "--out", "x", "--text", "/no/such/corpus.txt"], "cannot read --text"),
 ])
@@ -120,39 +130,125 @@ def test_prompt_and_new_tokens_past_the_context_are_refused_before_loading(rando
     assert "loading weights" not in err
 
 
-def test_too_few_blocks_says_how_many_generate_needs(random_checkpoint, capsys):
-    prompts = ["hello", "hello world"]  # 5 and 11 tokens
-    max_new, block_size = 12, 8
-    needed = blocks_needed([5, 11], max_new, block_size)
-    assert needed == 2 + 3
-    model, tokenizer = load_checkpoint(random_checkpoint)
-    ids = [tokenizer.encode(p) for p in prompts]
-    run = functools.partial(generate, model, ids, max_new_tokens=max_new, block_size=block_size,
-                            eos_token_ids=tokenizer.eos_token_ids)
-    result = run(num_blocks=needed)
-    assert result.finish_reasons == ["length", "length"], "both prompts ran to max_new, taking every block counted"
-    with pytest.raises(RuntimeError, match="blocks"):
-        run(num_blocks=needed - 1)
+PROMPTS = ["hello", "x", "sixteen letters!", "two words"]  # 5, 1, 16 and 9 tokens: one prefill width
+# Every run here has the same pool and table and needs one block of 32 per request: the engine's compiled
+# programs are shared between the tests. Two requests run at a time; the others queue.
+ENGINE_ARGS = ["--max-new-tokens", "9", "--block-size", "32", "--num-blocks", "2", "--max-num-seqs", "4",
+               "--chunk-size", "4"]
 
-    args = ["generate", "--model", random_checkpoint, *prompts, "--max-new-tokens", str(max_new),
-            "--block-size", str(block_size), "--num-blocks"]
-    with pytest.raises(SystemExit):
-        main([*args, str(needed - 1)])
+
+@pytest.fixture(scope="module")
+def static_texts(random_checkpoint):
+    """Each of PROMPTS with its greedy completion from the static generate, as the command printed it before
+    the engine ran it."""
+    model, tokenizer = load_checkpoint(random_checkpoint)
+    result = generate(model, [tokenizer.encode(p) for p in PROMPTS], max_new_tokens=9, block_size=32,
+                      eos_token_ids=tokenizer.eos_token_ids)
+    return [p + tokenizer.decode(tokens) for p, tokens in zip(PROMPTS, result.tokens)]
+
+
+def _completions(out: str, count: int) -> list[str]:
+    """The text after each '--- [i] ' marker of the several-prompt output (markers in order)."""
+    parts = []
+    for i in range(count):
+        start = out.index(f"--- [{i}] ") + len(f"--- [{i}] ")
+        end = out.index(f"--- [{i + 1}] ") if i + 1 < count else len(out)
+        parts.append(out[start:end].removesuffix("\n"))
+    return parts
+
+
+def test_the_engine_prints_the_static_generates_greedy_text_in_prompt_order(random_checkpoint, static_texts, capsys):
+    assert main(["generate", "--model", random_checkpoint, *PROMPTS, *ENGINE_ARGS]) == 0
+    out, err = capsys.readouterr()
+    assert _completions(out, len(PROMPTS)) == static_texts
+    assert "paged cache, peak memory: 2 of 2 blocks of 32 positions in use" in err, err
+    assert "tokens/s" in err and "prefix hits" in err
+    assert "completions 0, 1, 2, 3 stopped at --max-new-tokens 9" in err
+
+
+def test_a_pool_too_small_for_one_request_is_refused_before_loading(random_checkpoint, capsys):
+    prompts = ["hello", "hello world, again"]  # 5 and 18 tokens
+    assert blocks_needed([5, 18], 9, 16) == [1, 2]  # ceil((prompt + 9) / 16): the engine's most for a request
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", random_checkpoint, *prompts, "--max-new-tokens", "9", "--block-size", "16",
+              "--num-blocks", "1"])
     err = capsys.readouterr().err
-    assert (f"jaxpaged generate: error: --num-blocks {needed - 1} is too few: 2 prompt(s) of 16 tokens with "
-            f"--max-new-tokens {max_new} need {needed} blocks of {block_size} positions") in err
+    assert exit_info.value.code == 2
+    assert ("jaxpaged generate: error: --num-blocks 1 is too few: prompt 1 has 18 tokens; with --max-new-tokens 9 "
+            "it needs 2 blocks of 16 positions") in err
     assert "loading weights" not in err
-    assert main([*args, str(needed)]) == 0
+
+
+class _Writes:
+    """A stdout that keeps every write apart."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_one_prompt_streams_the_text_of_a_batched_run_in_pieces(random_checkpoint, static_texts, monkeypatch):
+    stdout = _Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["generate", "--model", random_checkpoint, PROMPTS[0], *ENGINE_ARGS]) == 0
+    assert "".join(stdout.writes) == static_texts[0] + "\n"
+    assert stdout.writes[0] == PROMPTS[0] and len([w for w in stdout.writes[1:-1] if w]) >= 2, stdout.writes
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_string_starts():
+    stream = TextStream(stop=("\n\n", "END"))
+    assert stream.update("caf\ufffd") == "caf"  # the first byte of a two-byte character
+    assert stream.update("caf\u00e9 E") == "\u00e9 "  # 'E' may start 'END'
+    assert stream.update("caf\u00e9 EN") == ""
+    assert stream.update("caf\u00e9 ENO\n") == "ENO"  # not a stop after all; '\n' may start '\n\n'
+    assert stream.update("caf\u00e9 ENO\n", finished=True) == "\n"  # finished: everything
+    assert stream.shown == "caf\u00e9 ENO\n"
+    plain = TextStream()
+    assert plain.update("a\ufffd\ufffd") == "a" and plain.update("a\ufffd\ufffd", finished=True) == "\ufffd\ufffd"
+
+
+def test_the_engines_sampling_flags_and_several_completions(random_checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nworld, again\n")
+    code = main(["generate", "--model", random_checkpoint, "--file", str(prompts), *ENGINE_ARGS,
+                 "--temperature", "0.8", "--top-k", "20", "--min-p", "0.05", "--repetition-penalty", "1.2",
+                 "--stop", "zz", "--stop", "q", "--n", "2", "--seed", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert [out.count(f"--- [{label}] ") for label in ("0.0", "0.1", "1.0", "1.1")] == [1, 1, 1, 1], out
+    assert "--- [1.0] world, again" in out and "paged cache" in err
 
 
 def test_help_on_every_command(capsys):
-    for command in ("generate", "train"):
+    for command in ("generate", "bench", "train"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         out = capsys.readouterr().out
         assert exit_info.value.code == 0 and out.startswith(f"usage: jaxpaged {command} ") and "--no-cache" in out
     result = subprocess.run([sys.executable, "-m", "jaxpaged.models", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: jaxpaged" in result.stdout and "generate" in result.stdout
+
+
+def test_bench_runs_a_small_workload_and_writes_its_row(tmp_path, capsys):
+    out = tmp_path / "bench" / "engine.json"
+    assert main(["bench", "--model", "tiny", "--workload", "A", "--num-requests", "4", "--max-len", "32",
+                 "--max-num-seqs", "4", "--decode-steps", "8", "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    written = json.loads(out.read_text())
+    assert {"device", "model", "dtype", "args", "A"} <= set(written) and written["model"] == "tiny"
+    row = written["A"]
+    assert {"output_tokens_per_second", "total_tokens_per_second", "compile_seconds", "preemptions",
+            "prefix_hit_rate", "host_share", "mean_ttft", "seconds", "timeline"} <= set(row)
+    assert row["total_tokens_per_second"] > row["output_tokens_per_second"] > 0 and row["preemptions"] == 0
+    assert written["args"]["num_requests"] == 4 and written["args"]["workload"] == ["A"]
+    assert "out tok/s" in printed and "TTFT s" in printed and "\nA " in printed and str(out) in printed
+    assert "A: 4 requests" in err
 
 
 def test_train_then_generate_the_pattern_through_the_paged_cache(tmp_path, capsys):

@@ -1,0 +1,231 @@
+"""The engine's offline throughput benchmark: workloads, timed runs, the result table.
+
+Workloads (random token prompts, EOS ignored, greedy; the random draws seeded, so every run of the
+same arguments serves the same requests):
+  A  `count` prompts of U[low, high] tokens, outputs of U[low, high] tokens (nano-vllm's bench; by
+     default 256 requests, U[100, 1024]).
+  B  requests sharing a system prompt of `high` tokens (at most 1,024), 64-256 tokens of their own
+     and 128 output tokens (each capped at `high`), run with prefix caching on and off.
+  C  workload A with a pool of a quarter of the blocks it needs: preemption by recompute, and the
+     greedy tokens compared with A's.
+
+Every timed run is preceded by an untimed run of the same requests in a fresh engine, which compiles
+every shape the timed run meets; its extra time is reported as compilation.
+
+`benchmarks/engine.py` runs these with peers beside them (the static generate, transformers) and,
+on a GPU, the roofline; `jaxpaged bench` runs them from the installed package.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxpaged.engine.engine import LLM, EngineStats
+from jaxpaged.engine.request import RequestOutput
+from jaxpaged.engine.sampling import SamplingParams
+
+WORKLOADS = {
+    "A": "random prompts and outputs of U[min-len, max-len] tokens each",
+    "B": "a shared system prompt of max-len tokens (at most 1,024), 64-256 of their own, 128 out; "
+         "prefix caching on and off",
+    "C": "workload A in a pool of a quarter of the blocks it needs (preemption); tokens compared with A's",
+}
+BLOCK_SIZE = 16
+VOCAB = 10000  # prompts draw token ids below this (or the model's vocabulary, if smaller)
+
+
+def device_name(device=None) -> str:
+    """The card's name as JAX reports it (`device_kind`), or the platform where there is none."""
+    import jax
+
+    device = device or jax.devices()[0]
+    return getattr(device, "device_kind", device.platform)
+
+
+def workload_a(rng: np.random.Generator, count: int, low: int, high: int,
+               vocab: int) -> tuple[list[list[int]], list[int]]:
+    """Workload A: `count` prompts of U[low, high] random tokens below `vocab`, each to produce
+    U[low, high] tokens. Returns (prompts as token-id lists, output lengths)."""
+    prompts = [rng.integers(0, vocab, rng.integers(low, high + 1)).tolist() for _ in range(count)]
+    outputs = rng.integers(low, high + 1, count).tolist()
+    return prompts, outputs
+
+
+def workload_b(rng: np.random.Generator, count: int, system_len: int, low: int, high: int, output_len: int,
+               vocab: int) -> tuple[list[list[int]], list[int]]:
+    """Workload B: `count` prompts that start with the same `system_len` random tokens and go on with
+    U[low, high] of their own, each to produce `output_len` tokens. Returns (prompts, output lengths)."""
+    system = rng.integers(0, vocab, system_len).tolist()
+    return [system + rng.integers(0, vocab, rng.integers(low, high + 1)).tolist() for _ in range(count)], \
+        [output_len] * count
+
+
+def workload_c_blocks(prompts: Sequence[Sequence[int]], outputs: Sequence[int], block_size: int = BLOCK_SIZE) -> int:
+    """Workload C's pool: a quarter of the blocks that workload A's requests take all at once, and at
+    least what the largest one takes alone (so that every request can run)."""
+    needs = [-(-(len(p) + o) // block_size) for p, o in zip(prompts, outputs)]
+    return max(sum(needs) // 4, max(needs))
+
+
+def params_for(outputs: Sequence[int]) -> list[SamplingParams]:
+    """Greedy sampling to exactly each output length (EOS ignored)."""
+    return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outputs]
+
+
+class EngineRun(NamedTuple):
+    """A timed run of the engine (`run_engine`)."""
+
+    results: list[RequestOutput]  # in the order of the prompts
+    seconds: float  # wall time of the timed run
+    stats: EngineStats  # the engine's statistics at its end (with `attention`: "kernel" or "reference")
+    timeline: list[tuple[float, int, int]]  # after each step: (seconds, generated tokens, running requests)
+    compile_seconds: float  # the untimed run's extra time
+
+
+def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], engine_args: dict) -> EngineRun:
+    """A timed run of the requests in a fresh engine, after an untimed one of the same requests
+    (which compiles every shape the timed run meets; its extra time is the compilation).
+
+    Args:
+      model: a MiniLLM.
+      prompts, outputs: the requests' token ids and output lengths.
+      engine_args: keyword arguments of `Engine` (block_size, num_blocks, max_num_seqs, ...).
+    """
+    start = time.perf_counter()
+    LLM(model, **engine_args).generate(prompts, params_for(outputs), use_tqdm=False)
+    warmup_seconds = time.perf_counter() - start
+    engine = LLM(model, **engine_args).engine
+    for i, (prompt, params) in enumerate(zip(prompts, params_for(outputs))):
+        engine.add_request(str(i), prompt, params)
+    timeline, done = [], {}
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done[int(output.request_id)] = output
+        stats = engine.stats()
+        timeline.append((time.perf_counter() - start, stats.generated_tokens, stats.running))
+    seconds = time.perf_counter() - start
+    results = [done[i] for i in range(len(prompts))]
+    stats = engine.stats()
+    stats.attention = "kernel" if engine.runner.kernels else "reference"
+    return EngineRun(results, seconds, stats, timeline, max(warmup_seconds - seconds, 0.0))
+
+
+def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flops: float, bandwidth: float) -> float:
+    """The time the engine's work would take at the ceilings: prefill at `matmul_flops` (FLOP/s), and
+    each decode step the engine ran reading the weights once plus every live K/V position once at
+    `bandwidth` (bytes/s). The achieved fraction is this over the measured time."""
+    import jax.numpy as jnp
+
+    item = jnp.dtype(config.dtype).itemsize
+    e, f, layers, heads, kv, d, v = (config.hidden_size, config.intermediate_size, config.num_layers, config.num_heads,
+                                     config.num_kv_heads, config.head_dim, config.vocab_size)
+    weights = (layers * (e * (heads + 2 * kv) * d + heads * d * e + 3 * e * f)
+               + v * e * (1 if config.tie_embeddings else 2))
+    kv_bytes_per_position = 2 * layers * kv * d * item
+    prefill_flops = 2 * weights * prompt_tokens
+    return (prefill_flops / matmul_flops + stats.decode_steps * weights * item / bandwidth
+            + stats.kv_positions_read * kv_bytes_per_position / bandwidth)
+
+
+def summarise(prompts: Sequence[Sequence[int]], run: EngineRun) -> dict:
+    """A run's row of the table: output and total (prompt + output) tokens/s, compilation, preemptions,
+    prefix hit rate, the host's share of the wall time, mean time to the first token."""
+    out_tokens = sum(len(r.outputs[0].token_ids) for r in run.results)
+    stats, seconds = run.stats, run.seconds
+    return {"attention": stats.attention, "output_tokens_per_second": out_tokens / seconds,
+            "total_tokens_per_second": (out_tokens + sum(map(len, prompts))) / seconds,
+            "seconds": seconds, "compile_seconds": run.compile_seconds, "preemptions": stats.preemptions,
+            "prefix_hit_rate": stats.prefix_hit_rate, "host_share": 1 - stats.device_seconds / seconds,
+            "mean_ttft": float(np.mean([r.metrics.time_to_first_token for r in run.results]))}
+
+
+def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requests: int = 256, min_len: int = 100,
+                  max_len: int = 1024, engine_args: dict | None = None,
+                  ceilings: tuple[float, float] | None = None,
+                  on_workload_a: Callable[[list[list[int]], list[int], EngineRun], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Runs the chosen workloads on the engine; returns their rows by name.
+
+    Args:
+      model: a MiniLLM (random weights do: the outputs' lengths are fixed).
+      workloads: any of "A", "B", "C" (C runs A too, to compare tokens).
+      num_requests, min_len, max_len: the workloads' sizes (min_len is capped at max_len).
+      engine_args: `Engine` arguments (block_size default 16; max_model_len default twice max_len,
+        or more where a request needs it).
+      ceilings: (matmul FLOP/s, memory bytes/s): each row gets `roofline_fraction`.
+      on_workload_a: called with workload A's prompts, output lengths and timed run.
+      log: called with a line before each run.
+
+    Returns:
+      {"A": row, "C": row, "B_caching_on": row, "B_caching_off": row} for the workloads run; A's row
+      holds its `timeline`, C's `num_blocks`, `requests_equal_to_A` and `completed`.
+
+    Raises:
+      ValueError for an unknown workload or a request past the model's context.
+    """
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"workloads: unknown {sorted(unknown)}; choose from {sorted(WORKLOADS)}")
+    config = model.config
+    low, vocab = min(min_len, max_len), min(config.vocab_size, VOCAB)
+    engine_args = {"block_size": BLOCK_SIZE, **(engine_args or {})}
+    block_size = engine_args["block_size"]
+    say = log or (lambda line: None)
+    result, runs = {}, {}
+
+    def timed(name, prompts, outputs, args):
+        longest = max(len(p) + o for p, o in zip(prompts, outputs))
+        if longest > config.max_position_embeddings:
+            raise ValueError(f"workload {name[0]}: a request takes {longest} positions, past the model's context of "
+                             f"{config.max_position_embeddings}; lower --max-len")
+        args = {"max_model_len": max(2 * max_len, longest), **args}
+        say(f"{name}: {len(prompts)} requests, {sum(map(len, prompts))} prompt and {sum(outputs)} output "
+            f"tokens (an untimed run first, then the timed one)")
+        run = run_engine(model, prompts, outputs, args)
+        entry = summarise(prompts, run)
+        if ceilings:
+            ideal = roofline_seconds(config, run.stats, sum(map(len, prompts)), *ceilings)
+            entry["roofline_fraction"] = ideal / run.seconds
+        result[name], runs[name] = entry, run
+        return run
+
+    if "A" in workloads or "C" in workloads:
+        prompts, outputs = workload_a(np.random.default_rng(0), num_requests, low, max_len, vocab)
+        a_run = timed("A", prompts, outputs, engine_args)
+        result["A"]["timeline"] = a_run.timeline
+        if on_workload_a:
+            on_workload_a(prompts, outputs, a_run)
+        if "C" in workloads:
+            num_blocks = workload_c_blocks(prompts, outputs, block_size)
+            c_run = timed("C", prompts, outputs, dict(engine_args, num_blocks=num_blocks))
+            same = sum(c.outputs[0].token_ids == a.outputs[0].token_ids for c, a in zip(c_run.results, a_run.results))
+            result["C"].update(num_blocks=num_blocks, requests_equal_to_A=same,
+                               completed=sum(r.finished for r in c_run.results))
+    if "B" in workloads:
+        b_prompts, b_outputs = workload_b(np.random.default_rng(2), num_requests, min(1024, max_len), min(64, max_len),
+                                          min(256, max_len), min(128, max_len), vocab)
+        for caching in (True, False):
+            timed(f"B_caching_{'on' if caching else 'off'}", b_prompts, b_outputs,
+                  dict(engine_args, enable_prefix_caching=caching))
+    return result
+
+
+def format_table(rows: dict) -> str:
+    """The table of the rows (`run_workloads`' result; other entries are skipped): one line a run."""
+    runs = {name: row for name, row in rows.items() if isinstance(row, dict) and "output_tokens_per_second" in row
+            and "preemptions" in row}
+    roofline = any("roofline_fraction" in row for row in runs.values())
+    lines = [f"{'run':<16}{'out tok/s':>11}{'total tok/s':>13}{'compile s':>11}{'preempt':>9}{'hits':>7}{'host':>7}"
+             f"{'TTFT s':>9}" + (f"{'roofline':>10}" if roofline else "")]
+    for name, e in runs.items():
+        roof = f"{e['roofline_fraction']:.0%}" if "roofline_fraction" in e else "-"
+        lines.append(f"{name:<16}{e['output_tokens_per_second']:>11.0f}{e['total_tokens_per_second']:>13.0f}"
+                     f"{e['compile_seconds']:>11.1f}{e['preemptions']:>9}{e['prefix_hit_rate']:>7.0%}"
+                     f"{e['host_share']:>7.0%}{e['mean_ttft']:>9.3f}" + (f"{roof:>10}" if roofline else ""))
+    return "\n".join(lines)
