@@ -30,6 +30,7 @@ from jaxpaged.state import BlockTable, PagedKVState, init_state
 
 MAX_STOP_IDS = 8  # stop token ids per row on the device (EOS among them)
 NO_STOP = 2**30  # padding of a row's stop ids: matches no token, dropped by scatters
+MIN_READ_BOUND = 256  # positions the reference path reads at least: a gather this short costs little
 
 
 def _banned(stop_ids, generated, min_tokens, vocab: int):
@@ -170,6 +171,7 @@ class Runner:
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
         self.min_decode_rows = 8
+        self._sticky = dict(filtered=False, random=False, banning=False)
         state = init_state(cache_config)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
 
@@ -205,7 +207,7 @@ class Runner:
         samples = max(bucket(len(sample_rows)), self.config.max_seqs)  # one shape, unless forks pass the rows
         sampled = np.zeros(samples, np.int32)
         sampled[: len(sample_rows)] = sample_rows
-        switches = _switches(params)
+        switches = self._switches(params)
         self.state, ok, out = self._prefill(
             self.leaves, self.state, np.array(table), lens.astype(np.int32), tokens, seq_idx, num_tokens, sampled,
             SamplingRows.build(params, seeds, token_indices, samples),
@@ -230,7 +232,7 @@ class Runner:
         """
         count = len(rows)  # rows padded to a power of two: a few shapes, and no work for empty rows
         batch = min(bucket(count, minimum=self.min_decode_rows), self.config.max_seqs)
-        switches = _switches(params)
+        switches = self._switches(params)
         fixed = (_column(rows, batch, np.int32, self.config.max_seqs), _column(max_tokens, batch, np.int32),
                  _column(min_tokens, batch, np.int32), _stop_table(stop_ids, batch))
         carry = (_column(last_tokens, batch, np.int32), _column([True] * count, batch, bool, False),
@@ -272,10 +274,21 @@ class Runner:
 
     def _read_bound(self, positions: int) -> int:
         """The static bound on positions the reference path gathers: a power of two (few compilations)
-        covering the longest row after the call, at most the table's M * P (the kernels take that alone)."""
+        covering the longest row after the call, at least MIN_READ_BOUND (short requests share one
+        program) and at most the table's M * P (the kernels take that alone)."""
         if self.kernels:
             return self.config.max_seq_len
-        return min(bucket(positions, minimum=self.config.block_size), self.config.max_seq_len)
+        return min(bucket(positions, minimum=max(self.config.block_size, MIN_READ_BOUND)), self.config.max_seq_len)
+
+    def _switches(self, params: list[SamplingParams]) -> dict:
+        """The sampler's switches for a call: what these rows need, and the top-k/top-p/min-p filter,
+        random draws and the min_tokens ban once any call needed them (a switch only adds work that is
+        exact for rows that do not use it, so keeping it on saves a compilation each time a batch's
+        mix of requests changes)."""
+        switches = _switches(params)
+        for name in ("filtered", "random", "banning"):
+            self._sticky[name] = switches[name] = switches[name] or self._sticky[name]
+        return switches
 
     @staticmethod
     def _check(ok) -> None:
