@@ -402,14 +402,13 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
     if streaming:
         sys.stdout.write(shown[0])
         sys.stdout.flush()
-    done, peak_blocks = {}, 0
+    done = {}
     with tqdm.tqdm(total=len(ids), desc="requests", unit="request", disable=streaming, leave=False,
                    file=sys.stderr) as bar:
         while engine.has_unfinished_requests():
             outputs = engine.step()
             if not outputs:
                 raise RuntimeError("the engine could not schedule the waiting requests")
-            peak_blocks = max(peak_blocks, engine.scheduler.blocks.num_used_blocks)
             for output in outputs:
                 if streaming:
                     sys.stdout.write(stream.update(output.outputs[0].text, output.finished))
@@ -430,8 +429,9 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
     _note_cut(args, [f"{i}" if args.n == 1 else f"{i}.{c.index}" for i, r in enumerate(results) for c in r.outputs
                      if c.finish_reason == "length"], len(ids) * args.n)
     stats, config, mib = engine.stats(), engine.cache_config, 1 / 2**20
+    peak_blocks = stats.peak_used_blocks
     _status(args, f"paged cache, peak memory: {peak_blocks} of {config.num_blocks} blocks of {config.block_size} "
-                  f"positions in use between steps ({peak_blocks * config.bytes_per_block * mib:.2f} MiB of "
+                  f"positions held at most ({peak_blocks * config.bytes_per_block * mib:.2f} MiB of "
                   f"{config.pool_bytes * mib:.2f} MiB reserved), up to {max_num_seqs} sequences at once")
     host = 1 - stats.device_seconds / stats.step_seconds if stats.step_seconds else 0.0
     _status(args, f"engine: {len(ids)} request(s), {sum(map(len, ids))} prompt tokens, {stats.generated_tokens} "

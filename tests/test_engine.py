@@ -78,6 +78,7 @@ def test_preempted_and_resumed_requests_give_the_same_tokens(model, solo, cachin
     engine = _engine(model, num_blocks=12, max_num_batched_tokens=8, enable_prefix_caching=caching)
     assert _run(engine, prompts, params) == solo
     assert engine.scheduler.num_preemptions > 0, "the pool should have been too small"
+    assert engine.stats().peak_used_blocks == 12, "preemption comes only when the pool is full"
 
 
 def test_prefix_caching_shares_the_system_prompt(model):
@@ -96,6 +97,7 @@ def test_parallel_samples_share_the_prompt_and_each_equals_a_solo_run_with_its_s
     engine.step()  # the prefill, then the fork
     assert [s.blocks.blocks[:3] for s in request.sequences[1:]] == [request.sequences[0].blocks.blocks[:3]] * 2
     assert engine.scheduler.blocks.num_used_blocks == 3  # three samples on the prompt's three blocks
+    assert engine.stats().peak_used_blocks == 3
     outputs = None
     while engine.has_unfinished_requests():
         for output in engine.step():

@@ -43,6 +43,7 @@ class EngineStats:
     waiting: int
     preemptions: int  # so far
     used_blocks: int
+    peak_used_blocks: int  # the most blocks held at once so far (counted when a step has reserved its blocks)
     total_blocks: int
     prefix_hit_rate: float
     generated_tokens: int
@@ -112,6 +113,7 @@ class Engine:
         self._ids = itertools.count()
         self._busy_seconds, self._generated = 0.0, 0
         self._device_seconds, self._decode_steps, self._kv_positions_read, self._overlapped_calls = 0.0, 0, 0, 0
+        self._peak_blocks = 0
 
     # -- requests
 
@@ -175,6 +177,7 @@ class Engine:
             plan = self.scheduler.schedule()
             if plan is None:
                 return []
+            self._note_peak()
             touched = self._prefill(plan) if isinstance(plan, PrefillPlan) else self._decode(plan)
         if self.check_integrity:
             self.scheduler.check()
@@ -280,10 +283,14 @@ class Engine:
             scheduler.write_row(seq)
             longest = max(longest, positions)
         self._overlapped_calls += 1
+        self._note_peak()
         start = time.perf_counter()
         chained = self.runner.chain(call, scheduler.table, alive, longest)
         self._device_seconds += time.perf_counter() - start
         return seqs, chained, steps
+
+    def _note_peak(self) -> None:
+        self._peak_blocks = max(self._peak_blocks, self.scheduler.blocks.num_used_blocks)
 
     def _sampling_columns(self, seqs: list[Sequence]):
         """(params, seeds, token indices, min_tokens, stop ids) of each sequence, for the runner."""
@@ -358,7 +365,7 @@ class Engine:
     def stats(self) -> EngineStats:
         blocks = self.scheduler.blocks
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           preemptions=self.scheduler.num_preemptions, used_blocks=blocks.num_used_blocks,
+                           preemptions=self.scheduler.num_preemptions, used_blocks=blocks.num_used_blocks, peak_used_blocks=self._peak_blocks,
                            total_blocks=blocks.num_blocks, prefix_hit_rate=blocks.stats.hit_rate,
                            generated_tokens=self._generated,
                            tokens_per_second=self._generated / self._busy_seconds if self._busy_seconds else 0.0,
