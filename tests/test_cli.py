@@ -161,7 +161,7 @@ def test_the_engine_prints_the_static_generates_greedy_text_in_prompt_order(rand
     assert main(["generate", "--model", random_checkpoint, *PROMPTS, *ENGINE_ARGS]) == 0
     out, err = capsys.readouterr()
     assert _completions(out, len(PROMPTS)) == static_texts
-    assert "paged cache, peak memory: 2 of 2 blocks of 32 positions in use" in err, err
+    assert "paged cache, peak memory: 2 of 2 blocks of 32 positions held at most" in err, err
     assert "tokens/s" in err and "prefix hits" in err
     assert "completions 0, 1, 2, 3 stopped at --max-new-tokens 9" in err
 
