@@ -81,9 +81,10 @@ class EngineRun(NamedTuple):
 
     results: list[RequestOutput]  # in the order of the prompts
     seconds: float  # wall time of the timed run
-    stats: EngineStats  # the engine's statistics at its end (with `attention`: "kernel" or "reference")
+    stats: EngineStats  # the engine's statistics at its end
     timeline: list[tuple[float, int, int]]  # after each step: (seconds, generated tokens, running requests)
     compile_seconds: float  # the untimed run's extra time
+    attention: str  # the path paged attention took: "kernel" or "reference"
 
 
 def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], engine_args: dict) -> EngineRun:
@@ -111,9 +112,8 @@ def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], 
         timeline.append((time.perf_counter() - start, stats.generated_tokens, stats.running))
     seconds = time.perf_counter() - start
     results = [done[i] for i in range(len(prompts))]
-    stats = engine.stats()
-    stats.attention = "kernel" if engine.runner.kernels else "reference"
-    return EngineRun(results, seconds, stats, timeline, max(warmup_seconds - seconds, 0.0))
+    return EngineRun(results, seconds, engine.stats(), timeline, max(warmup_seconds - seconds, 0.0),
+                     "kernel" if engine.runner.kernels else "reference")
 
 
 def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flops: float, bandwidth: float) -> float:
@@ -138,10 +138,11 @@ def summarise(prompts: Sequence[Sequence[int]], run: EngineRun) -> dict:
     prefix hit rate, the host's share of the wall time, mean time to the first token."""
     out_tokens = sum(len(r.outputs[0].token_ids) for r in run.results)
     stats, seconds = run.stats, run.seconds
-    return {"attention": stats.attention, "output_tokens_per_second": out_tokens / seconds,
+    return {"attention": run.attention, "output_tokens_per_second": out_tokens / seconds,
             "total_tokens_per_second": (out_tokens + sum(map(len, prompts))) / seconds,
             "seconds": seconds, "compile_seconds": run.compile_seconds, "preemptions": stats.preemptions,
             "prefix_hit_rate": stats.prefix_hit_rate, "host_share": 1 - stats.device_seconds / seconds,
+            "overlapped_calls": stats.overlapped_calls, "peak_used_blocks": stats.peak_used_blocks,
             "mean_ttft": float(np.mean([r.metrics.time_to_first_token for r in run.results]))}
 
 
