@@ -66,9 +66,10 @@ def choose_impl(impl: str, config, *, scale=None, backend: str | None = None) ->
     """Which path paged attention takes: "kernel" or "reference".
 
     impl="reference" is the gather-then-attend path everywhere. impl="kernel" is the GPU kernels,
-    and a ValueError where they cannot run (not a GPU, no Pallas Triton lowering in this jax, a
-    shape they do not take, a custom scale). impl="auto" takes the kernels where they can run and
-    the reference elsewhere; on a GPU whose jax lacks the lowering it says so once, as a warning.
+    and a ValueError where they cannot run (8-bit pools, not a GPU, no Pallas Triton lowering in
+    this jax, a shape they do not take, a custom scale). impl="auto" takes the kernels where they
+    can run and the reference elsewhere; on a GPU with 8-bit pools, or whose jax lacks the
+    lowering, it says so once, as a warning.
 
     Args:
       impl: "auto", "kernel" or "reference".
@@ -83,7 +84,11 @@ def choose_impl(impl: str, config, *, scale=None, backend: str | None = None) ->
         return "reference"
     backend = jax.default_backend() if backend is None else backend
     pool_size = config.num_layers * config.num_blocks * config.block_size * config.num_kv_heads * config.head_dim
-    if backend != "gpu":
+    if getattr(config, "quantized", False):  # the same answer on every backend
+        why_not = f"the kernels do not read 8-bit pools yet (kv_dtype {config.kv_dtype!r})"
+        if impl == "auto" and backend == "gpu":
+            _warn_once(f"paged attention runs the reference path: {why_not}")
+    elif backend != "gpu":
         why_not = f"the kernels need a GPU, this backend is {backend!r}"
     elif (why_not := kernels.unavailable_reason()) is not None:
         if impl == "auto":

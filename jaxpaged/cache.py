@@ -31,6 +31,7 @@ from jaxpaged.attention import attend
 from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read, init_contiguous
 from jaxpaged.protocol import Step, check_impl, new_positions
+from jaxpaged.quant import dequantise
 from jaxpaged.state import BlockAllocatorState, PagedKVState, init_allocator, init_state
 from jaxpaged.stats import MemoryStats, contiguous_memory_stats, paged_memory_stats
 
@@ -167,7 +168,9 @@ class PagedKVCache:
       num_blocks: N, blocks in the pool shared by all sequences.
       max_seqs: sequences that can be live at once.
       max_blocks_per_seq: M, the most blocks one sequence may hold; default N.
-      dtype: element type of the pools; default the config's.
+      dtype: element type of K and V as written and read; default the config's.
+      kv_dtype: storage of the pools, "float8_e4m3fn" or "int8" (8 bits with scales), or None (dtype);
+        default the config's.
 
     What is safe to touch: every public method, from any thread (each holds the cache's re-entrant
     lock while it reads, updates and swaps the state); `allocator`, which frees only blocks it
@@ -178,10 +181,12 @@ class PagedKVCache:
     """
 
     def __init__(self, config: Any, block_size: int = 16, num_blocks: int = 256, *, max_seqs: int = 32,
-                 max_blocks_per_seq: int | None = None, dtype: Any = None):
+                 max_blocks_per_seq: int | None = None, dtype: Any = None, kv_dtype: Any = None):
         overrides = dict(block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq)
         if dtype is not None:
             overrides["dtype"] = dtype
+        if kv_dtype is not None:
+            overrides["kv_dtype"] = kv_dtype
         self.config = CacheConfig.from_model_config(config, **overrides)
         self.state: PagedKVState = init_state(self.config)
         self._rows: dict[Hashable, int] = {}
@@ -250,7 +255,8 @@ class PagedKVCache:
 
     @_locked
     def get_kv(self, seq_id: Hashable, layer_idx: int) -> tuple[jax.Array, jax.Array]:
-        """The sequence's K and V so far in one layer, each [K, S, D] with S its length."""
+        """The sequence's K and V so far in one layer, each [K, S, D] with S its length, in the cache
+        dtype (8-bit pools dequantised)."""
         row = self._row(seq_id)
         layer = checks.check_index(layer_idx, self.config.num_layers, "layer_idx")
         seq_len = self.get_seq_len(seq_id, layer)
@@ -294,10 +300,15 @@ class PagedKVCache:
 
     @_locked
     def get_block(self, block_id: int, layer_idx: int) -> Block:
-        """A view of one block of one layer: k_data and v_data, each [K, P, D]."""
+        """A view of one block of one layer: k_data and v_data, each [K, P, D] (8-bit pools dequantised)."""
         block_id = checks.check_index(block_id, self.config.num_blocks, "block_id")
         layer = checks.check_index(layer_idx, self.config.num_layers, "layer_idx")
-        return Block(block_id, self.state.pools.k[layer, :, block_id], self.state.pools.v[layer, :, block_id])
+        pools = self.state.pools
+        k, v = pools.k[layer, :, block_id], pools.v[layer, :, block_id]
+        if self.config.quantized:
+            k = dequantise(k, pools.k_scale[layer, :, block_id], self.config.jnp_dtype)
+            v = dequantise(v, pools.v_scale[layer, :, block_id], self.config.jnp_dtype)
+        return Block(block_id, k, v)
 
     @_locked
     def memory_stats(self) -> MemoryStats:
@@ -339,6 +350,9 @@ class KVCache(_StatefulCacheSteps):
         batch_size, max_len = checks.check_int(batch_size, "batch_size", low=1), checks.check_int(max_len, "max_len", low=1)
         overrides = {"num_blocks": 1} if dtype is None else {"num_blocks": 1, "dtype": dtype}
         shape = CacheConfig.from_model_config(config, **overrides)
+        if shape.quantized:
+            raise ValueError(f"the contiguous cache holds K and V in the cache dtype only, not kv_dtype "
+                             f"{shape.kv_dtype!r}; use the paged cache for 8-bit pools")
         self.config = shape
         self.num_layers = shape.num_layers
         self.state: ContiguousKVState = init_contiguous(shape.num_layers, batch_size, shape.num_kv_heads, max_len,
@@ -395,10 +409,11 @@ class PagedKVCacheAdapter(_StatefulCacheSteps):
       num_blocks: N, the shared pool; default enough for every row to reach max_len.
       max_len: the most positions one row may hold, >= 1; default N * P.
       dtype: element type; default the config's.
+      kv_dtype: storage of the pools (`PagedKVCache`); default the config's.
     """
 
     def __init__(self, config: Any, batch_size: int, block_size: int = 16, num_blocks: int | None = None,
-                 max_len: int | None = None, dtype: Any = None):
+                 max_len: int | None = None, dtype: Any = None, kv_dtype: Any = None):
         if num_blocks is None and max_len is None:
             raise ValueError("give num_blocks, max_len or both")
         batch_size = checks.check_int(batch_size, "batch_size", low=1)
@@ -410,7 +425,7 @@ class PagedKVCacheAdapter(_StatefulCacheSteps):
             num_blocks = batch_size * blocks_per_row
         self.batch_size = batch_size
         self.cache = PagedKVCache(config, block_size, num_blocks, max_seqs=batch_size,
-                                  max_blocks_per_seq=blocks_per_row, dtype=dtype)
+                                  max_blocks_per_seq=blocks_per_row, dtype=dtype, kv_dtype=kv_dtype)
         self.config = self.cache.config
         self._lock = self.cache._lock
         self.reset()
@@ -456,12 +471,13 @@ class PagedKVCacheAdapter(_StatefulCacheSteps):
 
 
 def create_paged_kv_cache(config: Any, batch_size: int, block_size: int = 16, blocks_per_seq: int = 32,
-                          dtype: Any = None) -> PagedKVCacheAdapter:
+                          dtype: Any = None, kv_dtype: Any = None) -> PagedKVCacheAdapter:
     """The seed's factory: an adapter for `batch_size` rows of up to `blocks_per_seq` blocks each.
 
     The pool holds batch_size * blocks_per_seq blocks, so every row can reach its maximum.
+    kv_dtype "float8_e4m3fn" or "int8" stores them in 8 bits with scales (`CacheConfig.kv_dtype`).
     """
     blocks_per_seq = checks.check_int(blocks_per_seq, "blocks_per_seq", low=1)
     batch_size = checks.check_int(batch_size, "batch_size", low=1)
     return PagedKVCacheAdapter(config, batch_size, block_size, num_blocks=batch_size * blocks_per_seq,
-                               max_len=blocks_per_seq * block_size, dtype=dtype)
+                               max_len=blocks_per_seq * block_size, dtype=dtype, kv_dtype=kv_dtype)

@@ -12,6 +12,9 @@ from typing import Any
 from jaxpaged.checks import check_int
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+KV_DTYPES = SUPPORTED_DTYPES + ("float8_e4m3fn", "int8")  # the pools' storage; the 8-bit ones carry scales
+QUANTIZED_KV_DTYPES = ("float8_e4m3fn", "int8")
+SCALE_ITEMSIZE = 4  # one float32 scale per position and kv head of an 8-bit pool
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -29,6 +32,26 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
+def _kv_dtype_name(kv_dtype: Any, dtype: str) -> str | None:
+    """The pools' storage type: None (the cache dtype itself) or one of the 8-bit formats."""
+    if kv_dtype is None:
+        return None
+    import jax.numpy as jnp
+
+    try:
+        name = jnp.dtype(kv_dtype).name
+    except TypeError:
+        name = str(kv_dtype)
+    if name not in KV_DTYPES:
+        raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; choose one of {KV_DTYPES}")
+    if name in QUANTIZED_KV_DTYPES:
+        return name
+    if name != dtype:
+        raise ValueError(f"kv_dtype {name!r} differs from the cache dtype {dtype!r}: a float kv_dtype must equal "
+                         f"dtype (set dtype instead), or be 8-bit, one of {QUANTIZED_KV_DTYPES}")
+    return None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """Static geometry of a paged KV cache.
@@ -44,7 +67,10 @@ class CacheConfig:
     block_size: int = 16  # P: token positions per block, a power of two
     max_seqs: int = 32  # B: sequence slots (rows) in the block table
     max_blocks_per_seq: int | None = None  # M: block-table width; None means num_blocks
-    dtype: str = "float32"  # element type of the pools: float32, float16 or bfloat16
+    dtype: str = "float32"  # K/V as written and read back: float32, float16 or bfloat16
+    # storage of the pools: None (dtype itself), or float8_e4m3fn or int8 with one float32 scale per
+    # position and kv head (jaxpaged/quant.py); a float name equal to dtype is the same as None
+    kv_dtype: str | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "max_seqs"):
@@ -55,6 +81,7 @@ class CacheConfig:
         width = check_int(width, "CacheConfig.max_blocks_per_seq", low=1)
         object.__setattr__(self, "max_blocks_per_seq", min(width, self.num_blocks))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        object.__setattr__(self, "kv_dtype", _kv_dtype_name(self.kv_dtype, self.dtype))
 
     @classmethod
     def from_model_config(cls, model_config: Any, **overrides: Any) -> CacheConfig:
@@ -100,8 +127,21 @@ class CacheConfig:
         return jnp.dtype(self.dtype)
 
     @property
+    def quantized(self) -> bool:
+        """Whether the pools hold 8-bit values with scales."""
+        return self.kv_dtype is not None
+
+    @property
+    def pool_dtype(self):
+        """The element type of the pools: kv_dtype where given, else dtype."""
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.kv_dtype or self.dtype)
+
+    @property
     def itemsize(self) -> int:
-        return self.jnp_dtype.itemsize
+        """Bytes of one pool element (1 for the 8-bit formats)."""
+        return self.pool_dtype.itemsize
 
     @property
     def max_seq_len(self) -> int:
@@ -110,8 +150,9 @@ class CacheConfig:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes of K plus V for one position across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
+        """Bytes of K plus V for one position across all layers, their scales included (8-bit pools)."""
+        per_head = self.head_dim * self.itemsize + (SCALE_ITEMSIZE if self.quantized else 0)
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
     @property
     def bytes_per_block(self) -> int:
@@ -119,5 +160,5 @@ class CacheConfig:
 
     @property
     def pool_bytes(self) -> int:
-        """Bytes reserved by the K and V pools of all layers."""
+        """Bytes reserved by the K and V pools of all layers (and their scales)."""
         return self.num_blocks * self.bytes_per_block

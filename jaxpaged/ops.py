@@ -5,7 +5,7 @@ state donated, so XLA updates the pools in place; the caller must drop its refer
 state. Nothing loops per block: allocation pops a whole batch's blocks off the free-list stack at
 once (a cumsum gives each sequence its slice of the stack).
 
-Axis letters: L layers, N blocks, P block size, K kv heads, D head dim, B sequences in a batch
+Axis letters: L layers, N blocks, P positions per block, K kv heads, D head dim, B sequences in a batch
 (each names a row of the block table by `seq_idx`), T tokens per sequence in a chunk, S gathered
 positions, M blocks per sequence.
 
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged import checks
+from jaxpaged.quant import dequantise, quantise
 from jaxpaged.state import BlockAllocatorState, PagedKVState
 
 
@@ -226,6 +227,9 @@ def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tok
 def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVState:
     """Scatters k, v [B, T, K, D] into `layer`'s pools at slots [B, T]; slots outside [0, N * P) are dropped.
 
+    8-bit pools take each position's values quantised with a scale of its own per kv head, written
+    to the scales [L, K, N, P] beside them (`jaxpaged.quant`).
+
     Real slots must be distinct (as `slot_mapping` gives them). A layer given as a Python int must
     lie in [0, L) (IndexError); a traced one out of range writes nothing.
     """
@@ -239,16 +243,19 @@ def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: j
     slots = slots.reshape(-1)  # [B * T]
     outside = c.num_blocks * c.block_size + jnp.arange(slots.size, dtype=slots.dtype)  # distinct, like slot_mapping's
     blocks, offsets = _block_and_offset(jnp.where(slots >= 0, slots, outside), c.block_size)  # no negative wraps
-    new_pools = []
-    for pool, x in ((state.pools.k, k), (state.pools.v, v)):
+    pools = state.pools
+    new = {}
+    for name, x in (("k", k), ("v", v)):
+        x = x.reshape(-1, c.num_kv_heads, c.head_dim)  # [B * T, K, D]
+        if c.quantized:  # each position and head its own scale, fixed now: nothing written earlier changes
+            x, scale = quantise(x, c.kv_dtype)  # [B * T, K, D], [B * T, K]
+            new[name + "_scale"] = getattr(pools, name + "_scale").at[layer, :, blocks, offsets].set(
+                scale, mode="drop", unique_indices=True)
         # one (block, offset) index per token, its [K, D] window strided across the heads (not K indices
         # of [D] each: on an H100, XLA's scatter of those cost tens of microseconds per layer and step at
         # batch 1); the pools keep their shape (`_block_and_offset`)
-        pool = pool.at[layer, :, blocks, offsets].set(
-            x.reshape(-1, c.num_kv_heads, c.head_dim), mode="drop", unique_indices=True
-        )
-        new_pools.append(pool)
-    return state.replace(pools=state.pools.replace(k=new_pools[0], v=new_pools[1]))
+        new[name] = getattr(pools, name).at[layer, :, blocks, offsets].set(x, mode="drop", unique_indices=True)
+    return state.replace(pools=pools.replace(**new))
 
 
 def _block_and_offset(slots: jax.Array, block_size: int):
@@ -340,7 +347,8 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     """Reads B sequences of one layer as contiguous, zero-padded arrays.
 
     Positions at or past a sequence's length read as 0, whatever the block holds: a freed or
-    reused block never shows its previous owner's data.
+    reused block never shows its previous owner's data. 8-bit pools are read dequantised, in the
+    config's dtype.
 
     Args:
       layer: [] int; a Python int must lie in [0, L) (IndexError), a traced one out of range
@@ -366,6 +374,9 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     offsets = jnp.broadcast_to(positions % c.block_size, blocks.shape)
     k, v = (pool.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0)
             for pool in (state.pools.k, state.pools.v))  # [B, S, K, D]: one [K, D] window per position
+    if c.quantized:
+        k, v = (dequantise(x, scale.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0), c.jnp_dtype)
+                for x, scale in ((k, state.pools.k_scale), (v, state.pools.v_scale)))  # scales [B, S, K]
     return k, v, seq_lens
 
 

@@ -1,6 +1,6 @@
 """The paged cache's state: immutable pytrees whose sizes are static fields.
 
-Axis letters: L layers, N blocks in the pool, P block size, K kv heads, D head dim,
+Axis letters: L layers, N blocks in the pool, P positions per block, K kv heads, D head dim,
 B sequence slots (rows of the block table), M blocks per sequence.
 
 Sentinels, never a reserved garbage block:
@@ -25,10 +25,17 @@ from jaxpaged.protocol import Step, check_impl, new_positions
 class KVPools:
     """Block pools, K and V apart, one pair per layer stacked on the leading axis, head-major: each
     kv head's blocks lie apart, so one head's P positions of a block are P * D contiguous elements
-    (the layout the decode kernel reads fastest; benchmarks/NOTES.md)."""
+    (the layout the decode kernel reads fastest; benchmarks/NOTES.md).
 
-    k: jax.Array  # [L, K, N, P, D]
+    8-bit pools (`CacheConfig.kv_dtype` float8_e4m3fn or int8) hold each position's D values of one
+    kv head as x / scale, with the float32 scale beside them (`jaxpaged.quant`); float pools have no
+    scales (None).
+    """
+
+    k: jax.Array  # [L, K, N, P, D] in the config's pool_dtype
     v: jax.Array  # [L, K, N, P, D]
+    k_scale: jax.Array | None = None  # [L, K, N, P] float32, 8-bit pools only
+    v_scale: jax.Array | None = None  # [L, K, N, P] float32, 8-bit pools only
 
 
 @struct.dataclass
@@ -95,11 +102,15 @@ def init_allocator(num_blocks: int) -> BlockAllocatorState:
 
 
 def init_state(config: CacheConfig) -> PagedKVState:
-    """An empty cache: zeroed pools, no sequence owns a block, every block free."""
+    """An empty cache: zeroed pools (and scales, for 8-bit pools), no sequence owns a block, every block free."""
     c = config
     pool_shape = (c.num_layers, c.num_kv_heads, c.num_blocks, c.block_size, c.head_dim)
+    pools = KVPools(k=jnp.zeros(pool_shape, c.pool_dtype), v=jnp.zeros(pool_shape, c.pool_dtype))
+    if c.quantized:
+        pools = pools.replace(k_scale=jnp.zeros(pool_shape[:-1], jnp.float32),
+                              v_scale=jnp.zeros(pool_shape[:-1], jnp.float32))
     return PagedKVState(
-        pools=KVPools(k=jnp.zeros(pool_shape, c.jnp_dtype), v=jnp.zeros(pool_shape, c.jnp_dtype)),
+        pools=pools,
         table=BlockTable(
             block_ids=jnp.full((c.max_seqs, c.max_blocks_per_seq), c.num_blocks, jnp.int32),
             seq_lens=jnp.zeros((c.num_layers, c.max_seqs), jnp.int32),

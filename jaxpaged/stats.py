@@ -22,11 +22,16 @@ class MemoryStats:
     used_blocks: int  # blocks owned by at least one sequence (or held by the allocator's user)
     free_blocks: int  # blocks on the free list
     block_size: int  # positions per block
-    bytes_per_block: int  # K plus V, all layers
-    bytes_reserved: int  # bytes of the pools on the device
+    bytes_per_block: int  # K plus V, all layers (with their scales, for 8-bit pools)
+    bytes_reserved: int  # bytes of the pools (and scales) on the device
     bytes_live: int  # bytes that hold written tokens (K plus V, every layer)
     num_seqs: int  # sequences holding blocks
     blocks_per_seq: tuple[int, ...]  # blocks held by each of those sequences
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one position takes in every layer: K plus V, with their scales for 8-bit pools."""
+        return self.bytes_per_block // self.block_size
 
     @property
     def bytes_used(self) -> int:
@@ -45,7 +50,7 @@ class MemoryStats:
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out.update(bytes_used=self.bytes_used, utilisation=self.utilisation, fragmentation=self.fragmentation)
+        out.update(bytes_per_token=self.bytes_per_token, bytes_used=self.bytes_used, utilisation=self.utilisation, fragmentation=self.fragmentation)
         return out
 
     def format(self) -> str:
@@ -55,7 +60,7 @@ class MemoryStats:
             f"blocks: {self.used_blocks} used / {self.free_blocks} free / {self.total_blocks} total "
             f"(block size {self.block_size}, {self.num_seqs} sequences)\n"
             f"bytes: {self.bytes_reserved * mib:.2f} MiB reserved, {self.bytes_used * mib:.2f} MiB in used blocks, "
-            f"{self.bytes_live * mib:.2f} MiB live\n"
+            f"{self.bytes_live * mib:.2f} MiB live ({self.bytes_per_token} bytes per position)\n"
             f"utilisation {self.utilisation:.1%}, internal fragmentation {self.fragmentation:.1%}"
         )
 
@@ -65,7 +70,7 @@ def paged_memory_stats(state: PagedKVState) -> MemoryStats:
     c = state.config
     block_ids, seq_lens, num_free = (np.asarray(x) for x in (state.table.block_ids, state.table.seq_lens, state.allocator.num_free))
     held = (block_ids < c.num_blocks).sum(axis=1)
-    bytes_per_position = 2 * c.num_kv_heads * c.head_dim * c.itemsize  # one layer
+    bytes_per_position = c.bytes_per_token // c.num_layers  # one layer, K plus V (and their scales)
     return MemoryStats(
         total_blocks=c.num_blocks,
         used_blocks=c.num_blocks - int(num_free),

@@ -26,6 +26,7 @@ import tqdm
 from flax import nnx
 
 from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
+from jaxpaged.attention import choose_impl
 from jaxpaged.config import bucket
 from jaxpaged.ops import free_seqs
 from jaxpaged.protocol import check_impl
@@ -103,7 +104,8 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
              sampling: SamplingParams = SamplingParams(), key: jax.Array | None = None, cache: str = "paged",
              block_size: int = 16, num_blocks: int | None = None, eos_token_ids: Sequence[int] | None = None,
              chunk_size: int = 16, on_tokens: Callable[[list[list[int]]], None] | None = None, impl: str = "auto",
-             scan_layers: bool | None = None, prefill_chunk: int = 512, show_progress: bool = False) -> GenerationResult:
+             scan_layers: bool | None = None, prefill_chunk: int = 512, show_progress: bool = False,
+             kv_dtype: str | None = None) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (lists of token ids).
 
     Args:
@@ -117,6 +119,8 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
       prefill_chunk: prompts longer than this are written in chunks of this many tokens (bounded
         memory; a progress bar with show_progress).
       show_progress: a progress bar on stderr for chunked prefills.
+      kv_dtype: the paged pools' storage, "int8" or "float8_e4m3fn" (8 bits with a scale per position
+        and kv head; attention then takes the reference path), or None (the model dtype).
 
     Raises:
       ValueError for an empty prompt, bad sizes, or a prompt plus max_new_tokens past the model's
@@ -130,6 +134,8 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         raise ValueError(f"cache must be 'paged' or 'contiguous', got {cache!r}")
     check_impl(impl)
     config = model.config
+    if kv_dtype is not None and cache != "paged":
+        raise ValueError(f"kv_dtype={kv_dtype!r} needs cache='paged'; the contiguous cache holds the model dtype")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
@@ -153,7 +159,8 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         blocks_per_seq = max_len // block_size
         cache_config = CacheConfig.from_model_config(
             config, num_blocks=num_blocks or len(prompts) * blocks_per_seq, block_size=block_size, max_seqs=batch,
-            max_blocks_per_seq=blocks_per_seq, dtype=config.dtype)
+            max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)
+        choose_impl(impl, cache_config)  # impl="kernel" where the kernels cannot run: the error now, before any work
         state = init_state(cache_config)
         blocks_needed = sum(-(-(len(p) + max_new_tokens - 1) // block_size) for p in prompts)  # the last token is never written
         seq_idx = np.where(real, np.arange(batch), batch).astype(np.int32)  # padding rows -> sentinel
