@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and cache dtype (default float32)")
     gen.add_argument("--kv-dtype", choices=QUANTIZED_KV_DTYPES, default=None,
                      help="store the paged cache's K and V in 8 bits, with a float32 scale per position and kv head "
-                          "(default: in --dtype). Runs the static one-shot generate over a paged cache (the engine "
-                          "does not take 8-bit pools yet), without the engine's options, and the reference attention")
+                          "(default: in --dtype); the attention then takes the reference path (the GPU kernels do "
+                          "not read 8-bit pools yet)")
     gen.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per device call (default 16)")
     _attention_argument(gen)
     gen.set_defaults(run=run_generate, subparser=gen)
@@ -289,13 +289,12 @@ def run_generate(args) -> int:
         args.subparser.error("--top-k must be >= 0")
     if args.kv_dtype and args.cache == "contiguous":
         args.subparser.error("--kv-dtype: 8-bit K/V is for the paged cache; the contiguous cache holds --dtype")
-    if args.cache == "contiguous" or args.kv_dtype:
+    if args.cache == "contiguous":
         defaults = args.subparser.parse_args([])
         given = [name for name in ENGINE_ONLY if getattr(args, name) != getattr(defaults, name)]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            where = "not with --kv-dtype (the static generate)" if args.kv_dtype else "for --cache paged only"
-            args.subparser.error(f"{flags}: the engine's options, {where}")
+            args.subparser.error(f"{flags}: the engine's options, for --cache paged only")
     files = _open(args, args.model)
     tokenizer = files.tokenizer
     if tokenizer is None:
@@ -312,13 +311,12 @@ def run_generate(args) -> int:
     if prompt_tokens >= LONG_PREFILL_TOKENS:
         _status(args, f"prefilling {prompt_tokens} prompt tokens")
     shown = ["" if args.chat else prompt for prompt in prompts]  # what is printed before each completion
-    run = _generate_static if args.cache == "contiguous" or args.kv_dtype else _generate_on_engine
+    run = _generate_static if args.cache == "contiguous" else _generate_on_engine
     return run(args, model, tokenizer, shown, ids, eos)
 
 
 def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[int]], eos: tuple[int, ...]) -> int:
-    """--cache contiguous, or --kv-dtype over a paged cache: the static one-shot generate
-    (models/generate.py), one batch."""
+    """--cache contiguous: the static one-shot generate (models/generate.py), one batch."""
     import jax
 
     from jaxpaged.models.generate import generate
@@ -339,7 +337,7 @@ def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[in
     result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       cache=args.cache, block_size=args.block_size, num_blocks=args.num_blocks, eos_token_ids=eos,
                       chunk_size=args.chunk_size, on_tokens=on_tokens if one else None, impl=args.attention,
-                      show_progress=True, kv_dtype=args.kv_dtype)
+                      show_progress=True)
     if one:
         sys.stdout.write(stream.update(tokenizer.decode(streamed), finished=True) + "\n")
     else:
@@ -347,8 +345,7 @@ def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[in
             print(f"--- [{i}] {shown[i]}{tokenizer.decode(tokens)}")
     sys.stdout.flush()
     _note_cut(args, [str(i) for i, reason in enumerate(result.finish_reasons) if reason == "length"], len(ids))
-    kind = f"{args.cache} cache" + (f" in {args.kv_dtype}" if args.kv_dtype else "")
-    _status(args, f"{kind}, peak memory:\n{result.peak_memory.format()}")
+    _status(args, f"{args.cache} cache, peak memory:\n{result.peak_memory.format()}")
     _status(args, f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tokens/s; "
                   f"decode: {result.decode_tokens} tokens, {result.decode_tokens_per_second:.1f} tokens/s "
                   f"(wall time on {jax.devices()[0].platform}, first calls include compilation)")
@@ -404,7 +401,7 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
     num_blocks = args.num_blocks or default_num_blocks(needs, args.n, max_num_seqs)
     engine = Engine(model, tokenizer, block_size=args.block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed, impl=args.attention,
-                    decode_steps=args.chunk_size)
+                    decode_steps=args.chunk_size, kv_dtype=args.kv_dtype)
     for i, prompt in enumerate(ids):
         engine.add_request(str(i), prompt, params)
     streaming = len(ids) == 1 and args.n == 1
@@ -440,7 +437,8 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
                      if c.finish_reason == "length"], len(ids) * args.n)
     stats, config, mib = engine.stats(), engine.cache_config, 1 / 2**20
     peak_blocks = stats.peak_used_blocks
-    _status(args, f"paged cache, peak memory: {peak_blocks} of {config.num_blocks} blocks of {config.block_size} "
+    kind = "paged cache" + (f" in {args.kv_dtype}" if args.kv_dtype else "")
+    _status(args, f"{kind}, peak memory: {peak_blocks} of {config.num_blocks} blocks of {config.block_size} "
                   f"positions held at most ({peak_blocks * config.bytes_per_block * mib:.2f} MiB of "
                   f"{config.pool_bytes * mib:.2f} MiB reserved), up to {max_num_seqs} sequences at once")
     host = 1 - stats.device_seconds / stats.step_seconds if stats.step_seconds else 0.0

@@ -165,3 +165,20 @@ def test_bad_requests_are_refused_by_field_and_leave_the_engine_as_it_was(model)
     assert list(engine.requests) == ["ok"] and len(engine.scheduler.waiting) == 1
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_8bit_pools_run_through_the_engine_forks_included(model):
+    """int8 K/V with scales: samples forked on a partly filled shared block (copied with its scales on
+    write) each equal a solo run, and a greedy request equals the static generate on the same pools."""
+    from jaxpaged.models.generate import generate
+
+    prompt = SYSTEM + [5, 5, 5]
+    forked = SamplingParams(n=2, temperature=1.0, seed=40, max_tokens=9)
+    out = _run(_engine(model, kv_dtype="int8", enable_prefix_caching=False), [prompt, prompt[:7]],
+               [forked, SamplingParams(temperature=0.0, max_tokens=6)])
+    for j, tokens in enumerate(out[0]):
+        alone = _run(_engine(model, kv_dtype="int8"), [prompt], [SamplingParams(temperature=1.0, seed=40 + j,
+                                                                                 max_tokens=9)])[0][0]
+        assert tokens == alone
+    static = generate(model, [prompt[:7]], max_new_tokens=6, kv_dtype="int8", block_size=8, eos_token_ids=[255])
+    assert out[1][0] == static.tokens[0]

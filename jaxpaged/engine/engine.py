@@ -78,6 +78,8 @@ class Engine:
       seed: draws the seeds of requests that give none.
       impl: paged attention's path ("auto", "kernel", "reference").
       decode_steps: decode steps per device call.
+      kv_dtype: "int8" or "float8_e4m3fn" for 8-bit pools with scales (`CacheConfig.kv_dtype`; the
+        reference attention reads them); default the model's dtype.
       overlap: while the plan stays the same, start the next decode call before reading the last
         one's tokens (the host's work then overlaps the device's).
       check_integrity: run the block-ownership check after every step (tests).
@@ -87,20 +89,22 @@ class Engine:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
-                 overlap: bool = True, check_integrity: bool = False):
+                 overlap: bool = True, kv_dtype: str | None = None, check_integrity: bool = False):
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         blocks_per_seq = -(-self.max_model_len // block_size)
-        shape = CacheConfig.from_model_config(config, num_blocks=1, block_size=block_size, dtype=config.dtype)
+        shape = CacheConfig.from_model_config(config, num_blocks=1, block_size=block_size, dtype=config.dtype,
+                                              kv_dtype=kv_dtype)
         if num_blocks is None:  # what fits, but no more than every row at max_model_len can use
             fit = _blocks_that_fit(shape.bytes_per_block, gpu_memory_utilization)
             num_blocks = min(fit or max_num_seqs * blocks_per_seq, max_num_seqs * blocks_per_seq)
             if impl != "reference" and jax.default_backend() == "gpu":  # within the kernels' 32-bit offsets
-                num_blocks = min(num_blocks, MAX_POOL_SIZE // (shape.bytes_per_block // 2 // shape.itemsize))
+                elements = block_size * shape.num_layers * shape.num_kv_heads * shape.head_dim  # a block, one pool
+                num_blocks = min(num_blocks, MAX_POOL_SIZE // elements)
         self.cache_config = CacheConfig.from_model_config(
             config, num_blocks=num_blocks, block_size=block_size, max_seqs=max_num_seqs,
-            max_blocks_per_seq=blocks_per_seq, dtype=config.dtype)
+            max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching),
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps)

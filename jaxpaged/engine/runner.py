@@ -132,11 +132,17 @@ def _compiled(graphdef, treedef):
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def _copy_blocks(state: PagedKVState, sources, destinations) -> PagedKVState:
-    """Copies whole blocks of every layer and head (copy on write); padding pairs use N, dropped."""
+    """Copies whole blocks of every layer and head (copy on write), with their scales where the pools
+    are 8-bit; padding pairs use N, dropped."""
+
+    def copy(pool):
+        if pool is None:
+            return None
+        return pool.at[:, :, destinations].set(pool.at[:, :, sources].get(mode="fill", fill_value=0), mode="drop")
+
     pools = state.pools
-    k = pools.k.at[:, :, destinations].set(pools.k.at[:, :, sources].get(mode="fill", fill_value=0), mode="drop")
-    v = pools.v.at[:, :, destinations].set(pools.v.at[:, :, sources].get(mode="fill", fill_value=0), mode="drop")
-    return state.replace(pools=pools.replace(k=k, v=v))
+    return state.replace(pools=pools.replace(k=copy(pools.k), v=copy(pools.v), k_scale=copy(pools.k_scale),
+                                             v_scale=copy(pools.v_scale)))
 
 
 @dataclasses.dataclass
