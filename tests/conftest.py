@@ -34,6 +34,15 @@ def assert_bit_equal(actual, expected, what=""):
     assert bits(actual) == bits(expected), f"{what}: values differ"
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, `load_gguf()` as a user calls it: loaded
+    once a run (it costs tens of seconds on a 2-core CPU) for every test that reads the real weights."""
+    from jaxpaged.models.gguf_weights import load_gguf
+
+    return load_gguf()
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's name, so each test draws its own reproducible data."""

@@ -1,4 +1,6 @@
-"""The embedded SmolLM2-135M-Instruct: real weights from the GGUF file, tokenizer and chat template."""
+"""The embedded SmolLM2-135M-Instruct: real weights from the GGUF file, tokenizer and chat template.
+
+The `smollm2` fixture (conftest.py) is `load_gguf()`, loaded once for the run."""
 
 import os
 
@@ -8,13 +10,6 @@ from jaxpaged.models.gguf_weights import default_gguf_path
 from jaxpaged.models.generate import generate
 
 MIXED_TEXT = "Héllo, wörld! naïve café — 東京 🚀\n\tTabs  and  spaces; code: x = f(3.14) ≠ 42 <|im_start|>"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from jaxpaged.models.gguf_weights import load_gguf
-
-    return load_gguf()
 
 
 def test_the_random_weight_preset_has_the_embedded_models_shape():

@@ -227,15 +227,16 @@ def test_greedy_tokens_equal_transformers_on_a_tiny_checkpoint(architecture, tmp
 
 
 @pytest.mark.slow
-def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf():
+def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf(smollm2):
+    """Our load_gguf() (the shared `smollm2` fixture) and transformers' own GGUF loader, from the one file."""
     from transformers import AutoModelForCausalLM
 
-    from jaxpaged.models.gguf_weights import default_gguf_path, load_gguf
+    from jaxpaged.models.gguf_weights import default_gguf_path
 
     path = default_gguf_path()
     hf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                     torch_dtype=torch.float32).eval()
-    model, tokenizer = load_gguf(path)
+    model, tokenizer = smollm2
     prompts = [tokenizer.encode(p) for p in ("The capital of France is", "def add(a, b):",
                                              "Photosynthesis is the process by which")]
     ours = generate(model, prompts, max_new_tokens=32, eos_token_ids=[]).tokens
