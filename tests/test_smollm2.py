@@ -12,7 +12,7 @@ from jaxpaged.models.generate import generate
 MIXED_TEXT = "Héllo, wörld! naïve café — 東京 🚀\n\tTabs  and  spaces; code: x = f(3.14) ≠ 42 <|im_start|>"
 
 
-def test_the_random_weight_preset_has_the_embedded_models_shape():
+def test_the_random_weight_preset_has_the_embedded_models_shape(embedded_gguf_parsed_once):
     """`smollm2-135m-random` (for GPU benchmarks, where the file does not go) is the file's architecture."""
     import dataclasses
 
@@ -46,7 +46,7 @@ def test_tokenizer_round_trip_and_special_tokens(smollm2):
     assert tokenizer.eos_token_ids == (2,) and tokenizer.token(2) == "<|im_end|>"
 
 
-def test_tokenizer_and_chat_template_match_transformers(smollm2):
+def test_tokenizer_and_chat_template_match_transformers(smollm2, embedded_gguf_parsed_once):
     from transformers import AutoTokenizer
 
     _, tokenizer = smollm2

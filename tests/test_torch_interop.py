@@ -227,7 +227,8 @@ def test_greedy_tokens_equal_transformers_on_a_tiny_checkpoint(architecture, tmp
 
 
 @pytest.mark.slow
-def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf(smollm2):
+def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf(
+        smollm2, embedded_gguf_parsed_once):
     """Our load_gguf() (the shared `smollm2` fixture) and transformers' own GGUF loader, from the one file."""
     from transformers import AutoModelForCausalLM
 
