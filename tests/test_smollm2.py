@@ -32,8 +32,10 @@ def test_capital_of_france_is_paris(smollm2):
 def test_paged_and_contiguous_agree_on_real_weights(smollm2):
     model, tokenizer = smollm2
     prompts = [tokenizer.encode(p) for p in ("Once upon a time", "def fibonacci(n):", "The three primary colours are")]
-    paged = generate(model, prompts, max_new_tokens=24, cache="paged", block_size=16)
-    dense = generate(model, prompts, max_new_tokens=24, cache="contiguous")
+    # no stop token: every step compared, and the paged run has the buckets (and so the compilations)
+    # of test_torch_interop's comparison with transformers
+    paged = generate(model, prompts, max_new_tokens=24, cache="paged", block_size=16, eos_token_ids=[])
+    dense = generate(model, prompts, max_new_tokens=24, cache="contiguous", eos_token_ids=[])
     assert paged.tokens == dense.tokens
 
 

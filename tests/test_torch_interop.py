@@ -229,7 +229,10 @@ def test_greedy_tokens_equal_transformers_on_a_tiny_checkpoint(architecture, tmp
 @pytest.mark.slow
 def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf(
         smollm2, embedded_gguf_parsed_once):
-    """Our load_gguf() (the shared `smollm2` fixture) and transformers' own GGUF loader, from the one file."""
+    """Our load_gguf() (the shared `smollm2` fixture) and transformers' own GGUF loader, from the one file.
+
+    Three prompts of at most 8 tokens and 24 new tokens (two decode chunks): the buckets of
+    test_smollm2's paged run, so the two share their compilations."""
     from transformers import AutoModelForCausalLM
 
     from jaxpaged.models.gguf_weights import default_gguf_path
@@ -240,7 +243,7 @@ def test_greedy_tokens_equal_transformers_on_smollm2_from_the_same_gguf(
     model, tokenizer = smollm2
     prompts = [tokenizer.encode(p) for p in ("The capital of France is", "def add(a, b):",
                                              "Photosynthesis is the process by which")]
-    ours = generate(model, prompts, max_new_tokens=32, eos_token_ids=[]).tokens
-    theirs = _hf_greedy(hf_model, prompts, 32)
+    ours = generate(model, prompts, max_new_tokens=24, eos_token_ids=[]).tokens
+    theirs = _hf_greedy(hf_model, prompts, 24)
     for mine, ref in zip(ours, theirs):
         assert mine == ref, (tokenizer.decode(mine), tokenizer.decode(ref))
