@@ -17,13 +17,14 @@ DECODE_STEPS = 11  # crosses block boundaries for every row
 
 @pytest.fixture(scope="module")
 def model():
-    return MiniLLM(preset("tiny", vocab_size=97), rngs=nnx.Rngs(1))
+    """test_torch_interop's twin configuration, so that operations run one by one compile once for both."""
+    return MiniLLM(preset("tiny", vocab_size=101, tie_embeddings=False), rngs=nnx.Rngs(1))
 
 
 @pytest.fixture(scope="module")
 def token_rows():
     rng = np.random.default_rng(7)
-    return [rng.integers(0, 97, size=n + DECODE_STEPS).astype(np.int32) for n in PROMPT_LENS]
+    return [rng.integers(0, 101, size=n + DECODE_STEPS).astype(np.int32) for n in PROMPT_LENS]
 
 
 @pytest.fixture(scope="module")
