@@ -17,19 +17,26 @@ DECODE_STEPS = 11  # crosses block boundaries for every row
 
 @pytest.fixture(scope="module")
 def model():
-    return MiniLLM(preset("tiny", vocab_size=97), rngs=nnx.Rngs(1))
+    """test_torch_interop's twin configuration, so that operations run one by one compile once for both."""
+    return MiniLLM(preset("tiny", vocab_size=101, tie_embeddings=False), rngs=nnx.Rngs(1))
 
 
 @pytest.fixture(scope="module")
 def token_rows():
     rng = np.random.default_rng(7)
-    return [rng.integers(0, 97, size=n + DECODE_STEPS).astype(np.int32) for n in PROMPT_LENS]
+    return [rng.integers(0, 101, size=n + DECODE_STEPS).astype(np.int32) for n in PROMPT_LENS]
 
 
 @pytest.fixture(scope="module")
 def full_logits(model, token_rows):
-    """Each row alone, one causal pass, no cache: the oracle."""
-    return [np.asarray(model(jnp.asarray(row)[None]))[0] for row in token_rows]
+    """The oracle: one jitted causal pass, no cache, over the rows right-padded to one length (a row's
+    positions never attend to the padding after them)."""
+    ids = np.zeros((len(token_rows), max(len(row) for row in token_rows)), np.int32)
+    for b, row in enumerate(token_rows):
+        ids[b, :len(row)] = row
+    graphdef, params = nnx.split(model)
+    logits = np.asarray(jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids))(params, jnp.asarray(ids)))
+    return [logits[b, :len(row)] for b, row in enumerate(token_rows)]
 
 
 def _padded_prompts(token_rows):
@@ -102,8 +109,10 @@ def test_stateful_caches_incremental_equal_full_pass(kind, model, token_rows, fu
 
 def test_step_reports_out_of_blocks(model):
     config = jp.CacheConfig.from_model_config(model.config, num_blocks=1, block_size=8, max_seqs=1)
-    state = jp.init_state(config)
-    _, state, ok = model.step(jnp.ones((1, 9), jnp.int32), state, seq_idx=jnp.zeros((1,), jnp.int32))
+    graphdef, params = nnx.split(model)
+    step = jax.jit(lambda params, ids, state: nnx.merge(graphdef, params).step(ids, state,
+                                                                                 seq_idx=jnp.zeros((1,), jnp.int32)))
+    _, state, ok = step(params, jnp.ones((1, 9), jnp.int32), jp.init_state(config))  # one program, not op by op
     assert not bool(ok)
     assert int(state.allocator.num_free) == 1 and not np.any(np.asarray(state.table.seq_lens))
 

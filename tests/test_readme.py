@@ -33,5 +33,11 @@ def test_the_readme_has_python_blocks():
 
 @pytest.mark.slow  # the blocks compile the cache's ops; "The model" loads SmolLM2 and generates
 @pytest.mark.parametrize("heading, code", BLOCKS, ids=[f"{i}-{h.replace(' ', '-')}" for i, (h, _) in enumerate(BLOCKS)])
-def test_a_readme_block_runs_on_its_own(heading, code):
+def test_a_readme_block_runs_on_its_own(heading, code, request, monkeypatch):
+    if "load_gguf()" in code:  # it returns the run's one load of SmolLM2: the `smollm2` fixture, load_gguf() itself
+        from jaxpaged.models import gguf_weights
+
+        loaded, load = request.getfixturevalue("smollm2"), gguf_weights.load_gguf
+        monkeypatch.setattr(gguf_weights, "load_gguf", lambda *args, **kwargs: load(*args, **kwargs) if args or kwargs
+                            else loaded)
     exec(compile(code, f"README.md ({heading})", "exec"), {"__name__": "__readme__"})

@@ -1,4 +1,6 @@
-"""The embedded SmolLM2-135M-Instruct: real weights from the GGUF file, tokenizer and chat template."""
+"""The embedded SmolLM2-135M-Instruct: real weights from the GGUF file, tokenizer and chat template.
+
+The `smollm2` fixture (conftest.py) is `load_gguf()`, loaded once for the run."""
 
 import os
 
@@ -10,14 +12,7 @@ from jaxpaged.models.generate import generate
 MIXED_TEXT = "Héllo, wörld! naïve café — 東京 🚀\n\tTabs  and  spaces; code: x = f(3.14) ≠ 42 <|im_start|>"
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from jaxpaged.models.gguf_weights import load_gguf
-
-    return load_gguf()
-
-
-def test_the_random_weight_preset_has_the_embedded_models_shape():
+def test_the_random_weight_preset_has_the_embedded_models_shape(embedded_gguf_parsed_once):
     """`smollm2-135m-random` (for GPU benchmarks, where the file does not go) is the file's architecture."""
     import dataclasses
 
@@ -37,8 +32,10 @@ def test_capital_of_france_is_paris(smollm2):
 def test_paged_and_contiguous_agree_on_real_weights(smollm2):
     model, tokenizer = smollm2
     prompts = [tokenizer.encode(p) for p in ("Once upon a time", "def fibonacci(n):", "The three primary colours are")]
-    paged = generate(model, prompts, max_new_tokens=24, cache="paged", block_size=16)
-    dense = generate(model, prompts, max_new_tokens=24, cache="contiguous")
+    # no stop token: every step compared, and the paged run has the buckets (and so the compilations)
+    # of test_torch_interop's comparison with transformers
+    paged = generate(model, prompts, max_new_tokens=24, cache="paged", block_size=16, eos_token_ids=[])
+    dense = generate(model, prompts, max_new_tokens=24, cache="contiguous", eos_token_ids=[])
     assert paged.tokens == dense.tokens
 
 
@@ -51,7 +48,7 @@ def test_tokenizer_round_trip_and_special_tokens(smollm2):
     assert tokenizer.eos_token_ids == (2,) and tokenizer.token(2) == "<|im_end|>"
 
 
-def test_tokenizer_and_chat_template_match_transformers(smollm2):
+def test_tokenizer_and_chat_template_match_transformers(smollm2, embedded_gguf_parsed_once):
     from transformers import AutoTokenizer
 
     _, tokenizer = smollm2
