@@ -14,7 +14,7 @@ from jaxpaged.checks import check_int
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 KV_DTYPES = SUPPORTED_DTYPES + ("float8_e4m3fn", "int8")  # the pools' storage; the 8-bit ones carry scales
 QUANTIZED_KV_DTYPES = ("float8_e4m3fn", "int8")
-SCALE_ITEMSIZE = 4  # one float32 scale per position and kv head of an 8-bit pool
+SCALE_ITEMSIZE = 2  # one float16 scale per position and kv head of an 8-bit pool
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -68,7 +68,7 @@ class CacheConfig:
     max_seqs: int = 32  # B: sequence slots (rows) in the block table
     max_blocks_per_seq: int | None = None  # M: block-table width; None means num_blocks
     dtype: str = "float32"  # K/V as written and read back: float32, float16 or bfloat16
-    # storage of the pools: None (dtype itself), or float8_e4m3fn or int8 with one float32 scale per
+    # storage of the pools: None (dtype itself), or float8_e4m3fn or int8 with one float16 scale per
     # position and kv head (jaxpaged/quant.py); a float name equal to dtype is the same as None
     kv_dtype: str | None = None
 

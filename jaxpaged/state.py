@@ -19,6 +19,7 @@ from flax import struct
 from jaxpaged import checks
 from jaxpaged.config import CacheConfig
 from jaxpaged.protocol import Step, check_impl, new_positions
+from jaxpaged.quant import SCALE_DTYPE
 
 
 @struct.dataclass
@@ -28,14 +29,14 @@ class KVPools:
     (the layout the decode kernel reads fastest; benchmarks/NOTES.md).
 
     8-bit pools (`CacheConfig.kv_dtype` float8_e4m3fn or int8) hold each position's D values of one
-    kv head as x / scale, with the float32 scale beside them (`jaxpaged.quant`); float pools have no
+    kv head as x / scale, with the float16 scale beside them (`jaxpaged.quant`); float pools have no
     scales (None).
     """
 
     k: jax.Array  # [L, K, N, P, D] in the config's pool_dtype
     v: jax.Array  # [L, K, N, P, D]
-    k_scale: jax.Array | None = None  # [L, K, N, P] float32, 8-bit pools only
-    v_scale: jax.Array | None = None  # [L, K, N, P] float32, 8-bit pools only
+    k_scale: jax.Array | None = None  # [L, K, N, P] float16, 8-bit pools only
+    v_scale: jax.Array | None = None  # [L, K, N, P] float16, 8-bit pools only
 
 
 @struct.dataclass
@@ -107,8 +108,8 @@ def init_state(config: CacheConfig) -> PagedKVState:
     pool_shape = (c.num_layers, c.num_kv_heads, c.num_blocks, c.block_size, c.head_dim)
     pools = KVPools(k=jnp.zeros(pool_shape, c.pool_dtype), v=jnp.zeros(pool_shape, c.pool_dtype))
     if c.quantized:
-        pools = pools.replace(k_scale=jnp.zeros(pool_shape[:-1], jnp.float32),
-                              v_scale=jnp.zeros(pool_shape[:-1], jnp.float32))
+        pools = pools.replace(k_scale=jnp.zeros(pool_shape[:-1], SCALE_DTYPE),
+                              v_scale=jnp.zeros(pool_shape[:-1], SCALE_DTYPE))
     return PagedKVState(
         pools=pools,
         table=BlockTable(
