@@ -66,10 +66,10 @@ def choose_impl(impl: str, config, *, scale=None, backend: str | None = None) ->
     """Which path paged attention takes: "kernel" or "reference".
 
     impl="reference" is the gather-then-attend path everywhere. impl="kernel" is the GPU kernels,
-    and a ValueError where they cannot run (8-bit pools, not a GPU, no Pallas Triton lowering in
-    this jax, a shape they do not take, a custom scale). impl="auto" takes the kernels where they
-    can run and the reference elsewhere; on a GPU with 8-bit pools, or whose jax lacks the
-    lowering, it says so once, as a warning.
+    and a ValueError where they cannot run (not a GPU, no Pallas Triton lowering in this jax, a
+    shape they do not take, a custom scale). impl="auto" takes the kernels where they can run and
+    the reference elsewhere; on a GPU whose jax lacks the lowering it says so once, as a warning.
+    8-bit pools take either path (the kernels dequantise as they load).
 
     Args:
       impl: "auto", "kernel" or "reference".
@@ -84,11 +84,7 @@ def choose_impl(impl: str, config, *, scale=None, backend: str | None = None) ->
         return "reference"
     backend = jax.default_backend() if backend is None else backend
     pool_size = config.num_layers * config.num_blocks * config.block_size * config.num_kv_heads * config.head_dim
-    if getattr(config, "quantized", False):  # the same answer on every backend
-        why_not = f"the kernels do not read 8-bit pools yet (kv_dtype {config.kv_dtype!r})"
-        if impl == "auto" and backend == "gpu":
-            _warn_once(f"paged attention runs the reference path: {why_not}")
-    elif backend != "gpu":
+    if backend != "gpu":
         why_not = f"the kernels need a GPU, this backend is {backend!r}"
     elif (why_not := kernels.unavailable_reason()) is not None:
         if impl == "auto":
@@ -141,11 +137,11 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
 
         rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
         seq_lens = state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)
-        pools = (state.pools.k, state.pools.v)
+        pools, scales = (state.pools.k, state.pools.v), dict(k_scale=state.pools.k_scale, v_scale=state.pools.v_scale)
         if q.shape[1] > 1:
-            return kernels.paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions)
+            return kernels.paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions, **scales)
         visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it
-        return kernels.paged_decode_attention(q[:, 0], *pools, layer, rows, visible)[:, None]
+        return kernels.paged_decode_attention(q[:, 0], *pools, layer, rows, visible, **scales)[:, None]
     max_len = c.max_seq_len if max_len is None else max_len
     k, v, seq_lens = ops.gather_kv(state, layer, seq_idx, max_len=max_len)
     return attend(q, k, v, q_positions, seq_lens, scale)

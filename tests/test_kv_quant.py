@@ -10,7 +10,7 @@ from conftest import assert_bit_equal
 from flax import nnx
 
 import jaxpaged as jp
-from jaxpaged import attention
+from jaxpaged import attention, kernels
 from jaxpaged.models.cli import main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
@@ -198,19 +198,104 @@ def test_bad_kv_dtypes_and_combinations_are_clear_errors(model):
         generate(model, [[1, 2]], max_new_tokens=2, cache="contiguous", kv_dtype="int8")
 
 
-def test_the_kernels_refuse_8_bit_pools_and_auto_takes_the_reference(monkeypatch):
-    config = _config("float8_e4m3fn")
-    for backend in ("cpu", "gpu"):
-        with pytest.raises(ValueError, match="the kernels do not read 8-bit pools yet"):
-            attention.choose_impl("kernel", config, backend=backend)
-    monkeypatch.setattr(attention, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="runs the reference path: the kernels do not read 8-bit pools yet"):
-        assert attention.choose_impl("auto", config, backend="gpu") == "reference"
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def assert_close(out, expected, float16=False):
+    """Within float32 rounding of the output's norm in interpret mode (the outliers reach hundreds,
+    so elements near 0 carry their sums' rounding); on a GPU, whose products round q and the
+    probabilities (tf32, bfloat16), or with float16 products, within 1% of it."""
+    tolerance = 1e-2 if ON_GPU or float16 else 1e-5
+    assert np.linalg.norm(out - expected) <= tolerance * np.linalg.norm(expected)
+
+
+def _quantised_cache(rng, kv_dtype, *, lengths, kv_heads=2, head_dim=64, block_size=8, max_blocks=8, layers=2):
+    """8-bit pools [L, K, N, P, D] and scales [L, K, N, P] of random K/V with outliers, a shuffled block
+    table, and every slot no sequence holds filled with large garbage (values and scales) that would
+    show in the output if a masked position were read. Returns (k, v, k_scale, v_scale, tables, N)."""
+    num_blocks = len(lengths) * max_blocks + 3
+    shape = (layers, kv_heads, num_blocks, block_size, head_dim)
+    (k, k_scale), (v, v_scale) = (quantise(jnp.asarray(outlier_data(rng, shape)), kv_dtype) for _ in range(2))
+    tables = np.full((len(lengths), max_blocks), num_blocks, np.int32)
+    order, live = rng.permutation(num_blocks), np.zeros(shape[:-1], bool)
+    for b, n in enumerate(lengths):
+        count = -(-n // block_size)
+        tables[b, :count] = order[b * max_blocks:b * max_blocks + count]
+        for pos in range(n):
+            live[:, :, tables[b, pos // block_size], pos % block_size] = True
+    garbage = jnp.asarray(~live)
+    k_scale, v_scale = (jnp.where(garbage, jnp.float16(6e4), x) for x in (k_scale, v_scale))
+    return k, v, k_scale, v_scale, tables, num_blocks
+
+
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+def test_the_decode_kernel_reads_8_bit_pools_as_the_reference_reads_them_dequantised(kv_dtype, rng):
+    """Every launch shape of the decode kernel (block and row gather, plain and transposed products,
+    one split and three, packed kv heads) on 8-bit pools equals attention over the dequantised pools,
+    with garbage in every slot past the lengths."""
+    from test_kernels import _reference
+
+    from jaxpaged.kernels import launch
+    from jaxpaged.kernels.decode import paged_decode_attention
+
+    lengths = [1, 8, 29, 0]
+    k, v, k_scale, v_scale, tables, num_blocks = _quantised_cache(rng, kv_dtype, lengths=lengths)
+    q = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.float32)
+    expected = _reference(q, dequantise(k, k_scale, jnp.float32), dequantise(v, v_scale, jnp.float32), tables,
+                          lengths, 1, num_blocks)
+    for splits, transposed, row_gather, packed, dot in [(1, False, False, 1, None), (3, True, True, 1, None),
+                                                        (1, False, True, 2, None), (1, False, True, 1, "float16")]:
+        out = np.asarray(paged_decode_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                                                k_scale=k_scale, v_scale=v_scale, blocks_per_step=2,
+                                                num_splits=splits, transposed=transposed, row_gather=row_gather,
+                                                heads_per_program=packed, dot_dtype=dot, interpret=not ON_GPU))
+        products = dot or launch.QUANTIZED_DEFAULTS["dot_dtype"].get(kv_dtype)  # float8's default: float16
+        assert_close(out[:3], expected[:3], float16=products == "float16")
+        assert not out[3].any(), "an empty sequence attends to nothing"
+
+
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+def test_the_prefill_kernel_reads_8_bit_pools_as_the_reference_reads_them_dequantised(kv_dtype, rng):
+    from jaxpaged.attention import attend
+    from jaxpaged.kernels.prefill import paged_prefill_attention
+
+    lengths, chunk = [21, 5, 0], [9, 5, 0]  # after the chunk was appended; this chunk's queries
+    k, v, k_scale, v_scale, tables, num_blocks = _quantised_cache(rng, kv_dtype, lengths=lengths)
+    q = jnp.asarray(rng.standard_normal((3, 9, 8, 64)), jnp.float32)
+    positions = np.full((3, 9), -1, np.int32)
+    for b, (n, c) in enumerate(zip(lengths, chunk)):
+        positions[b, :c] = np.arange(n - c, n)
+    args = (q, k, v, 0, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32), jnp.asarray(positions))
+    outs = [np.asarray(paged_prefill_attention(*args, k_scale=k_scale, v_scale=v_scale, blocks_per_step=2,
+                                               query_rows=32, num_splits=splits, interpret=not ON_GPU))
+            for splits in (1, 2)]
+    slots = np.minimum(tables, num_blocks - 1)  # [B, M]: layer 0's blocks, then positions in order
+    dense_k, dense_v = (np.asarray(dequantise(x, s, jnp.float32))[0][:, slots].transpose(1, 2, 3, 0, 4)
+                        .reshape(3, -1, 2, 64) for x, s in ((k, k_scale), (v, v_scale)))  # [B, S, K, D]
+    expected = np.asarray(attend(q, jnp.asarray(dense_k), jnp.asarray(dense_v), jnp.asarray(positions),
+                                 jnp.asarray(lengths, jnp.int32)))
+    for out in outs:
+        for b, c in enumerate(chunk):
+            assert_close(out[b, :c], expected[b, :c])
+            assert not out[b, c:].any(), "padding queries return zeros"
+
+
+def test_the_kernels_take_8_bit_pools_only_with_their_scales(rng):
+    from jaxpaged.kernels.decode import paged_decode_attention
+
+    k, v, k_scale, v_scale, tables, _ = _quantised_cache(rng, "int8", lengths=[3])
+    q, args = jnp.ones((1, 4, 64)), (0, jnp.asarray(tables), jnp.asarray([3], jnp.int32))
+    with pytest.raises(ValueError, match="pools of int8 take k_scale and v_scale both"):
+        paged_decode_attention(q, k, v, *args, interpret=True)
+    with pytest.raises(ValueError, match="pools of float32 take k_scale and v_scale neither"):
+        paged_decode_attention(q, k.astype(jnp.float32), v.astype(jnp.float32), *args, k_scale=k_scale,
+                               v_scale=v_scale, interpret=True)
+    with pytest.raises(ValueError, match=r"k_scale and v_scale must be floats of shape \(2, 2, 11, 8\)"):
+        paged_decode_attention(q, k, v, *args, k_scale=k_scale[0], v_scale=v_scale[0], interpret=True)
+    config = _config("float8_e4m3fn", head_dim=64, block_size=8)  # 8-bit pools change nothing in the choice
     assert attention.choose_impl("auto", config, backend="cpu") == "reference"
-    q = jnp.ones((1, 1, 6, 16))
-    with pytest.raises(ValueError, match="8-bit pools"):
-        jp.paged_attention(q, jp.init_state(config), 0, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1), jnp.int32),
-                           impl="kernel")
+    if kernels.unavailable_reason() is None:
+        assert attention.choose_impl("kernel", config, backend="gpu") == "kernel"
 
 
 def test_the_command_takes_kv_dtype(tmp_path, capsys, monkeypatch):

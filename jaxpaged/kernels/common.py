@@ -12,6 +12,8 @@ N blocks per layer, P block size, M blocks per sequence.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -53,20 +55,36 @@ def load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: 
     return (rows[None, :] + jnp.arange(heads)[:, None] * head_rows).reshape(heads * rows.shape[0])
 
 
-def load_kv(ids, k_ref, v_ref, *, live=None):
-    """K and V at `ids` (blocks or rows, from `load_ids`): two [chunk, D] tiles.
+def load_kv(ids, k_ref, v_ref, *, live=None, scales=None):
+    """K and V at `ids` (blocks or rows, from `load_ids`): two [chunk, D] tiles, and their rows' scales.
 
     live: None, or [chunk] bool; V rows that are not live then load as zeros (a masked load, so
-    no select sits between the load and the dot).
+    no select sits between the load and the dot), or with 8-bit pools their V scales do.
+    scales: None, or (k_scale_ref, v_scale_ref, dtype) for 8-bit pools (`scale_view`): the tiles come
+    back converted to dtype but not scaled, with each row's K and V scale ([chunk] float32 each),
+    which `update` applies to the logits and the probabilities ([rows, chunk]: with 16 query rows,
+    a quarter to an eighth of the multiplies that scaling the [chunk, D] tiles would take).
+
+    Returns (k, v, row_scales): row_scales is None for float pools.
     """
     if live is None:
         k, v = k_ref[ids], v_ref[ids]
+        if scales is not None:
+            row_scales = scales[0][ids], scales[1][ids]
     else:  # (a GPU-only path: interpret mode can not load a gather through `plgpu.load`)
         k = plgpu.load(k_ref.at[ids])
         shape = v_ref.at[ids].shape  # [blocks, P, D], or [blocks * P, D] for row ids
-        mask = jnp.broadcast_to(live.reshape(*shape[:-1], 1), shape)
-        v = plgpu.load(v_ref.at[ids], mask=mask, other=0.0)
-    return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+        if scales is None:
+            mask = jnp.broadcast_to(live.reshape(*shape[:-1], 1), shape)
+            v = plgpu.load(v_ref.at[ids], mask=mask, other=0.0)
+        else:  # the V scales past the length load as zeros instead, which zeroes those rows' weights
+            v = plgpu.load(v_ref.at[ids])  # (8-bit values are finite; float8 takes no fill value here)
+            row_scales = (plgpu.load(scales[0].at[ids]),
+                          plgpu.load(scales[1].at[ids], mask=live.reshape(shape[:-1]), other=0.0))
+    k, v = k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+    if scales is None:
+        return k, v, None
+    return k.astype(scales[2]), v.astype(scales[2]), tuple(x.reshape(-1).astype(jnp.float32) for x in row_scales)
 
 
 def live_positions(step, length, chunk: int, heads: int = 1):
@@ -86,7 +104,7 @@ def same_head(heads: int, chunk: int, rows: int, group: int, transposed: bool = 
 
 
 def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False,
-            heads: int = 1, group: int = 1):
+            heads: int = 1, group: int = 1, row_scales=None):
     """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
 
     scale: the softmax scale times log2(e): the running max is kept in base-2 units, so each
@@ -103,10 +121,14 @@ def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = 
     heads, group (decode): k and v hold `heads` packed kv heads' chunks one after another
     ([heads * chunk, D]), and query row r belongs to kv head r // G (G = group); a row sees only
     its own kv head's positions (`same_head`), so every step masks.
+    row_scales: None, or the K and V scales of the chunk's rows (8-bit pools: `load_kv`), applied to
+    the logits' columns and to the probabilities before the product with V.
     """
     o, m, l = carry
     chunk = k.shape[0] // heads
     logits = plgpu.dot(q, k.T)  # [rows, heads * chunk] float32, unscaled
+    if row_scales is not None:
+        logits = logits * row_scales[0][None, :]
     if heads > 1:
         live = live_positions(step, length, chunk, heads)
         logits = jnp.where(live[None, :] & same_head(heads, chunk, q.shape[0], group), logits, -jnp.inf)
@@ -122,23 +144,26 @@ def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = 
     m_new = jnp.maximum(m, logits.max(axis=-1) * scale)
     correction = jnp.exp2(m - m_new)
     p = jnp.exp2(logits * scale - m_new[:, None])
-    o = o * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    weights = p if row_scales is None else p * row_scales[1][None, :]
+    o = o * correction[:, None] + plgpu.dot(weights.astype(v.dtype), v)
     return o, m_new, l * correction + p.sum(axis=-1)
 
 
 def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False,
-                       heads: int = 1, group: int = 1):
+                       heads: int = 1, group: int = 1, row_scales=None):
     """Decode's `update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
     ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots:
     compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `update`'s
     become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `launch.default_transposed`.
 
-    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group: as
-    for `update`.
+    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group,
+    row_scales: as for `update`.
     """
     o_t, m, l = carry
     chunk = k.shape[0] // heads
     logits = plgpu.dot(k, q_t)  # [heads * chunk, rows] float32, unscaled
+    if row_scales is not None:
+        logits = logits * row_scales[0][:, None]
     if masked or heads > 1:
         live = live_positions(step, length, chunk, heads)
         visible = live[:, None] if heads == 1 else live[:, None] & same_head(heads, chunk, q_t.shape[1], group, True)
@@ -148,7 +173,8 @@ def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: b
     m_new = jnp.maximum(m, logits.max(axis=0) * scale)
     correction = jnp.exp2(m - m_new)
     p = jnp.exp2(logits * scale - m_new[None, :])
-    o_t = o_t * correction[None, :] + plgpu.dot(v.T, p.astype(v.dtype))
+    weights = p if row_scales is None else p * row_scales[1][:, None]
+    o_t = o_t * correction[None, :] + plgpu.dot(v.T, weights.astype(v.dtype))
     return o_t, m_new, l * correction + p.sum(axis=0)
 
 
@@ -185,6 +211,20 @@ def check_inputs(q, k_pool, block_tables, lengths, q_positions=None, *, kv_heads
             raise ValueError(f"{name} must be integers of shape {shape} (from q {q.shape}), got {x.dtype}{list(x.shape)}")
 
 
+def check_scales(k_pool, k_scale, v_scale) -> bool:
+    """Whether the pools are 8-bit (then their scales must be given, [L, K, N, P] each, float); a
+    clear error for scales missing, unasked or of the wrong shape."""
+    quantized = k_pool.dtype.itemsize == 1
+    given = k_scale is not None and v_scale is not None
+    if quantized != given or (k_scale is None) != (v_scale is None):
+        raise ValueError(f"pools of {k_pool.dtype} take k_scale and v_scale {'both' if quantized else 'neither'}")
+    if given and (k_scale.shape != k_pool.shape[:-1] or v_scale.shape != k_pool.shape[:-1]
+                  or not jnp.issubdtype(k_scale.dtype, jnp.floating)):
+        raise ValueError(f"k_scale and v_scale must be floats of shape {tuple(k_pool.shape[:-1])} (the pools' "
+                         f"[L, K, N, P]), got {k_scale.dtype}{list(k_scale.shape)} and {list(v_scale.shape)}")
+    return quantized
+
+
 def layer_operand(layer) -> jax.Array:
     """The layer index as the kernels take it, [1] int32; a clear error for one that is not a scalar
     integer. (The kernels clamp it into the pools' layers, as the reference path's gather does.)"""
@@ -192,6 +232,18 @@ def layer_operand(layer) -> jax.Array:
     if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
         raise ValueError(f"layer must be a scalar integer, got {layer.dtype}{list(layer.shape)}")
     return layer.astype(jnp.int32).reshape(1)
+
+
+def scale_view(k_scale, v_scale, row_gather: bool):
+    """The scales of 8-bit pools ([L, K, N, P] each) as the kernels read them, beside `pool_view`'s
+    pools: [L * K * N * P] (row_gather) or [L * K * N, P], the same ids finding a row's values and its
+    scale; and their BlockSpec (whole, to every program)."""
+    if k_scale.shape != v_scale.shape or k_scale.ndim != 4:
+        raise ValueError(f"scales must be two [L, K, N, P] arrays, got {k_scale.shape} and {v_scale.shape}")
+    total, block_size = math.prod(k_scale.shape[:3]), k_scale.shape[3]
+    shape = (total * block_size,) if row_gather else (total, block_size)
+    spec = pl.BlockSpec(shape, lambda _, h, __: (0,) * len(shape))
+    return (k_scale.reshape(shape), v_scale.reshape(shape)), spec
 
 
 def pool_view(k_pool, v_pool, row_gather: bool):

@@ -38,60 +38,66 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxpaged.kernels import launch
-from jaxpaged.kernels.common import (check_inputs, empty_carry, layer_operand, live_positions, load_ids, load_kv,
-                                     pool_view, program_layer_base, softmax_scale, update, update_transposed)
+from jaxpaged.kernels.common import (check_inputs, check_scales, empty_carry, layer_operand, live_positions,
+                                     load_ids, load_kv, pool_view, program_layer_base, scale_view, softmax_scale,
+                                     update, update_transposed)
 from jaxpaged.kernels.merge import merge_decode_splits
 
 
 def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, blocks_per_step: int,
-                  num_blocks: int, scale: float, transposed: bool, masked_loads: bool, row_gather: int, heads: int,
-                  group: int):
+                  num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales, row_gather: int,
+                  heads: int, group: int):
     """One loop step: load step `step`'s K/V, then update the online softmax.
 
     transposed: `update_transposed` (q given as q^T). masked_loads: V rows past the length load as
-    zeros (a GPU-only load), instead of being zeroed after the load. heads, group: `heads` kv heads
-    packed in the program (row gather), G query heads each.
+    zeros (a GPU-only load), instead of being zeroed after the load. scales: `load_kv`'s (8-bit
+    pools) or None. heads, group: `heads` kv heads packed in the program (row gather), G query heads each.
     """
     ids = load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                    row_gather=row_gather, heads=heads)
     chunk = blocks_per_step * (row_gather or k_ref.shape[-2])
     live = live_positions(step, length, chunk, heads) if masked_loads else None
-    k, v = load_kv(ids, k_ref, v_ref, live=live)
+    k, v, row_scales = load_kv(ids, k_ref, v_ref, live=live, scales=scales)
     step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
-    return step_update(carry, q, k, v, step, length, scale=scale, v_zeroed=live is not None, heads=heads, group=group)
+    return step_update(carry, q, k, v, step, length, scale=scale, v_zeroed=live is not None, heads=heads, group=group,
+                       row_scales=row_scales)
 
 
 def _attend_loaded(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last: int,
-                   blocks_per_step: int, num_blocks: int, scale: float, transposed: bool, masked_loads: bool):
+                   blocks_per_step: int, num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales):
     """One loop step of the block gather with its loads a step ahead (`launch.default_loads_ahead`):
     issue the loads of step + 1 (and the block ids of step + 2), then compute step `step` from the
     tiles loaded one step earlier, so memory latency overlaps the math. `last` is the last step to
     compute: the loads past it read it again (and are not used)."""
-    (ids_next, k, v), softmax = carry
+    (ids_next, k, v, row_scales), softmax = carry
     chunk = blocks_per_step * k_ref.shape[-2]
     live = live_positions(jnp.minimum(step + 1, last), length, chunk) if masked_loads else None
-    k_next, v_next = load_kv(ids_next, k_ref, v_ref, live=live)
+    loaded = load_kv(ids_next, k_ref, v_ref, live=live, scales=scales)
     ids_after = load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
                          num_blocks=num_blocks)
     step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
-    softmax = step_update(softmax, q, k, v, step, length, scale=scale, v_zeroed=masked_loads)
-    return (ids_after, k_next, v_next), softmax
+    softmax = step_update(softmax, q, k, v, step, length, scale=scale, v_zeroed=masked_loads, row_scales=row_scales)
+    return (ids_after, *loaded), softmax
 
 
-def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group: int, rows: int,
+def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, group: int, rows: int,
                    block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
                    kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int,
-                   loads_ahead: bool):
+                   loads_ahead: bool, quantized: bool, dot_dtype):
     """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
     s-th slice of the blocks; grid (B, K / heads, splits).
 
     It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
-    the ones past heads * G are zeros. With one output ref ([H, D], q's dtype) it writes its normalised
-    rows there (one split); with three, the unnormalised o and its running max and sum, merged outside.
+    the ones past heads * G are zeros. With 8-bit pools (quantized) the first two of refs are the K
+    and V scales (`scale_view`). With one output ref ([H, D], q's dtype) it writes its normalised rows
+    there (one split); with three, the unnormalised o and its running max and sum, merged outside.
     """
+    scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else (None, refs)
     head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
     real = jnp.arange(rows) < heads * group
     q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0.0)
+    if quantized and dot_dtype is not None:
+        q = q.astype(dot_dtype)
     split = pl.program_id(2)
     length = lengths_ref[0]
     chunk = blocks_per_step * block_size
@@ -100,7 +106,8 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out
     layer_base = program_layer_base(layer_ref, num_blocks, num_layers, kv_heads, heads)
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
-                  transposed=transposed, masked_loads=masked_loads)
+                  transposed=transposed, masked_loads=masked_loads,
+                  scales=None if scale_refs is None else (*scale_refs, q.dtype))
     softmax = empty_carry(*q.shape)
     if transposed:
         softmax = (softmax[0].T, *softmax[1:])
@@ -110,8 +117,8 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out
                                 blocks_per_step=blocks_per_step, num_blocks=num_blocks)
         first = jnp.minimum(first_step, last)
         live = live_positions(first, length, chunk) if masked_loads else None
-        k, v = load_kv(ids(first), k_ref, v_ref, live=live)
-        carry = ((ids(jnp.minimum(first_step + 1, last)), k, v), softmax)
+        loaded = load_kv(ids(first), k_ref, v_ref, live=live, scales=shared["scales"])
+        carry = ((ids(jnp.minimum(first_step + 1, last)), *loaded), softmax)
         step = functools.partial(_attend_loaded, last=last, **shared)
         o, m, l = jax.lax.fori_loop(first_step, last_step, step, carry)[1]
     else:
@@ -130,13 +137,15 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out
         l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("blocks_per_step", "num_splits", "num_warps", "num_stages", "transposed",
+@functools.partial(jax.jit, static_argnames=("blocks_per_step", "num_splits", "num_warps", "num_stages", "transposed", "dot_dtype",
                                              "row_gather", "heads_per_program", "gpu", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
-                           lengths: jax.Array, *, blocks_per_step: int | None = None, num_splits: int | None = None,
+                           lengths: jax.Array, *, k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
+                           blocks_per_step: int | None = None, num_splits: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None, transposed: bool | None = None,
                            row_gather: bool | None = None, heads_per_program: int | None = None,
-                           gpu: launch.Gpu | None = None, interpret: bool = False) -> jax.Array:
+                           gpu: launch.Gpu | None = None, dot_dtype: str | None = None,
+                           interpret: bool = False) -> jax.Array:
     """Attention of one query per sequence over its cached K/V, read from the pools in place.
 
     Args:
@@ -146,6 +155,11 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
       block_tables: [B, M] int32 block ids; entries past a sequence's blocks may hold any id in
         [0, N] (N is the sentinel).
       lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
+      k_scale, v_scale: for 8-bit pools (int8 or float8_e4m3fn), their scales [L, K, N, P]
+        (`jaxpaged.quant`), read in place: the 8-bit tiles are converted to `dot_dtype` in registers
+        and each position's scales applied to its logits and probabilities (`common.update`); the
+        launch is the one for pools of q's dtype (the tiles the products take have its width), but
+        for `launch.QUANTIZED_DEFAULTS`.
       blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth, or 32 KiB
         of K and V with one program per SM (`launch.default_one_per_sm`).
       num_splits: programs per sequence and kv head; default one where the sequences and kv heads
@@ -167,6 +181,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         products cost no more per byte. Default `launch.default_heads_per_program` (1 with the block
         gather).
       gpu: the card's numbers for the defaults; default `launch.this_gpu()` (the device jax runs on).
+      dot_dtype: with 8-bit pools, the dtype q and the 8-bit tiles take for the products; default
+        `launch.QUANTIZED_DEFAULTS` (float16 for float8 pools, q's dtype for int8).
       interpret: run in Pallas interpret mode (any backend, slow; for tests).
 
     Returns:
@@ -175,9 +191,14 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     batch, num_heads, head_dim = q.shape
     _, _, (_, kv_heads, _, block_size) = pool_view(k_pool, v_pool, row_gather=True)  # checks the pools
     check_inputs(q, k_pool, block_tables, lengths, kv_heads=kv_heads)
+    quantized = check_scales(k_pool, k_scale, v_scale)
+    if quantized:  # 8-bit pools' own defaults (`launch.QUANTIZED_DEFAULTS`)
+        transposed = launch.QUANTIZED_DEFAULTS["transposed"] if transposed is None else transposed
+        dot_dtype = dot_dtype or launch.QUANTIZED_DEFAULTS["dot_dtype"].get(k_pool.dtype.name)
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
-    plan = launch.decode_launch(batch, num_heads, kv_heads, head_dim, block_size, max_blocks, k_pool.dtype.itemsize,
+    itemsize = (q if quantized else k_pool).dtype.itemsize
+    plan = launch.decode_launch(batch, num_heads, kv_heads, head_dim, block_size, max_blocks, itemsize,
                                 gpu or launch.this_gpu(), num_splits=num_splits, blocks_per_step=blocks_per_step,
                                 heads_per_program=heads_per_program, row_gather=row_gather, transposed=transposed,
                                 num_stages=num_stages)
@@ -192,7 +213,9 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                scale=softmax_scale(head_dim), transposed=plan.transposed,
                                masked_loads=(plan.transposed or plan.row_gather) and not interpret,
                                row_gather=plan.row_gather, heads=plan.heads_per_program,
-                               loads_ahead=plan.loads_ahead)
+                               loads_ahead=plan.loads_ahead, quantized=quantized,
+                               dot_dtype=None if dot_dtype is None else jnp.dtype(dot_dtype))
+    scales, scale_spec = scale_view(k_scale, v_scale, plan.row_gather) if quantized else ((), None)
     if splits == 1:  # every program writes its rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
@@ -218,13 +241,14 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
             pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0)),  # q of sequence b
             pool_spec,
             pool_spec,
+            *[scale_spec] * len(scales),
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=plan.num_stages),
         interpret=interpret,
         name="jaxpaged_decode",
-    )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool)
+    )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool, *scales)
 
     if splits == 1:
         return out

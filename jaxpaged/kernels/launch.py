@@ -233,6 +233,17 @@ class DecodeLaunch:
     rows: int  # query rows of a program's tile (heads_per_program x G, padded to >= 16, a power of two)
 
 
+# The decode kernel on 8-bit pools: the plain products (q K^T, p V), never the transposed ones, and
+# float8 tiles converted to float16 (Hopper converts float8 to float16 in one packed instruction; q is
+# converted too), int8 ones to q's dtype. Measured on an H200 against the launch of a bfloat16 pool
+# of the same shape, whose products are transposed at 4 of the 5 shapes tried (tune_kv_quant_H200.json,
+# 8 x 8192, 128 x 8192 and 32 x 4096 at 32/8/128 heads, 32 x 2048 and 128 x 8192 at 32/8/64): where
+# that launch transposes, int8 plain ran 1.35-1.55x it and float8 plain with float16 1.43-1.58x;
+# float16 alone took float8 1.14-1.22x and int8 0.88-0.97x; the transposed with float16, more stages
+# and twice the positions a step were no better than the plain launch.
+QUANTIZED_DEFAULTS = {"transposed": False, "dot_dtype": {"float8_e4m3fn": "float16"}}
+
+
 def decode_launch(batch: int, num_heads: int, kv_heads: int, head_dim: int, block_size: int, max_blocks: int,
                   itemsize: int, gpu: Gpu, *, num_splits: int | None = None, blocks_per_step: int | None = None,
                   heads_per_program: int | None = None, row_gather: bool | None = None,

@@ -22,15 +22,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxpaged.kernels import launch
-from jaxpaged.kernels.common import (check_inputs, empty_carry, layer_operand, live_positions, load_ids, load_kv,
-                                     pool_view, program_layer_base, softmax_scale, update)
+from jaxpaged.kernels.common import (check_inputs, check_scales, empty_carry, layer_operand, live_positions,
+                                     load_ids, load_kv, pool_view, program_layer_base, scale_view, softmax_scale,
+                                     update)
 from jaxpaged.kernels.merge import merge_prefill_splits
 
 
-def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, *out_refs,
+def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref, v_ref, *refs,
                     group: int, rows: int, tokens: int, num_q_blocks: int, splits: int, block_size: int,
                     blocks_per_step: int, num_blocks: int, num_layers: int, kv_heads: int, scale: float,
-                    masked_loads: bool):
+                    masked_loads: bool, quantized: bool):
     """One program: `tokens` consecutive queries of one sequence x the G query heads of one kv head,
     causal, over one of `splits` parts of the positions they see; grid (splits x query blocks, K, B).
 
@@ -47,9 +48,12 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     waits on a table load of the same step. Loop steps wholly before every row's causal limit and
     inside the length run unmasked; the rest mask by the causal test alone, the query positions
     being clamped below the length once (masked_loads: V rows past the length load as zeros).
-    Padding queries (position -1) return zeros. With one split, out_refs is o; with more, each
-    split writes its unnormalised o, running max and sum (o, m, l) for `merge.merge_prefill_splits`.
+    Padding queries (position -1) return zeros. With 8-bit pools (quantized) refs begin with the K
+    and V scales (`scale_view`), applied in registers (`common.update`). With one split, the output
+    refs are o; with more, each split writes its unnormalised o, running max and sum (o, m, l) for
+    `merge.merge_prefill_splits`.
     """
+    scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else (None, refs)
     split, j = pl.program_id(0) // num_q_blocks, pl.program_id(0) % num_q_blocks
     j = num_q_blocks - 1 - j  # the heaviest first
     num_q = q_pos_ref.shape[0]
@@ -70,12 +74,15 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
                                blocks_per_step=blocks_per_step, num_blocks=num_blocks, row_gather=block_size,
                                rows_from_blocks=True)
 
+    scales = None if scale_refs is None else (*scale_refs, q.dtype)
+
     def steps(masked):
         def body(i, carry):  # the K/V rows of step i were found in step i - 1
             ids, softmax = carry
             live = live_positions(i, length, chunk) if masked and masked_loads else None
-            k, v = load_kv(ids, k_ref, v_ref, live=live)
-            softmax = update(softmax, q, k, v, i, length, q_pos, scale=scale, masked=masked, v_zeroed=live is not None)
+            k, v, row_scales = load_kv(ids, k_ref, v_ref, live=live, scales=scales)
+            softmax = update(softmax, q, k, v, i, length, q_pos, scale=scale, masked=masked, v_zeroed=live is not None,
+                             row_scales=row_scales)
             return ids_of(jnp.minimum(i + 1, jnp.maximum(last - 1, start))), softmax
         return body
 
@@ -95,7 +102,8 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
 @functools.partial(jax.jit, static_argnames=("blocks_per_step", "query_rows", "num_warps", "num_stages", "num_splits",
                                              "gpu", "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
-                            lengths: jax.Array, q_positions: jax.Array, *, blocks_per_step: int | None = None,
+                            lengths: jax.Array, q_positions: jax.Array, *, k_scale: jax.Array | None = None,
+                            v_scale: jax.Array | None = None, blocks_per_step: int | None = None,
                             query_rows: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                             num_splits: int | None = None, gpu: launch.Gpu | None = None,
                             interpret: bool = False) -> jax.Array:
@@ -109,6 +117,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       q: [B, T, H, D].
       k_pool, v_pool, layer: as for `paged_decode_attention`.
       block_tables: [B, M] int32; lengths: [B] int32; q_positions: [B, T] int32 (-1: a padding query).
+      k_scale, v_scale: for 8-bit pools, their scales [L, K, N, P], as for `paged_decode_attention`.
       blocks_per_step, query_rows, num_warps, num_stages: the tile (blocks per loop step; rows, i.e.
         tokens x query heads of one kv head, per program, a power of two >= 16), warps per program
         and pipeline stages. By default 64 positions x 64 rows (one warpgroup's MMA tile) with 4
@@ -127,10 +136,12 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
       [B, T, H, D] in q's dtype; padding queries return zeros.
     """
     batch, num_q, num_heads, head_dim = q.shape
+    quantized = check_scales(k_pool, k_scale, v_scale)
     (k_pool, v_pool), pool_spec, (num_layers, kv_heads, num_blocks, block_size) = pool_view(k_pool, v_pool, True)
     check_inputs(q, k_pool, block_tables, lengths, q_positions, kv_heads=kv_heads)
+    scales, scale_spec = scale_view(k_scale, v_scale, True) if quantized else ((), None)
     max_blocks = block_tables.shape[1]
-    wide = k_pool.dtype.itemsize * head_dim > 256  # float32 at head dim 128: fewer stages fit shared memory
+    wide = (q if quantized else k_pool).dtype.itemsize * head_dim > 256  # float32 at head dim 128: fewer stages fit shared memory
     blocks_per_step = blocks_per_step or launch.default_blocks_per_step(block_size, max_blocks, positions=64)
     query_rows = query_rows or 64
     if query_rows < launch.MIN_ROWS or query_rows & (query_rows - 1):
@@ -161,7 +172,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
                                splits=splits, block_size=block_size, blocks_per_step=blocks_per_step,
                                num_blocks=num_blocks, num_layers=num_layers, kv_heads=kv_heads,
                                scale=softmax_scale(head_dim),
-                               masked_loads=not interpret)  # (interpret mode can not mask a gather: V is zeroed after)
+                               masked_loads=not interpret, quantized=quantized)  # (interpret mode can not mask a gather: V is zeroed after)
     out = pl.pallas_call(
         kernel,
         grid=(splits * num_q_blocks, kv_heads, batch),  # the query blocks of one sequence and kv head launch together
@@ -173,6 +184,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
             as_rows,
             pool_spec,
             pool_spec,
+            *[scale_spec] * len(scales),
         ],
         out_specs=out_specs,
         out_shape=out_shape,
@@ -180,5 +192,5 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
         interpret=interpret,
         name="jaxpaged_prefill",
     )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
-      q.reshape(*flat, head_dim), k_pool, v_pool)
+      q.reshape(*flat, head_dim), k_pool, v_pool, *scales)
     return (out if splits == 1 else merge_prefill_splits(*out, q.dtype)).reshape(q.shape)

@@ -1,0 +1,90 @@
+"""The decode kernel's launch on 8-bit pools: its default (the launch of a bfloat16 pool of the same
+shape) against variants, at a few shapes, with the bfloat16 kernel beside, in one run.
+
+Variants: the plain product layout (N: q K^T and p V) or the transposed one (T), float16 rather than
+bfloat16 products (q and the tiles converted to float16; Hopper converts float8 to float16 in one
+packed instruction), and more or fewer pipeline stages and twice the positions per loop step (an
+8-bit tile holds half the bytes of a bfloat16 one). (A run before this file's last change also
+tried int8 to float16 by integer ops, the bits 0x6400 + 128 + x being the float16 1152 + x: no
+faster than the conversions, 0.88-1.05x "N", so it is not kept.) Time: the median of 5
+rounds of a jitted loop of 20 dependent calls; bandwidth counts the bytes read (values and scales).
+
+Run: python benchmarks/tune_kv_quant.py --out tune_kv_quant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxpaged.kernels import launch, paged_decode_attention
+from jaxpaged.quant import quantise
+from attention import make_inputs
+from timing import median_time_in_loop
+
+SHAPES = [(8, 8192, 32, 8, 128), (128, 8192, 32, 8, 128), (32, 2048, 32, 8, 64), (128, 8192, 32, 8, 64),
+          (32, 4096, 32, 8, 128)]
+BLOCK_SIZE = 16
+
+
+def variants(plan, max_blocks: int, kv_dtype: str) -> dict:
+    """{name: kernel options} to try on 8-bit pools, from the bfloat16 launch `plan` ("default" is the
+    kernel's own default, which `launch.QUANTIZED_DEFAULTS` now sets from this run)."""
+    wider = 2 * plan.blocks_per_step if max_blocks % (2 * plan.blocks_per_step) == 0 else None
+    plain, f16 = {"transposed": False}, {"transposed": False, "dot_dtype": "float16"}
+    found = {"default": {}, "N": plain, "N f16": f16, "N f16 bps_x2": {**f16, "blocks_per_step": wider},
+             "T f16": {"transposed": True, "dot_dtype": "float16"}}
+    if kv_dtype == "int8":
+        found |= {"N f16 stages+1": {**f16, "num_stages": plan.num_stages + 1},
+                  "N f16 bps_x2 stages-1": {**f16, "blocks_per_step": wider, "num_stages": plan.num_stages - 1}}
+    return {name: options for name, options in found.items() if options.get("blocks_per_step", 1) is not None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="tune_kv_quant.json")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, context, heads, kv_heads, head_dim in tqdm(SHAPES, desc="shapes"):
+        sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, BLOCK_SIZE, 2)
+        max_blocks = context // BLOCK_SIZE
+        plan = launch.decode_launch(batch, heads, kv_heads, head_dim, BLOCK_SIZE, max_blocks, 2, launch.this_gpu())
+        positions = batch * context * kv_heads
+        row = {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+               "bf16_plan": dataclasses.asdict(plan), "GBps": {}, "speedup": {}}
+        bf16 = [(x["q"], x["pool_k"], x["pool_v"], x["layer"], x["tables"], x["lengths"]) for x in sets]
+        base = median_time_in_loop(paged_decode_attention, bf16)
+        row["GBps"]["bfloat16"] = 2 * positions * head_dim * 2 / base / 1e9
+        for kv_dtype in ("int8", "float8_e4m3fn"):
+            quant = [(x["q"], *quantise(x["pool_k"], kv_dtype), *quantise(x["pool_v"], kv_dtype), x["layer"],
+                      x["tables"], x["lengths"]) for x in sets]
+            for name, options in variants(plan, max_blocks, kv_dtype).items():
+                def fn(q, k, ks, v, vs, layer, tables, lengths, options=options):
+                    return paged_decode_attention(q, k, v, layer, tables, lengths, k_scale=ks, v_scale=vs, **options)
+                try:
+                    seconds = median_time_in_loop(fn, quant)
+                except Exception as failure:  # a launch Triton can not compile (shared memory, registers)
+                    print(f"  {kv_dtype} {name}: {type(failure).__name__}: {str(failure)[:160]}")
+                    continue
+                row["GBps"][f"{kv_dtype} {name}"] = 2 * positions * (head_dim + 2) / seconds / 1e9
+                row["speedup"][f"{kv_dtype} {name}"] = base / seconds
+        rows.append(row)
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "method": __doc__, "rows": rows}, f, indent=1, default=str)
+    names = sorted({n for r in rows for n in r["speedup"]})
+    print(f"\nspeed-up over the bfloat16 kernel on {jax.devices()[0].device_kind} (8-bit GB/s in brackets)")
+    for r in rows:
+        print(f"{r['batch']}x{r['context']} {r['heads']}/{r['kv_heads']}/{r['head_dim']} bf16 {r['GBps']['bfloat16']:.0f} GB/s")
+        for n in names:
+            if n in r["speedup"]:
+                print(f"   {n:32} x{r['speedup'][n]:.2f} ({r['GBps'][n]:.0f})")
+
+
+if __name__ == "__main__":
+    main()
