@@ -1,10 +1,13 @@
-"""SmolLM2-135M (the embedded GGUF weights) with an 8-bit paged cache against its float32 cache.
+"""SmolLM2-135M (the embedded GGUF weights, bfloat16) with an 8-bit paged cache against its bfloat16 cache.
 
-Each text (held out: docstrings of Python standard library modules) is fed as prompts of
---tokens tokens in chunks of --chunk (so later chunks attend over K/V read back from the cache,
-quantised for the 8-bit runs); the logits of every position are compared with the float32
-cache's: max abs difference, KL(float32 || 8-bit) per position (mean and max), and how often the
-greedy token (the argmax) agrees.
+A held text (docstrings of Python standard library modules and their public functions and classes,
+assembled in a fixed order: text the model was not tuned on) is cut into --rows rows of --tokens
+tokens and fed through the paged cache in chunks of --chunk tokens, so later chunks attend over K/V
+read back from the cache (quantised, for the 8-bit runs). Every cache runs the same chunks in
+lockstep, and at every position the 8-bit caches' logits are compared with the bfloat16 cache's:
+max abs difference, KL(bfloat16 || 8-bit) (mean and max), and how often the greedy token (the
+argmax) agrees; and each cache's perplexity of the text (exp of the mean negative log-likelihood
+of every next token), with the float32 model and cache beside for scale.
 
 Run: python benchmarks/kv_quant_model.py [--out benchmarks/results/kv_quant_smollm2_CPU.json]
 """
@@ -12,6 +15,7 @@ Run: python benchmarks/kv_quant_model.py [--out benchmarks/results/kv_quant_smol
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 
@@ -22,72 +26,128 @@ from flax import nnx
 
 import jaxpaged as jp
 
-MODULES = ("json", "argparse", "collections", "functools", "itertools", "pathlib", "textwrap", "heapq")
+MODULES = ("json", "argparse", "collections", "functools", "itertools", "pathlib", "textwrap", "heapq", "string",
+           "fractions", "statistics", "shutil", "difflib", "calendar", "datetime", "random", "bisect", "csv")
 
 
-def held_out_texts() -> dict[str, str]:
-    """The module docstrings of MODULES, by module name (those that have one)."""
+def held_text(tokenizer, tokens: int) -> list[int]:
+    """Token ids of at least `tokens` tokens of docstrings (each module's, then its public
+    functions' and classes' in name order), or all of them if fewer."""
     import importlib
+    import inspect
 
-    docs = {name: importlib.import_module(name).__doc__ for name in MODULES}
-    return {name: doc for name, doc in docs.items() if doc}
+    ids = []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        docs = [module.__doc__] + [inspect.getdoc(getattr(module, member)) for member in sorted(dir(module))
+                                   if not member.startswith("_") and callable(getattr(module, member))]
+        for doc in docs:
+            if doc:
+                ids += tokenizer.encode(doc + "\n\n")
+        if len(ids) >= tokens:
+            break
+    return ids
 
 
-def logits_through_cache(model, tokens: np.ndarray, kv_dtype: str | None, chunk: int) -> np.ndarray:
-    """Logits [B, T, V] of tokens [B, T] fed in chunks of `chunk` through a paged cache of kv_dtype."""
-    batch, length = tokens.shape
-    config = jp.CacheConfig.from_model_config(model.config, num_blocks=batch * (-(-length // 16)), block_size=16,
-                                              max_seqs=batch, kv_dtype=kv_dtype)
+def step_fn(model, batch: int, length: int):
+    """A jitted chunk step of the model over a paged state: (params, state, ids [B, T]) -> (logits, state)."""
     graphdef, params = nnx.split(model.scanned())
 
     @jax.jit
     def step(params, state, ids):
-        return nnx.merge(graphdef, params).step(ids, state, seq_idx=jnp.arange(batch, dtype=jnp.int32),
-                                                max_len=length)
+        logits, state, ok = nnx.merge(graphdef, params).step(ids, state, seq_idx=jnp.arange(batch, dtype=jnp.int32),
+                                                              max_len=length)
+        return logits, state, ok
 
-    state, out = jp.init_state(config), []
-    for begin in range(0, length, chunk):
-        logits, state, ok = step(params, state, jnp.asarray(tokens[:, begin:begin + chunk]))
-        assert bool(ok)
-        out.append(np.asarray(logits, np.float64))
-    return np.concatenate(out, axis=1)
+    return functools.partial(step, params)
 
 
-def compare(reference: np.ndarray, other: np.ndarray) -> dict:
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+class Tally:
+    """Running sums of the comparisons of one 8-bit cache's logits with the reference's, chunk by chunk."""
 
-    log_p, log_q = log_softmax(reference), log_softmax(other)
-    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)  # [B, T]
-    return {"max_abs_logit_diff": float(np.abs(other - reference).max()), "kl_mean": float(kl.mean()),
-            "kl_max": float(kl.max()), "argmax_agreement": float((other.argmax(-1) == reference.argmax(-1)).mean()),
-            "reference_logit_std": float(reference.std())}
+    def __init__(self):
+        self.max_abs, self.kl_sum, self.kl_max, self.agree, self.count = 0.0, 0.0, 0.0, 0, 0
+
+    def add(self, reference: np.ndarray, other: np.ndarray) -> None:
+        log_p, log_q = log_softmax(reference), log_softmax(other)
+        kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)  # [B, T]
+        self.max_abs = max(self.max_abs, float(np.abs(other - reference).max()))
+        self.kl_sum += float(kl.sum())
+        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.agree += int((other.argmax(-1) == reference.argmax(-1)).sum())
+        self.count += kl.size
+
+    def result(self) -> dict:
+        return {"max_abs_logit_diff": self.max_abs, "kl_mean": self.kl_sum / self.count, "kl_max": self.kl_max,
+                "argmax_agreement": self.agree / self.count}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def next_token_nll(logits: np.ndarray, targets: np.ndarray, real: np.ndarray) -> float:
+    """Sum of -log p(target) over the positions where `real` [B, T] holds."""
+    picked = np.take_along_axis(log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    return float(-(picked * real).sum())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=128, help="positions per text (default 128)")
-    parser.add_argument("--chunk", type=int, default=32, help="tokens per prefill chunk (default 32)")
+    parser.add_argument("--rows", type=int, default=4, help="rows the text is cut into (default 4)")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per row (default 1024)")
+    parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk (default 256)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
 
     from jaxpaged.models.gguf_weights import load_gguf
 
-    model, tokenizer = load_gguf()
-    ids = {name: tokenizer.encode(text)[: args.tokens] for name, text in held_out_texts().items()}
-    ids = {name: row for name, row in ids.items() if len(row) == args.tokens}
-    tokens = np.asarray(list(ids.values()), np.int32)
-    reference = logits_through_cache(model, tokens, None, args.chunk)
-    rows = {}
-    for kv_dtype in ("int8", "float8_e4m3fn"):
-        rows[kv_dtype] = compare(reference, logits_through_cache(model, tokens, kv_dtype, args.chunk))
-        print(kv_dtype, {k: round(v, 5) for k, v in rows[kv_dtype].items()})
+    models = {dtype: load_gguf(dtype=dtype) for dtype in ("bfloat16", "float32")}
+    tokenizer = models["bfloat16"][1]
+    ids = held_text(tokenizer, args.rows * args.tokens)
+    rows = min(args.rows, len(ids) // args.tokens)
+    tokens = np.asarray(ids[: rows * args.tokens], np.int32).reshape(rows, args.tokens)
+    runs = {"bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
+            "float8_e4m3fn": ("bfloat16", "float8_e4m3fn"), "float32 model": ("float32", None)}
+    steps, states = {}, {}
+    for name, (dtype, kv_dtype) in runs.items():
+        model = models[dtype][0]
+        config = jp.CacheConfig.from_model_config(model.config, num_blocks=rows * -(-args.tokens // 16), block_size=16,
+                                                  max_seqs=rows, dtype=dtype, kv_dtype=kv_dtype)
+        steps[name], states[name] = step_fn(model, rows, args.tokens), jp.init_state(config)
+    tallies = {name: Tally() for name in ("int8", "float8_e4m3fn")}
+    nll = dict.fromkeys(runs, 0.0)
+    from tqdm import tqdm
+
+    for begin in tqdm(range(0, args.tokens, args.chunk), desc="chunks"):
+        chunk = tokens[:, begin:begin + args.chunk]
+        targets = tokens[:, begin + 1:begin + args.chunk + 1]
+        real = np.zeros(chunk.shape, bool)
+        real[:, : targets.shape[1]] = True  # the row's last token has no next one
+        targets = np.pad(targets, ((0, 0), (0, chunk.shape[1] - targets.shape[1])))
+        logits = {}
+        for name in runs:
+            out, states[name], ok = steps[name](states[name], jnp.asarray(chunk))
+            assert bool(ok)
+            logits[name] = np.asarray(out, np.float32)
+            nll[name] += next_token_nll(logits[name], targets, real)
+        for name, tally in tallies.items():
+            tally.add(logits["bfloat16"], logits[name])
+    predicted = rows * (args.tokens - 1)
+    perplexity = {name: float(np.exp(total / predicted)) for name, total in nll.items()}
+    results = {name: {**tally.result(), "perplexity": perplexity[name],
+                      "perplexity_vs_bfloat16": perplexity[name] / perplexity["bfloat16"] - 1}
+               for name, tally in tallies.items()}
+    print(f"perplexity of {predicted} next tokens: " + ", ".join(f"{k} {v:.4f}" for k, v in perplexity.items()))
+    for name, row in results.items():
+        print(name, {k: round(v, 5) for k, v in row.items()})
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": "CPU", "machine": platform.machine(), "jax": jax.__version__, "model": "SmolLM2-135M",
-                       "texts": list(ids), "positions": int(tokens.size), "args": vars(args),
-                       "rows": rows}, f, indent=1)
+            json.dump({"device": "CPU", "machine": platform.machine(), "jax": jax.__version__,
+                       "model": "SmolLM2-135M-Instruct (GGUF), bfloat16", "reference": "the bfloat16 cache",
+                       "modules": MODULES, "positions": int(tokens.size), "args": vars(args),
+                       "perplexity": perplexity, "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":
