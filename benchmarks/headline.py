@@ -25,6 +25,7 @@ DECODE_H100 = (("attention_H100.json", (32, 8, 128)), ("attention_H100_32_8_64.j
 DECODE_H200 = "attention_H200.json"  # the current kernels, nine headline shapes
 PREFILL = "prefill_attention_H200.json"
 MEMORY = "memory.json"
+KV_QUANT_SPEED, KV_QUANT_ACCURACY = "kv_quant_speed_H200.json", "kv_quant_smollm2_CPU.json"
 # (model, JSON with the kernels, JSON of the same call with the reference attention or None, its batches)
 GENERATION = (
     ("llama-1b", "generate_llama-1b_b1_linear_ab_current_H100.json", None, (1,)),
@@ -191,10 +192,52 @@ def headline_memory(results):
             + markdown(header, table)]
 
 
+def headline_kv_quant(results):
+    """8-bit K/V: decode attention time against our bfloat16 kernel and jax's paged kernel (int8 and
+    bfloat16), capacity and the engine in a fixed pool (one GPU run), and accuracy (CPU)."""
+    speed = load(results, KV_QUANT_SPEED)
+    us = lambda row, name: row["seconds"][name] * 1e6  # noqa: E731
+    header = [("batch x context, heads", "l"), ("ours bfloat16 µs", "r"), ("ours int8 µs", "r"),
+              ("ours float8 µs", "r"), ("jax int8 µs", "r"), ("jax bfloat16 µs", "r")]
+    table = []
+    for row in speed["decode"]:
+        base = us(row, "jaxpaged_bfloat16")
+        cells = [f"{row['batch']} x {row['context']}, {row['heads']}/{row['kv_heads']}/{row['head_dim']}", f"{base:.0f}"]
+        cells += [f"{us(row, name):.0f} ({base / us(row, name):.2f}x)"
+                  for name in ("jaxpaged_int8", "jaxpaged_float8_e4m3fn")]
+        cells += [f"{us(row, 'jax_pallas_int8'):.0f} (ours {us(row, 'jax_pallas_int8') / us(row, 'jaxpaged_int8'):.2f}x)",
+                  f"{us(row, 'jax_pallas_bfloat16'):.0f}"]
+        table.append(cells)
+    attention = (f"*{speed['device']}, jax {speed['jax']}; time per call, a jitted loop of 20 (the ratios: "
+                 f"speed-up over ours in bfloat16; jax int8: ours int8's speed-up over it). Source: "
+                 f"`benchmarks/results/{KV_QUANT_SPEED}`.*\n\n" + markdown(header, table))
+    fits = {(r["model"], r["length"]): r for r in speed["capacity"]}
+    header = [("K/V", "l"), ("llama-1b seqs of 2,048 in 64 GiB", "r"), ("8B seqs of 8,192 in 64 GiB", "r"),
+              ("engine: output tokens/s", "r"), ("peak running", "r"), ("preemptions", "r")]
+    table = [[e["kv_dtype"], fits["llama-1b", 2048][e["kv_dtype"]], fits["llama-8b", 8192][e["kv_dtype"]],
+              f"{e['output_tokens_per_second']:,.0f} ({e['speedup_vs_bfloat16']:.2f}x)", e["peak_running"],
+              e["preemptions"]] for e in speed["engine"]]
+    capacity = (f"*Capacity from the pools' bytes (scales counted); the engine on {speed['device']}: llama-1b "
+                f"bfloat16, {speed['engine_requests']} requests of workload A in {speed['engine_pool_GiB']:g} GiB "
+                f"of pool. Source: "
+                f"`benchmarks/results/{KV_QUANT_SPEED}`.*\n\n" + markdown(header, table))
+    accuracy = load(results, KV_QUANT_ACCURACY)
+    header = [("kv_dtype", "l"), ("mean KL", "r"), ("max KL", "r"), ("max abs logit difference", "r"),
+              ("same greedy token", "r"), ("perplexity", "r"), ("vs bfloat16 cache", "r")]
+    table = [["bfloat16 (reference)", "—", "—", "—", "—", f"{accuracy['perplexity']['bfloat16']:.3f}", "—"]]
+    table += [[name, f"{r['kl_mean']:.4f}", f"{r['kl_max']:.3f}", f"{r['max_abs_logit_diff']:.2f}",
+               f"{r['argmax_agreement']:.1%}", f"{r['perplexity']:.3f}", f"{r['perplexity_vs_bfloat16']:+.2%}"]
+              for name, r in accuracy["rows"].items()]
+    accuracy = (f"*SmolLM2-135M-Instruct, real weights, bfloat16, {accuracy['positions']:,} positions; CPU, jax "
+                f"{accuracy['jax']}. Source: `benchmarks/results/{KV_QUANT_ACCURACY}`.*\n\n" + markdown(header, table))
+    return [attention, capacity, accuracy]
+
+
 def all_tables(results):
     """{title: [markdown section, ...]} of every table the docs show."""
     return {"memory": headline_memory(results), "decode attention": headline_decode(results),
             "prefill attention": headline_prefill(results), "generation": headline_generation(results),
+            "8-bit K/V": headline_kv_quant(results),
             "decode attention, every shape": headline_decode(results, full=True),
             "generation, every run": headline_generation(results, full=True)}
 

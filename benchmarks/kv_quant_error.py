@@ -3,8 +3,8 @@
 
 Each scheme quantises random K/V laid out as the pools hold it ([N blocks, P positions, K heads,
 D]) and dequantises it back; the errors are measured against the float32 input:
-- per_token: one float32 scale per position and kv head (`jaxpaged.quant`), fixed when written;
-- per_block_whole: one scale per block and kv head over the whole block, written at once (a
+- per_token: one float16 scale per position and kv head (`jaxpaged.quant`), fixed when written;
+- per_block_whole: one float32 scale per block and kv head over the whole block, written at once (a
   prefill that fills whole blocks; the best a per-block scale can do);
 - per_block_filled: the same scale, but the block filled one position at a time (decode): the scale
   is the running max, and when a new position raises it the block's earlier values are re-quantised
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged.config import SCALE_ITEMSIZE
 from jaxpaged.quant import QUANTIZED_DTYPES, dequantise, quantise
 
 
@@ -111,7 +112,7 @@ def main() -> None:
             x = make_data(kind, jax.random.key(0), args.blocks, args.block_size, args.heads, head_dim)
             for kv_dtype in QUANTIZED_DTYPES:
                 for scheme, run in SCHEMES.items():
-                    scale_bytes = 4 if scheme == "per_token" else 4 / args.block_size
+                    scale_bytes = SCALE_ITEMSIZE if scheme == "per_token" else 4 / args.block_size  # float32 a block
                     row = {"head_dim": head_dim, "data": kind, "kv_dtype": kv_dtype, "scheme": scheme,
                            "bytes_per_position_and_head": head_dim + scale_bytes, **errors(x, run(x, kv_dtype))}
                     rows.append(row)

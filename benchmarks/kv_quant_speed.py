@@ -209,8 +209,8 @@ def main():
         result["decode"].append(bench_shape(rng, batch, context, heads, kv_heads, head_dim, copies))
         _save(result, args.out)
     if not args.skip_engine:
-        result["engine"] = engine_runs(16 if args.quick else args.num_requests, args.pool_gib,
-                                       256 if args.quick else 1024)
+        result["engine_requests"], result["engine_pool_GiB"] = 16 if args.quick else args.num_requests, args.pool_gib
+        result["engine"] = engine_runs(result["engine_requests"], args.pool_gib, 256 if args.quick else 1024)
         _save(result, args.out)
     print_tables(result)
 

@@ -128,9 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a .gguf file or a checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and cache dtype (default float32)")
     gen.add_argument("--kv-dtype", choices=QUANTIZED_KV_DTYPES, default=None,
-                     help="store the paged cache's K and V in 8 bits, with a float32 scale per position and kv head "
-                          "(default: in --dtype); the attention then takes the reference path (the GPU kernels do "
-                          "not read 8-bit pools yet)")
+                     help="store the paged cache's K and V in 8 bits, with a float16 scale per position and kv head "
+                          "(default: in --dtype); about half the bytes, so about twice the sequences in a pool")
     gen.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per device call (default 16)")
     _attention_argument(gen)
     gen.set_defaults(run=run_generate, subparser=gen)

@@ -78,8 +78,8 @@ class Engine:
       seed: draws the seeds of requests that give none.
       impl: paged attention's path ("auto", "kernel", "reference").
       decode_steps: decode steps per device call.
-      kv_dtype: "int8" or "float8_e4m3fn" for 8-bit pools with scales (`CacheConfig.kv_dtype`; the
-        reference attention reads them); default the model's dtype.
+      kv_dtype: "int8" or "float8_e4m3fn" for 8-bit pools with scales (`CacheConfig.kv_dtype`);
+        default the model's dtype.
       overlap: while the plan stays the same, start the next decode call before reading the last
         one's tokens (the host's work then overlaps the device's).
       check_integrity: run the block-ownership check after every step (tests).
