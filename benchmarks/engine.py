@@ -133,7 +133,9 @@ def main():
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--static-group", type=int, default=64)
+    parser.add_argument("--static-group", type=int, default=64, help="0 skips the static generate peer")
+    parser.add_argument("--no-mixed", action="store_true",
+                        help="prefill and decode in separate calls (the engine's mixed_batches=False)")
     parser.add_argument("--hf-requests", type=int, default=16, help="0 skips the transformers peer")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the plot of a result file written before")
@@ -147,14 +149,14 @@ def main():
     model = MiniLLM(config, rngs=nnx.Rngs(0))
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       decode_steps=args.decode_steps)
+                       decode_steps=args.decode_steps, mixed_batches=not args.no_mixed)
     result = {"device": device_name(), "model": args.model, "dtype": config.dtype, "args": vars(args)}
     bandwidth = spec_bandwidth(device_name()) if gpu else None
     flops = matmul_peak(jnp.dtype(config.dtype)) if gpu else None
 
     def peers(prompts, outputs, _):
         """The static generate and transformers on workload A's requests, right after the engine's run."""
-        if "A" in args.workloads:
+        if "A" in args.workloads and args.static_group:
             result["A_static_generate"] = run_static(model, prompts, outputs, args.static_group)
             if args.hf_requests:
                 result["A_transformers"] = run_hf(config, prompts[:args.hf_requests], outputs[:args.hf_requests])

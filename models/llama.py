@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from jaxpaged.protocol import NoCache, Step
 from jaxpaged.models.config import ModelConfig
@@ -83,6 +83,22 @@ def _linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.
     return Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+@struct.dataclass
+class MixedStep:
+    """A step of two groups of rows at once (the engine's mixed batch): `decode` rows of one token
+    each and `prefill` rows of a chunk each, their Steps from two `begin_step` calls. The token-wise
+    work (norms, projections, MLP) runs on the tokens of both as one [1, Bd + Bp * T, E] array, so
+    each weight is read once; attention runs per group, a decode row never padded to the chunk."""
+
+    decode: Step  # positions [Bd, 1]
+    prefill: Step  # positions [Bp, T]
+
+    def spans(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Where each group's tokens lie in the flat token axis (static)."""
+        decoded = self.decode.positions.size
+        return (0, decoded), (decoded, decoded + self.prefill.positions.size)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c = config
@@ -95,17 +111,32 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
 
-    def __call__(self, x, cache, layer, step: Step):
+    def __call__(self, x, cache, layer, step: Step | MixedStep):
+        """x [B, T, E] with a Step, or every token of a MixedStep's two groups as [1, N, E]."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H * D], [B, T, K * D] x 2
+        if not isinstance(step, MixedStep):
+            out, cache = self._attend(q, k, v, cache, layer, step)
+            return self.o_proj(out), cache
+        outs = []
+        for group, (begin, end) in zip((step.decode, step.prefill), step.spans()):  # one attention each
+            rows, tokens = group.positions.shape
+            split = [y[0, begin:end].reshape(rows, tokens, -1) for y in (q, k, v)]
+            out, cache = self._attend(*split, cache, layer, group)
+            outs.append(out.reshape(1, end - begin, -1))
+        return self.o_proj(jnp.concatenate(outs, axis=1)), cache
+
+    def _attend(self, q, k, v, cache, layer, step: Step):
+        """Attention of one group of rows: q [B, T, H * D], k and v [B, T, K * D] -> [B, T, H * D]."""
         c = self.config
-        batch, num_tokens, _ = x.shape
-        q = self.q_proj(x).reshape(batch, num_tokens, c.num_heads, c.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)  # [B, T, K, D]
-        v = self.v_proj(x).reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)
+        batch, num_tokens, _ = q.shape
+        q = q.reshape(batch, num_tokens, c.num_heads, c.head_dim)  # [B, T, H, D]
+        k = k.reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)  # [B, T, K, D]
+        v = v.reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, step.positions, c.rope_theta), apply_rope(k, step.positions, c.rope_theta)
         out, cache = cache.attend(layer, q, k, v, step)  # the cache protocol: write this layer's K/V, attend
-        return self.o_proj(out.reshape(batch, num_tokens, c.num_heads * c.head_dim)), cache
+        return out.reshape(batch, num_tokens, c.num_heads * c.head_dim), cache
 
 
 class MLP(nnx.Module):
@@ -183,7 +214,9 @@ class MiniLLM(nnx.Module):
             layers = (layer_params, jnp.arange(self.config.num_layers, dtype=jnp.int32))
             (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
         x = self.norm(x)
-        if logit_index is not None:  # only the rows we sample from: [B, E]
+        if isinstance(step, MixedStep):  # the flat token axis: the tokens we sample from, [S, E]
+            x = x[0, logit_index]
+        elif logit_index is not None:  # only the rows we sample from: [B, E]
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]
         return self._logits(x), cache
 
@@ -222,6 +255,31 @@ class MiniLLM(nnx.Module):
         cache, step = cache.begin_step(seq_idx, num_tokens, length, max_len=max_len, impl=impl)
         logits, cache = self._run(input_ids, cache, step, logit_index)
         return logits, cache, step.ok
+
+    def mixed_step(self, last_tokens: jax.Array, chunks: jax.Array, cache: Any, *, active: jax.Array,
+                   decode_idx: jax.Array, seq_idx: jax.Array, num_tokens: jax.Array, max_len: int | None = None,
+                   impl: str = "auto"):
+        """A decode step of some rows and a prefill chunk of others in one pass (`MixedStep`).
+
+        Args:
+          last_tokens: [Bd] int32, each decode row's last token; active: [Bd] bool (inactive rows write
+            nothing); decode_idx: [Bd] int32, their block-table rows.
+          chunks: [Bp, T] int32, each prefill row's chunk (right padded); seq_idx: [Bp] int32, their
+            block-table rows; num_tokens: [Bp] int32 real tokens per chunk.
+          max_len, impl: as `step`.
+
+        Returns:
+          (logits [Bd + Bp, V] float32: the decode rows', then each chunk's at its last token, cache, ok).
+        """
+        cache, decode = cache.begin_step(decode_idx, active.astype(jnp.int32), 1, max_len=max_len, impl=impl)
+        batch, length = chunks.shape
+        cache, prefill = cache.begin_step(seq_idx, num_tokens, length, max_len=max_len, impl=impl)
+        ids = jnp.concatenate([last_tokens, chunks.reshape(-1)])[None]  # [1, Bd + Bp * T]
+        decoded = last_tokens.shape[0]
+        last = decoded + jnp.arange(batch) * length + jnp.maximum(num_tokens - 1, 0)  # each chunk's last token
+        logit_index = jnp.concatenate([jnp.arange(decoded), last])
+        logits, cache = self._run(ids, cache, MixedStep(decode, prefill), logit_index)
+        return logits, cache, decode.ok & prefill.ok
 
     def decode_step(self, last_tokens: jax.Array, cache: Any, *, active: jax.Array, seq_idx: jax.Array | None = None,
                     max_len: int | None = None, impl: str = "auto"):

@@ -59,8 +59,35 @@ def solo(model):
 
 def test_a_mixed_batch_arriving_over_time_equals_each_request_alone(model, solo):
     prompts, params = _requests()
-    assert _run(_engine(model), prompts, params, arrivals=[0, 0, 2, 3, 5]) == solo
+    engine = _engine(model)
+    assert _run(engine, prompts, params, arrivals=[0, 0, 2, 3, 5]) == solo
+    assert engine.stats().mixed_steps > 0, "no prefill step took the running sequences' decodes along"
     assert all(len(out[0]) == p.max_tokens for out, p in zip(solo, params)), "no EOS among these (checked)"
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned):
+    """MiniLLM.mixed_step: the same logits and the same cache, bit for bit, as its two halves run apart."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxpaged as jp
+
+    net = model.scanned() if scanned else model
+    state = jp.init_state(jp.CacheConfig.from_model_config(model.config, num_blocks=32, block_size=4, max_seqs=4))
+    rows = lambda *r: jnp.asarray(r, jnp.int32)  # noqa: E731
+    _, state, _ = net.step(jnp.asarray(np.arange(14).reshape(2, 7) % 250, jnp.int32), state, seq_idx=rows(0, 1),
+                           num_tokens=rows(5, 7))
+    last, chunks, active = rows(11, 12), jnp.asarray(np.arange(12).reshape(2, 6) + 40, jnp.int32), jnp.ones(2, bool)
+    apart = jax.tree.map(jnp.copy, state)
+    decoded, apart, _ = net.decode_step(last, apart, active=active, seq_idx=rows(0, 1))
+    prefilled, apart, _ = net.step(chunks, apart, seq_idx=rows(2, 3), num_tokens=rows(6, 3), logit_index=rows(5, 2))
+    logits, together, ok = net.mixed_step(last, chunks, state, active=active, decode_idx=rows(0, 1),
+                                          seq_idx=rows(2, 3), num_tokens=rows(6, 3))
+    assert bool(ok)
+    assert np.array_equal(np.asarray(logits), np.concatenate([decoded, prefilled]))
+    for x, y in zip(jax.tree.leaves(apart), jax.tree.leaves(together)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_overlapped_decode_calls_give_the_same_tokens_as_calls_read_one_by_one(model, solo):
@@ -75,10 +102,10 @@ def test_overlapped_decode_calls_give_the_same_tokens_as_calls_read_one_by_one(m
 @pytest.mark.parametrize("caching", [True, False])
 def test_preempted_and_resumed_requests_give_the_same_tokens(model, solo, caching):
     prompts, params = _requests()
-    engine = _engine(model, num_blocks=12, max_num_batched_tokens=8, enable_prefix_caching=caching)
+    engine = _engine(model, num_blocks=10, max_num_batched_tokens=8, enable_prefix_caching=caching)
     assert _run(engine, prompts, params) == solo
     assert engine.scheduler.num_preemptions > 0, "the pool should have been too small"
-    assert engine.stats().peak_used_blocks == 12, "preemption comes only when the pool is full"
+    assert engine.stats().peak_used_blocks == 10, "preemption comes only when the pool is full"
 
 
 def test_prefix_caching_shares_the_system_prompt(model):

@@ -142,7 +142,8 @@ def summarise(prompts: Sequence[Sequence[int]], run: EngineRun) -> dict:
             "total_tokens_per_second": (out_tokens + sum(map(len, prompts))) / seconds,
             "seconds": seconds, "compile_seconds": run.compile_seconds, "preemptions": stats.preemptions,
             "prefix_hit_rate": stats.prefix_hit_rate, "host_share": 1 - stats.device_seconds / seconds,
-            "overlapped_calls": stats.overlapped_calls, "peak_used_blocks": stats.peak_used_blocks,
+            "overlapped_calls": stats.overlapped_calls, "mixed_steps": stats.mixed_steps,
+            "peak_used_blocks": stats.peak_used_blocks,
             "mean_ttft": float(np.mean([r.metrics.time_to_first_token for r in run.results]))}
 
 

@@ -1,7 +1,8 @@
 """The engine: requests in, tokens out, step by step (`Engine`), and vLLM's offline API on top (`LLM`).
 
-One `Engine.step()` is: the scheduler plans (jaxpaged.engine.scheduler), the runner executes the plan
-in one jitted call (jaxpaged.engine.runner), and the engine appends the sampled tokens, checks each
+One `Engine.step()` is: the scheduler plans (jaxpaged.engine.scheduler: prompt chunks, with a decode
+step of the running sequences in the same call, or several decode steps), the runner executes the
+plan in one jitted call (jaxpaged.engine.runner), and the engine appends the sampled tokens, checks each
 sequence's stop conditions, names the blocks that filled up for the prefix cache, and gives back the
 blocks of whatever finished. A request with n > 1 samples forks when its prompt is done: the samples
 share the prompt's blocks and each draws its first token from the same logits with its own seed.
@@ -31,7 +32,7 @@ from jaxpaged.engine.request import (
     Sequence,
     Status,
 )
-from jaxpaged.engine.runner import Runner
+from jaxpaged.engine.runner import DecodeRows, Runner
 from jaxpaged.engine.sampling import SamplingParams
 from jaxpaged.kernels.launch import MAX_POOL_SIZE
 from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
@@ -54,6 +55,7 @@ class EngineStats:
     decode_steps: int  # decode steps the device ran
     kv_positions_read: int  # cached positions the decode steps attended over, summed over rows and steps
     overlapped_calls: int  # decode calls started before the host read the previous one (overlap)
+    mixed_steps: int  # prefill calls that also took a decode step of the running sequences
 
     def format(self) -> str:
         return (f"running {self.running}, waiting {self.waiting}, preempted {self.preemptions}, "
@@ -82,6 +84,8 @@ class Engine:
         default the model's dtype.
       overlap: while the plan stays the same, start the next decode call before reading the last
         one's tokens (the host's work then overlaps the device's).
+      mixed_batches: in a step that prefills, the running sequences take a decode step in the
+        same call (the model's `mixed_step`; a model without one alternates prefill and decode).
       check_integrity: run the block-ownership check after every step (tests).
     """
 
@@ -89,7 +93,8 @@ class Engine:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
-                 overlap: bool = True, kv_dtype: str | None = None, check_integrity: bool = False):
+                 overlap: bool = True, mixed_batches: bool = True, kv_dtype: str | None = None,
+                 check_integrity: bool = False):
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -107,7 +112,8 @@ class Engine:
             max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching),
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps)
+                                   max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps,
+                                   mix=mixed_batches and hasattr(model, "mixed_step"))
         self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers)
         self.eos_token_ids = tuple(config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.check_integrity, self.overlap = check_integrity, overlap
@@ -117,6 +123,7 @@ class Engine:
         self._ids = itertools.count()
         self._busy_seconds, self._generated = 0.0, 0
         self._device_seconds, self._decode_steps, self._kv_positions_read, self._overlapped_calls = 0.0, 0, 0, 0
+        self._mixed_steps = 0
         self._peak_blocks = 0
 
     # -- requests
@@ -211,11 +218,27 @@ class Engine:
                 samples += forks
                 sample_rows += [i] * len(forks)
         start = time.perf_counter()
-        tokens, logprobs, top_ids, top_logprobs = self.runner.prefill(
+        self.runner.copy_blocks(plan.copies)
+        seen = self._seen(samples + plan.decodes)  # both groups' or neither
+        decode = None
+        if plan.decodes:
+            decode = DecodeRows([s.row for s in plan.decodes], [s.last_token for s in plan.decodes],
+                                *self._sampling_columns(plan.decodes), seen=None if seen is None else seen[len(samples):])
+        out = self.runner.prefill(
             self.scheduler.table, self._lens(), [s.row for s in plan.seqs],
             [s.tokens[start:start + count] for s, start, count in zip(plan.seqs, plan.starts, plan.counts)],
-            sample_rows, *self._sampling_columns(samples), seen=self._seen(samples))
+            sample_rows, *self._sampling_columns(samples), seen=None if seen is None else seen[: len(samples)],
+            decode=decode)
         self._device_seconds += time.perf_counter() - start
+        (tokens, logprobs, top_ids, top_logprobs), decoded = out if decode else (out, None)
+        if decode:
+            self._mixed_steps += 1
+            self._decode_steps += 1
+            for j, seq in enumerate(plan.decodes):  # each one token, computed on what it held
+                self._kv_positions_read += seq.num_computed + 1
+                seq.num_computed += 1
+                self._append(seq, [int(decoded[0][j])], *(x[j:j + 1] for x in decoded[1:]))
+                self._cache_blocks(seq)
         for seq, count in zip(plan.seqs, plan.counts):
             seq.num_computed += count
         for seq in samples:  # the siblings start on the prompt's blocks before anyone can finish
@@ -226,7 +249,7 @@ class Engine:
             self._append(seq, [int(tokens[j])], logprobs[j:j + 1], top_ids[j:j + 1], top_logprobs[j:j + 1])
         for seq in plan.seqs:
             self._cache_blocks(seq)
-        return [seq.request for seq in plan.seqs]
+        return [seq.request for seq in plan.decodes + plan.seqs]
 
     def _forks_now(self, seq: Sequence) -> bool:
         """Whether this completed prompt is a request's first sample, its siblings not started yet."""
@@ -375,7 +398,7 @@ class Engine:
                            tokens_per_second=self._generated / self._busy_seconds if self._busy_seconds else 0.0,
                            step_seconds=self._busy_seconds, device_seconds=self._device_seconds,
                            decode_steps=self._decode_steps, kv_positions_read=self._kv_positions_read,
-                           overlapped_calls=self._overlapped_calls)
+                           overlapped_calls=self._overlapped_calls, mixed_steps=self._mixed_steps)
 
 
 def _blocks_that_fit(bytes_per_block: int, utilisation: float) -> int | None:

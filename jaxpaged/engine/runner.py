@@ -4,7 +4,8 @@ The host's block manager owns the blocks; before each call the runner writes the
 table and lengths into the device state (a few KiB), so the pure ops find every block they need
 already in the table and never allocate (the device allocator is left empty: an allocation would
 report ok=False, and the runner raises). A prefill call runs a ragged batch of chunks and samples
-for the rows whose chunk ends their tokens; a decode call runs `steps` decode steps in one
+for the rows whose chunk ends their tokens, and where it is given decode rows, their next tokens
+too (the model's `mixed_step`: one pass over both); a decode call runs `steps` decode steps in one
 `lax.while_loop`, sampling and checking each row's stop conditions on the device.
 
 Shapes are padded so that compilations stay few: a decode call always runs every table row (the
@@ -58,14 +59,25 @@ def _with_table(state: PagedKVState, table, lens) -> PagedKVState:
 
 
 def _prefill(graphdef, treedef, leaves, state, table, lens, tokens, seq_idx, num_tokens, sample_rows,
-             rows: SamplingRows, min_tokens, stop_ids, seen, *, impl, max_len, filtered, penalised, random, banning,
-             num_logprobs):
-    """One chunk per row; samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1)."""
+             rows: SamplingRows, min_tokens, stop_ids, seen, decode=None, *, impl, max_len, filtered, penalised,
+             random, banning, num_logprobs):
+    """One chunk per row; samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1).
+
+    decode: None, or (last tokens [Bd], their block-table rows [Bd], active [Bd]): those rows take a
+    decode step in the same pass (`MiniLLM.mixed_step`) and sample first: rows [Bd + S].
+    """
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     state = _with_table(state, table, lens)
-    logits, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
-                                   logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
-    logits = logits[sample_rows]
+    if decode is None:
+        logits, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
+                                       logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
+        logits = logits[sample_rows]
+    else:
+        last_tokens, decode_idx, active = decode
+        logits, state, ok = model.mixed_step(last_tokens, tokens, state, active=active, decode_idx=decode_idx,
+                                             seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len, impl=impl)
+        decoded = last_tokens.shape[0]
+        logits = jnp.concatenate([logits[:decoded], logits[decoded:][sample_rows]])
     banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1]) if banning else None
     out = sample(logits, rows, seen, banned, filtered=filtered, penalised=penalised, random=random,
                  num_logprobs=num_logprobs)
@@ -189,8 +201,8 @@ class Runner:
             self.state = _copy_blocks(self.state, pairs[0], pairs[1])
 
     def prefill(self, table, lens, rows, chunks, sample_rows, params, seeds, token_indices, min_tokens, stop_ids,
-                seen=None):
-        """Runs one chunk per row and samples.
+                seen=None, decode: DecodeRows | None = None):
+        """Runs one chunk per row and samples; with `decode`, a decode step of other rows in the same pass.
 
         Args:
           table, lens: the scheduler's block table [B_all, M] and each row's computed positions [B_all].
@@ -199,8 +211,10 @@ class Runner:
           params, seeds, token_indices, min_tokens, stop_ids: each sample's SamplingParams, seed,
             output index, min_tokens and stop token ids.
           seen: [S, V] bool of each sample's seen tokens, where some sample has a repetition penalty.
+          decode: rows that take one decode step in the same pass (the model's `mixed_step`).
 
-        Returns numpy (tokens [S], logprob [S], top ids [S, R], top logprobs [S, R]).
+        Returns numpy (tokens, logprob, top ids, top logprobs): [S] (and [S, R]) for the samples; with
+        `decode`, a pair of those, the samples' and the decode rows' ([Bd]).
         """
         batch, width = bucket(len(rows)), bucket(max(len(c) for c in chunks), minimum=16)
         tokens = np.zeros((batch, width), np.int32)
@@ -213,17 +227,29 @@ class Runner:
         samples = max(bucket(len(sample_rows)), self.config.max_seqs)  # one shape, unless forks pass the rows
         sampled = np.zeros(samples, np.int32)
         sampled[: len(sample_rows)] = sample_rows
+        columns = _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, samples)
+        longest = max(lens[r] + len(c) for r, c in zip(rows, chunks))
+        decoded, decode_inputs = 0, None
+        if decode is not None:  # its rows first, padded as a decode call's
+            decoded = min(bucket(len(decode.rows), minimum=self.min_decode_rows), self.config.max_seqs)
+            decode_inputs = (_column(decode.last_tokens, decoded, np.int32),
+                             _column(decode.rows, decoded, np.int32, self.config.max_seqs),
+                             _column([True] * len(decode.rows), decoded, bool, False))
+            columns = jax.tree.map(lambda *x: np.concatenate(x), decode.arrays(decoded), columns)
+            params = params + decode.params
+            longest = max([longest] + [lens[r] + 1 for r in decode.rows])
         switches = self._switches(params)
+        sampling, min_tokens, stop_ids, seen = columns
         self.state, ok, out = self._prefill(
             self.leaves, self.state, np.array(table), lens.astype(np.int32), tokens, seq_idx, num_tokens, sampled,
-            SamplingRows.build(params, seeds, token_indices, samples),
-            _column(min_tokens, samples, np.int32), _stop_table(stop_ids, samples),
-            _pad_rows(seen, samples) if switches["penalised"] else None, impl=self.impl,
-            max_len=self._read_bound(max(lens[r] + len(c) for r, c in zip(rows, chunks))),
-            **switches)
+            sampling, min_tokens, stop_ids, seen if switches["penalised"] else None, decode_inputs, impl=self.impl,
+            max_len=self._read_bound(longest), **switches)
         ok, out = jax.device_get((ok, out))  # one transfer
         self._check(ok)
-        return tuple(x[: len(sample_rows)] for x in out)
+        sampled_out = tuple(x[decoded:decoded + len(sample_rows)] for x in out)
+        if decode is None:
+            return sampled_out
+        return sampled_out, tuple(x[: len(decode.rows)] for x in out)
 
     def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
                steps: int, seen=None) -> DecodeCall:
@@ -300,6 +326,32 @@ class Runner:
     def _check(ok) -> None:
         if not bool(ok):
             raise RuntimeError("internal error: a step needed a block the scheduler did not reserve")
+
+
+@dataclasses.dataclass
+class DecodeRows:
+    """Running rows that take one decode step inside a prefill call (a mixed batch)."""
+
+    rows: list[int]  # block-table rows
+    last_tokens: list[int]
+    params: list[SamplingParams]
+    seeds: list[int]
+    token_indices: list[int]
+    min_tokens: list[int]
+    stop_ids: list[tuple[int, ...]]
+    seen: np.ndarray | None = None  # [Bd, V] bool, where some row has a repetition penalty
+
+    def arrays(self, count: int):
+        """(SamplingRows, min_tokens, stop ids, seen) padded to `count` rows."""
+        return _sampling_arrays(self.params, self.seeds, self.token_indices, self.min_tokens, self.stop_ids,
+                                self.seen, count)
+
+
+def _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, count: int):
+    """The sampler's per-row inputs for `count` rows: (SamplingRows, min_tokens [count], stop ids
+    [count, MAX_STOP_IDS], seen [count, V] or None)."""
+    return (SamplingRows.build(params, seeds, token_indices, count), _column(min_tokens, count, np.int32),
+            _stop_table(stop_ids, count), None if seen is None else _pad_rows(seen, count))
 
 
 def _column(values, rows: int, dtype, fill=0) -> np.ndarray:

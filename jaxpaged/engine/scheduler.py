@@ -1,17 +1,19 @@
 """The scheduler: which sequences run in the next step, and how many tokens each.
 
-A step is either a prefill step or a decode step, and its plan is data:
+A step is either a prefill step (with or without decodes) or a decode step, and its plan is data:
 - `PrefillPlan`: chunks of prompts (or of a preempted sequence's tokens, recomputed), at most
   `max_num_batched_tokens` tokens in all. Sequences already part-way through their prompt continue
   first; then waiting ones are admitted first come, first served, while a table row, the token
-  budget and the pool allow. A long prompt is split over steps (chunked prefill).
+  budget and the pool allow. A long prompt is split over steps (chunked prefill). With `mix`, every
+  running sequence whose tokens are all computed takes one decode step in the same call (a mixed
+  batch: its token counts against the budget first, and its block is reserved before any prompt is
+  admitted, as vLLM schedules running requests before waiting ones), so decodes never stall
+  behind prompts.
 - `DecodePlan`: every running sequence whose tokens are all computed, for `decode_steps` tokens in
-  one device call; their blocks for all those steps are reserved now. When the pool is short, the
-  newest running sequence is preempted (its blocks given back; it recomputes later, from the front
-  of the queue, and samples the same tokens, its random stream being keyed by token index).
-
-Prefill steps come first while there is prompt work, as in nano-vllm; prefill chunks and decodes do
-not yet share a step.
+  one device call; their blocks for all those steps are reserved now.
+When the pool is short, the newest running sequence is preempted (its blocks given back; it
+recomputes later, from the front of the queue, and samples the same tokens, its random stream
+being keyed by token index).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class PrefillPlan:
     seqs: list[Sequence]
     starts: list[int]  # first position of each chunk
     counts: list[int]  # tokens of each chunk
-    copies: list[tuple[int, int]]  # block copies to make first (none for prefill)
+    copies: list[tuple[int, int]]  # block copies to make first (copy on write, for the decodes)
+    decodes: list[Sequence] = dataclasses.field(default_factory=list)  # one decode step each, same call
 
     def completes(self, i: int) -> bool:
         """Whether chunk i reaches its sequence's last token (then it samples the next one)."""
@@ -53,13 +56,14 @@ class Scheduler:
       max_num_batched_tokens: tokens a prefill step computes at most.
       max_blocks_per_seq: M, the block table's width.
       decode_steps: tokens each decode call generates per sequence.
+      mix: decode the running sequences in prefill steps too (the model needs `mixed_step`).
     """
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_blocks_per_seq: int, decode_steps: int):
+                 max_blocks_per_seq: int, decode_steps: int, mix: bool = False):
         self.blocks = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.decode_steps = decode_steps
+        self.decode_steps, self.mix = decode_steps, mix
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
@@ -73,11 +77,16 @@ class Scheduler:
 
     def schedule(self) -> PrefillPlan | DecodePlan | None:
         """The next step's plan, or None when nothing can run."""
-        return self._prefill() or self._decode()
+        if self.mix and (self.waiting or any(seq.prefilling for seq in self.running)):
+            decodes, copies = self._reserve(1)
+            plan = self._prefill(self.max_num_batched_tokens - len(decodes))
+            if plan is not None:
+                plan.decodes, plan.copies = [seq for seq in decodes if seq.status is Status.RUNNING], copies
+                return plan
+        return self._prefill(self.max_num_batched_tokens) or self._decode()
 
-    def _prefill(self) -> PrefillPlan | None:
+    def _prefill(self, budget: int) -> PrefillPlan | None:
         plan = PrefillPlan([], [], [], [])
-        budget = self.max_num_batched_tokens
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 budget -= self._add_chunk(plan, seq, budget)
@@ -102,11 +111,18 @@ class Scheduler:
         return count
 
     def _decode(self) -> DecodePlan | None:
+        seqs, copies = self._reserve(self.decode_steps)
+        return DecodePlan(seqs, self.decode_steps, copies) if seqs else None
+
+    def _reserve(self, decode_steps: int) -> tuple[list[Sequence], list[tuple[int, int]]]:
+        """Blocks for `decode_steps` more tokens of every running sequence whose tokens are all
+        computed, preempting the newest running sequences where the pool is short. Returns those
+        sequences still running, and the block copies (copy on write) to make first."""
         copies = []
         for seq in list(self.running):  # oldest first; preemption takes the newest
             if seq.status is not Status.RUNNING or seq.prefilling:
                 continue
-            steps = min(self.decode_steps, seq.request.params.max_tokens - len(seq.output))
+            steps = min(decode_steps, seq.request.params.max_tokens - len(seq.output))
             while True:
                 try:
                     copies += self.blocks.grow(seq.blocks, seq.num_tokens - 1 + steps, seq.num_tokens - 1)
@@ -117,8 +133,7 @@ class Scheduler:
                     self.preempt(victim)
                     if victim is seq:
                         break
-        seqs = [s for s in self.running if not s.prefilling]
-        return DecodePlan(seqs, self.decode_steps, copies) if seqs else None
+        return [s for s in self.running if not s.prefilling], copies
 
     # -- changes of status
 
