@@ -85,6 +85,7 @@ class EngineRun(NamedTuple):
     timeline: list[tuple[float, int, int]]  # after each step: (seconds, generated tokens, running requests)
     compile_seconds: float  # the untimed run's extra time
     attention: str  # the path paged attention took: "kernel" or "reference"
+    kv_bytes_per_position: int  # of the pools, every layer's K and V (and 8-bit pools' scales)
 
 
 def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], engine_args: dict) -> EngineRun:
@@ -113,13 +114,16 @@ def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], 
     seconds = time.perf_counter() - start
     results = [done[i] for i in range(len(prompts))]
     return EngineRun(results, seconds, engine.stats(), timeline, max(warmup_seconds - seconds, 0.0),
-                     "kernel" if engine.runner.kernels else "reference")
+                     "kernel" if engine.runner.kernels else "reference", engine.cache_config.bytes_per_token)
 
 
-def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flops: float, bandwidth: float) -> float:
+def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flops: float, bandwidth: float,
+                     kv_bytes_per_position: int | None = None) -> float:
     """The time the engine's work would take at the ceilings: prefill at `matmul_flops` (FLOP/s), and
     each decode step the engine ran reading the weights once plus every live K/V position once at
-    `bandwidth` (bytes/s). The achieved fraction is this over the measured time."""
+    `bandwidth` (bytes/s), a position being `kv_bytes_per_position` (default: K and V of every layer
+    in the model's dtype; an 8-bit pool's are fewer). The achieved fraction is this over the
+    measured time."""
     import jax.numpy as jnp
 
     item = jnp.dtype(config.dtype).itemsize
@@ -127,7 +131,7 @@ def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flop
                                      config.num_kv_heads, config.head_dim, config.vocab_size)
     weights = (layers * (e * (heads + 2 * kv) * d + heads * d * e + 3 * e * f)
                + v * e * (1 if config.tie_embeddings else 2))
-    kv_bytes_per_position = 2 * layers * kv * d * item
+    kv_bytes_per_position = kv_bytes_per_position or 2 * layers * kv * d * item
     prefill_flops = 2 * weights * prompt_tokens
     return (prefill_flops / matmul_flops + stats.decode_steps * weights * item / bandwidth
             + stats.kv_positions_read * kv_bytes_per_position / bandwidth)
@@ -192,7 +196,7 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
         run = run_engine(model, prompts, outputs, args)
         entry = summarise(prompts, run)
         if ceilings:
-            ideal = roofline_seconds(config, run.stats, sum(map(len, prompts)), *ceilings)
+            ideal = roofline_seconds(config, run.stats, sum(map(len, prompts)), *ceilings, run.kv_bytes_per_position)
             entry["roofline_fraction"] = ideal / run.seconds
         result[name], runs[name] = entry, run
         return run
