@@ -265,11 +265,12 @@ class Runner:
         count = len(rows)  # rows padded to a power of two: a few shapes, and no work for empty rows
         batch = min(bucket(count, minimum=self.min_decode_rows), self.config.max_seqs)
         switches = self._switches(params)
+        sampling, min_tokens, stop_ids, seen = _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids,
+                                                                seen, batch)
         fixed = (_column(rows, batch, np.int32, self.config.max_seqs), _column(max_tokens, batch, np.int32),
-                 _column(min_tokens, batch, np.int32), _stop_table(stop_ids, batch))
-        carry = (_column(last_tokens, batch, np.int32), _column([True] * count, batch, bool, False),
-                 SamplingRows.build(params, seeds, token_indices, batch),
-                 _pad_rows(seen, batch) if switches["penalised"] else None)
+                 min_tokens, stop_ids)
+        carry = (_column(last_tokens, batch, np.int32), _column([True] * count, batch, bool, False), sampling,
+                 seen if switches["penalised"] else None)
         options = dict(impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps,
                        **switches)
         return self._run_decode(DecodeCall(count, fixed, options, carry), table, lens.astype(np.int32))

@@ -81,7 +81,7 @@ class Scheduler:
             decodes, copies = self._reserve(1)
             plan = self._prefill(self.max_num_batched_tokens - len(decodes))
             if plan is not None:
-                plan.decodes, plan.copies = [seq for seq in decodes if seq.status is Status.RUNNING], copies
+                plan.decodes, plan.copies = decodes, copies
                 return plan
         return self._prefill(self.max_num_batched_tokens) or self._decode()
 

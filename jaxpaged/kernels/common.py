@@ -237,9 +237,7 @@ def layer_operand(layer) -> jax.Array:
 def scale_view(k_scale, v_scale, row_gather: bool):
     """The scales of 8-bit pools ([L, K, N, P] each) as the kernels read them, beside `pool_view`'s
     pools: [L * K * N * P] (row_gather) or [L * K * N, P], the same ids finding a row's values and its
-    scale; and their BlockSpec (whole, to every program)."""
-    if k_scale.shape != v_scale.shape or k_scale.ndim != 4:
-        raise ValueError(f"scales must be two [L, K, N, P] arrays, got {k_scale.shape} and {v_scale.shape}")
+    scale; and their BlockSpec (whole, to every program). (`check_scales` checked their shapes.)"""
     total, block_size = math.prod(k_scale.shape[:3]), k_scale.shape[3]
     shape = (total * block_size,) if row_gather else (total, block_size)
     spec = pl.BlockSpec(shape, lambda _, h, __: (0,) * len(shape))
