@@ -244,7 +244,7 @@ def test_bench_runs_a_small_workload_and_writes_its_row(tmp_path, capsys):
     assert {"device", "model", "dtype", "args", "A"} <= set(written) and written["model"] == "tiny"
     row = written["A"]
     assert {"output_tokens_per_second", "total_tokens_per_second", "compile_seconds", "preemptions",
-            "prefix_hit_rate", "host_share", "mean_ttft", "seconds", "timeline"} <= set(row)
+            "prefix_hit_rate", "host_share", "device_idle_share", "mean_ttft", "seconds", "timeline"} <= set(row)
     assert row["total_tokens_per_second"] > row["output_tokens_per_second"] > 0 and row["preemptions"] == 0
     assert written["args"]["num_requests"] == 4 and written["args"]["workload"] == ["A"]
     assert "out tok/s" in printed and "TTFT s" in printed and "\nA " in printed and str(out) in printed

@@ -139,13 +139,15 @@ def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flop
 
 def summarise(prompts: Sequence[Sequence[int]], run: EngineRun) -> dict:
     """A run's row of the table: output and total (prompt + output) tokens/s, compilation, preemptions,
-    prefix hit rate, the host's share of the wall time, mean time to the first token."""
+    prefix hit rate, the host's share of the wall time (not waiting for a device call), the device's
+    idle share (no call to run: it waited for the host), mean time to the first token."""
     out_tokens = sum(len(r.outputs[0].token_ids) for r in run.results)
     stats, seconds = run.stats, run.seconds
     return {"attention": run.attention, "output_tokens_per_second": out_tokens / seconds,
             "total_tokens_per_second": (out_tokens + sum(map(len, prompts))) / seconds,
             "seconds": seconds, "compile_seconds": run.compile_seconds, "preemptions": stats.preemptions,
             "prefix_hit_rate": stats.prefix_hit_rate, "host_share": 1 - stats.device_seconds / seconds,
+            "device_idle_share": stats.device_idle_seconds / seconds,
             "overlapped_calls": stats.overlapped_calls, "mixed_steps": stats.mixed_steps,
             "peak_used_blocks": stats.peak_used_blocks,
             "mean_ttft": float(np.mean([r.metrics.time_to_first_token for r in run.results]))}
@@ -227,11 +229,11 @@ def format_table(rows: dict) -> str:
     runs = {name: row for name, row in rows.items() if isinstance(row, dict) and "output_tokens_per_second" in row
             and "preemptions" in row}
     roofline = any("roofline_fraction" in row for row in runs.values())
-    lines = [f"{'run':<16}{'out tok/s':>11}{'total tok/s':>13}{'compile s':>11}{'preempt':>9}{'hits':>7}{'host':>7}"
+    lines = [f"{'run':<16}{'out tok/s':>11}{'total tok/s':>13}{'compile s':>11}{'preempt':>9}{'hits':>7}{'idle':>7}"
              f"{'TTFT s':>9}" + (f"{'roofline':>10}" if roofline else "")]
     for name, e in runs.items():
         roof = f"{e['roofline_fraction']:.0%}" if "roofline_fraction" in e else "-"
         lines.append(f"{name:<16}{e['output_tokens_per_second']:>11.0f}{e['total_tokens_per_second']:>13.0f}"
                      f"{e['compile_seconds']:>11.1f}{e['preemptions']:>9}{e['prefix_hit_rate']:>7.0%}"
-                     f"{e['host_share']:>7.0%}{e['mean_ttft']:>9.3f}" + (f"{roof:>10}" if roofline else ""))
+                     f"{e.get('device_idle_share', float('nan')):>7.0%}{e['mean_ttft']:>9.3f}" + (f"{roof:>10}" if roofline else ""))
     return "\n".join(lines)

@@ -50,8 +50,8 @@ class EngineStats:
     generated_tokens: int
     tokens_per_second: float  # generated tokens over the time spent in steps
     step_seconds: float  # wall time inside step()
-    device_seconds: float  # of it, in the runner's calls: starting them (which holds the host until a
-    #                        decode call's loop has run: XLA drives the loop) and waiting for them
+    device_seconds: float  # of it, waiting for the runner's calls
+    device_idle_seconds: float  # the runner's launcher waiting for the host between two calls
     decode_steps: int  # decode steps the device ran
     kv_positions_read: int  # cached positions the decode steps attended over, summed over rows and steps
     overlapped_calls: int  # decode calls started before the host read the previous one (overlap)
@@ -397,6 +397,7 @@ class Engine:
                            generated_tokens=self._generated,
                            tokens_per_second=self._generated / self._busy_seconds if self._busy_seconds else 0.0,
                            step_seconds=self._busy_seconds, device_seconds=self._device_seconds,
+                           device_idle_seconds=self.runner.idle_seconds,
                            decode_steps=self._decode_steps, kv_positions_read=self._kv_positions_read,
                            overlapped_calls=self._overlapped_calls, mixed_steps=self._mixed_steps)
 

@@ -8,6 +8,12 @@ for the rows whose chunk ends their tokens, and where it is given decode rows, t
 too (the model's `mixed_step`: one pass over both); a decode call runs `steps` decode steps in one
 `lax.while_loop`, sampling and checking each row's stop conditions on the device.
 
+Every device call runs on one launcher thread, in the order the host asked for them. XLA drives a
+`while_loop` from the host (it reads the loop's predicate after each step), so the thread that
+starts a decode call is held until its last step has run; on the launcher thread that hold costs the
+host nothing: it schedules, reads the last call's tokens and queues the next call while the device
+computes. Only the launcher touches the paged state.
+
 Shapes are padded so that compilations stay few: a decode call always runs every table row (the
 padding rows write nothing and see nothing), a prefill call's rows and chunk length are powers of two.
 
@@ -16,8 +22,11 @@ Axis letters: B rows, T chunk tokens, S samples, V vocab, R logprobs per token, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -159,18 +168,18 @@ def _copy_blocks(state: PagedKVState, sources, destinations) -> PagedKVState:
 
 @dataclasses.dataclass
 class DecodeCall:
-    """A decode call on its way: what it was given, and its outputs (device arrays) once started."""
+    """A decode call on its way: what it was given, and its result once the launcher has run it."""
 
     count: int  # rows that decode (the first of the batch's B)
     fixed: tuple  # (seq_idx, max_tokens, min_tokens, stop ids): the same in a chained call
     options: dict  # the jitted call's static arguments
-    carry: tuple  # (last tokens, active, sampling rows, seen): the inputs, then what a chained call takes
-    ok: jax.Array | None = None
-    outputs: tuple | None = None
+    future: concurrent.futures.Future  # -> (ok, outputs, carry), device arrays; carry is what a
+    #                                    chained call continues from: (last tokens, active, sampling rows, seen)
 
 
 class Runner:
-    """Holds the model's parameters and the paged state on the device, and runs plans.
+    """Holds the model's parameters and the paged state on the device, and runs plans on its launcher
+    thread (the module's docstring says why).
 
     Args:
       model: a model with `step(tokens, cache, seq_idx=, num_tokens=, max_len=, logit_index=, impl=)`,
@@ -192,13 +201,43 @@ class Runner:
         self._sticky = dict(filtered=False, random=False, banning=False)
         state = init_state(cache_config)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
+        self.idle_seconds = 0.0  # the launcher's waits for the host between two calls
+        self._last_end: float | None = None
+        self._failure: BaseException | None = None
+        self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-launcher")
+        weakref.finalize(self, self._launcher.shutdown, wait=False)
+
+    def _launch(self, call) -> concurrent.futures.Future:
+        """Queues call() (which may read and replace self.state) on the launcher thread. After a
+        call that failed, every later one fails too: the state may have been given up to it."""
+
+        def run():
+            begin = time.perf_counter()
+            if self._last_end is not None:
+                self.idle_seconds += begin - self._last_end
+            try:
+                if self._failure is not None:
+                    raise RuntimeError("an earlier device call failed; the engine's state is lost") from self._failure
+                return call()
+            except BaseException as failure:
+                self._failure = self._failure or failure
+                raise
+            finally:
+                self._last_end = time.perf_counter()
+
+        return self._launcher.submit(run)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Queues whole-block copies (source, destination) for the calls that follow."""
         if copies:
             padded = bucket(len(copies))
             pairs = np.full((2, padded), self.config.num_blocks, np.int32)
             pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
-            self.state = _copy_blocks(self.state, pairs[0], pairs[1])
+
+            def copy():
+                self.state = _copy_blocks(self.state, pairs[0], pairs[1])
+
+            self._launch(copy)
 
     def prefill(self, table, lens, rows, chunks, sample_rows, params, seeds, token_indices, min_tokens, stop_ids,
                 seen=None, decode: DecodeRows | None = None):
@@ -240,11 +279,16 @@ class Runner:
             longest = max([longest] + [lens[r] + 1 for r in decode.rows])
         switches = self._switches(params)
         sampling, min_tokens, stop_ids, seen = columns
-        self.state, ok, out = self._prefill(
-            self.leaves, self.state, np.array(table), lens.astype(np.int32), tokens, seq_idx, num_tokens, sampled,
-            sampling, min_tokens, stop_ids, seen if switches["penalised"] else None, decode_inputs, impl=self.impl,
-            max_len=self._read_bound(longest), **switches)
-        ok, out = jax.device_get((ok, out))  # one transfer
+        table, lens = np.array(table), lens.astype(np.int32)
+
+        def run():
+            self.state, ok, out = self._prefill(
+                self.leaves, self.state, table, lens, tokens, seq_idx, num_tokens, sampled, sampling, min_tokens,
+                stop_ids, seen if switches["penalised"] else None, decode_inputs, impl=self.impl,
+                max_len=self._read_bound(longest), **switches)
+            return ok, out
+
+        ok, out = jax.device_get(self._launch(run).result())  # one transfer
         self._check(ok)
         sampled_out = tuple(x[decoded:decoded + len(sample_rows)] for x in out)
         if decode is None:
@@ -253,7 +297,7 @@ class Runner:
 
     def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
                steps: int, seen=None) -> DecodeCall:
-        """Starts up to `steps` decode steps for the given rows (each a running sequence); the device
+        """Queues up to `steps` decode steps for the given rows (each a running sequence); the device
         runs them while the host goes on. `results(call)` waits for what they produced.
 
         Args:
@@ -273,10 +317,12 @@ class Runner:
                  seen if switches["penalised"] else None)
         options = dict(impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps,
                        **switches)
-        return self._run_decode(DecodeCall(count, fixed, options, carry), table, lens.astype(np.int32))
+        table, lens = np.array(table), lens.astype(np.int32)  # copies: the host goes on changing its own
+        return DecodeCall(count, fixed, options, self._launch(lambda: self._run_decode(table, lens, carry, fixed,
+                                                                                        options)))
 
     def chain(self, call: DecodeCall, table, alive, longest: int) -> DecodeCall:
-        """Starts the next `steps` steps of the same rows, from where `call` leaves them on the device
+        """Queues the next `steps` steps of the same rows, from where `call` leaves them on the device
         (nothing read back): the host can read `call`'s results while these run.
 
         Args:
@@ -284,24 +330,29 @@ class Runner:
           alive: [B] bool, the rows the host still runs (one it finished or aborted stops here).
           longest: the most positions a row can hold after these steps.
         """
-        last, active, rows, seen = call.carry
-        alive = _column(alive, active.shape[0], bool, False)
+        alive = _column(alive, call.fixed[0].shape[0], bool, False)
         options = dict(call.options, max_len=self._read_bound(longest))
-        return self._run_decode(dataclasses.replace(call, options=options, carry=(last, active & alive, rows, seen)),
-                                table, self.state.table.seq_lens[0])
+        table = np.array(table)
 
-    def _run_decode(self, call: DecodeCall, table, lens) -> DecodeCall:
-        table = np.array(table)  # a copy: the host changes its table while the call may still read this one
-        seq_idx, max_tokens, min_tokens, stop_ids = call.fixed
-        last, active, rows, seen = call.carry
+        def run():  # `call` has run: the launcher takes calls in order
+            last, active, rows, seen = call.future.result()[2]
+            lens = self.state.table.seq_lens[0]  # a row the host has since released keeps its last length
+            return self._run_decode(table, lens, (last, active & alive, rows, seen), call.fixed, options)
+
+        return dataclasses.replace(call, options=options, future=self._launch(run))
+
+    def _run_decode(self, table, lens, carry, fixed, options):
+        seq_idx, max_tokens, min_tokens, stop_ids = fixed
+        last, active, rows, seen = carry
         self.state, ok, outputs, carry = self._decode(self.leaves, self.state, table, lens, last, seq_idx, active, rows,
-                                                      max_tokens, min_tokens, stop_ids, seen, **call.options)
-        return dataclasses.replace(call, ok=ok, outputs=outputs, carry=carry)
+                                                      max_tokens, min_tokens, stop_ids, seen, **options)
+        return ok, outputs, carry
 
     def results(self, call: DecodeCall):
         """Waits for a decode call. Returns numpy (tokens [steps, B], emitted [steps, B], logprob
         [steps, B], top ids and top logprobs [steps, B, R]) for the B rows given."""
-        ok, outputs = jax.device_get((call.ok, call.outputs))  # one transfer
+        ok, outputs, _ = call.future.result()
+        ok, outputs = jax.device_get((ok, outputs))  # one transfer
         self._check(ok)
         return tuple(x[:, :call.count] for x in outputs)
 
