@@ -74,25 +74,52 @@ def run_static(model, prompts, outputs, group):
     return {"output_tokens_per_second": sum(outputs) / passes[1], "compile_seconds": max(passes[0] - passes[1], 0.0)}
 
 
-def run_hf(config, prompts, outputs):
-    """Output tokens/s of transformers' continuous batching on the same shapes, or the reason it failed."""
-    try:
-        import torch
-        import transformers
+def run_hf(args, prompts, outputs):
+    """Output tokens/s of transformers' continuous batching on the same requests, in a process of
+    its own (stopped after --hf-timeout seconds), or the reason it gave none."""
+    import subprocess
+    import tempfile
 
-        hf_config = getattr(transformers, "Qwen3Config" if config.qk_norm else "LlamaConfig")(
-            **{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type")})
-        cls = getattr(transformers, "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = cls(hf_config).to(device=device, dtype=getattr(torch, config.dtype)).eval()
-        generation = transformers.GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=None,
-                                                   pad_token_id=0)
-        model.generate_batch(inputs=prompts[:1], generation_config=generation)  # warm-up
-        start = time.perf_counter()
-        model.generate_batch(inputs=prompts, generation_config=generation)
-        return {"tokens_per_second": sum(outputs) / (time.perf_counter() - start), "requests": len(prompts)}
-    except Exception as error:  # a peer's failure is recorded, not fatal
-        return {"failed": f"{type(error).__name__}: {error}"[:300]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompts": prompts, "outputs": outputs}, f)
+    command = [sys.executable, __file__, "--hf-worker", f.name, "--model", args.model]
+    command += [] if args.dtype is None else ["--dtype", args.dtype]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.hf_timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"not done in {args.hf_timeout} s", "requests": len(prompts)}
+    finally:
+        os.unlink(f.name)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        return {"failed": (done.stderr or done.stdout)[-300:], "requests": len(prompts)}
+    return json.loads(lines[-1])
+
+
+def hf_worker(config, path):
+    """The transformers peer itself (`run_hf` runs it apart): prints its result as one JSON line."""
+    import torch
+    import transformers
+
+    with open(path) as f:
+        work = json.load(f)
+    prompts, outputs = work["prompts"], work["outputs"]
+    hf_config = getattr(transformers, "Qwen3Config" if config.qk_norm else "LlamaConfig")(
+        **{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type")})
+    cls = getattr(transformers, "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = cls(hf_config).to(device=device, dtype=getattr(torch, config.dtype)).eval()
+    generation = transformers.GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=None,
+                                               pad_token_id=0)
+    model.generate_batch(inputs=prompts[:1], generation_config=generation, progress_bar=False)  # warm-up
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=generation, progress_bar=False)
+    seconds = time.perf_counter() - start
+    produced = sum(len(getattr(r, "generated_tokens", ())) for r in results.values())
+    print(json.dumps({"tokens_per_second": sum(outputs) / seconds, "requests": len(prompts), "seconds": seconds,
+                      "generated_tokens": produced, "tokens_asked": sum(outputs),
+                      "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                      "transformers": transformers.__version__, "torch": torch.__version__}))
 
 
 def plot_timeline(result, path):
@@ -137,6 +164,10 @@ def main():
     parser.add_argument("--no-mixed", action="store_true",
                         help="prefill and decode in separate calls (the engine's mixed_batches=False)")
     parser.add_argument("--hf-requests", type=int, default=16, help="0 skips the transformers peer")
+    parser.add_argument("--hf-timeout", type=float, default=300, help="seconds the transformers peer may take")
+    parser.add_argument("--compare-launcher", action="store_true",
+                        help="run A again with the device calls on the engine's own thread (launcher_thread=False)")
+    parser.add_argument("--hf-worker", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the plot of a result file written before")
     args = parser.parse_args()
@@ -146,6 +177,8 @@ def main():
         return
 
     config = preset(args.model, **({} if args.dtype is None else {"dtype": args.dtype}))
+    if args.hf_worker:
+        return hf_worker(config, args.hf_worker)
     model = MiniLLM(config, rngs=nnx.Rngs(0))
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -156,15 +189,23 @@ def main():
 
     def peers(prompts, outputs, _):
         """The static generate and transformers on workload A's requests, right after the engine's run."""
-        if "A" in args.workloads and args.static_group:
+        if "A" not in args.workloads:
+            return
+        if args.static_group:
             result["A_static_generate"] = run_static(model, prompts, outputs, args.static_group)
-            if args.hf_requests:
-                result["A_transformers"] = run_hf(config, prompts[:args.hf_requests], outputs[:args.hf_requests])
+        if args.hf_requests:
+            result["A_transformers"] = run_hf(args, prompts[:args.hf_requests], outputs[:args.hf_requests])
 
     rows = run_workloads(model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
                          max_len=args.max_len, engine_args=engine_args,
                          ceilings=(flops, bandwidth) if bandwidth and flops else None, on_workload_a=peers)
     result.update(rows)
+    if args.compare_launcher and "A" in args.workloads:
+        rows["A_caller_thread"] = run_workloads(
+            model, ["A"], num_requests=args.num_requests, min_len=args.min_len, max_len=args.max_len,
+            engine_args=dict(engine_args, launcher_thread=False),
+            ceilings=(flops, bandwidth) if bandwidth and flops else None)["A"]
+        result["A_caller_thread"] = rows["A_caller_thread"]
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

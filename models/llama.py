@@ -87,16 +87,21 @@ def _linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.
 class MixedStep:
     """A step of two groups of rows at once (the engine's mixed batch): `decode` rows of one token
     each and `prefill` rows of a chunk each, their Steps from two `begin_step` calls. The token-wise
-    work (norms, projections, MLP) runs on the tokens of both as one [1, Bd + Bp * T, E] array, so
-    each weight is read once; attention runs per group, a decode row never padded to the chunk."""
+    work (norms, projections, MLP) runs on the tokens of both as one flat [1, Bd + Np, E] array, each
+    weight read once: the decode rows' tokens, then the chunks' packed one after another (Np, no
+    padding between chunks). Attention runs per group: a decode row is never padded to the chunk,
+    and the chunks' q, k and v are gathered into their [Bp, T] rows for the prefill kernel and their
+    outputs gathered back to the packed order."""
 
-    decode: Step  # positions [Bd, 1]
+    decode: Step | None  # positions [Bd, 1]; None where no row decodes
     prefill: Step  # positions [Bp, T]
+    token_at: jax.Array  # [Bp, T] int32: where chunk b's token t lies among the packed tokens (Np past them)
+    slot_of: jax.Array  # [Np] int32: each packed token's place b * T + t in the rows (0 for padding)
 
-    def spans(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Where each group's tokens lie in the flat token axis (static)."""
-        decoded = self.decode.positions.size
-        return (0, decoded), (decoded, decoded + self.prefill.positions.size)
+    @property
+    def decoded(self) -> int:
+        """Decode rows: the flat axis's first Bd tokens (static)."""
+        return 0 if self.decode is None else self.decode.positions.shape[0]
 
 
 class Attention(nnx.Module):
@@ -117,13 +122,15 @@ class Attention(nnx.Module):
         if not isinstance(step, MixedStep):
             out, cache = self._attend(q, k, v, cache, layer, step)
             return self.o_proj(out), cache
-        outs = []
-        for group, (begin, end) in zip((step.decode, step.prefill), step.spans()):  # one attention each
-            rows, tokens = group.positions.shape
-            split = [y[0, begin:end].reshape(rows, tokens, -1) for y in (q, k, v)]
-            out, cache = self._attend(*split, cache, layer, group)
-            outs.append(out.reshape(1, end - begin, -1))
-        return self.o_proj(jnp.concatenate(outs, axis=1)), cache
+        outs, decoded = [], step.decoded
+        if step.decode is not None:
+            out, cache = self._attend(*(y[0, :decoded, None] for y in (q, k, v)), cache, layer, step.decode)
+            outs.append(out[:, 0])  # [Bd, H * D]
+        rows, tokens = step.prefill.positions.shape
+        chunks = [y[0, decoded:].at[step.token_at].get(mode="fill", fill_value=0) for y in (q, k, v)]  # [Bp, T, .]
+        out, cache = self._attend(*chunks, cache, layer, step.prefill)
+        outs.append(out.reshape(rows * tokens, -1)[step.slot_of])  # [Np, H * D]
+        return self.o_proj(jnp.concatenate(outs)[None]), cache
 
     def _attend(self, q, k, v, cache, layer, step: Step):
         """Attention of one group of rows: q [B, T, H * D], k and v [B, T, K * D] -> [B, T, H * D]."""
@@ -256,30 +263,38 @@ class MiniLLM(nnx.Module):
         logits, cache = self._run(input_ids, cache, step, logit_index)
         return logits, cache, step.ok
 
-    def mixed_step(self, last_tokens: jax.Array, chunks: jax.Array, cache: Any, *, active: jax.Array,
-                   decode_idx: jax.Array, seq_idx: jax.Array, num_tokens: jax.Array, max_len: int | None = None,
-                   impl: str = "auto"):
-        """A decode step of some rows and a prefill chunk of others in one pass (`MixedStep`).
+    def mixed_step(self, last_tokens: jax.Array | None, tokens: jax.Array, cache: Any, *, token_at: jax.Array,
+                   seq_idx: jax.Array, num_tokens: jax.Array, active: jax.Array | None = None,
+                   decode_idx: jax.Array | None = None, max_len: int | None = None, impl: str = "auto"):
+        """Prefill chunks packed on one token axis, and a decode step of other rows in the same pass
+        (`MixedStep`); the token-wise work runs on the real tokens, not on chunks padded to the longest.
 
         Args:
-          last_tokens: [Bd] int32, each decode row's last token; active: [Bd] bool (inactive rows write
-            nothing); decode_idx: [Bd] int32, their block-table rows.
-          chunks: [Bp, T] int32, each prefill row's chunk (right padded); seq_idx: [Bp] int32, their
-            block-table rows; num_tokens: [Bp] int32 real tokens per chunk.
+          last_tokens: [Bd] int32, each decode row's last token, or None for no decode rows; active: [Bd]
+            bool (inactive rows write nothing); decode_idx: [Bd] int32, their block-table rows.
+          tokens: [Np] int32, the chunks' tokens one after another (padding at the end).
+          token_at: [Bp, T] int32, where chunk b's token t lies in `tokens` (any index past its
+            num_tokens: Np, say); seq_idx: [Bp] int32, the chunks' block-table rows; num_tokens: [Bp]
+            int32 real tokens per chunk.
           max_len, impl: as `step`.
 
         Returns:
           (logits [Bd + Bp, V] float32: the decode rows', then each chunk's at its last token, cache, ok).
         """
-        cache, decode = cache.begin_step(decode_idx, active.astype(jnp.int32), 1, max_len=max_len, impl=impl)
-        batch, length = chunks.shape
+        ok, decode, decoded = jnp.asarray(True), None, 0
+        if last_tokens is not None:
+            cache, decode = cache.begin_step(decode_idx, active.astype(jnp.int32), 1, max_len=max_len, impl=impl)
+            ok, decoded = decode.ok, last_tokens.shape[0]
+        batch, length = token_at.shape
         cache, prefill = cache.begin_step(seq_idx, num_tokens, length, max_len=max_len, impl=impl)
-        ids = jnp.concatenate([last_tokens, chunks.reshape(-1)])[None]  # [1, Bd + Bp * T]
-        decoded = last_tokens.shape[0]
-        last = decoded + jnp.arange(batch) * length + jnp.maximum(num_tokens - 1, 0)  # each chunk's last token
-        logit_index = jnp.concatenate([jnp.arange(decoded), last])
-        logits, cache = self._run(ids, cache, MixedStep(decode, prefill), logit_index)
-        return logits, cache, decode.ok & prefill.ok
+        packed = tokens.shape[0]
+        slot_of = jnp.zeros(packed, jnp.int32).at[token_at.reshape(-1)].set(
+            jnp.arange(batch * length, dtype=jnp.int32), mode="drop")
+        ids = tokens if last_tokens is None else jnp.concatenate([last_tokens, tokens])
+        last = decoded + token_at[jnp.arange(batch), jnp.maximum(num_tokens - 1, 0)]  # each chunk's last token
+        logit_index = jnp.concatenate([jnp.arange(decoded), jnp.minimum(last, decoded + packed - 1)])
+        logits, cache = self._run(ids[None], cache, MixedStep(decode, prefill, token_at, slot_of), logit_index)
+        return logits, cache, ok & prefill.ok
 
     def decode_step(self, last_tokens: jax.Array, cache: Any, *, active: jax.Array, seq_idx: jax.Array | None = None,
                     max_len: int | None = None, impl: str = "auto"):

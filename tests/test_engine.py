@@ -66,24 +66,35 @@ def test_a_mixed_batch_arriving_over_time_equals_each_request_alone(model, solo)
 
 
 @pytest.mark.parametrize("scanned", [False, True])
-def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned):
-    """MiniLLM.mixed_step: the same logits and the same cache, bit for bit, as its two halves run apart."""
+@pytest.mark.parametrize("decoding", [True, False])
+def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned, decoding):
+    """MiniLLM.mixed_step, its chunks packed on one token axis: the same logits and the same cache,
+    bit for bit, as a decode step and a prefill step of padded rows run apart (or the prefill step
+    alone, where no row decodes)."""
     import jax
     import jax.numpy as jnp
 
     import jaxpaged as jp
+    from jaxpaged.engine.runner import pack_chunks
 
     net = model.scanned() if scanned else model
     state = jp.init_state(jp.CacheConfig.from_model_config(model.config, num_blocks=32, block_size=4, max_seqs=4))
     rows = lambda *r: jnp.asarray(r, jnp.int32)  # noqa: E731
     _, state, _ = net.step(jnp.asarray(np.arange(14).reshape(2, 7) % 250, jnp.int32), state, seq_idx=rows(0, 1),
                            num_tokens=rows(5, 7))
-    last, chunks, active = rows(11, 12), jnp.asarray(np.arange(12).reshape(2, 6) + 40, jnp.int32), jnp.ones(2, bool)
+    last, active = rows(11, 12), jnp.ones(2, bool)
+    chunk_lists = [list(range(40, 46)), [52, 53, 54]]
+    tokens, token_at = pack_chunks(chunk_lists)
+    assert tokens.shape == (16,) and token_at.shape == (2, 16), "9 tokens packed in 16, rows padded to 16"
+    chunks = jnp.asarray([c + [0] * (16 - len(c)) for c in chunk_lists], jnp.int32)
     apart = jax.tree.map(jnp.copy, state)
-    decoded, apart, _ = net.decode_step(last, apart, active=active, seq_idx=rows(0, 1))
+    decoded = np.zeros((0, model.config.vocab_size), np.float32)
+    if decoding:
+        decoded, apart, _ = net.decode_step(last, apart, active=active, seq_idx=rows(0, 1))
     prefilled, apart, _ = net.step(chunks, apart, seq_idx=rows(2, 3), num_tokens=rows(6, 3), logit_index=rows(5, 2))
-    logits, together, ok = net.mixed_step(last, chunks, state, active=active, decode_idx=rows(0, 1),
-                                          seq_idx=rows(2, 3), num_tokens=rows(6, 3))
+    logits, together, ok = net.mixed_step(last if decoding else None, jnp.asarray(tokens), state,
+                                          token_at=jnp.asarray(token_at), seq_idx=rows(2, 3), num_tokens=rows(6, 3),
+                                          active=active, decode_idx=rows(0, 1))
     assert bool(ok)
     assert np.array_equal(np.asarray(logits), np.concatenate([decoded, prefilled]))
     for x, y in zip(jax.tree.leaves(apart), jax.tree.leaves(together)):
@@ -97,6 +108,8 @@ def test_overlapped_decode_calls_give_the_same_tokens_as_calls_read_one_by_one(m
     engine = _engine(model)  # overlap is the default
     assert _run(engine, prompts, params) == solo
     assert engine.stats().overlapped_calls > 0, "no decode call was started ahead"
+    engine = _engine(model, launcher_thread=False)  # calls on the engine's own thread
+    assert _run(engine, prompts, params) == solo and engine.stats().overlapped_calls > 0
 
 
 @pytest.mark.parametrize("caching", [True, False])

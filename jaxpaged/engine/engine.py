@@ -86,6 +86,8 @@ class Engine:
         one's tokens (the host's work then overlaps the device's).
       mixed_batches: in a step that prefills, the running sequences take a decode step in the
         same call (the model's `mixed_step`; a model without one alternates prefill and decode).
+      launcher_thread: the runner makes its device calls on a thread of its own (DESIGN.md); False
+        makes them on the caller's, for comparison.
       check_integrity: run the block-ownership check after every step (tests).
     """
 
@@ -94,7 +96,7 @@ class Engine:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
                  overlap: bool = True, mixed_batches: bool = True, kv_dtype: str | None = None,
-                 check_integrity: bool = False):
+                 launcher_thread: bool = True, check_integrity: bool = False):
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -114,7 +116,8 @@ class Engine:
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps,
                                    mix=mixed_batches and hasattr(model, "mixed_step"))
-        self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers)
+        self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers,
+                             launcher_thread=launcher_thread)
         self.eos_token_ids = tuple(config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.check_integrity, self.overlap = check_integrity, overlap
         self._inflight = None  # (sequences, decode call, steps) started and not yet read

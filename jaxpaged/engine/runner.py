@@ -14,10 +14,13 @@ starts a decode call is held until its last step has run; on the launcher thread
 host nothing: it schedules, reads the last call's tokens and queues the next call while the device
 computes. Only the launcher touches the paged state.
 
-Shapes are padded so that compilations stay few: a decode call always runs every table row (the
-padding rows write nothing and see nothing), a prefill call's rows and chunk length are powers of two.
+Shapes are padded so that compilations stay few (padding rows write nothing and see nothing): a
+decode call's rows are a power of two of the running ones; a prefill call's chunks are packed one
+after another on one token axis (`pack_chunks`: the model's token-wise work runs on the real
+tokens, not on every chunk padded to the longest), its token count, rows and longest chunk each
+padded to a power of two; decode rows in a prefill call are all the table's rows.
 
-Axis letters: B rows, T chunk tokens, S samples, V vocab, R logprobs per token, L layers, M blocks per row.
+Axis letters: B rows, T chunk tokens, Np packed tokens, S samples, V vocab, R logprobs per token, L layers, M blocks per row.
 """
 
 from __future__ import annotations
@@ -67,26 +70,30 @@ def _with_table(state: PagedKVState, table, lens) -> PagedKVState:
     return state.replace(table=BlockTable(block_ids=table, seq_lens=lens))
 
 
-def _prefill(graphdef, treedef, leaves, state, table, lens, tokens, seq_idx, num_tokens, sample_rows,
+def _prefill(graphdef, treedef, leaves, state, table, lens, tokens, token_at, seq_idx, num_tokens, sample_rows,
              rows: SamplingRows, min_tokens, stop_ids, seen, decode=None, *, impl, max_len, filtered, penalised,
              random, banning, num_logprobs):
-    """One chunk per row; samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1).
+    """One chunk per row, the chunks' tokens packed [Np] (`token_at` [Bp, T] says where each row's
+    lie); samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1).
 
     decode: None, or (last tokens [Bd], their block-table rows [Bd], active [Bd]): those rows take a
-    decode step in the same pass (`MiniLLM.mixed_step`) and sample first: rows [Bd + S].
+    decode step in the same pass and sample first: rows [Bd + S].
+
+    A model with `mixed_step` runs the packed tokens as they are; another takes them as padded rows.
     """
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     state = _with_table(state, table, lens)
-    if decode is None:
-        logits, state, ok = model.step(tokens, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
-                                       logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
-        logits = logits[sample_rows]
+    if hasattr(model, "mixed_step"):
+        last_tokens, decode_idx, active = (None, None, None) if decode is None else decode
+        logits, state, ok = model.mixed_step(last_tokens, tokens, state, token_at=token_at, seq_idx=seq_idx,
+                                             num_tokens=num_tokens, active=active, decode_idx=decode_idx,
+                                             max_len=max_len, impl=impl)
     else:
-        last_tokens, decode_idx, active = decode
-        logits, state, ok = model.mixed_step(last_tokens, tokens, state, active=active, decode_idx=decode_idx,
-                                             seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len, impl=impl)
-        decoded = last_tokens.shape[0]
-        logits = jnp.concatenate([logits[:decoded], logits[decoded:][sample_rows]])
+        chunks = tokens.at[token_at].get(mode="fill", fill_value=0)  # [Bp, T]
+        logits, state, ok = model.step(chunks, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
+                                       logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
+    decoded = 0 if decode is None else decode[0].shape[0]
+    logits = jnp.concatenate([logits[:decoded], logits[decoded:][sample_rows]])
     banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1]) if banning else None
     out = sample(logits, rows, seen, banned, filtered=filtered, penalised=penalised, random=random,
                  num_logprobs=num_logprobs)
@@ -188,9 +195,12 @@ class Runner:
       cache_config: the pool's geometry (max_seqs = table rows).
       impl: paged attention's path.
       scan_layers: run the scanned view; default on the CPU.
+      launcher_thread: make the device calls on the launcher thread; False makes them on the caller's
+        (a decode call then holds it until its loop has run: for comparison).
     """
 
-    def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None):
+    def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None,
+                 launcher_thread: bool = True):
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
         graphdef, params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
         self.leaves, treedef = jax.tree.flatten(params)
@@ -204,8 +214,10 @@ class Runner:
         self.idle_seconds = 0.0  # the launcher's waits for the host between two calls
         self._last_end: float | None = None
         self._failure: BaseException | None = None
-        self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-launcher")
-        weakref.finalize(self, self._launcher.shutdown, wait=False)
+        self._launcher = None
+        if launcher_thread:
+            self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-launcher")
+            weakref.finalize(self, self._launcher.shutdown, wait=False)
 
     def _launch(self, call) -> concurrent.futures.Future:
         """Queues call() (which may read and replace self.state) on the launcher thread. After a
@@ -225,7 +237,14 @@ class Runner:
             finally:
                 self._last_end = time.perf_counter()
 
-        return self._launcher.submit(run)
+        if self._launcher is not None:
+            return self._launcher.submit(run)
+        done = concurrent.futures.Future()
+        try:
+            done.set_result(run())
+        except Exception as failure:  # noqa: BLE001 - handed to whoever reads the result, as the thread's are
+            done.set_exception(failure)
+        return done
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Queues whole-block copies (source, destination) for the calls that follow."""
@@ -255,13 +274,10 @@ class Runner:
         Returns numpy (tokens, logprob, top ids, top logprobs): [S] (and [S, R]) for the samples; with
         `decode`, a pair of those, the samples' and the decode rows' ([Bd]).
         """
-        batch, width = bucket(len(rows)), bucket(max(len(c) for c in chunks), minimum=16)
-        tokens = np.zeros((batch, width), np.int32)
-        for i, chunk in enumerate(chunks):
-            tokens[i, : len(chunk)] = chunk
-        num_tokens = np.zeros(batch, np.int32)
+        tokens, token_at = pack_chunks(chunks)
+        num_tokens = np.zeros(token_at.shape[0], np.int32)
         num_tokens[: len(rows)] = [len(c) for c in chunks]
-        seq_idx = np.full(batch, self.config.max_seqs, np.int32)
+        seq_idx = np.full(token_at.shape[0], self.config.max_seqs, np.int32)
         seq_idx[: len(rows)] = rows
         samples = max(bucket(len(sample_rows)), self.config.max_seqs)  # one shape, unless forks pass the rows
         sampled = np.zeros(samples, np.int32)
@@ -269,8 +285,8 @@ class Runner:
         columns = _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, samples)
         longest = max(lens[r] + len(c) for r, c in zip(rows, chunks))
         decoded, decode_inputs = 0, None
-        if decode is not None:  # its rows first, padded as a decode call's
-            decoded = min(bucket(len(decode.rows), minimum=self.min_decode_rows), self.config.max_seqs)
+        if decode is not None:  # its rows first, as many as the table's (one shape: fewer compilations)
+            decoded = self.config.max_seqs
             decode_inputs = (_column(decode.last_tokens, decoded, np.int32),
                              _column(decode.rows, decoded, np.int32, self.config.max_seqs),
                              _column([True] * len(decode.rows), decoded, bool, False))
@@ -283,7 +299,7 @@ class Runner:
 
         def run():
             self.state, ok, out = self._prefill(
-                self.leaves, self.state, table, lens, tokens, seq_idx, num_tokens, sampled, sampling, min_tokens,
+                self.leaves, self.state, table, lens, tokens, token_at, seq_idx, num_tokens, sampled, sampling, min_tokens,
                 stop_ids, seen if switches["penalised"] else None, decode_inputs, impl=self.impl,
                 max_len=self._read_bound(longest), **switches)
             return ok, out
@@ -404,6 +420,21 @@ def _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, c
     [count, MAX_STOP_IDS], seen [count, V] or None)."""
     return (SamplingRows.build(params, seeds, token_indices, count), _column(min_tokens, count, np.int32),
             _stop_table(stop_ids, count), None if seen is None else _pad_rows(seen, count))
+
+
+def pack_chunks(chunks: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks' tokens one after another, and where each lies: (tokens [Np], token_at [Bp, T])
+    int32, Np, Bp and T powers of two (few compilations; T at least 16) covering the tokens, the
+    chunks and the longest chunk. token_at holds Np past each chunk's tokens and in padding rows."""
+    lengths = [len(c) for c in chunks]
+    tokens = np.zeros(bucket(sum(lengths), minimum=16), np.int32)
+    token_at = np.full((bucket(len(chunks)), bucket(max(lengths), minimum=16)), tokens.shape[0], np.int32)
+    start = 0
+    for b, chunk in enumerate(chunks):
+        tokens[start:start + len(chunk)] = chunk
+        token_at[b, : len(chunk)] = np.arange(start, start + len(chunk))
+        start += len(chunk)
+    return tokens, token_at
 
 
 def _column(values, rows: int, dtype, fill=0) -> np.ndarray:
