@@ -220,8 +220,10 @@ class Runner:
             weakref.finalize(self, self._launcher.shutdown, wait=False)
 
     def _launch(self, call) -> concurrent.futures.Future:
-        """Queues call() (which may read and replace self.state) on the launcher thread. After a
-        call that failed, every later one fails too: the state may have been given up to it."""
+        """Queues call() (which may read and replace self.state) on the launcher thread, which waits
+        for its outputs on the device before it takes the next (so that the time it waits for the
+        host is time the device had nothing to do). After a call that failed, every later one fails
+        too: the state may have been given up to it."""
 
         def run():
             begin = time.perf_counter()
@@ -230,7 +232,7 @@ class Runner:
             try:
                 if self._failure is not None:
                     raise RuntimeError("an earlier device call failed; the engine's state is lost") from self._failure
-                return call()
+                return jax.block_until_ready(call())  # held until the device is done: idle is idle
             except BaseException as failure:
                 self._failure = self._failure or failure
                 raise
@@ -255,6 +257,7 @@ class Runner:
 
             def copy():
                 self.state = _copy_blocks(self.state, pairs[0], pairs[1])
+                return self.state
 
             self._launch(copy)
 
