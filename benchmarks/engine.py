@@ -202,18 +202,23 @@ def main():
     bandwidth = spec_bandwidth(device_name()) if gpu else None
     flops = matmul_peak(jnp.dtype(config.dtype)) if gpu else None
 
-    def peers(prompts, outputs, _):
+    def peers(prompts, outputs, run):
         """The static generate and transformers on workload A's requests, right after the engine's run."""
         if "A" not in args.workloads:
             return
+        print(f"A: {run.stats.generated_tokens / run.seconds:.0f} tokens/s, compile {run.compile_seconds:.1f} s",
+              flush=True)
         if args.static_group:
             result["A_static_generate"] = run_static(model, prompts, outputs, args.static_group)
+            print(f"A_static_generate: {json.dumps(result['A_static_generate'])}", flush=True)
         if args.hf_requests:
             result["A_transformers"] = run_hf(args, prompts[:args.hf_requests], outputs[:args.hf_requests])
+            print(f"A_transformers: {json.dumps(result['A_transformers'])}", flush=True)
 
     rows = run_workloads(model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
                          max_len=args.max_len, engine_args=engine_args,
-                         ceilings=(flops, bandwidth) if bandwidth and flops else None, on_workload_a=peers)
+                         ceilings=(flops, bandwidth) if bandwidth and flops else None, on_workload_a=peers,
+                         log=lambda line: print(line, flush=True))
     result.update(rows)
     if args.compare_launcher and "A" in args.workloads:
         rows["A_caller_thread"] = run_workloads(
