@@ -198,7 +198,8 @@ def main():
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, mixed_batches=not args.no_mixed)
-    result = {"device": device_name(), "model": args.model, "dtype": config.dtype, "args": vars(args)}
+    result = {"device": device_name(), "jax": jax.__version__, "model": args.model, "dtype": config.dtype,
+              "args": vars(args)}
     bandwidth = spec_bandwidth(device_name()) if gpu else None
     flops = matmul_peak(jnp.dtype(config.dtype)) if gpu else None
 

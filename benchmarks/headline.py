@@ -26,6 +26,11 @@ DECODE_H200 = "attention_H200.json"  # the current kernels, nine headline shapes
 PREFILL = "prefill_attention_H200.json"
 MEMORY = "memory.json"
 KV_QUANT_SPEED, KV_QUANT_ACCURACY = "kv_quant_speed_H200.json", "kv_quant_smollm2_CPU.json"
+# The engine (llama-1b): A, C and the static peer in one run; A with the launcher on and off and the
+# transformers peer in the run before; B on the engine before packing (NOTES.md)
+ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
+                                 "engine_llama-1b_B_H200.json")
+IDLE_BEFORE_WAITING = {ENGINE_A}  # runs whose launcher did not yet wait for the device: no idle share
 # (model, JSON with the kernels, JSON of the same call with the reference attention or None, its batches)
 GENERATION = (
     ("llama-1b", "generate_llama-1b_b1_linear_ab_current_H100.json", None, (1,)),
@@ -233,11 +238,52 @@ def headline_kv_quant(results):
     return [attention, capacity, accuracy]
 
 
+def headline_engine(results):
+    """The engine on its three workloads, each run beside its peers of the same run."""
+    ac, a, b = load(results, ENGINE_AC), load(results, ENGINE_A), load(results, ENGINE_B)
+    header = [("run", "l"), ("source", "l"), ("engine output tok/s", "r"), ("total tok/s", "r"),
+              ("peer in the same run", "l"), ("engine / peer", "r"), ("prefix hits", "r"), ("mean TTFT", "r"),
+              ("roofline of spec", "r"), ("device idle", "r"), ("compile", "r"), ("preemptions", "r")]
+
+    def row(name, source, e, peer, peer_rate):
+        idle = "—" if source in IDLE_BEFORE_WAITING or "device_idle_share" not in e else percent(e["device_idle_share"])
+        rate = e["output_tokens_per_second"]
+        return [name, f"`{source}`", f"{rate:,.0f}", f"{e['total_tokens_per_second']:,.0f}", peer,
+                (f"{rate / peer_rate:.0f}x" if rate > 10 * peer_rate else f"{rate / peer_rate:.2f}x") if peer_rate else "—",
+                "—" if not e["prefix_hit_rate"] else percent(e["prefix_hit_rate"]), f"{e['mean_ttft']:.2f} s",
+                percent(e.get("roofline_fraction")), idle, f"{e['compile_seconds']:.0f} s", e["preemptions"]]
+
+    static, hf = ac["A_static_generate"]["output_tokens_per_second"], a["A_transformers"]
+    first_static = a["A_static_generate"]["output_tokens_per_second"]
+    c = ac["C"]
+    table = [
+        row("A: 256 requests, prompts and outputs U[100, 1024]", ENGINE_AC, ac["A"],
+            f"static `generate`, groups of 64: {static:,.0f}", static),
+        row("A, an earlier run", ENGINE_A, a["A"], f"static `generate`: {first_static:,.0f}", first_static),
+        row("A, that run: transformers' `generate_batch`, 64 requests each decoded to the longest", ENGINE_A, a["A"],
+            f"{hf['tokens_per_second']:,.0f} asked tokens/s (counting every generated one, "
+            f"{hf['generated_tokens'] / hf['seconds']:,.0f}: the engine "
+            f"{a['A']['output_tokens_per_second'] * hf['seconds'] / hf['generated_tokens']:.0f}x)", hf["tokens_per_second"]),
+        row("A, that run: device calls on the engine's own thread", ENGINE_A, a["A_caller_thread"],
+            f"the launcher thread: {a['A']['output_tokens_per_second']:,.0f}", a["A"]["output_tokens_per_second"]),
+        row(f"C: A's requests, a quarter of the blocks they need ({c['num_blocks']:,}); {c['completed']} of 256 "
+            f"completed, {c['requests_equal_to_A']} equal to A's tokens", ENGINE_AC, c,
+            f"A: {ac['A']['output_tokens_per_second']:,.0f}", ac["A"]["output_tokens_per_second"]),
+        row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on "
+            "(the engine before packing and the launcher thread)", ENGINE_B, b["B_caching_on"],
+            f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
+            b["B_caching_off"]["output_tokens_per_second"]),
+    ]
+    caption = (f"*{ac['device']} (jax {ac.get('jax', '0.11.2')}), llama-1b's shape in {ac['dtype']} with random weights, greedy, EOS ignored; "
+               f"sources in `benchmarks/results/`.*")
+    return [caption + "\n\n" + markdown(header, table)]
+
+
 def all_tables(results):
     """{title: [markdown section, ...]} of every table the docs show."""
     return {"memory": headline_memory(results), "decode attention": headline_decode(results),
             "prefill attention": headline_prefill(results), "generation": headline_generation(results),
-            "8-bit K/V": headline_kv_quant(results),
+            "8-bit K/V": headline_kv_quant(results), "the engine": headline_engine(results),
             "decode attention, every shape": headline_decode(results, full=True),
             "generation, every run": headline_generation(results, full=True)}
 
