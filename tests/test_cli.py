@@ -13,7 +13,8 @@ from model_files import write_llama_gguf
 
 from jaxpaged.models import cli
 from jaxpaged.models.checkpoint import load_checkpoint, save_checkpoint
-from jaxpaged.models.cli import TextStream, blocks_needed, main
+from jaxpaged.engine.detokenize import TextStream
+from jaxpaged.models.cli import blocks_needed, main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.gguf_weights import weight_cache_entry

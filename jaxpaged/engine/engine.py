@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.engine.block_manager import BlockManager, NoFreeBlocks
+from jaxpaged.engine.detokenize import IncrementalText, first_stop
 from jaxpaged.engine.request import (
     CompletionOutput,
     Request,
@@ -160,13 +161,16 @@ class Engine:
                              f"{self.cache_config.num_blocks}; it can never run")
         request = Request(request_id, text, token_ids, params)
         seed = int(self._seeds.integers(2**31)) if params.seed is None else params.seed
-        request.sequences = [Sequence(request, j, seed + j) for j in range(params.n)]
+        request.sequences = [Sequence(request, j, seed + j,
+                                      text=None if self.tokenizer is None else IncrementalText(self.tokenizer))
+                             for j in range(params.n)]
         self.requests[request_id] = request
         self.scheduler.add(request.sequences[0])  # the other samples fork from it when its prompt is done
         return request
 
-    def abort_request(self, request_id: str) -> None:
-        """Ends a request now; its blocks go back to the pool. Raises KeyError for an unknown id."""
+    def abort_request(self, request_id: str) -> RequestOutput:
+        """Ends a request now; its blocks go back to the pool. Returns what it produced (the samples
+        still running end with finish_reason "abort"). Raises KeyError for an unknown id."""
         request = self.requests.get(str(request_id))
         if request is None:
             raise KeyError(f"request_id {request_id!r}: no such request in the engine")
@@ -175,6 +179,7 @@ class Engine:
                 self.scheduler.finish(seq, "abort")
         request.finish_time = time.perf_counter()
         del self.requests[request.request_id]
+        return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -364,10 +369,12 @@ class Engine:
                 self.scheduler.finish(seq, "length")
 
     def _stop_string(self, seq: Sequence) -> int | None:
-        """Where the first stop string starts in the sequence's text, if one has appeared."""
-        text = self.tokenizer.decode(seq.output)
-        found = [text.find(s) for s in seq.request.params.stop if s in text]
-        return min(found) if found else None
+        """Where the first stop string starts in the sequence's text, if one has appeared (the text
+        decoded and searched only where it grew)."""
+        seq.text.update(seq.output)
+        seq.stop_at = first_stop(seq.text.text, seq.request.params.stop, seq.stop_searched)
+        seq.stop_searched = len(seq.text.text)
+        return seq.stop_at
 
     def _cache_blocks(self, seq: Sequence) -> None:
         """Names the sequence's newly full blocks for the prefix cache (its token list built only then)."""
@@ -380,10 +387,9 @@ class Engine:
         completions = []
         for seq in request.sequences:
             text = ""
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(seq.output)
-                cut = self._stop_string(seq) if request.params.stop else None
-                text = text if cut is None else text[:cut]
+            if seq.text is not None:
+                seq.text.update(seq.output, final=seq.status is Status.FINISHED)
+                text = seq.text.text[:seq.stop_at]
             completions.append(CompletionOutput(seq.index, text, list(seq.output), seq.finish_reason,
                                                 list(seq.logprobs) if request.params.logprobs is not None else None))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,

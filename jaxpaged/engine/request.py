@@ -12,6 +12,7 @@ import enum
 import time
 
 from jaxpaged.engine.block_manager import SeqBlocks
+from jaxpaged.engine.detokenize import IncrementalText
 from jaxpaged.engine.sampling import SamplingParams
 
 
@@ -36,6 +37,9 @@ class Sequence:
     num_computed: int = 0  # positions whose K/V the cache holds
     finish_reason: str | None = None
     num_preemptions: int = 0
+    text: IncrementalText | None = None  # the output's text, where the engine has a tokenizer
+    stop_searched: int = 0  # how much of the text was searched for stop strings
+    stop_at: int | None = None  # where a stop string starts in the text: the output's text ends there
 
     @property
     def tokens(self) -> list[int]:
