@@ -21,6 +21,7 @@ import time
 
 from jaxpaged.config import QUANTIZED_KV_DTYPES
 from jaxpaged.engine.bench import WORKLOADS
+from jaxpaged.engine.detokenize import TextStream
 from jaxpaged.models.config import PRESET_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run the engine's throughput benchmark", description=(
         "Run the engine's offline throughput benchmark (jaxpaged.engine.bench) and print one row a run: "
         "output and total (prompt + output) tokens/s, compilation seconds, preemptions, prefix cache hit "
-        "rate, the host's share of the wall time, and the mean time to the first token. Prompts are random "
+        "rate, the device's idle share (time it waited for the host), and the mean time to the first token. Prompts are random "
         "tokens, decoding is greedy with EOS ignored, and every timed run follows an untimed run of the same "
         "requests that compiles its shapes (the difference is the compile column). XLA's compilation cache "
         "is not used. The workloads: " + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()) + ". "
@@ -167,6 +168,47 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write the results (each run's row, A's timeline, the arguments) as JSON")
     bench.set_defaults(run=run_bench, subparser=bench)
 
+    serve = commands.add_parser("serve", help="serve a model over HTTP with OpenAI's API", description=(
+        "Serve a model on the engine over HTTP, speaking OpenAI's API: POST /v1/completions, "
+        "POST /v1/chat/completions (the model's chat template), GET /v1/models, GET /health and GET /metrics "
+        "(Prometheus). Requests join the running batch as they arrive; stream: true answers with server-sent "
+        "events. SIGINT or SIGTERM stops it: running requests get --shutdown-grace seconds to finish, then are "
+        "aborted."))
+    serve.add_argument("--model", default=None,
+                       help="a .gguf file or a checkpoint directory (default: the embedded SmolLM2-135M-Instruct), "
+                            f"or a preset with random weights and no tokenizer ({', '.join(PRESET_NAMES)}): token-id "
+                            "prompts only")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model's name in requests and /v1/models (default: the file's or preset's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("JAXPAGED_API_KEY"),
+                       help="require Authorization: Bearer KEY on every endpoint but /health (default "
+                            "$JAXPAGED_API_KEY; none: open)")
+    serve.add_argument("--max-waiting", type=_positive_int, default=256,
+                       help="requests that may wait for admission; more are answered 503 with Retry-After (default 256)")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=DEFAULT_MAX_NUM_SEQS,
+                       help=f"sequences the engine runs at once (default {DEFAULT_MAX_NUM_SEQS})")
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                       help="prompt tokens one prefill step computes at most (default 2048)")
+    serve.add_argument("--max-model-len", type=_positive_int, default=None,
+                       help="longest prompt + output (default: the model's context)")
+    serve.add_argument("--block-size", type=_power_of_two, default=16, help="positions per block (default 16)")
+    serve.add_argument("--num-blocks", type=_positive_int, default=None,
+                       help="blocks in the pool (default: what the device's free memory holds, at most room for "
+                            "every sequence at --max-model-len)")
+    serve.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and cache dtype (default float32)")
+    serve.add_argument("--kv-dtype", choices=QUANTIZED_KV_DTYPES, default=None,
+                       help="store K and V in 8 bits with a float16 scale per position and kv head (default: --dtype)")
+    serve.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per device call (default 16)")
+    serve.add_argument("--shutdown-grace", type=_non_negative_float, default=30.0,
+                       help="seconds running requests may take to finish after SIGINT/SIGTERM before they are "
+                            "aborted (default 30)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                       help="the HTTP server's log level (default info)")
+    _attention_argument(serve)
+    serve.set_defaults(run=run_serve, subparser=serve)
+
     train = commands.add_parser("train", help="train or fine-tune a MiniLLM on a text file", description=(
         "Train a MiniLLM with optax (AdamW) on a text file and save a checkpoint directory that "
         "`jaxpaged generate --model` loads. From scratch with a preset and a byte-level tokenizer, "
@@ -182,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the windows (default 0)")
     train.set_defaults(run=run_train, subparser=train)
 
-    for command in (gen, train):
+    for command in (gen, serve, train):
         command.add_argument("--no-cache", action="store_true",
                              help="neither read nor write the weight and compilation caches")
     bench.add_argument("--no-cache", action="store_true",
@@ -351,33 +393,6 @@ def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[in
     return 0
 
 
-class TextStream:
-    """The new text of a completion that grows token by token, safe to print now.
-
-    `update` gets the completion's whole text so far and returns what is past what it returned before,
-    holding back a trailing replacement character (a multi-byte character whose other bytes have not
-    come yet) and a tail that may be the start of a stop string (the engine cuts the text there if the
-    rest follows), until the completion has finished.
-    """
-
-    def __init__(self, stop: tuple[str, ...] = ()):
-        self.stop = stop
-        self.shown = ""
-
-    def update(self, text: str, finished: bool = False) -> str:
-        """The text to print now (possibly empty)."""
-        end = len(text)
-        if not finished:
-            end = len(text.rstrip("\ufffd"))
-            held = max((k for stop in self.stop for k in range(1, len(stop))
-                        if text[:end].endswith(stop[:k])), default=0)
-            end -= held
-        if end <= len(self.shown) or not text.startswith(self.shown):
-            return ""
-        new, self.shown = text[len(self.shown):end], text[:end]
-        return new
-
-
 def _note_cut(args, cut: list[str], count: int) -> None:
     """Says on stderr which completions stopped at --max-new-tokens rather than at an end-of-text token."""
     if cut:
@@ -490,6 +505,35 @@ def run_bench(args) -> int:
         c = rows["C"]
         print(f"C: a pool of {c['num_blocks']} blocks; {c['requests_equal_to_A']} of {args.num_requests} requests "
               f"gave workload A's tokens, {c['completed']} completed")
+    return 0
+
+
+def run_serve(args) -> int:
+    from jaxpaged.engine.engine import Engine
+    from jaxpaged.engine.server import run
+
+    if args.model in PRESET_NAMES:
+        from flax import nnx
+
+        from jaxpaged.models.config import preset
+        from jaxpaged.models.llama import MiniLLM
+
+        _cache_dir(args)
+        model, tokenizer, name = MiniLLM(preset(args.model, dtype=args.dtype), rngs=nnx.Rngs(0)), None, args.model
+    else:
+        files = _open(args, args.model)
+        model, tokenizer = _load(args, files, args.dtype), files.tokenizer
+        name = "SmolLM2-135M-Instruct" if args.model is None else os.path.splitext(
+            os.path.basename(os.path.normpath(args.model)))[0]
+    engine = Engine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
+                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_model_len=args.max_model_len, impl=args.attention, decode_steps=args.chunk_size,
+                    kv_dtype=args.kv_dtype)
+    name = args.served_model_name or name
+    _status(args, f"serving {name} on http://{args.host}:{args.port} ({engine.cache_config.num_blocks} blocks of "
+                  f"{args.block_size}, {args.max_num_seqs} sequences at once)")
+    run(engine, name, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+        shutdown_grace=args.shutdown_grace, log_level=args.log_level)
     return 0
 
 

@@ -227,7 +227,7 @@ def test_the_engines_sampling_flags_and_several_completions(random_checkpoint, t
 
 
 def test_help_on_every_command(capsys):
-    for command in ("generate", "bench", "train"):
+    for command in ("generate", "bench", "serve", "train"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         out = capsys.readouterr().out
