@@ -17,9 +17,17 @@
 #                                          # llama-1b and smollm2-135m-random by default:
 #                                          # OUT/generate_PRESET_{kernel,reference}.json, OUT/generate_PRESET.png
 #   bash benchmarks/gpu.sh OUT engine [PRESET ...]
-#                                          # <= 9 min a preset: the engine's workloads A, B and C (benchmarks/engine.py)
-#                                          # with the static generate and transformers' continuous batching beside,
-#                                          # llama-1b by default: OUT/engine_PRESET.{json,txt}
+#                                          # <= 8 min a preset: the engine's workloads A and C (benchmarks/engine.py)
+#                                          # with the static generate and transformers' continuous batching (64
+#                                          # requests, at most 2 min) beside (7 min for llama-1b on an H200),
+#                                          # llama-1b by default: OUT/engine_PRESET_AC.{json,png,txt}
+#   bash benchmarks/gpu.sh OUT engine-b [PRESET ...]
+#                                          # <= 4 min a preset: workload B, prefix caching on and off:
+#                                          # OUT/engine_PRESET_B.{json,png,txt}
+#   bash benchmarks/gpu.sh OUT serve [PRESET ...]
+#                                          # <= 9 min a preset: `jaxpaged serve` at Poisson request rates and at
+#                                          # saturation, the engine offline beside (benchmarks/serve.py):
+#                                          # OUT/serve_PRESET.{json,png,txt}
 #
 # The times are the sums of the steps' timeouts: each step has its own, so that one running long still
 # leaves the others' files (attention.py rewrites its JSON after every shape, so even a step stopped by
@@ -29,7 +37,8 @@
 # The runs this script replaced (kernels128, heads64, rows, exp2, packed_ab, ...) are listed by name in
 # benchmarks/NOTES.md, where the results they wrote are cited.
 set -uo pipefail
-usage="usage: bash benchmarks/gpu.sh OUT kernels [HEADS ...] | attention | generate [PRESET ...] | engine [PRESET ...]"
+usage="usage: bash benchmarks/gpu.sh OUT kernels [HEADS ...] | attention | generate [PRESET ...] | engine [PRESET ...]
+       | engine-b [PRESET ...] | serve [PRESET ...]"
 out=${1:?$usage}
 run=${2:?$usage}
 shift 2
@@ -77,8 +86,24 @@ engine)
   presets=("$@")
   [ ${#presets[@]} -gt 0 ] || presets=(llama-1b)
   for preset in "${presets[@]}"; do
-    timeout 540 python3 benchmarks/engine.py --model "$preset" --out "$out/engine_$preset.json" 2>&1 | quiet \
-      | tee "$out/engine_$preset.txt"
+    timeout 480 python3 benchmarks/engine.py --model "$preset" --workloads A C --hf-requests 64 --hf-timeout 120 \
+      --out "$out/engine_${preset}_AC.json" 2>&1 | quiet | tee "$out/engine_${preset}_AC.txt"
+  done
+  ;;
+engine-b)
+  presets=("$@")
+  [ ${#presets[@]} -gt 0 ] || presets=(llama-1b)
+  for preset in "${presets[@]}"; do
+    timeout 240 python3 benchmarks/engine.py --model "$preset" --workloads B --static-group 0 --hf-requests 0 \
+      --out "$out/engine_${preset}_B.json" 2>&1 | quiet | tee "$out/engine_${preset}_B.txt"
+  done
+  ;;
+serve)
+  presets=("$@")
+  [ ${#presets[@]} -gt 0 ] || presets=(llama-1b)
+  for preset in "${presets[@]}"; do
+    timeout 540 python3 benchmarks/serve.py --model "$preset" --out "$out/serve_$preset.json" 2>&1 | quiet \
+      | tee "$out/serve_$preset.txt"
   done
   ;;
 *)
