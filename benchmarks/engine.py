@@ -164,17 +164,22 @@ def plot_timeline(result, path):
     print(f"wrote {path}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, workload A's size and the engine's batch options (this script's and serve.py's)."""
     parser.add_argument("--model", default="llama-1b", help="a preset (random weights): llama-1b, qwen3-0.6b, tiny, ...")
     parser.add_argument("--dtype", default=None, help="default: the preset's")
-    parser.add_argument("--workloads", nargs="+", default=["A", "B", "C"], choices=("A", "B", "C"))
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--decode-steps", type=int, default=16)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    workload_arguments(parser)
+    parser.add_argument("--workloads", nargs="+", default=["A", "B", "C"], choices=("A", "B", "C"))
     parser.add_argument("--static-group", type=int, default=64, help="0 skips the static generate peer")
     parser.add_argument("--no-mixed", action="store_true",
                         help="prefill and decode in separate calls (the engine's mixed_batches=False)")

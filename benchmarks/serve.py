@@ -38,6 +38,7 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ceilings import device_name  # noqa: E402
+from engine import workload_arguments  # noqa: E402
 
 from jaxpaged.engine.bench import VOCAB, workload_a  # noqa: E402
 
@@ -173,16 +174,9 @@ def plot(result, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-1b", help="a preset (random weights): llama-1b, qwen3-0.6b, tiny, ...")
-    parser.add_argument("--dtype", default=None, help="default: the preset's")
+    workload_arguments(parser)
     parser.add_argument("--rates", nargs="+", type=float, default=[4, 8, 16, 32, float("inf")],
                         help="request rates in requests/s; inf sends every request at once (default 4 8 16 32 inf)")
-    parser.add_argument("--num-requests", type=int, default=256)
-    parser.add_argument("--min-len", type=int, default=100)
-    parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="seconds to the first token (default 1)")
     parser.add_argument("--slo-tpot", type=float, default=0.025, help="seconds per output token (default 0.025)")
     parser.add_argument("--out", default="benchmarks/results/serve.json")
