@@ -194,10 +194,12 @@ def test_bad_requests_are_refused_by_field_and_leave_the_engine_as_it_was(model)
     engine = _engine(model, num_blocks=8)
     engine.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=2))
     for prompt, params, field in [([], SamplingParams(), "prompt: empty"),
-                                  (list(range(1020)), SamplingParams(max_tokens=10), "max_tokens: the prompt"),
-                                  (list(range(60)), SamplingParams(max_tokens=20), "never run"),
+                                  ([7] * 1020, SamplingParams(max_tokens=10), "max_tokens: the prompt"),
+                                  ([7] * 60, SamplingParams(max_tokens=20), "never run"),
                                   ("text", SamplingParams(), "needs a tokenizer"),
-                                  ([1], SamplingParams(stop=["x"]), "stop: ")]:
+                                  ([1], SamplingParams(stop=["x"]), "stop: "),
+                                  ([1, 10**9], SamplingParams(), "prompt: token id 1000000000 is outside"),
+                                  ([-1], SamplingParams(), "prompt: token id -1 is outside")]:
         with pytest.raises(ValueError, match=field):
             engine.add_request(None, prompt, params)
     with pytest.raises(ValueError, match="already in the engine"):

@@ -134,8 +134,9 @@ class Engine:
 
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None) -> Request:
-        """Queues a request. Raises ValueError (naming the field) for an empty prompt, a prompt plus
-        max_tokens past the context or the pool, or a duplicate id; the engine is unchanged then."""
+        """Queues a request. Raises ValueError (naming the field) for an empty prompt, a token id outside
+        the vocabulary, a prompt plus max_tokens past the context or the pool, or a duplicate id; the
+        engine is unchanged then."""
         params = SamplingParams() if params is None else params
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
@@ -149,6 +150,10 @@ class Engine:
             token_ids = [int(t) for t in prompt]
         if not token_ids:
             raise ValueError("prompt: empty")
+        vocab = self.model.config.vocab_size
+        outside = [t for t in token_ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"prompt: token id {outside[0]} is outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer")
         total = len(token_ids) + params.max_tokens
