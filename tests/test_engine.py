@@ -199,7 +199,8 @@ def test_bad_requests_are_refused_by_field_and_leave_the_engine_as_it_was(model)
                                   ("text", SamplingParams(), "needs a tokenizer"),
                                   ([1], SamplingParams(stop=["x"]), "stop: "),
                                   ([1, 10**9], SamplingParams(), "prompt: token id 1000000000 is outside"),
-                                  ([-1], SamplingParams(), "prompt: token id -1 is outside")]:
+                                  ([-1], SamplingParams(), "prompt: token id -1 is outside"),
+                                  ([1], SamplingParams(logprobs=21), "logprobs: at most 20")]:
         with pytest.raises(ValueError, match=field):
             engine.add_request(None, prompt, params)
     with pytest.raises(ValueError, match="already in the engine"):

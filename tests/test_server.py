@@ -174,6 +174,7 @@ def test_a_client_that_goes_away_mid_stream_gives_its_blocks_back(smollm2_server
     ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p", "top_p must be"),
     ({"model": MODEL, "prompt": ""}, "prompt", "empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, "prompt", "outside the vocabulary"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 100000}, "logprobs", "at most 20"),
     ({"model": "another-model", "prompt": "x"}, "model", "not served here"),
     ({"prompt": "x"}, "model", "Field required"),
 ])

@@ -39,6 +39,9 @@ from jaxpaged.kernels.launch import MAX_POOL_SIZE
 from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
 
 
+MAX_LOGPROBS = 20  # most log-probabilities a request may ask for per token (as vLLM's default)
+
+
 @dataclasses.dataclass
 class EngineStats:
     running: int
@@ -135,8 +138,8 @@ class Engine:
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None) -> Request:
         """Queues a request. Raises ValueError (naming the field) for an empty prompt, a token id outside
-        the vocabulary, a prompt plus max_tokens past the context or the pool, or a duplicate id; the
-        engine is unchanged then."""
+        the vocabulary, more than MAX_LOGPROBS logprobs, a prompt plus max_tokens past the context or
+        the pool, or a duplicate id; the engine is unchanged then."""
         params = SamplingParams() if params is None else params
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
@@ -154,6 +157,8 @@ class Engine:
         outside = [t for t in token_ids if not 0 <= t < vocab]
         if outside:
             raise ValueError(f"prompt: token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > min(MAX_LOGPROBS, vocab):
+            raise ValueError(f"logprobs: at most {min(MAX_LOGPROBS, vocab)} per token, got {params.logprobs}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer")
         total = len(token_ids) + params.max_tokens
