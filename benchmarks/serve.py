@@ -53,7 +53,7 @@ async def one_request(client, url, model, prompt, max_tokens, delay):
     """Sends one streamed completion after `delay` seconds; returns its timings."""
     await asyncio.sleep(delay)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     chunks, usage = [], None
     async with client.stream("POST", url, json=body) as response:

@@ -103,15 +103,24 @@ def test_completions_chat_streaming_n_stop_and_logprobs_through_the_openai_clien
     text = free.choices[0].text
     assert text and free.choices[0].finish_reason == "length" and free.usage.completion_tokens == 16
     stream = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0,
-                                       stream=True)
+                                       stream=True, stream_options={"include_usage": True})
     chunks = [chunk for chunk in stream]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert len([c for c in chunks if c.choices]) > 1, "the text came in several chunks"
-    assert chunks[-1].usage.completion_tokens == 16
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 16
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                      stream=True)
+    assert all(chunk.choices for chunk in plain), "usage comes only when asked for"
 
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a river."}],
                                           max_tokens=12, temperature=0)
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    assert chat.id.startswith("chatcmpl-")
+    parts = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Name a "},
+                                                            {"type": "text", "text": "river."}]}],
+        max_tokens=12, temperature=0)
+    assert parts.choices[0].message.content == chat.choices[0].message.content, "text parts are joined"
 
     stop = text[4:8]
     stopped = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16,
@@ -175,6 +184,8 @@ def test_a_client_that_goes_away_mid_stream_gives_its_blocks_back(smollm2_server
     ({"model": MODEL, "prompt": ""}, "prompt", "empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, "prompt", "outside the vocabulary"),
     ({"model": MODEL, "prompt": "x", "logprobs": 100000}, "logprobs", "at most 20"),
+    ({"model": MODEL, "prompt": "x", "n": 10**8}, "n", "at most 32"),
+    ({"model": MODEL, "prompt": "x", "stop": [""]}, "stop", "non-empty strings"),
     ({"model": "another-model", "prompt": "x"}, "model", "not served here"),
     ({"prompt": "x"}, "model", "Field required"),
 ])
@@ -185,6 +196,22 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_goes_on(smollm2_serv
     assert error["param"] == param and says in error["message"] and error["type"] == "invalid_request_error"
     fine = smollm2_server.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_client_that_goes_away_before_a_whole_answer_is_aborted_too(smollm2_server):
+    before = smollm2_server.metrics()
+    body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(smollm2_server.url + "/v1/completions", json=body, timeout=2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = smollm2_server.metrics()
+        if now["jaxpaged_requests_running"] == 0:
+            break
+        time.sleep(0.2)
+    assert now["jaxpaged_requests_running"] == 0, "the request was not aborted"
+    assert now["jaxpaged_pool_used_blocks"] == before["jaxpaged_pool_used_blocks"]
 
 
 def test_models_health_and_metrics(smollm2_server):
@@ -204,6 +231,10 @@ def test_api_key_full_queue_and_shutdown_on_a_tiny_model(cache_dir):
         assert server.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(server.url + "/v1/models").status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200, "health needs no key"
+        lower = server.post("/v1/completions", body, headers={"Authorization": "bearer secret"})
+        assert lower.status_code == 200, "the scheme's case does not matter"
+        missing = httpx.get(server.url + "/v1/nothing", headers=server.headers)
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
         ok = server.post("/v1/completions", body)
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
 

@@ -138,8 +138,8 @@ class Engine:
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None) -> Request:
         """Queues a request. Raises ValueError (naming the field) for an empty prompt, a token id outside
-        the vocabulary, more than MAX_LOGPROBS logprobs, a prompt plus max_tokens past the context or
-        the pool, or a duplicate id; the engine is unchanged then."""
+        the vocabulary, n past max_num_seqs, more than MAX_LOGPROBS logprobs, a prompt plus max_tokens
+        past the context or the pool, or a duplicate id; the engine is unchanged then."""
         params = SamplingParams() if params is None else params
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
@@ -157,6 +157,9 @@ class Engine:
         outside = [t for t in token_ids if not 0 <= t < vocab]
         if outside:
             raise ValueError(f"prompt: token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n: at most {self.scheduler.max_num_seqs} (the sequences the engine runs at once), "
+                             f"got {params.n}")
         if params.logprobs is not None and params.logprobs > min(MAX_LOGPROBS, vocab):
             raise ValueError(f"logprobs: at most {min(MAX_LOGPROBS, vocab)} per token, got {params.logprobs}")
         if params.stop and self.tokenizer is None:

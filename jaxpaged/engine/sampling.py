@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ class SamplingParams:
             object.__setattr__(self, "top_k", 0)
         checks = (
             ("n", isinstance(self.n, int) and self.n >= 1, "an int >= 1"),
-            ("temperature", self.temperature >= 0, ">= 0"),
+            ("temperature", 0 <= self.temperature < math.inf, "finite and >= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an int >= 0 (or -1 for all)"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
@@ -64,6 +65,7 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
              "None or an int >= 0"),
             ("seed", self.seed is None or isinstance(self.seed, int), "None or an int"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
         )
         for name, ok, allowed in checks:
             if not ok:

@@ -27,10 +27,11 @@ import time
 from typing import Literal
 
 import prometheus_client
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxpaged.engine.detokenize import TextStream
 from jaxpaged.engine.engine import Engine
@@ -68,9 +69,11 @@ class EngineLoop:
     async def add(self, prompt: str | list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
         """Queues a request. Returns its id and the queue its outputs arrive on (an exception instead,
         if the engine fails). Raises ValueError (bad input, naming the field) or QueueFull."""
+        if self.failure is not None:
+            raise RuntimeError(f"the engine failed: {self.failure}")
         if self.closed:
             raise QueueFull("the server is shutting down")
-        request_id = f"cmpl-{next(self._ids)}"
+        request_id = str(next(self._ids))
         outputs: asyncio.Queue = asyncio.Queue()
         added = concurrent.futures.Future()
         self._send(("add", request_id, prompt, params, asyncio.get_running_loop(), outputs, added))
@@ -105,18 +108,18 @@ class EngineLoop:
                     self._abort_all()
                     return
                 self._apply(command)
-            if not self.engine.has_unfinished_requests():
+            if self.failure is not None or not self.engine.has_unfinished_requests():
                 self.stats = self.engine.stats()
                 self._wake.wait()
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as failure:  # noqa: BLE001 - every waiting handler gets it; the loop ends
+            except Exception as failure:  # noqa: BLE001 - every waiting handler gets it; no step runs again
                 self.failure = failure
                 for loop, stream in self._streams.values():
                     loop.call_soon_threadsafe(stream.put_nowait, failure)
                 self._streams.clear()
-                return
+                continue
             for output in outputs:
                 self._deliver(output)
             self.stats = self.engine.stats()
@@ -158,6 +161,25 @@ class EngineLoop:
 # -- the HTTP side: request bodies as OpenAI's (unknown fields ignored, known ones typed)
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart]
+
+    def text(self) -> dict:
+        """{"role", "content"} with the content's text parts joined."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class Sampling(BaseModel):
     """What both endpoints take: OpenAI's fields, then vLLM's (top_k, min_p, ignore_eos)."""
 
@@ -170,6 +192,7 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     top_k: int = 0
     min_p: float = 0.0
     ignore_eos: bool = False
@@ -178,11 +201,6 @@ class Sampling(BaseModel):
 class CompletionBody(Sampling):
     prompt: str | list[int] | list[str]
     logprobs: int | None = None
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
 
 
 class ChatBody(Sampling):
@@ -204,7 +222,17 @@ def build_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None):
         yield
         loop.stop()
 
-    app = FastAPI(title="jaxpaged", lifespan=lifespan)
+    def authorise(request: Request) -> None:
+        """With an API key, every endpoint but /health wants `Authorization: Bearer KEY` (compared in
+        constant time). A dependency, not a middleware: Starlette's middleware would hide a client's
+        disconnect from the endpoint."""
+        if api_key is None or request.url.path == "/health":
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise StarletteHTTPException(401, "a valid API key is needed: Authorization: Bearer <key>")
+
+    app = FastAPI(title="jaxpaged", lifespan=lifespan, dependencies=[Depends(authorise)])
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, error: RequestValidationError):
@@ -214,14 +242,10 @@ def build_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None):
         field = ".".join(str(part) for part in first["loc"] if part != "body") or None
         return _error(400, f"{field or 'body'}: {first['msg']}", field)
 
-    @app.middleware("http")
-    async def authorise(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "a valid API key is needed: Authorization: Bearer <key>", None,
-                              "authentication_error")
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, error: StarletteHTTPException):
+        kind = "authentication_error" if error.status_code == 401 else "invalid_request_error"
+        return _error(error.status_code, str(error.detail), None, kind)
 
     @app.get("/health")
     async def health():
@@ -251,7 +275,9 @@ def build_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None):
             return _error(400, str(bad), _field(str(bad)))
         except RuntimeError as failure:
             return _error(500, str(failure), None, "server_error")
-        answer = _Answer(request_id, model_name, chat, params, tokenizer)
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        answer = _Answer(("chatcmpl-" if chat else "cmpl-") + request_id, model_name, chat, params, tokenizer,
+                         usage_chunk=usage)
         if body.stream:
             return StreamingResponse(_stream(loop, request_id, outputs, answer), media_type="text/event-stream")
         output = await _last(loop, request, request_id, outputs)
@@ -279,7 +305,7 @@ def build_app(loop: EngineLoop, model_name: str, *, api_key: str | None = None):
     async def chat(request: Request, body: ChatBody):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             return _error(400, "messages: this model has no chat template", "messages")
-        prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        prompt = tokenizer.apply_chat_template([m.text() for m in body.messages])
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         try:
             params = _params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
@@ -317,12 +343,12 @@ async def _last(loop: EngineLoop, request, request_id: str, outputs: asyncio.Que
         try:
             output = await asyncio.wait_for(outputs.get(), timeout=0.5)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                loop.abort(request_id)
-                return None
-            continue
-        if isinstance(output, Exception) or output.finished:
+            output = None
+        if isinstance(output, Exception) or (output is not None and output.finished):
             return output
+        if await request.is_disconnected():  # looked at every step too: a running request's outputs keep coming
+            loop.abort(request_id)
+            return None
 
 
 async def _stream(loop: EngineLoop, request_id: str, outputs: asyncio.Queue, answer: _Answer):
@@ -352,8 +378,10 @@ class _Answer:
     """A request's response body, whole or as stream chunks, in the shape of OpenAI's completions
     (`text_completion`) or chat completions (`chat.completion`)."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, params: SamplingParams, tokenizer):
+    def __init__(self, request_id: str, model: str, chat: bool, params: SamplingParams, tokenizer, *,
+                 usage_chunk: bool = False):
         self.id, self.model, self.chat, self.params, self.tokenizer = request_id, model, chat, params, tokenizer
+        self.usage_chunk = usage_chunk  # a last chunk with no choices and the usage (stream_options.include_usage)
         self.created = int(time.time())
         self._streams: dict[int, TextStream] = {}
         self._sent_tokens: dict[int, int] = {}
@@ -373,7 +401,8 @@ class _Answer:
                 "created": self.created, "model": self.model, "choices": choices, "usage": _usage(output)}
 
     def chunks(self, output: RequestOutput):
-        """The chunks that carry what this output adds to what was sent (the last with usage)."""
+        """The chunks that carry what this output adds to what was sent (and, once it has finished, one
+        with the usage, where the request asked for it)."""
         for completion in output.outputs:
             index = completion.index
             if index in self._finished:
@@ -398,7 +427,7 @@ class _Answer:
                 self._finished.add(index)
             yield {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                    "created": self.created, "model": self.model, "choices": [choice]}
-        if output.finished:
+        if output.finished and self.usage_chunk:
             yield {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                    "created": self.created, "model": self.model, "choices": [], "usage": _usage(output)}
 
