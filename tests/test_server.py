@@ -242,7 +242,7 @@ def test_api_key_full_queue_and_shutdown_on_a_tiny_model(cache_dir):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:  # one row, one waiting place: the rest 503
             answers = list(pool.map(lambda _: server.post("/v1/completions", long), range(8)))
         codes = sorted(a.status_code for a in answers)
-        assert codes[0] == 200 and codes[-1] == 503, codes
+        assert codes.count(200) >= 2 and codes[-1] == 503, codes  # at least the running one and the waiting one
         for answer in answers:
             if answer.status_code == 503:
                 assert answer.headers["Retry-After"] == "1" and answer.json()["error"]["type"] == "server_error"

@@ -134,7 +134,9 @@ class EngineLoop:
         try:
             if self.failure is not None:
                 raise RuntimeError(f"the engine failed: {self.failure}")
-            if len(self.engine.scheduler.waiting) >= self.max_waiting:
+            scheduler = self.engine.scheduler
+            free_rows = scheduler.max_num_seqs - len(scheduler.running)  # admitted at the next step
+            if len(scheduler.waiting) - free_rows >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are waiting already")
             self.engine.add_request(request_id, prompt, params)
         except Exception as error:  # noqa: BLE001 - handed back to the handler that asked
