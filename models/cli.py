@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-blocks", type=_positive_int, default=None,
                        help="blocks in the pool (default: what the device's free memory holds, at most room for "
                             "every sequence at --max-model-len)")
-    serve.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and cache dtype (default float32)")
+    serve.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="parameter and cache dtype (default: float32 for a file, the preset's for a preset)")
     serve.add_argument("--kv-dtype", choices=QUANTIZED_KV_DTYPES, default=None,
                        help="store K and V in 8 bits with a float16 scale per position and kv head (default: --dtype)")
     serve.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per device call (default 16)")
@@ -463,17 +464,21 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
     return 0
 
 
+def _preset_model(name: str, dtype: str | None):
+    """A preset's MiniLLM with random weights (seed 0), in dtype or the preset's own."""
+    from flax import nnx
+
+    from jaxpaged.models.config import preset
+    from jaxpaged.models.llama import MiniLLM
+
+    return MiniLLM(preset(name, **({} if dtype is None else {"dtype": dtype})), rngs=nnx.Rngs(0))
+
+
 def _bench_model(args):
     """A preset with random weights, or a model file's weights (cached as generate caches them, but
     without XLA's compilation cache, so that the compile column measures this run)."""
     if args.model in PRESET_NAMES:
-        from flax import nnx
-
-        from jaxpaged.models.config import preset
-        from jaxpaged.models.llama import MiniLLM
-
-        config = preset(args.model, **({} if args.dtype is None else {"dtype": args.dtype}))
-        return MiniLLM(config, rngs=nnx.Rngs(0))
+        return _preset_model(args.model, args.dtype)
     from jaxpaged.models.checkpoint import open_model
     from jaxpaged.models.gguf_weights import user_cache_dir
 
@@ -513,16 +518,11 @@ def run_serve(args) -> int:
     from jaxpaged.engine.server import run
 
     if args.model in PRESET_NAMES:
-        from flax import nnx
-
-        from jaxpaged.models.config import preset
-        from jaxpaged.models.llama import MiniLLM
-
         _cache_dir(args)
-        model, tokenizer, name = MiniLLM(preset(args.model, dtype=args.dtype), rngs=nnx.Rngs(0)), None, args.model
+        model, tokenizer, name = _preset_model(args.model, args.dtype), None, args.model
     else:
         files = _open(args, args.model)
-        model, tokenizer = _load(args, files, args.dtype), files.tokenizer
+        model, tokenizer = _load(args, files, args.dtype or "float32"), files.tokenizer
         name = "SmolLM2-135M-Instruct" if args.model is None else os.path.splitext(
             os.path.basename(os.path.normpath(args.model)))[0]
     engine = Engine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,

@@ -57,6 +57,7 @@ class EngineLoop:
         self.stats = engine.stats()  # refreshed after every step: what /metrics reads
         self.failure: BaseException | None = None
         self.closed = False
+        self._closing = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -71,12 +72,13 @@ class EngineLoop:
         if the engine fails). Raises ValueError (bad input, naming the field) or QueueFull."""
         if self.failure is not None:
             raise RuntimeError(f"the engine failed: {self.failure}")
-        if self.closed:
-            raise QueueFull("the server is shutting down")
         request_id = str(next(self._ids))
         outputs: asyncio.Queue = asyncio.Queue()
         added = concurrent.futures.Future()
-        self._send(("add", request_id, prompt, params, asyncio.get_running_loop(), outputs, added))
+        with self._closing:  # queued before the stop command or not at all: the thread answers every add
+            if self.closed:
+                raise QueueFull("the server is shutting down")
+            self._send(("add", request_id, prompt, params, asyncio.get_running_loop(), outputs, added))
         await asyncio.wrap_future(added)
         return request_id, outputs
 
@@ -86,8 +88,9 @@ class EngineLoop:
     def close(self) -> None:
         """Aborts whatever still runs (its streams get an output with finish_reason "abort") and ends
         the thread; later requests are refused."""
-        self.closed = True
-        self._send(("stop",))
+        with self._closing:
+            self.closed = True
+            self._send(("stop",))
 
     def stop(self, timeout: float = 10.0) -> None:
         """close(), and waits for the thread."""
