@@ -4,7 +4,8 @@ busy time per step (the difference is time the GPU waited on the host).
 Variants (padding[-steps]): the decode batch padded to all table rows ("all") or to a power of two
 of the running rows ("pow2"); the steps a call (default --steps). (A fixed-count `fori_loop` in
 place of the `while_loop` was also timed once this way: benchmarks/NOTES.md.) Run it
-under different XLA_FLAGS in separate processes to compare XLA's command buffers.
+under different XLA_FLAGS in separate processes to compare XLA's options (command buffers, cuBLAS in
+place of XLA's own matrix-product kernels). The device time per step is also split by kernel kind.
 
 Run: python benchmarks/tune_engine_decode.py --out FILE.json [--model llama-1b] [--rows 128] [--context 800]
 """
@@ -30,6 +31,7 @@ from jaxpaged.models.config import preset
 from jaxpaged.models.llama import MiniLLM
 
 sys.path.insert(0, os.path.dirname(__file__))
+from profile_engine import kind  # noqa: E402
 from timing import device_kernel_times  # noqa: E402
 
 
@@ -81,15 +83,20 @@ def main():
             for _ in range(args.calls):
                 runner.results(runner.decode(*call_args))
             jax.profiler.stop_trace()
-            _, _, busy = device_kernel_times(trace)
+            totals, _, busy = device_kernel_times(trace)
+            kinds = {}
+            for name, us in totals.items():
+                kinds[kind(name)] = kinds.get(kind(name), 0.0) + us / 1e3 / args.calls / steps
             shutil.rmtree(trace, ignore_errors=True)
             wall = float(np.median(walls)) / steps
             device = busy / 1e6 / args.calls / steps
             results["runs"].append({"rows": count, "variant": variant, "wall_ms_per_step": wall * 1e3,
-                                    "device_ms_per_step": device * 1e3, "compile_s": compile_s,
+                                    "device_ms_per_step": device * 1e3, "kinds_ms_per_step": kinds,
+                                    "compile_s": compile_s,
                                     "tokens_per_second": count / wall})
             print(f"rows {count:4d} {variant:<12} wall {wall * 1e3:6.2f} ms/step, device {device * 1e3:6.2f} ms/step, "
-                  f"{count / wall:8.0f} tok/s (first call {compile_s:.1f} s)", flush=True)
+                  f"{count / wall:8.0f} tok/s (first call {compile_s:.1f} s); device ms/step by kind: "
+                  f"{ {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda x: -x[1])} }", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -65,6 +65,28 @@ def test_a_mixed_batch_arriving_over_time_equals_each_request_alone(model, solo)
     assert all(len(out[0]) == p.max_tokens for out, p in zip(solo, params)), "no EOS among these (checked)"
 
 
+def test_padded_call_shapes_are_few_and_cover_the_work():
+    """A decode call's rows: powers of two, or three quarters of the table where that covers them; a
+    prefill call's packed rows: set by its token count and longest chunk, not by how many chunks it
+    has (up to the area rule), so recomputed prompts of varied lengths meet fewer shapes."""
+    from jaxpaged.engine.runner import PACKED_ROWS_AREA, decode_rows, pack_chunks
+
+    assert [decode_rows(n, 8, 256) for n in (1, 9, 64, 65, 128, 129, 192, 193, 256)] == [
+        8, 16, 64, 128, 128, 192, 192, 256, 256]
+    assert [decode_rows(n, 8, 128) for n in (64, 65, 96, 97)] == [64, 96, 96, 128]
+    assert decode_rows(3, 8, 4) == 4, "never past the table"
+    shapes = set()
+    for lengths in ([1000, 900, 800], [1000, 500, 300, 200, 100, 20], [1024, 1000] + [16] * 10):
+        tokens, token_at = pack_chunks([[7] * n for n in lengths])
+        assert tokens.shape == (4096,) and token_at.shape[1] == 1024
+        assert token_at.shape[0] >= len(lengths) and token_at.shape[0] * 1024 >= PACKED_ROWS_AREA * 4096
+        filled = token_at < tokens.shape[0]
+        assert filled.sum(axis=1)[: len(lengths)].tolist() == lengths and not filled[len(lengths):].any()
+        assert sorted(tokens[token_at[filled]].tolist()) == [7] * sum(lengths)
+        shapes.add((tokens.shape, token_at.shape))
+    assert len(shapes) == 1, shapes
+
+
 @pytest.mark.parametrize("scanned", [False, True])
 @pytest.mark.parametrize("decoding", [True, False])
 def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned, decoding):
@@ -85,7 +107,7 @@ def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned, d
     last, active = rows(11, 12), jnp.ones(2, bool)
     chunk_lists = [list(range(40, 46)), [52, 53, 54]]
     tokens, token_at = pack_chunks(chunk_lists)
-    assert tokens.shape == (16,) and token_at.shape == (2, 16), "9 tokens packed in 16, rows padded to 16"
+    assert tokens.shape == (16,) and token_at.shape == (4, 16), "9 tokens packed in 16, rows padded to 16; 4 rows (2 of padding: table row 4 is none)"
     chunks = jnp.asarray([c + [0] * (16 - len(c)) for c in chunk_lists], jnp.int32)
     apart = jax.tree.map(jnp.copy, state)
     decoded = np.zeros((0, model.config.vocab_size), np.float32)
@@ -93,10 +115,12 @@ def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned, d
         decoded, apart, _ = net.decode_step(last, apart, active=active, seq_idx=rows(0, 1))
     prefilled, apart, _ = net.step(chunks, apart, seq_idx=rows(2, 3), num_tokens=rows(6, 3), logit_index=rows(5, 2))
     logits, together, ok = net.mixed_step(last if decoding else None, jnp.asarray(tokens), state,
-                                          token_at=jnp.asarray(token_at), seq_idx=rows(2, 3), num_tokens=rows(6, 3),
+                                          token_at=jnp.asarray(token_at), seq_idx=rows(2, 3, 4, 4),
+                                          num_tokens=rows(6, 3, 0, 0),
                                           active=active, decode_idx=rows(0, 1))
     assert bool(ok)
-    assert np.array_equal(np.asarray(logits), np.concatenate([decoded, prefilled]))
+    assert logits.shape[0] == len(decoded) + token_at.shape[0]
+    assert np.array_equal(np.asarray(logits)[: len(decoded) + 2], np.concatenate([decoded, prefilled]))
     for x, y in zip(jax.tree.leaves(apart), jax.tree.leaves(together)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 

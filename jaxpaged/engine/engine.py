@@ -22,7 +22,7 @@ from collections.abc import Sequence as SequenceType
 import jax
 import numpy as np
 
-from jaxpaged.config import CacheConfig, bucket
+from jaxpaged.config import CacheConfig
 from jaxpaged.engine.block_manager import BlockManager, NoFreeBlocks
 from jaxpaged.engine.detokenize import IncrementalText, first_stop
 from jaxpaged.engine.request import (
@@ -312,7 +312,7 @@ class Engine:
         alive = [seq.status is Status.RUNNING for seq in seqs]
         if scheduler.waiting or sum(alive) < len(scheduler.running) or not any(alive):
             return None
-        if bucket(sum(alive), minimum=self.runner.min_decode_rows) < bucket(len(seqs), self.runner.min_decode_rows):
+        if self.runner.decode_rows(sum(alive)) < self.runner.decode_rows(len(seqs)):
             return None
         if all(seq.request.params.max_tokens - len(seq.output) <= steps for seq, live in zip(seqs, alive) if live):
             return None  # this call ends every row

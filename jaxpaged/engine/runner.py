@@ -15,7 +15,7 @@ host nothing: it schedules, reads the last call's tokens and queues the next cal
 computes. Only the launcher touches the paged state.
 
 Shapes are padded so that compilations stay few (padding rows write nothing and see nothing): a
-decode call's rows are a power of two of the running ones; a prefill call's chunks are packed one
+decode call's rows are a power of two of the running ones (or three quarters of the table's); a prefill call's chunks are packed one
 after another on one token axis (`pack_chunks`: the model's token-wise work runs on the real
 tokens, not on every chunk padded to the longest), its token count, rows and longest chunk each
 padded to a power of two; decode rows in a prefill call are all the table's rows.
@@ -325,8 +325,8 @@ class Runner:
           params, seeds, token_indices, min_tokens, stop_ids, max_tokens: per row, as `prefill`'s samples.
           seen: [B, V] bool of each row's seen tokens, where some row has a repetition penalty.
         """
-        count = len(rows)  # rows padded to a power of two: a few shapes, and no work for empty rows
-        batch = min(bucket(count, minimum=self.min_decode_rows), self.config.max_seqs)
+        count = len(rows)
+        batch = self.decode_rows(count)
         switches = self._switches(params)
         sampling, min_tokens, stop_ids, seen = _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids,
                                                                 seen, batch)
@@ -339,6 +339,10 @@ class Runner:
         table, lens = np.array(table), lens.astype(np.int32)  # copies: the host goes on changing its own
         return DecodeCall(count, fixed, options, self._launch(lambda: self._run_decode(table, lens, carry, fixed,
                                                                                         options)))
+
+    def decode_rows(self, count: int) -> int:
+        """The rows a decode call of `count` running rows computes (padded: `decode_rows`)."""
+        return decode_rows(count, self.min_decode_rows, self.config.max_seqs)
 
     def chain(self, call: DecodeCall, table, alive, longest: int) -> DecodeCall:
         """Queues the next `steps` steps of the same rows, from where `call` leaves them on the device
@@ -425,13 +429,35 @@ def _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, c
             _stop_table(stop_ids, count), None if seen is None else _pad_rows(seen, count))
 
 
+def decode_rows(count: int, minimum: int, table_rows: int) -> int:
+    """The rows a decode call of `count` running rows computes: a power of two (at least `minimum`),
+    or three quarters of the table's rows where that covers them and the power of two would be the
+    whole table (a few shapes; padding rows do no attention, but the matrix products, which a batch
+    of 256 rows makes partly compute-bound, run on every row; a run spends much of its time between
+    half and three quarters of the table as requests finish)."""
+    rows = min(bucket(count, minimum=minimum), table_rows)
+    three_quarters = 3 * table_rows // 4
+    if rows == table_rows and count <= three_quarters and three_quarters > table_rows // 2 and three_quarters % 8 == 0:
+        return three_quarters
+    return rows
+
+
+PACKED_ROWS_AREA = 4  # a prefill call's [Bp, T] rows hold at least this many times its packed tokens
+
+
 def pack_chunks(chunks: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """The chunks' tokens one after another, and where each lies: (tokens [Np], token_at [Bp, T])
     int32, Np, Bp and T powers of two (few compilations; T at least 16) covering the tokens, the
-    chunks and the longest chunk. token_at holds Np past each chunk's tokens and in padding rows."""
+    chunks and the longest chunk. Bp is at least PACKED_ROWS_AREA * Np / T, so that a call's rows
+    depend on its token count and longest chunk alone unless it has more chunks than that (which
+    halves the prefill shapes a run under preemption meets: recomputed prompts vary the longest
+    chunk; padding rows cost the gathers into rows, not attention). token_at holds Np past each
+    chunk's tokens and in padding rows."""
     lengths = [len(c) for c in chunks]
     tokens = np.zeros(bucket(sum(lengths), minimum=16), np.int32)
-    token_at = np.full((bucket(len(chunks)), bucket(max(lengths), minimum=16)), tokens.shape[0], np.int32)
+    width = bucket(max(lengths), minimum=16)
+    height = max(bucket(len(chunks)), PACKED_ROWS_AREA * tokens.shape[0] // width)
+    token_at = np.full((height, width), tokens.shape[0], np.int32)
     start = 0
     for b, chunk in enumerate(chunks):
         tokens[start:start + len(chunk)] = chunk
