@@ -86,8 +86,10 @@ def run_hf(args, prompts, outputs):
     command += [] if args.dtype is None else ["--dtype", args.dtype]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.hf_timeout)
-    except subprocess.TimeoutExpired:
-        return {"failed": f"not done in {args.hf_timeout} s", "requests": len(prompts)}
+    except subprocess.TimeoutExpired as stopped:
+        partial = [line for line in (stopped.stdout or b"").decode(errors="replace").splitlines() if '"done"' in line]
+        return {"failed": f"not done in {args.hf_timeout} s", "requests": len(prompts),
+                **({"partial": json.loads(partial[-1])} if partial else {})}
     finally:
         os.unlink(f.name)
     lines = done.stdout.strip().splitlines()
@@ -118,12 +120,15 @@ def hf_worker(config, path):
         manager.start()
         for i, (prompt, count) in enumerate(zip(prompts, outputs)):
             manager.add_request(prompt, request_id=str(i), max_new_tokens=count)
-        results = {}
+        results, finished_tokens = {}, 0
         while len(results) < len(prompts):
             result = manager.get_result(timeout=60)
             if result is None:
                 raise RuntimeError(f"no result in 60 s after {len(results)} of {len(prompts)}")
             results[result.request_id] = result
+            finished_tokens += outputs[int(result.request_id)]
+            print(json.dumps({"done": len(results), "tokens_of_done": finished_tokens,  # what a stopped run shows
+                              "seconds": time.perf_counter() - start}), flush=True)
         manager.stop(block=True)
     except Exception as error:  # an older manager: generate_batch, every request to the longest output
         mode = f"generate_batch, every request to the longest output (the manager failed: {error})"[:300]

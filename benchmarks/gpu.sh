@@ -17,9 +17,9 @@
 #                                          # llama-1b and smollm2-135m-random by default:
 #                                          # OUT/generate_PRESET_{kernel,reference}.json, OUT/generate_PRESET.png
 #   bash benchmarks/gpu.sh OUT engine [PRESET ...]
-#                                          # <= 8 min a preset: the engine's workloads A and C (benchmarks/engine.py)
+#                                          # <= 9.5 min a preset: the engine's workloads A and C (benchmarks/engine.py)
 #                                          # with the static generate and transformers' continuous batching (64
-#                                          # requests, at most 2 min) beside (7 min for llama-1b on an H200),
+#                                          # requests, at most 200 s) beside (7 min for llama-1b on an H200),
 #                                          # llama-1b by default: OUT/engine_PRESET_AC.{json,png,txt}
 #   bash benchmarks/gpu.sh OUT engine-b [PRESET ...]
 #                                          # <= 4 min a preset: workload B, prefix caching on and off:
@@ -86,7 +86,7 @@ engine)
   presets=("$@")
   [ ${#presets[@]} -gt 0 ] || presets=(llama-1b)
   for preset in "${presets[@]}"; do
-    timeout 480 python3 benchmarks/engine.py --model "$preset" --workloads A C --hf-requests 64 --hf-timeout 120 \
+    timeout 560 python3 benchmarks/engine.py --model "$preset" --workloads A C --hf-requests 64 --hf-timeout 200 \
       --out "$out/engine_${preset}_AC.json" 2>&1 | quiet | tee "$out/engine_${preset}_AC.txt"
   done
   ;;
