@@ -15,7 +15,7 @@ host nothing: it schedules, reads the last call's tokens and queues the next cal
 computes. Only the launcher touches the paged state.
 
 Shapes are padded so that compilations stay few (padding rows write nothing and see nothing): a
-decode call's rows are a power of two of the running ones (or three quarters of the table's); a prefill call's chunks are packed one
+decode call's rows are a power of two of the running ones; a prefill call's chunks are packed one
 after another on one token axis (`pack_chunks`: the model's token-wise work runs on the real
 tokens, not on every chunk padded to the longest), its token count, rows and longest chunk each
 padded to a power of two; decode rows in a prefill call are all the table's rows.
@@ -341,8 +341,10 @@ class Runner:
                                                                                         options)))
 
     def decode_rows(self, count: int) -> int:
-        """The rows a decode call of `count` running rows computes (padded: `decode_rows`)."""
-        return decode_rows(count, self.min_decode_rows, self.config.max_seqs)
+        """The rows a decode call of `count` running rows computes: a power of two (a few shapes, and
+        no attention for empty rows), at least `min_decode_rows`, at most the table's. (Three
+        quarters of the table as one more size was slower on workload A: benchmarks/NOTES.md.)"""
+        return min(bucket(count, minimum=self.min_decode_rows), self.config.max_seqs)
 
     def chain(self, call: DecodeCall, table, alive, longest: int) -> DecodeCall:
         """Queues the next `steps` steps of the same rows, from where `call` leaves them on the device
@@ -427,19 +429,6 @@ def _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, c
     [count, MAX_STOP_IDS], seen [count, V] or None)."""
     return (SamplingRows.build(params, seeds, token_indices, count), _column(min_tokens, count, np.int32),
             _stop_table(stop_ids, count), None if seen is None else _pad_rows(seen, count))
-
-
-def decode_rows(count: int, minimum: int, table_rows: int) -> int:
-    """The rows a decode call of `count` running rows computes: a power of two (at least `minimum`),
-    or three quarters of the table's rows where that covers them and the power of two would be the
-    whole table (a few shapes; padding rows do no attention, but the matrix products, which a batch
-    of 256 rows makes partly compute-bound, run on every row; a run spends much of its time between
-    half and three quarters of the table as requests finish)."""
-    rows = min(bucket(count, minimum=minimum), table_rows)
-    three_quarters = 3 * table_rows // 4
-    if rows == table_rows and count <= three_quarters and three_quarters > table_rows // 2 and three_quarters % 8 == 0:
-        return three_quarters
-    return rows
 
 
 PACKED_ROWS_AREA = 4  # a prefill call's [Bp, T] rows hold at least this many times its packed tokens
