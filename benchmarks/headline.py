@@ -30,6 +30,7 @@ KV_QUANT_SPEED, KV_QUANT_ACCURACY = "kv_quant_speed_H200.json", "kv_quant_smollm
 # transformers peer in the run before; B on the engine before packing (NOTES.md)
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
                                  "engine_llama-1b_B_H200.json")
+ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
 IDLE_BEFORE_WAITING = {ENGINE_A}  # runs whose launcher did not yet wait for the device: no idle share
 # (model, JSON with the kernels, JSON of the same call with the reference attention or None, its batches)
 GENERATION = (
@@ -240,7 +241,7 @@ def headline_kv_quant(results):
 
 def headline_engine(results):
     """The engine on its three workloads, each run beside its peers of the same run."""
-    ac, a, b = load(results, ENGINE_AC), load(results, ENGINE_A), load(results, ENGINE_B)
+    ac, a, b, later = (load(results, name) for name in (ENGINE_AC, ENGINE_A, ENGINE_B, ENGINE_LATER))
     header = [("run", "l"), ("source", "l"), ("engine output tok/s", "r"), ("total tok/s", "r"),
               ("peer in the same run", "l"), ("engine / peer", "r"), ("prefix hits", "r"), ("mean TTFT", "r"),
               ("roofline of spec", "r"), ("device idle", "r"), ("compile", "r"), ("preemptions", "r")]
@@ -269,6 +270,16 @@ def headline_engine(results):
         row(f"C: A's requests, a quarter of the blocks they need ({c['num_blocks']:,}); {c['completed']} of 256 "
             f"completed, {c['requests_equal_to_A']} equal to A's tokens", ENGINE_AC, c,
             f"A: {ac['A']['output_tokens_per_second']:,.0f}", ac["A"]["output_tokens_per_second"]),
+        row("A, a later run: decode rows also at three quarters of the table (reverted), packed rows at least "
+            "4x the tokens", ENGINE_LATER, later["A"],
+            f"static `generate`: {later['A_static_generate']['output_tokens_per_second']:,.0f}",
+            later["A_static_generate"]["output_tokens_per_second"]),
+        row("A, that run: transformers' continuous batching manager, 64 requests each to its own length",
+            ENGINE_LATER, later["A"], f"{later['A_transformers']['tokens_per_second']:,.0f} (all "
+            f"{later['A_transformers']['generated_tokens']:,} tokens asked)", later["A_transformers"]["tokens_per_second"]),
+        row(f"C, that run: {later['C']['completed']} of 256 completed, {later['C']['requests_equal_to_A']} equal "
+            f"to A's tokens", ENGINE_LATER, later["C"], f"A: {later['A']['output_tokens_per_second']:,.0f}",
+            later["A"]["output_tokens_per_second"]),
         row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on "
             "(the engine before packing and the launcher thread)", ENGINE_B, b["B_caching_on"],
             f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
