@@ -25,9 +25,10 @@ COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # kern
 ROW_PARALLEL = ("o_proj", "down_proj")  # kernel [in, E]: in split; the partial sums are all-reduced
 
 
-def param_spec(keys: list) -> PartitionSpec:
-    """The PartitionSpec of a parameter given its path's keys (e.g. ['layers', 0, 'mlp', 'up_proj', 'kernel'])."""
-    module, leaf = (str(k) for k in keys[-2:])
+def param_spec(path) -> PartitionSpec:
+    """The PartitionSpec of a parameter, given its path in the model's state (a `jax.tree_util` key
+    path, e.g. layers / 0 / mlp / up_proj / kernel)."""
+    module, leaf = [str(entry.key) for entry in path if hasattr(entry, "key")][-2:]
     if leaf == "kernel" and module in COLUMN_PARALLEL:
         return PartitionSpec(None, TENSOR_AXIS)
     if leaf == "kernel" and module in ROW_PARALLEL:

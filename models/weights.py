@@ -87,7 +87,7 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
         if mesh is None:
             return jnp.asarray(value, dtype)
         value = np.asarray(value, dtype)  # on the host; each device then takes its slice
-        sharding = NamedSharding(mesh, param_spec(_keys(path)))
+        sharding = NamedSharding(mesh, param_spec(path))
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
