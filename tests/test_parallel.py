@@ -321,30 +321,48 @@ def test_loaders_read_each_weight_into_its_shards(tmp_path):
 @on_eight_devices
 def test_the_kernels_run_per_device_on_their_own_kv_heads(monkeypatch):
     """The GPU kernels (Pallas interpret mode here) under shard_map read each device's shard of the
-    pools and agree with one device's reference path, for a prefill chunk and a decode step."""
+    pools and agree with one device's reference path, for a prefill chunk and a decode step, alone
+    and batched over 2 replicas (vmap over the data axis)."""
     from jaxpaged import attention, kernels
     from jaxpaged.kernels import decode, launch, prefill
 
+    seen = []  # (kernel, kv heads of the pool it was given), as traced
+
+    def interpreted(kernel):
+        def call(q, k_pool, *args, **kwargs):
+            seen.append((kernel.__name__, k_pool.shape[1]))
+            return kernel(q, k_pool, *args, interpret=True, gpu=launch.H100, **kwargs)
+        return call
+
     monkeypatch.setattr(attention, "choose_impl", lambda impl, config, **_: impl if impl != "auto" else "reference")
-    monkeypatch.setattr(kernels, "paged_decode_attention",
-                        functools.partial(decode.paged_decode_attention, interpret=True, gpu=launch.H100))
-    monkeypatch.setattr(kernels, "paged_prefill_attention",
-                        functools.partial(prefill.paged_prefill_attention, interpret=True, gpu=launch.H100))
-    config = CacheConfig(num_layers=2, num_kv_heads=4, head_dim=16, num_blocks=32, block_size=8, max_seqs=4,
-                         max_blocks_per_seq=8)
+    monkeypatch.setattr(kernels, "paged_decode_attention", interpreted(decode.paged_decode_attention))
+    monkeypatch.setattr(kernels, "paged_prefill_attention", interpreted(prefill.paged_prefill_attention))
     rng = np.random.default_rng(0)
-    chunks = [(rng.standard_normal((3, t, 8, 16)).astype(np.float32), rng.standard_normal((3, t, 4, 16)).astype(np.float32),
-               np.asarray(n, np.int32)) for t, n in ((5, [5, 4, 1]), (1, [1, 1, 1]))]
+    chunks = [(rng.standard_normal((4, t, 8, 16)).astype(np.float32), rng.standard_normal((4, t, 4, 16)).astype(np.float32),
+               np.asarray(n, np.int32)) for t, n in ((5, [5, 4, 1, 3]), (1, [1, 1, 1, 1]))]  # a prefill chunk, a decode step
 
     def run(mesh, impl):
-        state, seq_idx, outs = init_state(config, mesh), jnp.arange(3, dtype=jnp.int32), []
+        """Both chunks' 4 rows through the cache(s) on `mesh` (R replicas of 4 / R rows): outputs [4, T, H, D]."""
+        count = replicas(mesh)
+        rows = 4 // count
+        config = CacheConfig(num_layers=2, num_kv_heads=4, head_dim=16, num_blocks=32, block_size=8, max_seqs=rows,
+                             max_blocks_per_seq=8)
+        state = init_state(config) if mesh is None else place_cache(init_state, config, mesh=mesh, stacked=count > 1)
+
+        def replica(state, q, k, num_tokens):
+            state, step = state.begin_step(jnp.arange(rows, dtype=jnp.int32), num_tokens, q.shape[1], impl=impl)
+            return state.attend(1, q, k, 2 * k, step)
+
+        outs = []
         for q, k, num_tokens in chunks:
-            state, step = state.begin_step(seq_idx, jnp.asarray(num_tokens), q.shape[1], impl=impl)
-            out, state = jax.jit(lambda state, q, k, step: state.attend(1, q, k, 2 * k, step))(state, q, k, step)
-            outs.append(out)
+            split = [x.reshape(count, rows, *x.shape[1:]) if count > 1 else x for x in (q, k, num_tokens)]
+            out, state = jax.jit(per_replica(replica, mesh))(state, *split)
+            outs.append(out.reshape(q.shape))
         return outs
 
-    mesh = make_mesh(4)
-    for expected, out in zip(run(None, "reference"), run(mesh, "kernel")):
-        assert out.sharding.spec == PartitionSpec(None, None, TENSOR_AXIS)
-        np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    expected = run(None, "reference")
+    assert not seen
+    for data, tensor in ((1, 4), (2, 4)):
+        for want, out in zip(expected, run(make_mesh(tensor, data), "kernel")):
+            np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=f"{data} x {tensor}")
+    assert sorted(set(seen)) == [("paged_decode_attention", 1), ("paged_prefill_attention", 1)]  # 1 of 4 kv heads each
