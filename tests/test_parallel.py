@@ -225,6 +225,7 @@ def test_tensor_and_data_parallel_runs_give_one_devices_tokens_and_logits(name):
 @on_eight_devices
 def test_generate_and_the_command_on_a_mesh_give_one_devices_tokens(tmp_path, capsys, monkeypatch):
     from jaxpaged.models import cli
+    from jaxpaged.models import generate as generation
     from jaxpaged.models.checkpoint import save_checkpoint
     from jaxpaged.models.tokenizer import Tokenizer
 
@@ -241,6 +242,9 @@ def test_generate_and_the_command_on_a_mesh_give_one_devices_tokens(tmp_path, ca
     for cache in ("paged", "contiguous"):
         result = generate(sharded, prompts, max_new_tokens=6, eos_token_ids=[eos], cache=cache, mesh=mesh)
         assert (result.tokens, result.finish_reasons) == (stopped.tokens, stopped.finish_reasons), cache
+    programs = [function._cache_size() for function in (generation._prefill, generation._decode_chunk)]
+    generate(sharded, [p[::-1] for p in prompts], max_new_tokens=6, eos_token_ids=[eos], mesh=mesh)  # same buckets
+    assert [function._cache_size() for function in (generation._prefill, generation._decode_chunk)] == programs
 
     monkeypatch.setenv("JAXPAGED_CACHE_DIR", str(tmp_path / "cache"))
     save_checkpoint(model, str(tmp_path / "tiny"), tokenizer)
