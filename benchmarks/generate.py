@@ -6,8 +6,9 @@ the full `--new-tokens`, and greedy paged and contiguous outputs are compared. T
 is `generate(..., impl=...)`: "kernel" (the Pallas kernels), "reference" (gather then attend) or
 "auto" (the kernels where they run).
 On a GPU, the decode roofline: each step reads every weight once and every live K/V once; those
-bytes at the card's specified bandwidth (ceilings.py) give the step's floor, and the roofline
-fraction is that floor over the measured step time. XLA's device copy, measured in the same run,
+bytes at the card's specified bandwidth (ceilings.py), times the cards the model is split over
+(--tensor-parallel), give the step's floor, and the roofline fraction is that floor over the
+measured step time. XLA's device copy, measured in the same run,
 is reported beside as a peer (its fraction too, and alone where the card has no spec). Not on the
 CPU, where an XLA elementwise pass (about 6 GB/s on a 2-core machine) is slower than the model's
 matrix-vector products read.
@@ -17,6 +18,7 @@ Examples:
   python benchmarks/generate.py --preset smollm2-135m --batch-sizes 1 4          # real weights
   python benchmarks/generate.py --preset llama-1b --batch-sizes 1 32 128 --dtype bfloat16 --impl kernel
   python benchmarks/generate.py --preset smollm2-135m-random --batch-sizes 1 32 128 --dtype bfloat16 --impl reference
+  python benchmarks/generate.py --preset llama-1b --batch-sizes 1 32 128 --dtype bfloat16 --tensor-parallel 2
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ from tqdm import tqdm
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
+from jaxpaged.models.parallel import shard_model
+from jaxpaged.parallel import make_mesh
 from ceilings import copy_bandwidth, device_name, spec_bandwidth
 
 
-def load(args) -> MiniLLM:
-    """The preset's model: real weights from the embedded file for smollm2-135m, else random."""
+def load(args, mesh) -> MiniLLM:
+    """The preset's model: real weights from the embedded file for smollm2-135m, else random; on the
+    mesh's devices, if given."""
     if args.preset == "smollm2-135m" and not args.random_weights:
         from jaxpaged.models.gguf_weights import load_gguf
 
-        return load_gguf(dtype=args.dtype)[0]
-    return MiniLLM(preset(args.preset, dtype=args.dtype), rngs=nnx.Rngs(0))
+        return load_gguf(dtype=args.dtype, mesh=mesh)[0]
+    model = MiniLLM(preset(args.preset, dtype=args.dtype), rngs=nnx.Rngs(0))
+    return model if mesh is None else shard_model(model, mesh)
 
 
 def main():
@@ -61,15 +67,21 @@ def main():
                         help="attention path: the Pallas kernels, gather-then-attend, or auto (kernels where they run)")
     parser.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto",
                         help="scanned [L, ...] stack or separate unrolled layers (auto: scan on the CPU only)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate_<preset>_<device>.json)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="split the model and the caches' kv heads over N devices (default 1: one device)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/generate_<preset>_<device>[_tp<N>].json)")
     parser.add_argument("--plot", default=None, help="PNG path for a plot of decode tokens/s (needs matplotlib)")
     args = parser.parse_args()
 
-    model = load(args)
+    mesh = make_mesh(args.tensor_parallel) if args.tensor_parallel > 1 else None
+    model = load(args, mesh)
     device = device_name()
+    cards = args.tensor_parallel  # each reads its share of the weights and K/V at once
     on_gpu = jax.default_backend() == "gpu"  # no roofline on the CPU (docstring)
     spec = spec_bandwidth(device) if on_gpu else None
-    copy = copy_bandwidth(2**31) if on_gpu else None
+    spec = spec and cards * spec
+    copy = cards * copy_bandwidth(2**31) if on_gpu else None
     c = model.config
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(jnp.dtype(c.dtype)).itemsize
@@ -82,7 +94,7 @@ def main():
             def run():
                 return generate(model, prompts, max_new_tokens=args.new_tokens, cache=cache, block_size=args.block_size,
                                 eos_token_ids=[], chunk_size=args.chunk_size, impl=args.impl,
-                                scan_layers={"auto": None, "scan": True, "unroll": False}[args.layers])
+                                scan_layers={"auto": None, "scan": True, "unroll": False}[args.layers], mesh=mesh)
 
             first = run()  # compiles
             timed = [run() for _ in range(args.repeats)]
@@ -116,7 +128,7 @@ def main():
         })
 
     print(f"\n{args.preset} ({args.dtype}, {'random' if args.random_weights or args.preset != 'smollm2-135m' else 'real'} "
-          f"weights, impl {args.impl}) on {device}, prompt {args.prompt_len}, {args.new_tokens} new tokens, block size {args.block_size}")
+          f"weights, impl {args.impl}) on {device}{f' x {cards}' if cards > 1 else ''}, prompt {args.prompt_len}, {args.new_tokens} new tokens, block size {args.block_size}")
     print(f"{'batch':>6}{'prefill paged':>15}{'prefill contig':>16}{'decode paged':>14}{'decode contig':>15}"
           f"{'decode ratio':>14}{'same tokens':>13}{'of spec':>9}{'of copy':>9}")
     for r in rows:
@@ -125,14 +137,16 @@ def main():
               f"{r['decode_ratio_paged_over_contiguous']:>13.2f}x{str(r['greedy_tokens_identical']):>13}"
               + "".join(f"{r[key]['paged']:>9.0%}" if r[key] else f"{'—':>9}" for key in ("roofline_vs_spec", "roofline_vs_copy")))
     bandwidths = (f"specified {spec / 1e12:.2f} TB/s" if spec else "no spec for this card") + (
-        f"; XLA copy {copy / 1e12:.2f} TB/s (read + write), measured in this run" if copy else "")
+        f"; XLA copy {copy / 1e12:.2f} TB/s (read + write), measured in this run" if copy else "") + (
+        f" (both for the {cards} cards together)" if cards > 1 else "")
     print(f"weights {weight_bytes / 1e9:.2f} GB; roofline (paged) = the step's bytes at the bandwidth / its time; "
           + (bandwidths if on_gpu else "no roofline on the CPU"))
 
-    suffix = "" if args.impl == "auto" else f"_{args.impl}"
+    suffix = ("" if args.impl == "auto" else f"_{args.impl}") + (f"_tp{cards}" if cards > 1 else "")
     out = args.out or f"benchmarks/results/generate_{args.preset}_{device.replace(' ', '_')}{suffix}.json"
     with open(out, "w") as f:
-        json.dump({"preset": args.preset, "dtype": args.dtype, "device": device, "jax": jax.__version__, "impl": args.impl,
+        json.dump({"preset": args.preset, "dtype": args.dtype, "device": device, "tensor_parallel": cards,
+                   "jax": jax.__version__, "impl": args.impl,
                    "spec_bandwidth_Bps": spec, "copy_Bps": copy, "weight_bytes": weight_bytes,
                    "block_size": args.block_size, "chunk_size": args.chunk_size, "repeats": args.repeats, "rows": rows}, f,
                   indent=2)
@@ -151,7 +165,7 @@ def main():
         plt.yscale("log")
         plt.xlabel("batch")
         plt.ylabel("decode tokens/s")
-        plt.title(f"{args.preset} {args.dtype}, impl {args.impl}, on {device}")
+        plt.title(f"{args.preset} {args.dtype}, impl {args.impl}, on {device}{f' x {cards}' if cards > 1 else ''}")
         plt.legend()
         plt.tight_layout()
         plt.savefig(args.plot, dpi=120)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from jaxpaged import checks
 from jaxpaged.config import CacheConfig
@@ -61,12 +62,18 @@ class BlockTable:
 
 @struct.dataclass
 class PagedKVState:
-    """Everything a paged KV cache holds on the device."""
+    """Everything a paged KV cache holds on the device.
+
+    With a `mesh` (`init_state(config, mesh)`), the pools are sharded over kv heads on its
+    "tensor" axis and everything else is replicated (`jaxpaged.parallel`); attention then runs per
+    device on its own kv heads.
+    """
 
     pools: KVPools
     table: BlockTable
     allocator: BlockAllocatorState
     config: CacheConfig = struct.field(pytree_node=False)
+    mesh: Mesh | None = struct.field(pytree_node=False, default=None)
 
     # -- the cache protocol (jaxpaged.protocol): what a model's attention calls
 
@@ -84,7 +91,12 @@ class PagedKVState:
                            ok=ok, slots=slots, max_len=max_len, impl=check_impl(impl))
 
     def attend(self, layer, q, k, v, step: Step):
-        """Scatters k, v [B, T, K, D] into the step's slots of `layer`, then paged attention of q [B, T, H, D]."""
+        """Scatters k, v [B, T, K, D] into the step's slots of `layer`, then paged attention of q [B, T, H, D]
+        (on a mesh, each device its own kv heads: `jaxpaged.parallel.attend_per_device`)."""
+        if self.mesh is not None:
+            from jaxpaged.parallel import attend_per_device
+
+            return attend_per_device(self, layer, q, k, v, step)
         from jaxpaged.attention import paged_attention
         from jaxpaged.ops import write_slots
 
@@ -102,8 +114,17 @@ def init_allocator(num_blocks: int) -> BlockAllocatorState:
     )
 
 
-def init_state(config: CacheConfig) -> PagedKVState:
-    """An empty cache: zeroed pools (and scales, for 8-bit pools), no sequence owns a block, every block free."""
+def init_state(config: CacheConfig, mesh: Mesh | None = None) -> PagedKVState:
+    """An empty cache: zeroed pools (and scales, for 8-bit pools), no sequence owns a block, every block free.
+
+    mesh: a `jaxpaged.parallel.make_mesh` mesh whose tensor axis divides the kv heads: the pools
+    are built sharded over kv heads on it (no device holds a whole pool), the rest replicated.
+    """
+    if mesh is not None:
+        from jaxpaged.parallel import check_kv_heads, place_cache
+
+        check_kv_heads(config.num_kv_heads, mesh, "CacheConfig.num_kv_heads")
+        return place_cache(init_state, config, mesh=mesh)
     c = config
     pool_shape = (c.num_layers, c.num_kv_heads, c.num_blocks, c.block_size, c.head_dim)
     pools = KVPools(k=jnp.zeros(pool_shape, c.pool_dtype), v=jnp.zeros(pool_shape, c.pool_dtype))

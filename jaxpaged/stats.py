@@ -66,18 +66,20 @@ class MemoryStats:
 
 
 def paged_memory_stats(state: PagedKVState) -> MemoryStats:
-    """Statistics of a paged cache, read back from the device once."""
+    """Statistics of a paged cache, read back from the device once. A state of R data-parallel
+    replicas (every leaf stacked [R, ...], `jaxpaged.parallel`) counts them together: R x N blocks."""
     c = state.config
     block_ids, seq_lens, num_free = (np.asarray(x) for x in (state.table.block_ids, state.table.seq_lens, state.allocator.num_free))
-    held = (block_ids < c.num_blocks).sum(axis=1)
+    replicas = num_free.size
+    held = (block_ids.reshape(-1, block_ids.shape[-1]) < c.num_blocks).sum(axis=1)
     bytes_per_position = c.bytes_per_token // c.num_layers  # one layer, K plus V (and their scales)
     return MemoryStats(
-        total_blocks=c.num_blocks,
-        used_blocks=c.num_blocks - int(num_free),
-        free_blocks=int(num_free),
+        total_blocks=replicas * c.num_blocks,
+        used_blocks=replicas * c.num_blocks - int(num_free.sum()),
+        free_blocks=int(num_free.sum()),
         block_size=c.block_size,
         bytes_per_block=c.bytes_per_block,
-        bytes_reserved=c.pool_bytes,
+        bytes_reserved=replicas * c.pool_bytes,
         bytes_live=int(seq_lens.sum()) * bytes_per_position,
         num_seqs=int((held > 0).sum()),
         blocks_per_seq=tuple(int(h) for h in held[held > 0]),
@@ -85,8 +87,10 @@ def paged_memory_stats(state: PagedKVState) -> MemoryStats:
 
 
 def contiguous_memory_stats(state: ContiguousKVState) -> MemoryStats:
-    """Statistics of a contiguous cache: every row holds one block of max_len positions."""
-    num_layers, batch, heads, max_len, head_dim = state.k.shape
+    """Statistics of a contiguous cache: every row holds one block of max_len positions (the rows of
+    every replica, for a state of data-parallel replicas stacked [R, ...])."""
+    num_layers, batch, heads, max_len, head_dim = state.k.shape[-5:]
+    batch *= int(np.prod(state.k.shape[:-5]))  # times R
     bytes_per_position = 2 * heads * head_dim * state.k.dtype.itemsize
     return MemoryStats(
         total_blocks=batch,

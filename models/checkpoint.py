@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.llama import MiniLLM
@@ -61,10 +62,11 @@ class ModelFiles:
     weights_path: str  # where the weights come from (for a cached GGUF file, the cache entry)
     read_tensors: Callable[[], Mapping[str, np.ndarray]]  # float32 tensors under Hugging Face names
 
-    def load(self, dtype: str | None = None) -> MiniLLM:
-        """The model, in `dtype` (default the config's)."""
+    def load(self, dtype: str | None = None, *, mesh: Mesh | None = None) -> MiniLLM:
+        """The model, in `dtype` (default the config's); with a mesh, each weight read into its shards
+        on the mesh's devices (`model_from_hf_tensors`)."""
         return model_from_hf_tensors(self.config if dtype is None else self.config.replace(dtype=dtype),
-                                     self.read_tensors())
+                                     self.read_tensors(), mesh=mesh)
 
 
 def open_checkpoint(path: str) -> ModelFiles:
@@ -96,10 +98,12 @@ def open_checkpoint(path: str) -> ModelFiles:
                       read_tensors=read_tensors)
 
 
-def load_checkpoint(path: str, dtype: str | None = None) -> tuple[MiniLLM, Tokenizer | None]:
-    """Model (and tokenizer, if the directory has one) from a Hugging Face Llama checkpoint directory."""
+def load_checkpoint(path: str, dtype: str | None = None, *,
+                    mesh: Mesh | None = None) -> tuple[MiniLLM, Tokenizer | None]:
+    """Model (and tokenizer, if the directory has one) from a Hugging Face Llama checkpoint directory;
+    with a mesh, each weight read into its shards (`ModelFiles.load`)."""
     files = open_checkpoint(path)
-    return files.load(dtype), files.tokenizer
+    return files.load(dtype, mesh=mesh), files.tokenizer
 
 
 def _umask_file_mode() -> int:
@@ -159,7 +163,8 @@ def open_model(path: str | None = None, *, cache_dir: str | None = None, progres
 
 
 def load_model(path: str | None = None, dtype: str = "float32", *, cache_dir: str | None = None,
-               progress: bool = False) -> tuple[MiniLLM, Tokenizer | None]:
-    """Model and tokenizer from a GGUF file, a checkpoint directory, or (path None) the embedded SmolLM2."""
+               progress: bool = False, mesh: Mesh | None = None) -> tuple[MiniLLM, Tokenizer | None]:
+    """Model and tokenizer from a GGUF file, a checkpoint directory, or (path None) the embedded SmolLM2;
+    with a mesh, each weight read into its shards (`ModelFiles.load`)."""
     files = open_model(path, cache_dir=cache_dir, progress=progress)
-    return files.load(dtype), files.tokenizer
+    return files.load(dtype, mesh=mesh), files.tokenizer

@@ -27,7 +27,7 @@ from jaxpaged.models.config import PRESET_NAMES
 DTYPES = ("float32", "bfloat16", "float16")
 LONG_PREFILL_TOKENS = 1024  # a prefill this long takes seconds on a CPU: say so before it starts
 DEFAULT_MAX_NUM_SEQS = 64  # generate's default ceiling on the sequences the engine runs at once
-# generate's flags that only the engine takes (--cache contiguous refuses them)
+# generate's flags that only the engine takes (--cache contiguous, and a device mesh, refuse them)
 ENGINE_ONLY = ("min_p", "repetition_penalty", "stop", "n", "max_num_seqs", "max_num_batched_tokens")
 
 
@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store the paged cache's K and V in 8 bits, with a float16 scale per position and kv head "
                           "(default: in --dtype); about half the bytes, so about twice the sequences in a pool")
     gen.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per device call (default 16)")
+    gen.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
+                     help="split every layer over N devices: the kv heads (and their K/V in the cache), the MLP "
+                          "(default 1). Until the engine takes a device mesh, N > 1 runs the static one-shot "
+                          "generate, over the paged cache unless --cache contiguous, without the engine's options")
+    gen.add_argument("--data-parallel", type=_positive_int, default=1, metavar="M",
+                     help="M replicas, each with its own cache and 1/M of the prompts (default 1); M x N devices "
+                          "must divide the devices here; M > 1 runs the static generate as --tensor-parallel does")
     _attention_argument(gen)
     gen.set_defaults(run=run_generate, subparser=gen)
 
@@ -267,11 +274,12 @@ def _open(args, path: str | None):
     return open_model(path, cache_dir=_cache_dir(args), progress=True)
 
 
-def _load(args, files, dtype: str | None):
-    """The model's weights, with a line on stderr saying where from and how long it took."""
+def _load(args, files, dtype: str | None, mesh=None):
+    """The model's weights (each read into its shards on `mesh`, if given), with a line on stderr
+    saying where from and how long it took."""
     _status(args, f"loading weights from {files.weights_path}")
     start = time.perf_counter()
-    model = files.load(dtype)
+    model = files.load(dtype, mesh=mesh)
     _status(args, f"loaded in {time.perf_counter() - start:.1f} s")
     return model
 
@@ -331,12 +339,15 @@ def run_generate(args) -> int:
         args.subparser.error("--top-k must be >= 0")
     if args.kv_dtype and args.cache == "contiguous":
         args.subparser.error("--kv-dtype: 8-bit K/V is for the paged cache; the contiguous cache holds --dtype")
-    if args.cache == "contiguous":
+    mesh = _mesh(args)
+    if args.cache == "contiguous" or mesh is not None:
         defaults = args.subparser.parse_args([])
         given = [name for name in ENGINE_ONLY if getattr(args, name) != getattr(defaults, name)]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            args.subparser.error(f"{flags}: the engine's options, for --cache paged only")
+            args.subparser.error(f"{flags}: the engine's options, for --cache paged only" if mesh is None else
+                                 f"{flags}: the engine's options; with --tensor-parallel or --data-parallel the "
+                                 "static one-shot generate runs (the engine does not take a device mesh yet)")
     files = _open(args, args.model)
     tokenizer = files.tokenizer
     if tokenizer is None:
@@ -347,18 +358,37 @@ def run_generate(args) -> int:
     if any(not i for i in ids):
         args.subparser.error("a prompt encodes to no tokens")
     _check_sizes(args, ids, files.config.max_position_embeddings)
-    model = _load(args, files, args.dtype)
+    model = _load(args, files, args.dtype, mesh)
+    if mesh is not None:
+        c = model.config
+        _status(args, f"tensor parallel {args.tensor_parallel} x data parallel {args.data_parallel} on "
+                      f"{mesh.devices.flat[0].platform} devices: {c.num_heads} query and {c.num_kv_heads} kv heads "
+                      f"laid out, {c.num_kv_heads // args.tensor_parallel} kv head(s) a device")
     eos = tuple(dict.fromkeys(tokenizer.eos_token_ids + model.config.eos_token_ids))
     prompt_tokens = sum(map(len, ids))
     if prompt_tokens >= LONG_PREFILL_TOKENS:
         _status(args, f"prefilling {prompt_tokens} prompt tokens")
     shown = ["" if args.chat else prompt for prompt in prompts]  # what is printed before each completion
-    run = _generate_static if args.cache == "contiguous" else _generate_on_engine
-    return run(args, model, tokenizer, shown, ids, eos)
+    if args.cache == "contiguous" or mesh is not None:
+        return _generate_static(args, model, tokenizer, shown, ids, eos, mesh)
+    return _generate_on_engine(args, model, tokenizer, shown, ids, eos)
 
 
-def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[int]], eos: tuple[int, ...]) -> int:
-    """--cache contiguous: the static one-shot generate (models/generate.py), one batch."""
+def _mesh(args):
+    """The device mesh of --tensor-parallel and --data-parallel, or None for one device."""
+    if args.tensor_parallel * args.data_parallel == 1:
+        return None
+    from jaxpaged.parallel import make_mesh
+
+    try:
+        return make_mesh(args.tensor_parallel, args.data_parallel)
+    except ValueError as error:
+        args.subparser.error(f"--tensor-parallel {args.tensor_parallel}, --data-parallel {args.data_parallel}: {error}")
+
+
+def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[int]], eos: tuple[int, ...],
+                     mesh=None) -> int:
+    """--cache contiguous, or a device mesh: the static one-shot generate (models/generate.py), one batch."""
     import jax
 
     from jaxpaged.models.generate import generate
@@ -379,7 +409,7 @@ def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[in
     result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                       cache=args.cache, block_size=args.block_size, num_blocks=args.num_blocks, eos_token_ids=eos,
                       chunk_size=args.chunk_size, on_tokens=on_tokens if one else None, impl=args.attention,
-                      show_progress=True)
+                      show_progress=True, kv_dtype=args.kv_dtype, mesh=mesh)
     if one:
         sys.stdout.write(stream.update(tokenizer.decode(streamed), finished=True) + "\n")
     else:

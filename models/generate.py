@@ -9,6 +9,10 @@ a finished sequence stops taking blocks at once and gives its blocks back at the
 Shapes are padded to buckets (batch and prompt length to powers of two, the context to a power of
 two multiple of the block size), so the number of compilations stays small.
 
+On a device mesh (`mesh=`, `jaxpaged.parallel`) the same programs run sharded: the model's weights
+and the cache's K/V split over the tensor axis, and each data-parallel replica running its own
+cache on its share of the batch (R x a power of two rows).
+
 Axis letters: B batch, T prompt tokens, S context positions, V vocab.
 """
 
@@ -24,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
 from jaxpaged.attention import choose_impl
 from jaxpaged.config import bucket
 from jaxpaged.ops import free_seqs
+from jaxpaged.parallel import check_kv_heads, per_replica, place_cache, replicas
 from jaxpaged.protocol import check_impl
 from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.sampling import SamplingParams, sample
@@ -55,20 +61,35 @@ class GenerationResult:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "impl"), donate_argnames=("cache",))
-def _prefill(graphdef, params, cache, tokens, seq_idx, num_tokens, key, *, sampling, max_len, impl):
+def _by_replica(step, mesh, cache, *rows):
+    """step(cache, *rows) -> (logits, cache, ok) over the batch's rows [B, ...]; with R data-parallel
+    replicas, each runs it on its own cache and its B / R consecutive rows (`per_replica`), and the
+    logits come back as [B, ...]."""
+    count = replicas(mesh)
+    if count == 1:
+        return step(cache, *rows)
+    logits, cache, ok = per_replica(step, mesh)(cache, *(x.reshape(count, -1, *x.shape[1:]) for x in rows))
+    return logits.reshape(-1, *logits.shape[2:]), cache, jnp.all(ok)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "impl", "mesh"),
+                   donate_argnames=("cache",))
+def _prefill(graphdef, params, cache, tokens, seq_idx, num_tokens, key, *, sampling, max_len, impl, mesh):
     """Writes one chunk of every prompt into the cache and samples a token from each row's last one."""
     model = nnx.merge(graphdef, params)
-    last = jnp.maximum(num_tokens - 1, 0)
-    logits, cache, ok = model.step(tokens, cache, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
-                                   logit_index=last, impl=impl)
+
+    def step(cache, tokens, seq_idx, num_tokens):
+        return model.step(tokens, cache, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
+                          logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
+
+    logits, cache, ok = _by_replica(step, mesh, cache, tokens, seq_idx, num_tokens)
     return cache, sample(logits, key, sampling), ok
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "chunk_size", "eos_ids", "impl"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_len", "chunk_size", "eos_ids", "impl",
+                                             "mesh"), donate_argnames=("cache",))
 def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generated, max_new_tokens, key, *,
-                  sampling, max_len, chunk_size, eos_ids, impl):
+                  sampling, max_len, chunk_size, eos_ids, impl, mesh):
     """Up to chunk_size decode steps, stopping early once no sequence is active.
 
     Returns (cache, tokens [chunk_size, B], emitted [chunk_size, B] bool, active, generated, ok).
@@ -83,10 +104,12 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
         i, _, _, active, *_ = carry
         return (i < chunk_size) & jnp.any(active)
 
+    def step(cache, last_tokens, active, seq_idx):
+        return model.decode_step(last_tokens, cache, active=active, seq_idx=seq_idx, max_len=max_len, impl=impl)
+
     def body(carry):
         i, cache, last_tokens, active, generated, out_tokens, emitted, all_ok = carry
-        logits, cache, ok = model.decode_step(last_tokens, cache, active=active, seq_idx=seq_idx, max_len=max_len,
-                                              impl=impl)
+        logits, cache, ok = _by_replica(step, mesh, cache, last_tokens, active, seq_idx)
         step_key = jax.random.fold_in(key, generated.max())
         next_tokens = jnp.where(active, sample(logits, step_key, sampling), 0)
         generated = generated + active
@@ -100,12 +123,40 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
     return cache, out_tokens, emitted, active, generated, ok
 
 
+def _check_placed(model: MiniLLM, mesh: Mesh) -> None:
+    """Raises ValueError unless the model's weights lie on `mesh`, with kv heads its tensor axis divides."""
+    check_kv_heads(model.config.num_kv_heads, mesh, "the model's kv heads")
+    for weight in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        if not isinstance(weight.sharding, NamedSharding) or weight.sharding.mesh != mesh:
+            raise ValueError("mesh: the model's weights are not on this mesh; place them with "
+                             "jaxpaged.models.parallel.shard_model(model, mesh), or load the model with mesh=")
+
+
+def _new_cache(init, *args, mesh: Mesh | None):
+    """init(*args)'s cache; on a mesh, built in its shardings (`place_cache`), one cache per data
+    replica (stacked [R, ...]) where there are several."""
+    return init(*args) if mesh is None else place_cache(init, *args, mesh=mesh, stacked=replicas(mesh) > 1)
+
+
+def _free(state, seq_idx: jax.Array, *, mesh: Mesh | None):
+    """Frees rows seq_idx [B] of a paged cache: with R replicas, each replica's B / R its own rows."""
+    if replicas(mesh) == 1:
+        return free_seqs(state, seq_idx)
+    return _free_per_replica(state, seq_idx.reshape(replicas(mesh), -1), mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("state",))
+def _free_per_replica(state, seq_idx, *, mesh):
+    state, ok = per_replica(free_seqs, mesh)(state, seq_idx)
+    return state, jnp.all(ok)
+
+
 def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: SamplingParams = SamplingParams(), key: jax.Array | None = None, cache: str = "paged",
              block_size: int = 16, num_blocks: int | None = None, eos_token_ids: Sequence[int] | None = None,
              chunk_size: int = 16, on_tokens: Callable[[list[list[int]]], None] | None = None, impl: str = "auto",
              scan_layers: bool | None = None, prefill_chunk: int = 512, show_progress: bool = False,
-             kv_dtype: str | None = None) -> GenerationResult:
+             kv_dtype: str | None = None, mesh: Mesh | None = None) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (lists of token ids).
 
     Args:
@@ -121,6 +172,10 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
       show_progress: a progress bar on stderr for chunked prefills.
       kv_dtype: the paged pools' storage, "int8" or "float8_e4m3fn" (8 bits with a scale per position
         and kv head; attention then takes the reference path), or None (the model dtype).
+      mesh: run on this device mesh (`jaxpaged.parallel.make_mesh`); the model must be placed on it
+        (`jaxpaged.models.parallel.shard_model`, or a loader's mesh=). The cache's K and V are
+        sharded over kv heads on its tensor axis; each of its R data replicas holds a cache of its
+        own (num_blocks each) and B / R consecutive rows of the padded batch B (R x a power of two).
 
     Raises:
       ValueError for an empty prompt, bad sizes, or a prompt plus max_new_tokens past the model's
@@ -134,6 +189,8 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         raise ValueError(f"cache must be 'paged' or 'contiguous', got {cache!r}")
     check_impl(impl)
     config = model.config
+    if mesh is not None:
+        _check_placed(model, mesh)
     if kv_dtype is not None and cache != "paged":
         raise ValueError(f"kv_dtype={kv_dtype!r} needs cache='paged'; the contiguous cache holds the model dtype")
     longest = max(len(p) for p in prompts)
@@ -143,7 +200,9 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
                          f"{config.max_position_embeddings}")
     key = jax.random.key(0) if key is None else key
     eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    batch = bucket(len(prompts))
+    replica_count = replicas(mesh)
+    rows = bucket(-(-len(prompts) // replica_count))  # each replica's rows
+    batch = replica_count * rows
     prompt_len = bucket(longest, minimum=8) if longest <= prefill_chunk else -(-longest // prefill_chunk) * prefill_chunk
     # never padded past the context (rounded up to whole blocks)
     max_len = min(bucket(longest + max_new_tokens, minimum=block_size),
@@ -158,17 +217,18 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
     if cache == "paged":
         blocks_per_seq = max_len // block_size
         cache_config = CacheConfig.from_model_config(
-            config, num_blocks=num_blocks or len(prompts) * blocks_per_seq, block_size=block_size, max_seqs=batch,
-            max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)
+            config, num_blocks=num_blocks or min(len(prompts), rows) * blocks_per_seq, block_size=block_size,
+            max_seqs=rows, max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)
         choose_impl(impl, cache_config)  # impl="kernel" where the kernels cannot run: the error now, before any work
-        state = init_state(cache_config)
+        state = _new_cache(init_state, cache_config, mesh=mesh)
         blocks_needed = sum(-(-(len(p) + max_new_tokens - 1) // block_size) for p in prompts)  # the last token is never written
-        seq_idx = np.where(real, np.arange(batch), batch).astype(np.int32)  # padding rows -> sentinel
+        seq_idx = np.where(real, np.arange(batch) % rows, rows).astype(np.int32)  # each replica's rows; padding: the sentinel
         memory_of = paged_memory_stats
     else:
-        state = init_contiguous(config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim, config.dtype)
+        state = _new_cache(init_contiguous, config.num_layers, rows, config.num_kv_heads, max_len, config.head_dim,
+                           config.dtype, mesh=mesh)
         blocks_needed = 0
-        seq_idx = np.arange(batch, dtype=np.int32)
+        seq_idx = np.arange(batch, dtype=np.int32) % rows
         memory_of = contiguous_memory_stats
 
     scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
@@ -183,7 +243,7 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         in_chunk = np.clip(num_tokens - begin, 0, chunk)
         state, sampled, ok = _prefill(graphdef, params, state, jnp.asarray(tokens[:, begin:begin + chunk]),
                                       jnp.asarray(seq_idx), jnp.asarray(in_chunk), prefill_key, sampling=sampling,
-                                      max_len=max_len, impl=impl)
+                                      max_len=max_len, impl=impl, mesh=mesh)
         ends_here = (num_tokens > begin) & (num_tokens <= begin + chunk)  # rows whose last prompt token is here
         first = np.where(ends_here, np.asarray(sampled), first)
         if not bool(ok):
@@ -204,7 +264,7 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         state, chunk, emitted, active_now, generated, ok = _decode_chunk(
             graphdef, params, state, jnp.asarray(last), jnp.asarray(seq_idx), jnp.asarray(active), jnp.asarray(generated),
             jnp.asarray(max_new_tokens, jnp.int32), decode_key, sampling=sampling, max_len=max_len,
-            chunk_size=chunk_size, eos_ids=eos_ids, impl=impl)
+            chunk_size=chunk_size, eos_ids=eos_ids, impl=impl, mesh=mesh)
         chunk, emitted, active_now = np.asarray(chunk), np.asarray(emitted), np.asarray(active_now)
         decode_seconds += time.perf_counter() - start
         if not bool(ok):
@@ -220,7 +280,7 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         peak = max(peak, memory_of(state), key=lambda m: (m.used_blocks, m.bytes_live))
         finished = active & ~active_now
         if cache == "paged" and finished.any():
-            state, freed = free_seqs(state, jnp.asarray(np.where(finished, seq_idx, batch), jnp.int32))
+            state, freed = _free(state, jnp.asarray(np.where(finished, seq_idx, rows), jnp.int32), mesh=mesh)
             if not bool(freed):
                 raise RuntimeError("freeing finished sequences found a block already free")
         last = np.where(emitted.any(axis=0), chunk[np.maximum(emitted.sum(axis=0) - 1, 0), np.arange(batch)], last)

@@ -250,14 +250,16 @@ def open_gguf(path: str | None = None, *, cache_dir: str | None = None, progress
 
 
 def load_gguf(path: str | None = None, dtype: str = "float32", *, cache_dir: str | None = None,
-              progress: bool = False):
+              progress: bool = False, mesh=None):
     """Model and tokenizer from a GGUF file (default: the embedded SmolLM2-135M-Instruct).
 
     Args:
       cache_dir, progress: as for `open_gguf`.
+      mesh: a `jaxpaged.parallel.make_mesh` mesh: each weight is dequantised on the host and read
+        into its shards on the mesh's devices (`ModelFiles.load`).
 
     Returns:
       (MiniLLM, Tokenizer).
     """
     files = open_gguf(path, cache_dir=cache_dir, progress=progress)
-    return files.load(dtype), files.tokenizer
+    return files.load(dtype, mesh=mesh), files.tokenizer
