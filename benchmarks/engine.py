@@ -188,6 +188,8 @@ def main():
     parser.add_argument("--static-group", type=int, default=64, help="0 skips the static generate peer")
     parser.add_argument("--no-mixed", action="store_true",
                         help="prefill and decode in separate calls (the engine's mixed_batches=False)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="the engine on N devices, every layer split over them (its peers stay on one)")
     parser.add_argument("--hf-requests", type=int, default=16, help="0 skips the transformers peer")
     parser.add_argument("--hf-timeout", type=float, default=300, help="seconds the transformers peer may take")
     parser.add_argument("--compare-launcher", action="store_true",
@@ -208,10 +210,17 @@ def main():
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, mixed_batches=not args.no_mixed)
+    engine_model = model
+    if args.tensor_parallel > 1:
+        from jaxpaged.models.parallel import shard_model
+        from jaxpaged.parallel import make_mesh
+
+        engine_args["mesh"] = make_mesh(args.tensor_parallel)
+        engine_model = shard_model(model, engine_args["mesh"])
     result = {"device": device_name(), "jax": jax.__version__, "model": args.model, "dtype": config.dtype,
               "args": vars(args)}
-    bandwidth = spec_bandwidth(device_name()) if gpu else None
-    flops = matmul_peak(jnp.dtype(config.dtype)) if gpu else None
+    bandwidth = spec_bandwidth(device_name()) * args.tensor_parallel if gpu else None  # the N cards' together
+    flops = matmul_peak(jnp.dtype(config.dtype)) * args.tensor_parallel if gpu else None
 
     def peers(prompts, outputs, run):
         """The static generate and transformers on workload A's requests, right after the engine's run."""
@@ -226,14 +235,14 @@ def main():
             result["A_transformers"] = run_hf(args, prompts[:args.hf_requests], outputs[:args.hf_requests])
             print(f"A_transformers: {json.dumps(result['A_transformers'])}", flush=True)
 
-    rows = run_workloads(model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
+    rows = run_workloads(engine_model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
                          max_len=args.max_len, engine_args=engine_args,
                          ceilings=(flops, bandwidth) if bandwidth and flops else None, on_workload_a=peers,
                          log=lambda line: print(line, flush=True))
     result.update(rows)
     if args.compare_launcher and "A" in args.workloads:
         rows["A_caller_thread"] = run_workloads(
-            model, ["A"], num_requests=args.num_requests, min_len=args.min_len, max_len=args.max_len,
+            engine_model, ["A"], num_requests=args.num_requests, min_len=args.min_len, max_len=args.max_len,
             engine_args=dict(engine_args, launcher_thread=False),
             ceilings=(flops, bandwidth) if bandwidth and flops else None)["A"]
         result["A_caller_thread"] = rows["A_caller_thread"]

@@ -153,6 +153,18 @@ def check_kv_heads(num_kv_heads: int, mesh: Mesh, what: str) -> None:
                          f"({tensor_parallel(mesh)}): lay the model's heads out for it first (head_layout)")
 
 
+def check_placed(model: Any, mesh: Mesh) -> None:
+    """Raises ValueError unless a Flax NNX model's weights lie on `mesh` and its kv heads
+    (`model.config.num_kv_heads`) are a multiple of the mesh's tensor axis."""
+    from flax import nnx
+
+    check_kv_heads(model.config.num_kv_heads, mesh, "the model's kv heads")
+    for weight in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        if not isinstance(weight.sharding, NamedSharding) or weight.sharding.mesh != mesh:
+            raise ValueError("mesh: the model's weights are not on this mesh; place them with "
+                             "jaxpaged.models.parallel.shard_model(model, mesh), or load the model with mesh=")
+
+
 # ----------------------------------------------------------------------------- caches over devices
 
 

@@ -27,7 +27,7 @@ from jaxpaged.models.config import PRESET_NAMES
 DTYPES = ("float32", "bfloat16", "float16")
 LONG_PREFILL_TOKENS = 1024  # a prefill this long takes seconds on a CPU: say so before it starts
 DEFAULT_MAX_NUM_SEQS = 64  # generate's default ceiling on the sequences the engine runs at once
-# generate's flags that only the engine takes (--cache contiguous, and a device mesh, refuse them)
+# generate's flags that only the engine takes (--cache contiguous and --data-parallel refuse them)
 ENGINE_ONLY = ("min_p", "repetition_penalty", "stop", "n", "max_num_seqs", "max_num_batched_tokens")
 
 
@@ -134,11 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per device call (default 16)")
     gen.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
                      help="split every layer over N devices: the kv heads (and their K/V in the cache), the MLP "
-                          "(default 1). Until the engine takes a device mesh, N > 1 runs the static one-shot "
-                          "generate, over the paged cache unless --cache contiguous, without the engine's options")
+                          "(default 1); on the engine (with --cache contiguous or --data-parallel, the static "
+                          "one-shot generate)")
     gen.add_argument("--data-parallel", type=_positive_int, default=1, metavar="M",
                      help="M replicas, each with its own cache and 1/M of the prompts (default 1); M x N devices "
-                          "must divide the devices here; M > 1 runs the static generate as --tensor-parallel does")
+                          "must divide the devices here; M > 1 runs the static one-shot generate, over the paged "
+                          "cache unless --cache contiguous, without the engine's options")
     _attention_argument(gen)
     gen.set_defaults(run=run_generate, subparser=gen)
 
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-dtype", choices=QUANTIZED_KV_DTYPES, default=None,
                        help="store K and V in 8 bits with a float16 scale per position and kv head (default: --dtype)")
     serve.add_argument("--chunk-size", type=_positive_int, default=16, help="decode steps per device call (default 16)")
+    serve.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
+                       help="split every layer over N devices: the kv heads (and their K/V in the pool), the MLP "
+                            "(default 1); N must divide the devices here")
     serve.add_argument("--shutdown-grace", type=_non_negative_float, default=30.0,
                        help="seconds running requests may take to finish after SIGINT/SIGTERM before they are "
                             "aborted (default 30)")
@@ -340,14 +344,15 @@ def run_generate(args) -> int:
     if args.kv_dtype and args.cache == "contiguous":
         args.subparser.error("--kv-dtype: 8-bit K/V is for the paged cache; the contiguous cache holds --dtype")
     mesh = _mesh(args)
-    if args.cache == "contiguous" or mesh is not None:
+    static = args.cache == "contiguous" or args.data_parallel > 1
+    if static:
         defaults = args.subparser.parse_args([])
         given = [name for name in ENGINE_ONLY if getattr(args, name) != getattr(defaults, name)]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            args.subparser.error(f"{flags}: the engine's options, for --cache paged only" if mesh is None else
-                                 f"{flags}: the engine's options; with --tensor-parallel or --data-parallel the "
-                                 "static one-shot generate runs (the engine does not take a device mesh yet)")
+            args.subparser.error(f"{flags}: the engine's options, for --cache paged only" if args.cache == "contiguous"
+                                 else f"{flags}: the engine's options; with --data-parallel the static one-shot "
+                                 "generate runs (the engine takes a tensor axis only)")
     files = _open(args, args.model)
     tokenizer = files.tokenizer
     if tokenizer is None:
@@ -369,26 +374,27 @@ def run_generate(args) -> int:
     if prompt_tokens >= LONG_PREFILL_TOKENS:
         _status(args, f"prefilling {prompt_tokens} prompt tokens")
     shown = ["" if args.chat else prompt for prompt in prompts]  # what is printed before each completion
-    if args.cache == "contiguous" or mesh is not None:
+    if static:
         return _generate_static(args, model, tokenizer, shown, ids, eos, mesh)
-    return _generate_on_engine(args, model, tokenizer, shown, ids, eos)
+    return _generate_on_engine(args, model, tokenizer, shown, ids, eos, mesh)
 
 
 def _mesh(args):
-    """The device mesh of --tensor-parallel and --data-parallel, or None for one device."""
-    if args.tensor_parallel * args.data_parallel == 1:
+    """The device mesh of --tensor-parallel (and generate's --data-parallel), or None for one device."""
+    data_parallel = getattr(args, "data_parallel", 1)
+    if args.tensor_parallel * data_parallel == 1:
         return None
     from jaxpaged.parallel import make_mesh
 
     try:
-        return make_mesh(args.tensor_parallel, args.data_parallel)
+        return make_mesh(args.tensor_parallel, data_parallel)
     except ValueError as error:
-        args.subparser.error(f"--tensor-parallel {args.tensor_parallel}, --data-parallel {args.data_parallel}: {error}")
+        args.subparser.error(f"--tensor-parallel {args.tensor_parallel}, --data-parallel {data_parallel}: {error}")
 
 
 def _generate_static(args, model, tokenizer, shown: list[str], ids: list[list[int]], eos: tuple[int, ...],
                      mesh=None) -> int:
-    """--cache contiguous, or a device mesh: the static one-shot generate (models/generate.py), one batch."""
+    """--cache contiguous, or data-parallel replicas: the static one-shot generate (models/generate.py), one batch."""
     import jax
 
     from jaxpaged.models.generate import generate
@@ -431,8 +437,10 @@ def _note_cut(args, cut: list[str], count: int) -> None:
         _status(args, f"{which} stopped at --max-new-tokens {args.max_new_tokens}, not at an end-of-text token")
 
 
-def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list[int]], eos: tuple[int, ...]) -> int:
-    """--cache paged: every prompt a request on the engine; one prompt streams, several get a progress bar."""
+def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list[int]], eos: tuple[int, ...],
+                        mesh=None) -> int:
+    """--cache paged: every prompt a request on the engine (its pools sharded over kv heads on a mesh's
+    tensor axis); one prompt streams, several get a progress bar."""
     import jax
     import tqdm
 
@@ -446,7 +454,7 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
     num_blocks = args.num_blocks or default_num_blocks(needs, args.n, max_num_seqs)
     engine = Engine(model, tokenizer, block_size=args.block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed, impl=args.attention,
-                    decode_steps=args.chunk_size, kv_dtype=args.kv_dtype)
+                    decode_steps=args.chunk_size, kv_dtype=args.kv_dtype, mesh=mesh)
     for i, prompt in enumerate(ids):
         engine.add_request(str(i), prompt, params)
     streaming = len(ids) == 1 and args.n == 1
@@ -547,18 +555,23 @@ def run_serve(args) -> int:
     from jaxpaged.engine.engine import Engine
     from jaxpaged.engine.server import run
 
+    mesh = _mesh(args)
     if args.model in PRESET_NAMES:
         _cache_dir(args)
         model, tokenizer, name = _preset_model(args.model, args.dtype), None, args.model
+        if mesh is not None:
+            from jaxpaged.models.parallel import shard_model
+
+            model = shard_model(model, mesh)
     else:
         files = _open(args, args.model)
-        model, tokenizer = _load(args, files, args.dtype or "float32"), files.tokenizer
+        model, tokenizer = _load(args, files, args.dtype or "float32", mesh), files.tokenizer
         name = "SmolLM2-135M-Instruct" if args.model is None else os.path.splitext(
             os.path.basename(os.path.normpath(args.model)))[0]
     engine = Engine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     max_model_len=args.max_model_len, impl=args.attention, decode_steps=args.chunk_size,
-                    kv_dtype=args.kv_dtype)
+                    kv_dtype=args.kv_dtype, mesh=mesh)
     name = args.served_model_name or name
     _status(args, f"serving {name} on http://{args.host}:{args.port} ({engine.cache_config.num_blocks} blocks of "
                   f"{args.block_size}, {args.max_num_seqs} sequences at once)")

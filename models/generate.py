@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_contiguous, init_state, paged_memory_stats
 from jaxpaged.attention import choose_impl
 from jaxpaged.config import bucket
 from jaxpaged.ops import free_seqs
-from jaxpaged.parallel import check_kv_heads, per_replica, place_cache, replicas
+from jaxpaged.parallel import check_placed, per_replica, place_cache, replicas
 from jaxpaged.protocol import check_impl
 from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.sampling import SamplingParams, sample
@@ -123,15 +123,6 @@ def _decode_chunk(graphdef, params, cache, last_tokens, seq_idx, active, generat
     return cache, out_tokens, emitted, active, generated, ok
 
 
-def _check_placed(model: MiniLLM, mesh: Mesh) -> None:
-    """Raises ValueError unless the model's weights lie on `mesh`, with kv heads its tensor axis divides."""
-    check_kv_heads(model.config.num_kv_heads, mesh, "the model's kv heads")
-    for weight in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        if not isinstance(weight.sharding, NamedSharding) or weight.sharding.mesh != mesh:
-            raise ValueError("mesh: the model's weights are not on this mesh; place them with "
-                             "jaxpaged.models.parallel.shard_model(model, mesh), or load the model with mesh=")
-
-
 def _new_cache(init, *args, mesh: Mesh | None):
     """init(*args)'s cache; on a mesh, built in its shardings (`place_cache`), one cache per data
     replica (stacked [R, ...]) where there are several."""
@@ -190,7 +181,7 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
     check_impl(impl)
     config = model.config
     if mesh is not None:
-        _check_placed(model, mesh)
+        check_placed(model, mesh)
     if kv_dtype is not None and cache != "paged":
         raise ValueError(f"kv_dtype={kv_dtype!r} needs cache='paged'; the contiguous cache holds the model dtype")
     longest = max(len(p) for p in prompts)

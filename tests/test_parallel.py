@@ -255,8 +255,41 @@ def test_generate_and_the_command_on_a_mesh_give_one_devices_tokens(tmp_path, ca
                           for i, (text, tokens) in enumerate(zip(texts, expected.tokens)))
     assert "tensor parallel 8 x data parallel 1 on cpu devices: 8 query and 8 kv heads laid out, 1 kv head(s)" in err
     with pytest.raises(SystemExit):
-        cli.main(["generate", "x", *flags, "--tensor-parallel", "2", "--min-p", "0.1"])
-    assert "--min-p: the engine's options; with --tensor-parallel or --data-parallel" in capsys.readouterr().err
+        cli.main(["generate", "x", *flags, "--data-parallel", "2", "--min-p", "0.1"])
+    assert "--min-p: the engine's options; with --data-parallel the static" in capsys.readouterr().err
+
+
+@on_eight_devices
+def test_the_engine_on_a_tensor_axis_gives_one_devices_outputs():
+    """LLM(tensor_parallel_size=T) for T = 2 and 8 (tiny's 2 kv heads copied over 8 devices): the same
+    greedy and seeded outputs as one device, through chunked prefill, mixed steps and preemption in a
+    small pool, the pools sharded over kv heads, the block ownership checked after every step; a
+    model not on the engine's mesh and a mesh with replicas are refused."""
+    from jaxpaged.engine import LLM, Engine, SamplingParams
+
+    model = random_model(preset("tiny"))
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(n)] for i, n in enumerate((5, 23, 11, 17, 3, 29))]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=16, ignore_eos=True)] * 3
+    args = dict(block_size=4, num_blocks=14, max_num_seqs=4, max_num_batched_tokens=16, decode_steps=4,
+                check_integrity=True)
+
+    def run(llm):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outputs], llm.engine.stats().preemptions
+
+    expected, preempted = run(LLM(model, **args))
+    assert preempted > 0, "the pool is small enough to preempt"
+    for tensor in (2, 8):
+        llm = LLM(model, tensor_parallel_size=tensor, **args)
+        assert run(llm)[0] == expected, f"tensor parallel {tensor}"
+        pools = llm.engine.runner.state.pools.k
+        assert {shard.data.shape[1] for shard in pools.addressable_shards} == {
+            llm.engine.cache_config.num_kv_heads // tensor}
+    with pytest.raises(ValueError, match="not on this mesh"):
+        Engine(model, mesh=make_mesh(2))
+    with pytest.raises(ValueError, match="tensor axis only"):
+        Engine(shard_model(model, make_mesh(2, 2)), mesh=make_mesh(2, 2))
 
 
 def _collectives(hlo: str) -> list[tuple[str, str]]:

@@ -93,6 +93,9 @@ class Engine:
       launcher_thread: the runner makes its device calls on a thread of its own (DESIGN.md); False
         makes them on the caller's, for comparison.
       check_integrity: run the block-ownership check after every step (tests).
+      mesh: a device mesh with a tensor axis (`jaxpaged.parallel.make_mesh(T)`) that the model's
+        weights already lie on (`jaxpaged.models.parallel.shard_model`, or a loader's `mesh=`): the
+        pools are sharded over kv heads, the host's block manager is unchanged (DESIGN.md).
     """
 
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
@@ -100,7 +103,13 @@ class Engine:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
                  overlap: bool = True, mixed_batches: bool = True, kv_dtype: str | None = None,
-                 launcher_thread: bool = True, check_integrity: bool = False):
+                 launcher_thread: bool = True, check_integrity: bool = False, mesh=None):
+        if mesh is not None:
+            from jaxpaged.parallel import check_placed, replicas
+
+            if replicas(mesh) > 1:
+                raise ValueError("mesh: the engine takes a tensor axis only (data-parallel replicas: one engine each)")
+            check_placed(model, mesh)
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -108,10 +117,11 @@ class Engine:
         shape = CacheConfig.from_model_config(config, num_blocks=1, block_size=block_size, dtype=config.dtype,
                                               kv_dtype=kv_dtype)
         if num_blocks is None:  # what fits, but no more than every row at max_model_len can use
-            fit = _blocks_that_fit(shape.bytes_per_block, gpu_memory_utilization)
+            devices = 1 if mesh is None else mesh.devices.size  # a device holds its kv heads of each block
+            fit = _blocks_that_fit(shape.bytes_per_block // devices, gpu_memory_utilization)
             num_blocks = min(fit or max_num_seqs * blocks_per_seq, max_num_seqs * blocks_per_seq)
             if impl != "reference" and jax.default_backend() == "gpu":  # within the kernels' 32-bit offsets
-                elements = block_size * shape.num_layers * shape.num_kv_heads * shape.head_dim  # a block, one pool
+                elements = block_size * shape.num_layers * shape.num_kv_heads * shape.head_dim // devices  # a block, one pool
                 num_blocks = min(num_blocks, MAX_POOL_SIZE // elements)
         self.cache_config = CacheConfig.from_model_config(
             config, num_blocks=num_blocks, block_size=block_size, max_seqs=max_num_seqs,
@@ -121,7 +131,7 @@ class Engine:
                                    max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps,
                                    mix=mixed_batches and hasattr(model, "mixed_step"))
         self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers,
-                             launcher_thread=launcher_thread)
+                             launcher_thread=launcher_thread, mesh=mesh)
         self.eos_token_ids = tuple(config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.check_integrity, self.overlap = check_integrity, overlap
         self._inflight = None  # (sequences, decode call, steps) started and not yet read
@@ -441,13 +451,28 @@ class LLM:
         file or a Hugging Face checkpoint directory.
       tokenizer: the model object's tokenizer.
       dtype: parameter dtype when loading.
+      tensor_parallel_size: T devices that split every layer (vLLM's name): the model is loaded
+        straight into its shards (or a model object placed on them; its heads laid out where T does
+        not divide its kv heads) and the pools sharded over kv heads (`Engine`'s mesh).
       Everything else as `Engine`.
     """
 
-    def __init__(self, model, tokenizer=None, *, dtype: str | None = None, **engine_args):
+    def __init__(self, model, tokenizer=None, *, dtype: str | None = None, tensor_parallel_size: int = 1,
+                 **engine_args):
+        mesh = engine_args.pop("mesh", None)  # a model object already on it (`Engine`'s mesh)
+        if tensor_parallel_size != 1:
+            from jaxpaged.parallel import make_mesh
+
+            if mesh is not None:
+                raise ValueError("tensor_parallel_size: give it or a mesh, not both")
+            mesh = make_mesh(tensor_parallel_size)
         if isinstance(model, str):
-            model, tokenizer = _load(model, dtype)
-        self.engine = Engine(model, tokenizer, **engine_args)
+            model, tokenizer = _load(model, dtype, mesh)
+        elif mesh is not None:
+            from jaxpaged.models.parallel import shard_model
+
+            model = shard_model(model, mesh)
+        self.engine = Engine(model, tokenizer, mesh=mesh, **engine_args)
 
     def generate(self, prompts: str | list[int] | SequenceType, sampling_params=None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -483,15 +508,17 @@ class LLM:
         return self.generate([tokenizer.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm)
 
 
-def _load(name: str, dtype: str | None):
-    """A preset name (random weights) or a model file or directory."""
+def _load(name: str, dtype: str | None, mesh=None):
+    """A preset name (random weights) or a model file or directory; on `mesh`, in its shards."""
     from flax import nnx
 
     from jaxpaged.models.checkpoint import load_model
     from jaxpaged.models.config import PRESETS, preset
     from jaxpaged.models.llama import MiniLLM
+    from jaxpaged.models.parallel import shard_model
 
     if name in PRESETS:
         changes = {} if dtype is None else {"dtype": dtype}
-        return MiniLLM(preset(name, **changes), rngs=nnx.Rngs(0)), None
-    return load_model(name, dtype or "float32")
+        model = MiniLLM(preset(name, **changes), rngs=nnx.Rngs(0))
+        return (model if mesh is None else shard_model(model, mesh)), None
+    return load_model(name, dtype or "float32", mesh=mesh)

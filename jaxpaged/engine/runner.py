@@ -197,10 +197,11 @@ class Runner:
       scan_layers: run the scanned view; default on the CPU.
       launcher_thread: make the device calls on the launcher thread; False makes them on the caller's
         (a decode call then holds it until its loop has run: for comparison).
+      mesh: the pools sharded over kv heads on its tensor axis (the model's weights on it already).
     """
 
     def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None,
-                 launcher_thread: bool = True):
+                 launcher_thread: bool = True, mesh=None):
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
         graphdef, params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
         self.leaves, treedef = jax.tree.flatten(params)
@@ -209,7 +210,7 @@ class Runner:
         self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
         self.min_decode_rows = 8
         self._sticky = dict(filtered=False, random=False, banning=False)
-        state = init_state(cache_config)
+        state = init_state(cache_config, mesh)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
         self.idle_seconds = 0.0  # the launcher's waits for the host between two calls
         self._last_end: float | None = None
