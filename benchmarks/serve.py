@@ -118,9 +118,8 @@ def start_server(args, port, log):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            log.flush()
-            with open(log.name, errors="replace") as f:
-                raise RuntimeError(f"the server exited; the end of its log:\n{f.read()[-3000:]}")
+            log.seek(0)
+            raise RuntimeError(f"the server exited; the end of its log:\n{log.read()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return server
