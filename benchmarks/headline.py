@@ -31,6 +31,7 @@ KV_QUANT_SPEED, KV_QUANT_ACCURACY = "kv_quant_speed_H200.json", "kv_quant_smollm
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
                                  "engine_llama-1b_B_H200.json")
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
+SERVE = "serve_llama-1b_H200.json"
 IDLE_BEFORE_WAITING = {ENGINE_A}  # runs whose launcher did not yet wait for the device: no idle share
 # (model, JSON with the kernels, JSON of the same call with the reference attention or None, its batches)
 GENERATION = (
@@ -290,11 +291,33 @@ def headline_engine(results):
     return [caption + "\n\n" + markdown(header, table)]
 
 
+def headline_serve(results):
+    """The server at each request rate, and the engine offline on the same requests in the same run."""
+    run = load(results, SERVE)
+    slo = run["slo"]
+    header = [("requests/s", "l"), ("output tok/s", "r"),
+              (f"goodput req/s (TTFT <= {slo['ttft_s']:g} s, TPOT <= {slo['tpot_s'] * 1e3:g} ms)", "r"),
+              ("TTFT median / p99", "r"), ("TPOT median / p99", "r"), ("ITL median", "r")]
+    table = [[("all at once" if row["rate"] == "inf" else f"{row['rate']:g} (Poisson)"),
+              f"{row['output_tokens_per_second']:,.0f}", f"{row['goodput_requests_per_second']:.2f}",
+              f"{row['ttft_s']['median']:.2f} s / {row['ttft_s']['p99']:.2f} s",
+              f"{row['tpot_s']['median'] * 1e3:.1f} ms / {row['tpot_s']['p99'] * 1e3:.1f} ms",
+              f"{row['itl_s']['median'] * 1e3:.0f} ms"] for row in run["rates"]]
+    table.append(["the engine offline, same requests", f"{run['offline']['output_tokens_per_second']:,.0f}",
+                  "", "", "", ""])
+    caption = (f"*{run['device']} (jax {run['jax']}), {run['model']}'s shape with random weights; "
+               f"{run['rates'][0]['requests']} requests of workload A, streamed over HTTP on the same machine; the "
+               f"engine offline on the same requests in the same run (server overhead at saturation "
+               f"{percent(run['overhead_at_saturation'])}). Source: `benchmarks/results/{SERVE}`.*")
+    return [caption + "\n\n" + markdown(header, table)]
+
+
 def all_tables(results):
     """{title: [markdown section, ...]} of every table the docs show."""
     return {"memory": headline_memory(results), "decode attention": headline_decode(results),
             "prefill attention": headline_prefill(results), "generation": headline_generation(results),
             "8-bit K/V": headline_kv_quant(results), "the engine": headline_engine(results),
+            "the server": headline_serve(results),
             "decode attention, every shape": headline_decode(results, full=True),
             "generation, every run": headline_generation(results, full=True)}
 

@@ -168,3 +168,15 @@ def load_model(path: str | None = None, dtype: str = "float32", *, cache_dir: st
     with a mesh, each weight read into its shards (`ModelFiles.load`)."""
     files = open_model(path, cache_dir=cache_dir, progress=progress)
     return files.load(dtype, mesh=mesh), files.tokenizer
+
+
+def preset_model(name: str, dtype: str | None = None, *, mesh: Mesh | None = None) -> MiniLLM:
+    """A preset's MiniLLM with random weights (seed 0), in `dtype` or the preset's own; with a mesh,
+    placed in its shards (`jaxpaged.models.parallel.shard_model`: heads laid out for its tensor axis)."""
+    from flax import nnx
+
+    from jaxpaged.models.config import preset
+    from jaxpaged.models.parallel import shard_model
+
+    model = MiniLLM(preset(name, **({} if dtype is None else {"dtype": dtype})), rngs=nnx.Rngs(0))
+    return model if mesh is None else shard_model(model, mesh)

@@ -502,21 +502,13 @@ def _generate_on_engine(args, model, tokenizer, shown: list[str], ids: list[list
     return 0
 
 
-def _preset_model(name: str, dtype: str | None):
-    """A preset's MiniLLM with random weights (seed 0), in dtype or the preset's own."""
-    from flax import nnx
-
-    from jaxpaged.models.config import preset
-    from jaxpaged.models.llama import MiniLLM
-
-    return MiniLLM(preset(name, **({} if dtype is None else {"dtype": dtype})), rngs=nnx.Rngs(0))
-
-
 def _bench_model(args):
     """A preset with random weights, or a model file's weights (cached as generate caches them, but
     without XLA's compilation cache, so that the compile column measures this run)."""
     if args.model in PRESET_NAMES:
-        return _preset_model(args.model, args.dtype)
+        from jaxpaged.models.checkpoint import preset_model
+
+        return preset_model(args.model, args.dtype)
     from jaxpaged.models.checkpoint import open_model
     from jaxpaged.models.gguf_weights import user_cache_dir
 
@@ -558,11 +550,9 @@ def run_serve(args) -> int:
     mesh = _mesh(args)
     if args.model in PRESET_NAMES:
         _cache_dir(args)
-        model, tokenizer, name = _preset_model(args.model, args.dtype), None, args.model
-        if mesh is not None:
-            from jaxpaged.models.parallel import shard_model
+        from jaxpaged.models.checkpoint import preset_model
 
-            model = shard_model(model, mesh)
+        model, tokenizer, name = preset_model(args.model, args.dtype, mesh=mesh), None, args.model
     else:
         files = _open(args, args.model)
         model, tokenizer = _load(args, files, args.dtype or "float32", mesh), files.tokenizer

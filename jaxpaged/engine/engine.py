@@ -36,6 +36,7 @@ from jaxpaged.engine.request import (
 from jaxpaged.engine.runner import DecodeRows, Runner
 from jaxpaged.engine.sampling import SamplingParams
 from jaxpaged.kernels.launch import MAX_POOL_SIZE
+from jaxpaged.parallel import check_placed, replicas, tensor_parallel
 from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
 
 
@@ -105,8 +106,6 @@ class Engine:
                  overlap: bool = True, mixed_batches: bool = True, kv_dtype: str | None = None,
                  launcher_thread: bool = True, check_integrity: bool = False, mesh=None):
         if mesh is not None:
-            from jaxpaged.parallel import check_placed, replicas
-
             if replicas(mesh) > 1:
                 raise ValueError("mesh: the engine takes a tensor axis only (data-parallel replicas: one engine each)")
             check_placed(model, mesh)
@@ -117,7 +116,7 @@ class Engine:
         shape = CacheConfig.from_model_config(config, num_blocks=1, block_size=block_size, dtype=config.dtype,
                                               kv_dtype=kv_dtype)
         if num_blocks is None:  # what fits, but no more than every row at max_model_len can use
-            devices = 1 if mesh is None else mesh.devices.size  # a device holds its kv heads of each block
+            devices = tensor_parallel(mesh)  # a device holds its kv heads of each block
             fit = _blocks_that_fit(shape.bytes_per_block // devices, gpu_memory_utilization)
             num_blocks = min(fit or max_num_seqs * blocks_per_seq, max_num_seqs * blocks_per_seq)
             if impl != "reference" and jax.default_backend() == "gpu":  # within the kernels' 32-bit offsets
@@ -510,15 +509,9 @@ class LLM:
 
 def _load(name: str, dtype: str | None, mesh=None):
     """A preset name (random weights) or a model file or directory; on `mesh`, in its shards."""
-    from flax import nnx
-
-    from jaxpaged.models.checkpoint import load_model
-    from jaxpaged.models.config import PRESETS, preset
-    from jaxpaged.models.llama import MiniLLM
-    from jaxpaged.models.parallel import shard_model
+    from jaxpaged.models.checkpoint import load_model, preset_model
+    from jaxpaged.models.config import PRESETS
 
     if name in PRESETS:
-        changes = {} if dtype is None else {"dtype": dtype}
-        model = MiniLLM(preset(name, **changes), rngs=nnx.Rngs(0))
-        return (model if mesh is None else shard_model(model, mesh)), None
+        return preset_model(name, dtype, mesh=mesh), None
     return load_model(name, dtype or "float32", mesh=mesh)
