@@ -4,8 +4,10 @@ For each request rate (requests/s; "inf" sends them all at once: saturation), th
 engine's workload A (random token prompts of U[--min-len, --max-len], as many output tokens with EOS
 ignored, greedy) go to a `jaxpaged serve` process over HTTP with `stream: true`, each at its arrival
 time. Every rate's requests have workload A's lengths and tokens of their own (no run finds another's
-blocks in the prefix cache), and the whole sweep runs once untimed first (it compiles the shapes each
-rate meets). Per request: time to first token (TTFT), time per output token after the first (TPOT),
+blocks in the prefix cache). The server compiles every program greedy requests can need before it
+answers (`jaxpaged serve`'s warm-up, timed and reported); the sweep is the first traffic it sees,
+and each rate's row counts the programs it met that the warm-up had not compiled (0 expected).
+Per request: time to first token (TTFT), time per output token after the first (TPOT),
 and the gaps between streamed chunks (ITL; a chunk carries the tokens of one engine step, up to a
 decode call's 16). Per rate: output tokens/s over the run, mean, median and p99 of each, and goodput
 (the requests/s that met the SLO: TTFT <= --slo-ttft and TPOT <= --slo-tpot).
@@ -26,6 +28,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -129,6 +132,15 @@ def start_server(args, port, log):
     raise RuntimeError("the server did not come up in 600 s")
 
 
+def programs(port) -> int:
+    """The distinct device programs the server has run so far (from /metrics): each one compiled once."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return int(float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("jaxpaged_device_programs "))))
+
+
 def offline(args) -> dict:
     """The engine's offline throughput on the same requests, in its own process (benchmarks/engine.py)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -203,14 +215,19 @@ def main():
         return [[(t + shift) % vocab for t in p] for p in prompts]
 
     with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
         server = start_server(args, port, log)
+        result["server_start_s"] = time.perf_counter() - start
+        log.seek(0)
+        found = re.search(r"compiled \d+ programs in \d+ s", log.read())
+        result["warm_up"] = found.group(0) if found else None
+        result["warm_up_programs"] = programs(port)
         try:
-            for timed in (False, True):  # the first pass compiles the shapes each rate meets
-                for rate in tqdm.tqdm(args.rates, desc="timed pass" if timed else "warm-up pass"):
-                    timings = asyncio.run(run_rate(url, args.model, requests(), outputs, rate, 1))
-                    if timed:
-                        rows.append({"rate": rate if np.isfinite(rate) else "inf",
-                                     **summarise(timings, args.slo_ttft, args.slo_tpot)})
+            for rate in tqdm.tqdm(args.rates, desc="request rates"):
+                before = programs(port)
+                timings = asyncio.run(run_rate(url, args.model, requests(), outputs, rate, 1))
+                rows.append({"rate": rate if np.isfinite(rate) else "inf", "new_programs": programs(port) - before,
+                             **summarise(timings, args.slo_ttft, args.slo_tpot)})
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
@@ -224,13 +241,14 @@ def main():
         json.dump(result, f, indent=1)
     plot(result, args.out.removesuffix(".json") + ".png")
     print(f"\n{result['device']}, {args.model}, {args.num_requests} requests; engine offline "
-          f"{result['offline']['output_tokens_per_second']:,.0f} output tokens/s; written to {args.out}")
+          f"{result['offline']['output_tokens_per_second']:,.0f} output tokens/s; server up in "
+          f"{result['server_start_s']:.0f} s ({result['warm_up']}); written to {args.out}")
     print(f"{'rate':>6}{'out tok/s':>11}{'goodput':>9}{'TTFT med':>10}{'TTFT p99':>10}{'TPOT med':>10}"
-          f"{'TPOT p99':>10}{'ITL med':>9}{'failed':>8}")
+          f"{'TPOT p99':>10}{'ITL med':>9}{'failed':>8}{'compiled':>9}")
     for r in rows:
         print(f"{r['rate']:>6}{r['output_tokens_per_second']:>11,.0f}{r['goodput_requests_per_second']:>9.2f}"
               f"{r['ttft_s']['median']:>10.3f}{r['ttft_s']['p99']:>10.3f}{r['tpot_s']['median']:>10.4f}"
-              f"{r['tpot_s']['p99']:>10.4f}{r['itl_s']['median']:>9.4f}{r['failed']:>8}")
+              f"{r['tpot_s']['p99']:>10.4f}{r['itl_s']['median']:>9.4f}{r['failed']:>8}{r['new_programs']:>9}")
     if saturated:
         print(f"server overhead at saturation: {result['overhead_at_saturation']:.1%}")
 

@@ -211,10 +211,17 @@ def slot_mapping(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tok
       so a scatter may declare its indices unique and still drop them.
     """
     c = state.config
-    t = jnp.arange(num_chunk_tokens, dtype=jnp.int32)
-    positions = starts[:, None] + t[None, :]  # [B, T]
     seq_idx = checks.padding_rows(seq_idx, c.max_seqs)
     seq_idx = jnp.where(checks.repeats_a_row(seq_idx, c.max_seqs), c.max_seqs, seq_idx)
+    return _slots(state, seq_idx, starts, num_tokens, num_chunk_tokens)
+
+
+def _slots(state: PagedKVState, seq_idx, starts, num_tokens, num_chunk_tokens: int):
+    """`slot_mapping` for rows seq_idx [B] already checked (a row may repeat here: the caller
+    keeps the positions of its rows apart)."""
+    c = state.config
+    t = jnp.arange(num_chunk_tokens, dtype=jnp.int32)
+    positions = starts[:, None] + t[None, :]  # [B, T]
     rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
     columns = jnp.clip(positions // c.block_size, 0, c.max_blocks_per_seq - 1)
     blocks = jnp.take_along_axis(rows, columns, axis=1)
@@ -339,6 +346,58 @@ def allocate_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Arra
     state, slots, num_tokens, ok = _take_slots(state, 0, seq_idx, num_tokens, num_chunk_tokens)
     seq_lens = state.table.seq_lens.at[:, seq_idx].add(num_tokens[None, :], mode="drop")
     return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok & accepted
+
+
+@checks.guard
+@functools.partial(jax.jit, static_argnames=("tile_tokens", "max_tokens"), donate_argnames=("state",))
+def allocate_packed_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, tile_row: jax.Array,
+                          tile_start: jax.Array, *, tile_tokens: int, max_tokens: int):
+    """`allocate_slots` for chunks of ragged lengths cut into tiles: the slots come as rows of one
+    tile each, so no shape depends on the longest chunk. DONATES state.
+
+    Chunk c (table row seq_idx[c], num_tokens[c] new positions) is cut into tiles of Q tokens;
+    tile j holds positions tile_start[j] .. tile_start[j] + Q - 1 of chunk tile_row[j] (counted
+    from the chunk's first new position). Lengths advance by num_tokens as `allocate_slots` does.
+
+    Args:
+      seq_idx: [C] int32 block-table rows; real rows distinct, any index outside [0, B) a padding row.
+      num_tokens: [C] int32, clipped to [0, max_tokens].
+      tile_row: [Bt] int32, each tile's chunk (outside [0, C): a padding tile).
+      tile_start: [Bt] int32, multiples of Q; the tiles of a chunk distinct.
+      tile_tokens: Q, static; max_tokens: static bound on num_tokens (the blocks taken per row).
+
+    Returns:
+      (state, Step fields of the tiles: seq_idx [Bt], positions [Bt, Q], num_tokens [Bt], slots
+      [Bt, Q], ok). When ok is False (out of blocks, past the block-table width, a real row or a
+      tile named twice, a tile start off the tile grid, a row whose layers differ) nothing changes
+      and every slot is a dropped sentinel.
+    """
+    c = state.config
+    _check_rows(seq_idx, num_tokens)
+    _check_rows(tile_row, tile_start)
+    seq_idx, _, accepted = _admit(state, seq_idx)
+    lens = state.table.seq_lens.at[:, seq_idx].get(mode="fill", fill_value=0)  # [L, C]
+    accepted &= jnp.all(lens == lens[:1])
+    chunks = seq_idx.shape[0]
+    real_tile = checks.in_range(tile_row, chunks)
+    tiles_per_chunk = _ceil_div(max_tokens, tile_tokens)
+    accepted &= jnp.all(~real_tile | ((tile_start % tile_tokens == 0) & (tile_start >= 0) & (tile_start < max_tokens)))
+    tile_key = jnp.where(real_tile, tile_row * tiles_per_chunk + tile_start // tile_tokens, -1)
+    accepted &= ~checks.repeats_a_row(tile_key, chunks * tiles_per_chunk)
+    seq_idx = jnp.where(accepted, seq_idx, c.max_seqs)
+    num_tokens = jnp.where(seq_idx < c.max_seqs, jnp.clip(num_tokens, 0, max_tokens), 0)
+    starts = lens[0]
+    state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(max_tokens, c.block_size))
+    num_tokens = jnp.where(ok, num_tokens, 0)
+    tile_row = jnp.where(real_tile, tile_row, chunks)
+    tile_seq = seq_idx.at[tile_row].get(mode="fill", fill_value=c.max_seqs)
+    tile_first = starts.at[tile_row].get(mode="fill", fill_value=0) + tile_start
+    tile_count = jnp.clip(num_tokens.at[tile_row].get(mode="fill", fill_value=0) - tile_start, 0, tile_tokens)
+    slots = _slots(state, tile_seq, tile_first, tile_count, tile_tokens)
+    seq_lens = state.table.seq_lens.at[:, seq_idx].add(num_tokens[None, :], mode="drop")
+    positions = tile_first[:, None] + jnp.arange(tile_tokens, dtype=jnp.int32)[None, :]
+    return (state.replace(table=state.table.replace(seq_lens=seq_lens)), tile_seq, positions, tile_count, slots,
+            ok & accepted)
 
 
 @functools.partial(checks.guard, num_layers=_num_layers)

@@ -90,6 +90,18 @@ class PagedKVState:
         return state, Step(seq_idx=seq_idx, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
                            ok=ok, slots=slots, max_len=max_len, impl=check_impl(impl))
 
+    def begin_packed_step(self, seq_idx, num_tokens, tile_row, tile_start, tile_tokens: int, max_tokens: int, *,
+                          max_len=None, impl="auto"):
+        """`begin_step` for chunks of ragged lengths packed on one token axis and cut into tiles of
+        Q = tile_tokens (`ops.allocate_packed_slots`): the Step's rows are the tiles [Bt, Q], each
+        reading its chunk's blocks, so no shape depends on the longest chunk. Returns (state, Step)."""
+        from jaxpaged.ops import allocate_packed_slots
+
+        state, tile_seq, positions, tile_count, slots, ok = allocate_packed_slots(
+            self, seq_idx, num_tokens, tile_row, tile_start, tile_tokens=tile_tokens, max_tokens=max_tokens)
+        return state, Step(seq_idx=tile_seq, positions=positions, num_tokens=tile_count, ok=ok, slots=slots,
+                           max_len=max_len, impl=check_impl(impl))
+
     def attend(self, layer, q, k, v, step: Step):
         """Scatters k, v [B, T, K, D] into the step's slots of `layer`, then paged attention of q [B, T, H, D]
         (on a mesh, each device its own kv heads: `jaxpaged.parallel.attend_per_device`)."""

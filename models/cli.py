@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace", type=_non_negative_float, default=30.0,
                        help="seconds running requests may take to finish after SIGINT/SIGTERM before they are "
                             "aborted (default 30)")
+    serve.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                       help="start serving at once; by default every program that greedy requests can need is "
+                            "compiled first (a progress bar), so that no request waits on a compilation later")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                        help="the HTTP server's log level (default info)")
     _attention_argument(serve)
@@ -563,6 +566,10 @@ def run_serve(args) -> int:
                     max_model_len=args.max_model_len, impl=args.attention, decode_steps=args.chunk_size,
                     kv_dtype=args.kv_dtype, mesh=mesh)
     name = args.served_model_name or name
+    if args.warm_up:
+        start = time.perf_counter()
+        compiled = engine.warm_up(use_tqdm=True)
+        _status(args, f"compiled {compiled} programs in {time.perf_counter() - start:.0f} s")
     _status(args, f"serving {name} on http://{args.host}:{args.port} ({engine.cache_config.num_blocks} blocks of "
                   f"{args.block_size}, {args.max_num_seqs} sequences at once)")
     run(engine, name, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,

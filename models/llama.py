@@ -86,17 +86,15 @@ def _linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.
 @struct.dataclass
 class MixedStep:
     """A step of two groups of rows at once (the engine's mixed batch): `decode` rows of one token
-    each and `prefill` rows of a chunk each, their Steps from two `begin_step` calls. The token-wise
+    each and prefill chunks, their Steps from `begin_step` and `begin_packed_step`. The token-wise
     work (norms, projections, MLP) runs on the tokens of both as one flat [1, Bd + Np, E] array, each
-    weight read once: the decode rows' tokens, then the chunks' packed one after another (Np, no
-    padding between chunks). Attention runs per group: a decode row is never padded to the chunk,
-    and the chunks' q, k and v are gathered into their [Bp, T] rows for the prefill kernel and their
-    outputs gathered back to the packed order."""
+    weight read once: the decode rows' tokens, then the chunks' packed one after another, each chunk
+    padded to whole tiles of Q tokens. Attention runs per group: a decode row is never padded to a
+    chunk, and the chunks' q, k and v are their packed tokens viewed as tiles [Bt, Q] (a reshape, no
+    gather), each tile a row of the prefill kernel reading its chunk's blocks."""
 
     decode: Step | None  # positions [Bd, 1]; None where no row decodes
-    prefill: Step  # positions [Bp, T]
-    token_at: jax.Array  # [Bp, T] int32: where chunk b's token t lies among the packed tokens (Np past them)
-    slot_of: jax.Array  # [Np] int32: each packed token's place b * T + t in the rows (0 for padding)
+    prefill: Step  # the tiles: positions [Bt, Q]
 
     @property
     def decoded(self) -> int:
@@ -126,10 +124,10 @@ class Attention(nnx.Module):
         if step.decode is not None:
             out, cache = self._attend(*(y[0, :decoded, None] for y in (q, k, v)), cache, layer, step.decode)
             outs.append(out[:, 0])  # [Bd, H * D]
-        rows, tokens = step.prefill.positions.shape
-        chunks = [y[0, decoded:].at[step.token_at].get(mode="fill", fill_value=0) for y in (q, k, v)]  # [Bp, T, .]
+        tiles, tile_tokens = step.prefill.positions.shape
+        chunks = [y[0, decoded:].reshape(tiles, tile_tokens, -1) for y in (q, k, v)]  # [Bt, Q, .]
         out, cache = self._attend(*chunks, cache, layer, step.prefill)
-        outs.append(out.reshape(rows * tokens, -1)[step.slot_of])  # [Np, H * D]
+        outs.append(out.reshape(tiles * tile_tokens, -1))  # [Np, H * D]
         return self.o_proj(jnp.concatenate(outs)[None]), cache
 
     def _attend(self, q, k, v, cache, layer, step: Step):
@@ -263,37 +261,39 @@ class MiniLLM(nnx.Module):
         logits, cache = self._run(input_ids, cache, step, logit_index)
         return logits, cache, step.ok
 
-    def mixed_step(self, last_tokens: jax.Array | None, tokens: jax.Array, cache: Any, *, token_at: jax.Array,
-                   seq_idx: jax.Array, num_tokens: jax.Array, active: jax.Array | None = None,
-                   decode_idx: jax.Array | None = None, max_len: int | None = None, impl: str = "auto"):
+    def mixed_step(self, last_tokens: jax.Array | None, tokens: jax.Array, cache: Any, *, seq_idx: jax.Array,
+                   num_tokens: jax.Array, tile_row: jax.Array, tile_start: jax.Array, last_at: jax.Array,
+                   active: jax.Array | None = None, decode_idx: jax.Array | None = None, max_len: int | None = None,
+                   impl: str = "auto"):
         """Prefill chunks packed on one token axis, and a decode step of other rows in the same pass
-        (`MixedStep`); the token-wise work runs on the real tokens, not on chunks padded to the longest.
+        (`MixedStep`); the token-wise work runs on the chunks' tokens (each padded to whole tiles), not
+        on chunks padded to the longest, and no shape depends on the longest chunk.
 
         Args:
           last_tokens: [Bd] int32, each decode row's last token, or None for no decode rows; active: [Bd]
             bool (inactive rows write nothing); decode_idx: [Bd] int32, their block-table rows.
-          tokens: [Np] int32, the chunks' tokens one after another (padding at the end).
-          token_at: [Bp, T] int32, where chunk b's token t lies in `tokens` (any index past its
-            num_tokens: Np, say); seq_idx: [Bp] int32, the chunks' block-table rows; num_tokens: [Bp]
-            int32 real tokens per chunk.
+          tokens: [Np] int32, the chunks' tokens one after another, each chunk starting a tile of Q =
+            Np / Bt tokens (`jaxpaged.engine.runner.pack_chunks`).
+          seq_idx: [C] int32, the chunks' block-table rows (padding rows = max_seqs); num_tokens: [C]
+            int32 tokens per chunk.
+          tile_row: [Bt] int32, the chunk of each tile (C or more: a padding tile); tile_start: [Bt]
+            int32, the tile's first token counted in its chunk (a multiple of Q).
+          last_at: [C] int32, where each chunk's last token lies in `tokens`.
           max_len, impl: as `step`.
 
         Returns:
-          (logits [Bd + Bp, V] float32: the decode rows', then each chunk's at its last token, cache, ok).
+          (logits [Bd + C, V] float32: the decode rows', then each chunk's at its last token, cache, ok).
         """
         ok, decode, decoded = jnp.asarray(True), None, 0
         if last_tokens is not None:
             cache, decode = cache.begin_step(decode_idx, active.astype(jnp.int32), 1, max_len=max_len, impl=impl)
             ok, decoded = decode.ok, last_tokens.shape[0]
-        batch, length = token_at.shape
-        cache, prefill = cache.begin_step(seq_idx, num_tokens, length, max_len=max_len, impl=impl)
         packed = tokens.shape[0]
-        slot_of = jnp.zeros(packed, jnp.int32).at[token_at.reshape(-1)].set(
-            jnp.arange(batch * length, dtype=jnp.int32), mode="drop")
+        cache, prefill = cache.begin_packed_step(seq_idx, num_tokens, tile_row, tile_start, packed // tile_row.shape[0],
+                                                 packed, max_len=max_len, impl=impl)
         ids = tokens if last_tokens is None else jnp.concatenate([last_tokens, tokens])
-        last = decoded + token_at[jnp.arange(batch), jnp.maximum(num_tokens - 1, 0)]  # each chunk's last token
-        logit_index = jnp.concatenate([jnp.arange(decoded), jnp.minimum(last, decoded + packed - 1)])
-        logits, cache = self._run(ids[None], cache, MixedStep(decode, prefill, token_at, slot_of), logit_index)
+        logit_index = jnp.concatenate([jnp.arange(decoded), decoded + jnp.clip(last_at, 0, packed - 1)])
+        logits, cache = self._run(ids[None], cache, MixedStep(decode, prefill), logit_index)
         return logits, cache, ok & prefill.ok
 
     def decode_step(self, last_tokens: jax.Array, cache: Any, *, active: jax.Array, seq_idx: jax.Array | None = None,

@@ -65,21 +65,39 @@ def test_a_mixed_batch_arriving_over_time_equals_each_request_alone(model, solo)
     assert all(len(out[0]) == p.max_tokens for out, p in zip(solo, params)), "no EOS among these (checked)"
 
 
-def test_packed_prefill_rows_follow_tokens_and_longest_chunk():
-    """A prefill call's packed rows: set by its token count and longest chunk, not by how many chunks
-    it has (up to the area rule), so recomputed prompts of varied lengths meet fewer shapes."""
-    from jaxpaged.engine.runner import PACKED_ROWS_AREA, pack_chunks
+def test_a_packed_prefill_call_has_one_shape_per_power_of_two_of_its_tokens():
+    """Chunks packed in tiles: the shapes depend on the padded token count alone, not on how many
+    chunks there are or how long the longest is; every token lies in its chunk's tiles, in order."""
+    from jaxpaged.engine.runner import pack_chunks
 
     shapes = set()
-    for lengths in ([1000, 900, 800], [1000, 500, 300, 200, 100, 20], [1024, 1000] + [16] * 10):
-        tokens, token_at = pack_chunks([[7] * n for n in lengths])
-        assert tokens.shape == (4096,) and token_at.shape[1] == 1024
-        assert token_at.shape[0] >= len(lengths) and token_at.shape[0] * 1024 >= PACKED_ROWS_AREA * 4096
-        filled = token_at < tokens.shape[0]
-        assert filled.sum(axis=1)[: len(lengths)].tolist() == lengths and not filled[len(lengths):].any()
-        assert sorted(tokens[token_at[filled]].tolist()) == [7] * sum(lengths)
-        shapes.add((tokens.shape, token_at.shape))
-    assert len(shapes) == 1, shapes
+    for lengths in ([1000, 900, 800], [1000, 500, 300, 200, 100, 20], [1024, 1000] + [16] * 10, [1] * 64):
+        chunks = [[(b * 7 + t) % 250 for t in range(n)] for b, n in enumerate(lengths)]
+        packed = pack_chunks(chunks, list(range(3, 3 + len(lengths))), 64, 16)
+        assert packed.tokens.shape == ((4096,) if lengths[0] > 1 else (1024,))
+        assert packed.tile_row.shape[0] * 16 == packed.tokens.shape[0]
+        assert packed.seq_idx.tolist() == list(range(3, 3 + len(lengths))) + [64] * (64 - len(lengths))
+        for b, chunk in enumerate(chunks):
+            tiles = np.flatnonzero(packed.tile_row == b)
+            assert packed.tile_start[tiles].tolist() == [16 * j for j in range(-(-len(chunk) // 16))]
+            read = np.concatenate([packed.tokens[16 * t:16 * t + 16] for t in tiles])[: len(chunk)]
+            assert read.tolist() == chunk and packed.tokens[packed.last_at[b]] == chunk[-1]
+        shapes.add((packed.tokens.shape, packed.tile_row.shape))
+    assert len(shapes) == 2, shapes
+
+
+def test_after_a_warm_up_greedy_requests_compile_nothing(model, solo):
+    """Engine.warm_up compiles every program greedy steps can need (tiles of 32 at a budget of 64:
+    packed prefill of 32 and 64 tokens, with and without decode rows, and decode of 8 rows); then a
+    run with prompts arriving over time meets no new program and gives the same tokens."""
+    prompts, params = _requests()
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    engine = _engine(model)
+    assert engine.warm_up() == 5 and engine.stats().programs == 5
+    assert engine.scheduler.blocks.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    out = _run(engine, [prompts[i] for i in greedy], [params[i] for i in greedy], arrivals=[0, 2])
+    assert out == [solo[i] for i in greedy]
+    assert engine.stats().programs == 5, "a program was compiled after the warm-up"
 
 
 @pytest.mark.parametrize("scanned", [False, True])
@@ -100,21 +118,22 @@ def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned, d
     _, state, _ = net.step(jnp.asarray(np.arange(14).reshape(2, 7) % 250, jnp.int32), state, seq_idx=rows(0, 1),
                            num_tokens=rows(5, 7))
     last, active = rows(11, 12), jnp.ones(2, bool)
-    chunk_lists = [list(range(40, 46)), [52, 53, 54]]
-    tokens, token_at = pack_chunks(chunk_lists)
-    assert tokens.shape == (16,) and token_at.shape == (4, 16), "9 tokens packed in 16, rows padded to 16; 4 rows (2 of padding: table row 4 is none)"
+    chunk_lists = [list(range(40, 51)), [52, 53, 54]]
+    packed = pack_chunks(chunk_lists, [2, 3], 4, 8)
+    assert packed.tokens.shape == (32,) and packed.tile_row.tolist() == [0, 0, 1, 4], "tiles of 8: 2 + 1, one of padding"
     chunks = jnp.asarray([c + [0] * (16 - len(c)) for c in chunk_lists], jnp.int32)
     apart = jax.tree.map(jnp.copy, state)
     decoded = np.zeros((0, model.config.vocab_size), np.float32)
     if decoding:
         decoded, apart, _ = net.decode_step(last, apart, active=active, seq_idx=rows(0, 1))
-    prefilled, apart, _ = net.step(chunks, apart, seq_idx=rows(2, 3), num_tokens=rows(6, 3), logit_index=rows(5, 2))
-    logits, together, ok = net.mixed_step(last if decoding else None, jnp.asarray(tokens), state,
-                                          token_at=jnp.asarray(token_at), seq_idx=rows(2, 3, 4, 4),
-                                          num_tokens=rows(6, 3, 0, 0),
-                                          active=active, decode_idx=rows(0, 1))
+    prefilled, apart, _ = net.step(chunks, apart, seq_idx=rows(2, 3), num_tokens=rows(11, 3), logit_index=rows(10, 2))
+    logits, together, ok = net.mixed_step(
+        last if decoding else None, jnp.asarray(packed.tokens), state, seq_idx=jnp.asarray(packed.seq_idx),
+        num_tokens=jnp.asarray(packed.num_tokens), tile_row=jnp.asarray(packed.tile_row),
+        tile_start=jnp.asarray(packed.tile_start), last_at=jnp.asarray(packed.last_at), active=active,
+        decode_idx=rows(0, 1))
     assert bool(ok)
-    assert logits.shape[0] == len(decoded) + token_at.shape[0]
+    assert logits.shape[0] == len(decoded) + 4
     assert np.array_equal(np.asarray(logits)[: len(decoded) + 2], np.concatenate([decoded, prefilled]))
     for x, y in zip(jax.tree.leaves(apart), jax.tree.leaves(together)):
         assert np.array_equal(np.asarray(x), np.asarray(y))

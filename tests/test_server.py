@@ -86,7 +86,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm2_server(cache_dir):
-    server = Server("--max-num-seqs", "32", "--num-blocks", "1024", "--max-model-len", "2048", cache_dir=cache_dir)
+    server = Server("--max-num-seqs", "32", "--num-blocks", "1024", "--max-model-len", "2048", "--no-warm-up",
+                    cache_dir=cache_dir)
     yield server
     assert server.stop() in CLEAN_EXIT
 
@@ -224,8 +225,10 @@ def test_models_health_and_metrics(smollm2_server):
 
 def test_api_key_full_queue_and_shutdown_on_a_tiny_model(cache_dir):
     server = Server("--model", "tiny", "--max-num-seqs", "1", "--max-waiting", "1", "--num-blocks", "128",
-                    "--shutdown-grace", "0", cache_dir=cache_dir, api_key="secret")
+                    "--max-num-batched-tokens", "32", "--shutdown-grace", "0", cache_dir=cache_dir, api_key="secret")
     try:
+        warmed = server.metrics()["jaxpaged_device_programs"]
+        assert "compiled 3 programs" in server.output() and warmed == 3, "tiles of 32: prefill with and without the decode row, decode"
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
         assert server.post("/v1/completions", body, headers={"Authorization": ""}).status_code == 401
         assert server.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -248,6 +251,7 @@ def test_api_key_full_queue_and_shutdown_on_a_tiny_model(cache_dir):
                 assert answer.headers["Retry-After"] == "1" and answer.json()["error"]["type"] == "server_error"
             else:
                 assert answer.json()["usage"]["completion_tokens"] == 1000
+        assert server.metrics()["jaxpaged_device_programs"] == warmed, "a greedy request compiled nothing new"
 
         long = dict(long, stream=True)
         with httpx.stream("POST", server.url + "/v1/completions", json=long,

@@ -61,6 +61,7 @@ class EngineStats:
     kv_positions_read: int  # cached positions the decode steps attended over, summed over rows and steps
     overlapped_calls: int  # decode calls started before the host read the previous one (overlap)
     mixed_steps: int  # prefill calls that also took a decode step of the running sequences
+    programs: int  # distinct device programs (call kind, shapes, switches) run so far: one compilation each
 
     def format(self) -> str:
         return (f"running {self.running}, waiting {self.waiting}, preempted {self.preemptions}, "
@@ -125,12 +126,15 @@ class Engine:
         self.cache_config = CacheConfig.from_model_config(
             config, num_blocks=num_blocks, block_size=block_size, max_seqs=max_num_seqs,
             max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: at least 1, got {max_num_batched_tokens}")
+        self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers,
+                             launcher_thread=launcher_thread, mesh=mesh, max_tile=max_num_batched_tokens)
+        tile = self.runner.tile_tokens or 1
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching),
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps,
-                                   mix=mixed_batches and hasattr(model, "mixed_step"))
-        self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers,
-                             launcher_thread=launcher_thread, mesh=mesh)
+                                   mix=mixed_batches and hasattr(model, "mixed_step"), chunk_tile=tile)
         self.eos_token_ids = tuple(config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.check_integrity, self.overlap = check_integrity, overlap
         self._inflight = None  # (sequences, decode call, steps) started and not yet read
@@ -141,6 +145,19 @@ class Engine:
         self._device_seconds, self._decode_steps, self._kv_positions_read, self._overlapped_calls = 0.0, 0, 0, 0
         self._mixed_steps = 0
         self._peak_blocks = 0
+
+    def warm_up(self, use_tqdm: bool = False) -> int:
+        """Compiles, before any request, every program this engine's steps can need for greedy
+        requests (`Runner.warm_up`: a prefill program per power of two of packed tokens up to the
+        token budget, with and without decode rows, and a decode program per power of two of rows),
+        so that a server never stalls on a compilation mid-run. Sampling switches (top-k/top-p,
+        random draws, min_tokens, logprobs, repetition penalty) compile their programs when a request
+        first needs them. Returns the programs compiled."""
+        import tqdm
+
+        s = self.scheduler
+        with tqdm.tqdm(desc="compiling", unit="program", disable=not use_tqdm) as bar:
+            return self.runner.warm_up(s.max_num_batched_tokens, s.decode_steps, s.mix, progress=lambda: bar.update())
 
     # -- requests
 
@@ -430,7 +447,8 @@ class Engine:
                            step_seconds=self._busy_seconds, device_seconds=self._device_seconds,
                            device_idle_seconds=self.runner.idle_seconds,
                            decode_steps=self._decode_steps, kv_positions_read=self._kv_positions_read,
-                           overlapped_calls=self._overlapped_calls, mixed_steps=self._mixed_steps)
+                           overlapped_calls=self._overlapped_calls, mixed_steps=self._mixed_steps,
+                           programs=len(self.runner.programs))
 
 
 def _blocks_that_fit(bytes_per_block: int, utilisation: float) -> int | None:

@@ -16,11 +16,12 @@ computes. Only the launcher touches the paged state.
 
 Shapes are padded so that compilations stay few (padding rows write nothing and see nothing): a
 decode call's rows are a power of two of the running ones; a prefill call's chunks are packed one
-after another on one token axis (`pack_chunks`: the model's token-wise work runs on the real
-tokens, not on every chunk padded to the longest), its token count, rows and longest chunk each
-padded to a power of two; decode rows in a prefill call are all the table's rows.
+after another on one token axis, each in whole tiles (`pack_chunks`: the model's token-wise work
+runs on the real tokens, and its attention on tiles, each a row of the prefill kernel), the packed
+length a power of two and nothing else varying; decode rows in a prefill call are all the table's
+rows.
 
-Axis letters: B rows, T chunk tokens, Np packed tokens, S samples, V vocab, R logprobs per token, L layers, M blocks per row.
+Axis letters: B rows, C chunk slots (the table's rows), T chunk tokens, Np packed tokens, Bt tiles, S samples, V vocab, R logprobs per token, L layers, M blocks per row.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from flax import nnx
 from jaxpaged.attention import choose_impl
 from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.engine.sampling import SamplingParams, SamplingRows, sample
+from jaxpaged.kernels.launch import prefill_tile_tokens
 from jaxpaged.state import BlockTable, PagedKVState, init_state
 
 MAX_STOP_IDS = 8  # stop token ids per row on the device (EOS among them)
@@ -70,28 +72,27 @@ def _with_table(state: PagedKVState, table, lens) -> PagedKVState:
     return state.replace(table=BlockTable(block_ids=table, seq_lens=lens))
 
 
-def _prefill(graphdef, treedef, leaves, state, table, lens, tokens, token_at, seq_idx, num_tokens, sample_rows,
-             rows: SamplingRows, min_tokens, stop_ids, seen, decode=None, *, impl, max_len, filtered, penalised,
-             random, banning, num_logprobs):
-    """One chunk per row, the chunks' tokens packed [Np] (`token_at` [Bp, T] says where each row's
-    lie); samples S tokens from the rows sample_rows [S] (a row may repeat: n > 1).
+def _prefill(graphdef, treedef, leaves, state, table, lens, chunks: PackedChunks, sample_rows, rows: SamplingRows,
+             min_tokens, stop_ids, seen, decode=None, *, impl, max_len, filtered, penalised, random, banning,
+             num_logprobs):
+    """One chunk per table row of `chunks` (packed: `pack_chunks`, or padded rows [C, T] for a
+    model without `mixed_step`); samples S tokens from the chunks sample_rows [S] (a chunk may
+    repeat: n > 1).
 
     decode: None, or (last tokens [Bd], their block-table rows [Bd], active [Bd]): those rows take a
     decode step in the same pass and sample first: rows [Bd + S].
-
-    A model with `mixed_step` runs the packed tokens as they are; another takes them as padded rows.
     """
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     state = _with_table(state, table, lens)
-    if hasattr(model, "mixed_step"):
+    if chunks.tile_row is not None:
         last_tokens, decode_idx, active = (None, None, None) if decode is None else decode
-        logits, state, ok = model.mixed_step(last_tokens, tokens, state, token_at=token_at, seq_idx=seq_idx,
-                                             num_tokens=num_tokens, active=active, decode_idx=decode_idx,
-                                             max_len=max_len, impl=impl)
+        logits, state, ok = model.mixed_step(last_tokens, chunks.tokens, state, seq_idx=chunks.seq_idx,
+                                             num_tokens=chunks.num_tokens, tile_row=chunks.tile_row,
+                                             tile_start=chunks.tile_start, last_at=chunks.last_at, active=active,
+                                             decode_idx=decode_idx, max_len=max_len, impl=impl)
     else:
-        chunks = tokens.at[token_at].get(mode="fill", fill_value=0)  # [Bp, T]
-        logits, state, ok = model.step(chunks, state, seq_idx=seq_idx, num_tokens=num_tokens, max_len=max_len,
-                                       logit_index=jnp.maximum(num_tokens - 1, 0), impl=impl)
+        logits, state, ok = model.step(chunks.tokens, state, seq_idx=chunks.seq_idx, num_tokens=chunks.num_tokens,
+                                       max_len=max_len, logit_index=chunks.last_at, impl=impl)
     decoded = 0 if decode is None else decode[0].shape[0]
     logits = jnp.concatenate([logits[:decoded], logits[decoded:][sample_rows]])
     banned = _banned(stop_ids, rows.token_indices, min_tokens, logits.shape[-1]) if banning else None
@@ -198,21 +199,28 @@ class Runner:
       launcher_thread: make the device calls on the launcher thread; False makes them on the caller's
         (a decode call then holds it until its loop has run: for comparison).
       mesh: the pools sharded over kv heads on its tensor axis (the model's weights on it already).
+      max_tile: a packed prefill's tile holds at most this many tokens (rounded down to a power of
+        two): the engine's token budget, which a chunk's whole tiles must fit.
     """
 
     def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None,
-                 launcher_thread: bool = True, mesh=None):
+                 launcher_thread: bool = True, mesh=None, max_tile: int | None = None):
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
         graphdef, params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
         self.leaves, treedef = jax.tree.flatten(params)
         self._prefill, self._decode = _compiled(graphdef, treedef)
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
+        self.tile_tokens = None  # a packed prefill's tile; None: padded rows (a model without mixed_step)
+        if hasattr(model, "mixed_step"):
+            tile = prefill_tile_tokens(model.config.num_heads, cache_config.num_kv_heads)  # the pools' kv heads
+            self.tile_tokens = min(tile, 1 << (max_tile.bit_length() - 1)) if max_tile else tile
         self.min_decode_rows = 8
         self._sticky = dict(filtered=False, random=False, banning=False)
         state = init_state(cache_config, mesh)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
         self.idle_seconds = 0.0  # the launcher's waits for the host between two calls
+        self.programs: set[tuple] = set()  # each call's (kind, shapes, static switches): one compilation each
         self._last_end: float | None = None
         self._failure: BaseException | None = None
         self._launcher = None
@@ -278,11 +286,7 @@ class Runner:
         Returns numpy (tokens, logprob, top ids, top logprobs): [S] (and [S, R]) for the samples; with
         `decode`, a pair of those, the samples' and the decode rows' ([Bd]).
         """
-        tokens, token_at = pack_chunks(chunks)
-        num_tokens = np.zeros(token_at.shape[0], np.int32)
-        num_tokens[: len(rows)] = [len(c) for c in chunks]
-        seq_idx = np.full(token_at.shape[0], self.config.max_seqs, np.int32)
-        seq_idx[: len(rows)] = rows
+        packed = pack_chunks(chunks, rows, self.config.max_seqs, self.tile_tokens)
         samples = max(bucket(len(sample_rows)), self.config.max_seqs)  # one shape, unless forks pass the rows
         sampled = np.zeros(samples, np.int32)
         sampled[: len(sample_rows)] = sample_rows
@@ -298,22 +302,70 @@ class Runner:
             params = params + decode.params
             longest = max([longest] + [lens[r] + 1 for r in decode.rows])
         switches = self._switches(params)
-        sampling, min_tokens, stop_ids, seen = columns
-        table, lens = np.array(table), lens.astype(np.int32)
-
-        def run():
-            self.state, ok, out = self._prefill(
-                self.leaves, self.state, table, lens, tokens, token_at, seq_idx, num_tokens, sampled, sampling, min_tokens,
-                stop_ids, seen if switches["penalised"] else None, decode_inputs, impl=self.impl,
-                max_len=self._read_bound(longest), **switches)
-            return ok, out
-
-        ok, out = jax.device_get(self._launch(run).result())  # one transfer
+        ok, out = self._call_prefill(np.array(table), lens.astype(np.int32), packed, sampled, columns, decode_inputs,
+                                     switches, self._read_bound(longest))
         self._check(ok)
         sampled_out = tuple(x[decoded:decoded + len(sample_rows)] for x in out)
         if decode is None:
             return sampled_out
         return sampled_out, tuple(x[: len(decode.rows)] for x in out)
+
+    def _call_prefill(self, table, lens, packed: PackedChunks, sampled, columns, decode_inputs, switches, max_len):
+        """Runs a prefill call on the launcher; returns numpy (ok, (tokens, logprob, top ids, top logprobs))."""
+        sampling, min_tokens, stop_ids, seen = columns
+        self.programs.add(("prefill", packed.tokens.shape, sampled.shape[0], 0 if decode_inputs is None else
+                           decode_inputs[0].shape[0], max_len, *switches.items()))
+
+        def run():
+            self.state, ok, out = self._prefill(
+                self.leaves, self.state, table, lens, packed, sampled, sampling, min_tokens, stop_ids,
+                seen if switches["penalised"] else None, decode_inputs, impl=self.impl, max_len=max_len, **switches)
+            return ok, out
+
+        return jax.device_get(self._launch(run).result())  # one transfer
+
+    def warm_up(self, max_num_batched_tokens: int, decode_steps: int, mixed: bool, progress=None) -> int:
+        """Compiles every program the engine's calls can need with the sampler's switches as they
+        are now (greedy, until a request asks for more): a prefill call for each power of two of
+        packed tokens up to the budget's (with and without decode rows where `mixed`), and a decode
+        call for each power of two of rows. Each runs once on padding rows (nothing is written). On
+        the reference attention path only the shortest read bound is covered (the kernels read by
+        length and have one). progress: called after each program. Returns the programs it added."""
+        before, c = len(self.programs), self.config
+        table = np.full((c.max_seqs, c.max_blocks_per_seq), c.num_blocks, np.int32)
+        lens = np.zeros(c.max_seqs, np.int32)
+        switches = self._switches([])
+        samples = c.max_seqs
+        columns = _sampling_arrays([], [], [], [], [], None, samples)
+        tile = self.tile_tokens or 16
+        packed_sizes = [1 << k for k in range(max(16, tile).bit_length() - 1,
+                                              bucket(max_num_batched_tokens, minimum=max(16, tile)).bit_length())]
+        for size in packed_sizes:
+            for decoded in ((0, c.max_seqs) if mixed else (0,)):
+                packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens)  # its shapes, then padding
+                packed = jax.tree.map(np.zeros_like, packed)
+                packed.seq_idx[:] = c.max_seqs
+                if packed.tile_row is not None:
+                    packed.tile_row[:] = c.max_seqs
+                decode_inputs, cols = None, columns
+                if decoded:
+                    decode_inputs = (_column([], decoded, np.int32), _column([], decoded, np.int32, c.max_seqs),
+                                     _column([], decoded, bool, False))
+                    cols = jax.tree.map(lambda *x: np.concatenate(x), _sampling_arrays([], [], [], [], [], None, decoded),
+                                        columns)
+                ok, _ = self._call_prefill(table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs,
+                                           switches, self._read_bound(1))
+                self._check(ok)
+                progress and progress()
+        for rows in sorted({self.decode_rows(1 << k) for k in range(c.max_seqs.bit_length() + 1)}):
+            sampling, min_tokens, stop_ids, _ = _sampling_arrays([], [], [], [], [], None, rows)
+            fixed = (_column([], rows, np.int32, c.max_seqs), _column([], rows, np.int32), min_tokens, stop_ids)
+            carry = (_column([], rows, np.int32), _column([], rows, bool, False), sampling, None)
+            options = dict(impl=self.impl, max_len=self._read_bound(1), steps=decode_steps, **switches)
+            ok, _, _ = self._launch(lambda: self._run_decode(table, lens, carry, fixed, options)).result()
+            self._check(jax.device_get(ok))
+            progress and progress()
+        return len(self.programs) - before
 
     def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
                steps: int, seen=None) -> DecodeCall:
@@ -369,6 +421,7 @@ class Runner:
 
     def _run_decode(self, table, lens, carry, fixed, options):
         seq_idx, max_tokens, min_tokens, stop_ids = fixed
+        self.programs.add(("decode", seq_idx.shape, *options.items()))
         last, active, rows, seen = carry
         self.state, ok, outputs, carry = self._decode(self.leaves, self.state, table, lens, last, seq_idx, active, rows,
                                                       max_tokens, min_tokens, stop_ids, seen, **options)
@@ -432,28 +485,62 @@ def _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, c
             _stop_table(stop_ids, count), None if seen is None else _pad_rows(seen, count))
 
 
-PACKED_ROWS_AREA = 4  # a prefill call's [Bp, T] rows hold at least this many times its packed tokens
+@dataclasses.dataclass
+class PackedChunks:
+    """A prefill call's chunks as the device takes them (numpy int32; `pack_chunks`).
+
+    Packed (a model with `mixed_step`): tokens [Np], each chunk starting a tile of Q tokens;
+    tile_row and tile_start [Bt = Np / Q], each tile's chunk (C for padding) and first token in it;
+    last_at [C], where each chunk's last token lies. Padded rows (another model): tokens [C, T],
+    last_at [C] the last token's column, tile_row and tile_start None. Both: seq_idx [C] (the
+    table's row count for padding) and num_tokens [C].
+    """
+
+    tokens: np.ndarray
+    seq_idx: np.ndarray
+    num_tokens: np.ndarray
+    last_at: np.ndarray
+    tile_row: np.ndarray | None = None
+    tile_start: np.ndarray | None = None
 
 
-def pack_chunks(chunks: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """The chunks' tokens one after another, and where each lies: (tokens [Np], token_at [Bp, T])
-    int32, Np, Bp and T powers of two (few compilations; T at least 16) covering the tokens, the
-    chunks and the longest chunk. Bp is at least PACKED_ROWS_AREA * Np / T, so that a call's rows
-    depend on its token count and longest chunk alone unless it has more chunks than that (which
-    halves the prefill shapes a run under preemption meets: recomputed prompts vary the longest
-    chunk; padding rows cost the gathers into rows, not attention). token_at holds Np past each
-    chunk's tokens and in padding rows."""
+jax.tree_util.register_dataclass(PackedChunks, data_fields=[f.name for f in dataclasses.fields(PackedChunks)],
+                                 meta_fields=[])
+
+
+def pack_chunks(chunks: list[list[int]], rows: list[int], num_rows: int, tile_tokens: int | None) -> PackedChunks:
+    """The chunks of table rows `rows` for one prefill call, in C = num_rows chunk slots.
+
+    With tile_tokens Q: packed one after another, each padded to whole tiles of Q, the packed
+    length Np a power of two (at least 16 and Q): the call's shapes depend on Np alone, so a
+    run compiles one prefill program per power of two of its token count, whatever the chunks'
+    lengths and number. Without: rows [C, T], T the longest chunk's power of two (at least 16).
+    """
     lengths = [len(c) for c in chunks]
-    tokens = np.zeros(bucket(sum(lengths), minimum=16), np.int32)
-    width = bucket(max(lengths), minimum=16)
-    height = max(bucket(len(chunks)), PACKED_ROWS_AREA * tokens.shape[0] // width)
-    token_at = np.full((height, width), tokens.shape[0], np.int32)
-    start = 0
-    for b, chunk in enumerate(chunks):
+    seq_idx = np.full(num_rows, num_rows, np.int32)
+    seq_idx[: len(rows)] = rows
+    num_tokens = np.zeros(num_rows, np.int32)
+    num_tokens[: len(rows)] = lengths
+    last_at = np.zeros(num_rows, np.int32)
+    if tile_tokens is None:
+        tokens = np.zeros((num_rows, bucket(max(lengths), minimum=16)), np.int32)
+        for b, chunk in enumerate(chunks):
+            tokens[b, : len(chunk)] = chunk
+        last_at[: len(rows)] = np.maximum(np.asarray(lengths) - 1, 0)
+        return PackedChunks(tokens, seq_idx, num_tokens, last_at)
+    tiles = [-(-n // tile_tokens) for n in lengths]
+    tokens = np.zeros(bucket(sum(tiles) * tile_tokens, minimum=max(16, tile_tokens)), np.int32)
+    tile_row = np.full(tokens.shape[0] // tile_tokens, num_rows, np.int32)
+    tile_start = np.zeros_like(tile_row)
+    tile = 0
+    for b, (chunk, count) in enumerate(zip(chunks, tiles)):
+        start = tile * tile_tokens
         tokens[start:start + len(chunk)] = chunk
-        token_at[b, : len(chunk)] = np.arange(start, start + len(chunk))
-        start += len(chunk)
-    return tokens, token_at
+        last_at[b] = start + len(chunk) - 1
+        tile_row[tile:tile + count] = b
+        tile_start[tile:tile + count] = np.arange(count) * tile_tokens
+        tile += count
+    return PackedChunks(tokens, seq_idx, num_tokens, last_at, tile_row, tile_start)
 
 
 def _column(values, rows: int, dtype, fill=0) -> np.ndarray:

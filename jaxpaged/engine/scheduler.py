@@ -54,14 +54,18 @@ class Scheduler:
       block_manager: the pool's blocks.
       max_num_seqs: running sequences at most (rows of the device's block table).
       max_num_batched_tokens: tokens a prefill step computes at most.
+      chunk_tile: a chunk's tokens count against that budget in whole tiles of this many, as the
+        runner packs them (`jaxpaged.engine.runner.pack_chunks`); a chunk that does not end its
+        prompt is whole tiles.
       max_blocks_per_seq: M, the block table's width.
       decode_steps: tokens each decode call generates per sequence.
       mix: decode the running sequences in prefill steps too (the model needs `mixed_step`).
     """
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_blocks_per_seq: int, decode_steps: int, mix: bool = False):
+                 max_blocks_per_seq: int, decode_steps: int, mix: bool = False, chunk_tile: int = 1):
         self.blocks = block_manager
+        self.chunk_tile = chunk_tile
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.decode_steps, self.mix = decode_steps, mix
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -88,9 +92,9 @@ class Scheduler:
     def _prefill(self, budget: int) -> PrefillPlan | None:
         plan = PrefillPlan([], [], [], [])
         for seq in self.running:
-            if seq.prefilling and budget > 0:
+            if seq.prefilling and budget >= self.chunk_tile:
                 budget -= self._add_chunk(plan, seq, budget)
-        while self.waiting and self._free_rows and budget > 0:
+        while self.waiting and self._free_rows and budget >= self.chunk_tile:
             seq = self.waiting[0]
             try:
                 seq.blocks = self.blocks.allocate_prompt(seq.tokens)
@@ -104,11 +108,18 @@ class Scheduler:
         return plan if plan.seqs else None
 
     def _add_chunk(self, plan: PrefillPlan, seq: Sequence, budget: int) -> int:
-        count = min(seq.num_tokens - seq.num_computed, budget)
+        """The sequence's next chunk, as much as `budget` (at least one tile) takes. Returns its cost:
+        its tokens padded to whole tiles, as the runner packs them; a chunk that does not end the
+        prompt is whole tiles."""
+        tile = self.chunk_tile
+        count = seq.num_tokens - seq.num_computed
+        cost = -(-count // tile) * tile
+        if cost > budget:
+            count = cost = budget // tile * tile
         plan.seqs.append(seq)
         plan.starts.append(seq.num_computed)
         plan.counts.append(count)
-        return count
+        return cost
 
     def _decode(self) -> DecodePlan | None:
         seqs, copies = self._reserve(self.decode_steps)

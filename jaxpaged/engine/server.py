@@ -473,6 +473,7 @@ class _Metrics:
             "total_blocks": gauge("pool_blocks", "blocks in the pool"),
             "prefix_hit_rate": gauge("prefix_cache_hit_rate", "share of prompt blocks found in the prefix cache"),
             "tokens_per_second": gauge("generation_tokens_per_second", "generated tokens over the time in steps"),
+            "programs": gauge("device_programs", "distinct device programs run so far (each compiled once)"),
         }
         self.pool_use = gauge("pool_use", "share of the pool's blocks in use")
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

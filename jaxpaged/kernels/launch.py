@@ -307,3 +307,17 @@ def default_prefill_splits(programs: int, steps: int, row_bytes: int, sm_count: 
     if 3 * programs > full:
         return 1
     return max(1, min(8, -(-full // programs), steps // 8))
+
+
+PREFILL_QUERY_ROWS = 64  # rows (tokens x query heads of one kv head) of the prefill kernel's default tile
+
+
+def prefill_tile_tokens(num_heads: int, kv_heads: int) -> int:
+    """The tokens of a packed prefill's tiles (`PagedKVState.begin_packed_step`): the most that one
+    program of the prefill kernel's default tile holds (64 rows of G query heads each), rounded down
+    to a power of two, at least 8. Each tile is a row of the kernel, so a tile of this size fills
+    its program's rows (G = 4: 16 tokens x 4 heads) where a wider one would need two programs and a
+    narrower one leaves rows empty; a chunk pads to whole tiles (fewer than Q tokens each)."""
+    group = max(num_heads // kv_heads, 1)
+    tokens = max(PREFILL_QUERY_ROWS // group, 1)
+    return max(8, 1 << (tokens.bit_length() - 1))

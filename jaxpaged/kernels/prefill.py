@@ -143,7 +143,7 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     max_blocks = block_tables.shape[1]
     wide = (q if quantized else k_pool).dtype.itemsize * head_dim > 256  # float32 at head dim 128: fewer stages fit shared memory
     blocks_per_step = blocks_per_step or launch.default_blocks_per_step(block_size, max_blocks, positions=64)
-    query_rows = query_rows or 64
+    query_rows = query_rows or launch.PREFILL_QUERY_ROWS
     if query_rows < launch.MIN_ROWS or query_rows & (query_rows - 1):
         raise ValueError(f"query_rows must be a power of two >= {launch.MIN_ROWS}, got {query_rows}")
     num_warps = num_warps or 4
