@@ -20,10 +20,15 @@
 #                                          # <= 9.5 min a preset: the engine's workloads A and C (benchmarks/engine.py)
 #                                          # with the static generate and transformers' continuous batching (64
 #                                          # requests, at most 200 s) beside (7 min for llama-1b on an H200),
-#                                          # llama-1b by default: OUT/engine_PRESET_AC.{json,png,txt}
+#                                          # llama-1b by default: OUT/engine_PRESET_AC.{json,png,txt};
+#                                          # HF_REQUESTS=0 leaves transformers' peer out
 #   bash benchmarks/gpu.sh OUT engine-b [PRESET ...]
 #                                          # <= 4 min a preset: workload B, prefix caching on and off:
 #                                          # OUT/engine_PRESET_B.{json,png,txt}
+#   bash benchmarks/gpu.sh OUT tp-baseline [N ...]
+#                                          # <= 8 min: llama-8b (bf16, random weights) decode on N GPUs (1 by default:
+#                                          # the single-GPU baseline of the tensor-parallel runs), batch 1, 32 and 128:
+#                                          # OUT/generate_llama-8b_tpN.json
 #   bash benchmarks/gpu.sh OUT serve [PRESET ...]
 #                                          # <= 9 min a preset: `jaxpaged serve` at Poisson request rates and at
 #                                          # saturation, the engine offline beside (benchmarks/serve.py):
@@ -38,7 +43,7 @@
 # benchmarks/NOTES.md, where the results they wrote are cited.
 set -uo pipefail
 usage="usage: bash benchmarks/gpu.sh OUT kernels [HEADS ...] | attention | generate [PRESET ...] | engine [PRESET ...]
-       | engine-b [PRESET ...] | serve [PRESET ...]"
+       | engine-b [PRESET ...] | tp-baseline [N ...] | serve [PRESET ...]"
 out=${1:?$usage}
 run=${2:?$usage}
 shift 2
@@ -86,7 +91,7 @@ engine)
   presets=("$@")
   [ ${#presets[@]} -gt 0 ] || presets=(llama-1b)
   for preset in "${presets[@]}"; do
-    timeout 560 python3 benchmarks/engine.py --model "$preset" --workloads A C --hf-requests 64 --hf-timeout 200 \
+    timeout 560 python3 benchmarks/engine.py --model "$preset" --workloads A C --hf-requests "${HF_REQUESTS:-64}" --hf-timeout 200 \
       --out "$out/engine_${preset}_AC.json" 2>&1 | quiet | tee "$out/engine_${preset}_AC.txt"
   done
   ;;
@@ -96,6 +101,15 @@ engine-b)
   for preset in "${presets[@]}"; do
     timeout 240 python3 benchmarks/engine.py --model "$preset" --workloads B --static-group 0 --hf-requests 0 \
       --out "$out/engine_${preset}_B.json" 2>&1 | quiet | tee "$out/engine_${preset}_B.txt"
+  done
+  ;;
+tp-baseline)
+  sizes=("$@")
+  [ ${#sizes[@]} -gt 0 ] || sizes=(1)
+  for n in "${sizes[@]}"; do
+    timeout 480 python3 benchmarks/generate.py --preset llama-8b --dtype bfloat16 --impl kernel --tensor-parallel "$n" \
+      --batch-sizes 1 32 128 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/generate_llama-8b_tp$n.json" \
+      2>&1 | quiet | tee "$out/generate_llama-8b_tp$n.txt"
   done
   ;;
 serve)

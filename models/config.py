@@ -80,6 +80,10 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
                             head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                             max_position_embeddings=131072, dtype="bfloat16"),
+    # Llama-3.1-8B's shape with random weights: the tensor-parallel benchmarks' model (16 GB in bf16).
+    "llama-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                            head_dim=128, intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
+                            max_position_embeddings=131072, dtype="bfloat16"),
     # Qwen3-0.6B's shape with random weights, for GPU benchmarks.
     "qwen3-0.6b": ModelConfig(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
                               head_dim=128, intermediate_size=3072, rms_norm_eps=1e-6, rope_theta=1000000.0,
@@ -90,7 +94,7 @@ PRESET_NAMES = ("smollm2-135m", *PRESETS)  # smollm2-135m is read from the embed
 
 
 def preset(name: str, **changes: Any) -> ModelConfig:
-    """A named architecture: 'tiny', 'llama-1b', 'qwen3-0.6b', 'smollm2-135m' (read from the embedded
+    """A named architecture: 'tiny', 'llama-1b', 'llama-8b', 'qwen3-0.6b', 'smollm2-135m' (read from the embedded
     GGUF file), or 'smollm2-135m-random' (its shape, fixed here, for random weights)."""
     if name == "smollm2-135m":
         from jaxpaged.models.gguf_weights import default_gguf_path, read_gguf_config

@@ -1,6 +1,7 @@
 """The paged kernels against the reference, in Pallas interpret mode on the CPU (and natively on a
 GPU); their launch rules at given GPU numbers; the package's answer where the Triton lowering is missing."""
 
+import functools
 import subprocess
 import sys
 
@@ -195,6 +196,40 @@ def test_prefill_kernel_matches_the_reference_on_a_cached_prefix(heads, kv_heads
         for b, c in enumerate(chunk):
             np.testing.assert_allclose(out[b, :c], expected[b, :c], atol=2e-3 if ON_GPU else 1e-5, rtol=0)
             assert not out[b, c:].any(), "padding queries return zeros"
+
+
+def test_prefill_kernel_on_tiles_equals_each_chunk_as_one_row():
+    """The engine's packed prefill: each chunk cut into tiles of Q tokens, every tile a row of the
+    kernel naming its chunk's table row (rows repeat), and padding tiles. With Q the tokens of one
+    program, the tiles run the very programs of the chunk as one row: the same output bit for bit."""
+    rng = np.random.default_rng(3)
+    lengths, chunk = [45, 30], [29, 16]  # after the chunks were appended; the first starts mid-block
+    k, v, tables, sentinel = _random_cache(rng, batch=2, kv_heads=2, head_dim=64, block_size=8, lengths=lengths,
+                                           num_layers=1, max_blocks=8)
+    tokens = 8  # query_rows 16 over G = 2 heads: 8 tokens a program
+    q = jnp.asarray(rng.standard_normal((2, 32, 4, 64)), jnp.float32)
+    positions = np.full((2, 32), -1, np.int32)
+    for b, (n, c) in enumerate(zip(lengths, chunk)):
+        positions[b, :c] = np.arange(n - c, n)
+    run = functools.partial(paged_prefill_attention, k_pool=k, v_pool=v, layer=0, blocks_per_step=2, query_rows=16,
+                            num_splits=1, interpret=not ON_GPU)
+    rows = np.asarray(run(q, block_tables=jnp.asarray(tables), lengths=jnp.asarray(lengths, jnp.int32),
+                          q_positions=jnp.asarray(positions)))
+    tile_of = [(b, j) for b, c in enumerate(chunk) for j in range(-(-c // tokens))] + [(None, 0)] * 2
+    pick = lambda x, fill: np.stack([x[b] if b is not None else fill for b, _ in tile_of])  # noqa: E731
+    tile_q = np.stack([np.asarray(q)[b, tokens * j:tokens * (j + 1)] if b is not None else np.zeros((tokens, 4, 64))
+                       for b, j in tile_of]).astype(np.float32)
+    tile_pos = np.stack([positions[b, tokens * j:tokens * (j + 1)] if b is not None else np.full(tokens, -1)
+                         for b, j in tile_of]).astype(np.int32)
+    tiles = np.asarray(run(jnp.asarray(tile_q), block_tables=jnp.asarray(pick(np.asarray(tables), np.full(8, sentinel))),
+                           lengths=jnp.asarray(pick(np.asarray(lengths), 0), jnp.int32),
+                           q_positions=jnp.asarray(tile_pos)))
+    assert len(tile_of) == 8 and np.isfinite(tiles).all()
+    for i, (b, j) in enumerate(tile_of):
+        if b is None:
+            assert not tiles[i].any(), "a padding tile writes zeros"
+        else:
+            assert np.array_equal(tiles[i], rows[b, tokens * j:tokens * (j + 1)]), (b, j)
 
 
 def test_prefill_queries_placed_past_the_length_see_only_the_positions_before_it():
