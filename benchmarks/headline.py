@@ -31,7 +31,11 @@ KV_QUANT_SPEED, KV_QUANT_ACCURACY = "kv_quant_speed_H200.json", "kv_quant_smollm
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
                                  "engine_llama-1b_B_H200.json")
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
+ENGINE_ROWS = "archive/engine_llama-1b_AC_rows_H200.json"  # before packed prefill in tiles: chunks in [Bp, T] rows
+ENGINE_MODELS = (("qwen3-0.6b", "engine_qwen3-0.6b_A_H200.json"), ("llama-8b", "engine_llama-8b_A_H200.json"))
 SERVE = "serve_llama-1b_H200.json"
+SERVE_BEFORE = "archive/serve_llama-1b_before_warm_up_H200.json"  # the first server run
+TP_BASELINE = "generate_llama-8b_tp1_H200.json"  # llama-8b on one GPU: the tensor-parallel runs' baseline
 IDLE_BEFORE_WAITING = {ENGINE_A}  # runs whose launcher did not yet wait for the device: no idle share
 # (model, JSON with the kernels, JSON of the same call with the reference attention or None, its batches)
 GENERATION = (
@@ -255,12 +259,26 @@ def headline_engine(results):
                 "—" if not e["prefix_hit_rate"] else percent(e["prefix_hit_rate"]), f"{e['mean_ttft']:.2f} s",
                 percent(e.get("roofline_fraction")), idle, f"{e['compile_seconds']:.0f} s", e["preemptions"]]
 
+    rows = load(results, ENGINE_ROWS)
     static, hf = ac["A_static_generate"]["output_tokens_per_second"], a["A_transformers"]
     first_static = a["A_static_generate"]["output_tokens_per_second"]
-    c = ac["C"]
+
+    def versus_static(run):
+        rate = run["A_static_generate"]["output_tokens_per_second"]
+        return f"static `generate`, groups of 64: {rate:,.0f}", rate
+
+    def c_row(name, run, source):
+        c = run["C"]
+        return row(f"{name}: A's requests, a quarter of the blocks they need ({c['num_blocks']:,}); {c['completed']} "
+                   f"of 256 completed, {c['requests_equal_to_A']} equal to A's tokens", source, c,
+                   f"A: {run['A']['output_tokens_per_second']:,.0f}", run["A"]["output_tokens_per_second"])
+
     table = [
-        row("A: 256 requests, prompts and outputs U[100, 1024]", ENGINE_AC, ac["A"],
-            f"static `generate`, groups of 64: {static:,.0f}", static),
+        row("A: 256 requests, prompts and outputs U[100, 1024]", ENGINE_AC, ac["A"], *versus_static(ac)),
+        c_row("C", ac, ENGINE_AC),
+        row("A, the run before: prefill chunks in rows padded to the longest, not in tiles", ENGINE_ROWS, rows["A"],
+            *versus_static(rows)),
+        c_row("C, that run", rows, ENGINE_ROWS),
         row("A, an earlier run", ENGINE_A, a["A"], f"static `generate`: {first_static:,.0f}", first_static),
         row("A, that run: transformers' `generate_batch`, 64 requests each decoded to the longest", ENGINE_A, a["A"],
             f"{hf['tokens_per_second']:,.0f} asked tokens/s (counting every generated one, "
@@ -268,26 +286,21 @@ def headline_engine(results):
             f"{a['A']['output_tokens_per_second'] * hf['seconds'] / hf['generated_tokens']:.0f}x)", hf["tokens_per_second"]),
         row("A, that run: device calls on the engine's own thread", ENGINE_A, a["A_caller_thread"],
             f"the launcher thread: {a['A']['output_tokens_per_second']:,.0f}", a["A"]["output_tokens_per_second"]),
-        row(f"C: A's requests, a quarter of the blocks they need ({c['num_blocks']:,}); {c['completed']} of 256 "
-            f"completed, {c['requests_equal_to_A']} equal to A's tokens", ENGINE_AC, c,
-            f"A: {ac['A']['output_tokens_per_second']:,.0f}", ac["A"]["output_tokens_per_second"]),
-        row("A, a later run: decode rows also at three quarters of the table (reverted), packed rows at least "
-            "4x the tokens", ENGINE_LATER, later["A"],
-            f"static `generate`: {later['A_static_generate']['output_tokens_per_second']:,.0f}",
-            later["A_static_generate"]["output_tokens_per_second"]),
-        row("A, that run: transformers' continuous batching manager, 64 requests each to its own length",
-            ENGINE_LATER, later["A"], f"{later['A_transformers']['tokens_per_second']:,.0f} (all "
+        row("A, another run (a variant, reverted): transformers' continuous batching manager, 64 requests each to "
+            "its own length", ENGINE_LATER, later["A"], f"{later['A_transformers']['tokens_per_second']:,.0f} (all "
             f"{later['A_transformers']['generated_tokens']:,} tokens asked)", later["A_transformers"]["tokens_per_second"]),
-        row(f"C, that run: {later['C']['completed']} of 256 completed, {later['C']['requests_equal_to_A']} equal "
-            f"to A's tokens", ENGINE_LATER, later["C"], f"A: {later['A']['output_tokens_per_second']:,.0f}",
-            later["A"]["output_tokens_per_second"]),
         row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on "
-            "(a run of its own)", ENGINE_B, b["B_caching_on"],
+            "(a run of its own, before the tiles)", ENGINE_B, b["B_caching_on"],
             f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
             b["B_caching_off"]["output_tokens_per_second"]),
     ]
-    caption = (f"*{ac['device']} (jax {ac.get('jax', '0.11.2')}), llama-1b's shape in {ac['dtype']} with random weights, greedy, EOS ignored; "
-               f"sources in `benchmarks/results/`.*")
+    for model, name in ENGINE_MODELS:
+        run = load(results, name)
+        table.append(row(f"A on **{model}** (its pool capped by the kernels' 32-bit offsets: "
+                         f"{run['A']['peak_used_blocks']:,} blocks, all in use at the peak)", name, run["A"],
+                         *versus_static(run)))
+    caption = (f"*{ac['device']} (jax {ac.get('jax', '0.11.2')}), llama-1b's shape (unless a row names another) in "
+               f"{ac['dtype']} with random weights, greedy, EOS ignored; sources in `benchmarks/results/`.*")
     return [caption + "\n\n" + markdown(header, table)]
 
 
@@ -297,18 +310,42 @@ def headline_serve(results):
     slo = run["slo"]
     header = [("requests/s", "l"), ("output tok/s", "r"),
               (f"goodput req/s (TTFT <= {slo['ttft_s']:g} s, TPOT <= {slo['tpot_s'] * 1e3:g} ms)", "r"),
-              ("TTFT median / p99", "r"), ("TPOT median / p99", "r"), ("ITL median", "r")]
+              ("TTFT median / p99", "r"), ("TPOT median / p99", "r"), ("ITL median", "r"),
+              ("compiled while serving", "r")]
     table = [[("all at once" if row["rate"] == "inf" else f"{row['rate']:g} (Poisson)"),
               f"{row['output_tokens_per_second']:,.0f}", f"{row['goodput_requests_per_second']:.2f}",
               f"{row['ttft_s']['median']:.2f} s / {row['ttft_s']['p99']:.2f} s",
               f"{row['tpot_s']['median'] * 1e3:.1f} ms / {row['tpot_s']['p99'] * 1e3:.1f} ms",
-              f"{row['itl_s']['median'] * 1e3:.0f} ms"] for row in run["rates"]]
+              f"{row['itl_s']['median'] * 1e3:.0f} ms", row["new_programs"]] for row in run["rates"]]
     table.append(["the engine offline, same requests", f"{run['offline']['output_tokens_per_second']:,.0f}",
-                  "", "", "", ""])
+                  "", "", "", "", ""])
+    before = load(results, SERVE_BEFORE)
+    table.append([f"before the warm-up and the tiles: 32 (Poisson) / all at once",
+                  " / ".join(f"{r['output_tokens_per_second']:,.0f}" for r in before["rates"]), "",
+                  " / ".join(f"{r['ttft_s']['median']:.2f} s" for r in before["rates"]) + " (medians)", "", "",
+                  "—"])
     caption = (f"*{run['device']} (jax {run['jax']}), {run['model']}'s shape with random weights; "
                f"{run['rates'][0]['requests']} requests of workload A, streamed over HTTP on the same machine; the "
                f"engine offline on the same requests in the same run (server overhead at saturation "
-               f"{percent(run['overhead_at_saturation'])}). Source: `benchmarks/results/{SERVE}`.*")
+               f"{percent(run['overhead_at_saturation'])}). The server {run['warm_up']} before its first request "
+               f"(up in {run['server_start_s']:.0f} s). Sources: `benchmarks/results/{SERVE}`, "
+               f"`benchmarks/results/{SERVE_BEFORE}`.*")
+    return [caption + "\n\n" + markdown(header, table)]
+
+
+def headline_tensor_parallel(results):
+    """The tensor-parallel benchmark's single-GPU baseline (no multi-GPU machine measured yet)."""
+    run, engine = load(results, TP_BASELINE), load(results, ENGINE_MODELS[1][1])
+    header = [("GPUs", "l"), ("decode tok/s, batch 1", "r"), ("batch 32", "r"), ("batch 128", "r"),
+              ("of spec bandwidth at 128", "r"), ("workload A, output tok/s", "r"), ("source", "l")]
+    decode = {r["batch"]: r for r in run["rows"]}
+    table = [[str(run["tensor_parallel"]), *(f"{decode[b]['paged_decode_tokens_per_s']:,.0f}" for b in (1, 32, 128)),
+              percent(decode[128]["roofline_vs_spec"]["paged"]), f"{engine['A']['output_tokens_per_second']:,.0f}",
+              f"`{TP_BASELINE}`, `{ENGINE_MODELS[1][1]}`"]]
+    caption = (f"*{run['device']} (jax {run['jax']}), {run['preset']}'s shape in {run['dtype']} with random weights "
+               f"({run['weight_bytes'] / 1e9:.1f} GB), prompts of {decode[1]['prompt_len']}, "
+               f"{decode[1]['new_tokens']} new tokens, the static `generate` on the paged cache; workload A on the "
+               f"engine. Runs on 2 and 4 GPUs wait for a machine with several.*")
     return [caption + "\n\n" + markdown(header, table)]
 
 
@@ -317,7 +354,7 @@ def all_tables(results):
     return {"memory": headline_memory(results), "decode attention": headline_decode(results),
             "prefill attention": headline_prefill(results), "generation": headline_generation(results),
             "8-bit K/V": headline_kv_quant(results), "the engine": headline_engine(results),
-            "the server": headline_serve(results),
+            "the server": headline_serve(results), "tensor parallelism": headline_tensor_parallel(results),
             "decode attention, every shape": headline_decode(results, full=True),
             "generation, every run": headline_generation(results, full=True)}
 

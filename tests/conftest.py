@@ -9,13 +9,19 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 DTYPES = ("float32", "float16", "bfloat16")
-PROPERTY_REPORT: list[str] = []  # a line per property test (examples, coverage, time), printed after the run
+PROPERTY_REPORT = "property_report"  # a property test's line (examples, coverage, time): record_property's key
+_PROPERTY_LINES: list[str] = []  # gathered from the reports (a worker's too, under pytest-xdist), printed after the run
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _PROPERTY_LINES.extend(value for key, value in report.user_properties if key == PROPERTY_REPORT)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if PROPERTY_REPORT:
+    if _PROPERTY_LINES:
         terminalreporter.section("property tests")
-        for line in PROPERTY_REPORT:
+        for line in _PROPERTY_LINES:
             terminalreporter.write_line(line)
 
 

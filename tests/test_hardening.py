@@ -57,7 +57,7 @@ def property_test(must_cover, **strategies):
     fails unless every label of `must_cover` came up."""
 
     def decorate(check):
-        def test():
+        def test(record_property):
             covered, start = collections.Counter(), time.perf_counter()
 
             @settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
@@ -69,8 +69,8 @@ def property_test(must_cover, **strategies):
 
             run()
             elapsed = time.perf_counter() - start
-            PROPERTY_REPORT.append(f"{check.__name__}: {covered.pop('examples')} examples in {elapsed:.1f} s; "
-                                   f"{dict(covered)}")
+            record_property(PROPERTY_REPORT, f"{check.__name__}: {covered.pop('examples')} examples in "
+                                             f"{elapsed:.1f} s; {dict(covered)}")
             missing = set(must_cover) - covered.keys()
             assert not missing, f"no example covered {sorted(missing)}"
 
