@@ -12,9 +12,10 @@ Workloads (random token prompts, random weights, EOS ignored; seed 0):
      prefix caching on and off (throughput, mean time to first token, hit rate).
   C  workload A with a pool of a quarter of the blocks it needs: throughput, preemptions, and the
      greedy tokens' agreement with A's.
-Every timed run is preceded by an untimed run of the same requests, which compiles every shape the
-timed run meets (its extra time is reported as compilation). Decoding is greedy. --min-len is capped
-at --max-len, and workload B's lengths at --max-len too, so that small smoke runs fit.
+Every timed run is preceded by an untimed run of the same requests, whose engine first compiles its
+programs ahead on parallel threads (`Engine.warm_up`); that time and the untimed run's extra time
+are reported as compilation. Decoding is greedy. --min-len is capped at --max-len, and workload
+B's lengths at --max-len too, so that small smoke runs fit.
 
 Roofline (on a GPU): prefill at the measured bf16 matmul peak, and each decode step the engine ran
 reading the weights once plus every live K/V position once, at the card's specified bandwidth

@@ -95,9 +95,13 @@ def test_after_a_warm_up_greedy_requests_compile_nothing(model, solo):
     engine = _engine(model)
     assert engine.warm_up() == 5 and engine.stats().programs == 5
     assert engine.scheduler.blocks.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    jitted = [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()]
     out = _run(engine, [prompts[i] for i in greedy], [params[i] for i in greedy], arrivals=[0, 2])
     assert out == [solo[i] for i in greedy]
     assert engine.stats().programs == 5, "a program was compiled after the warm-up"
+    assert [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()] == jitted, (
+        "a call went through jit, not the executables compiled ahead")
+    assert _engine(model).warm_up() == 0, "another engine of the same structure and pool shares them"
 
 
 @pytest.mark.parametrize("scanned", [False, True])

@@ -133,8 +133,9 @@ class Engine:
         tile = self.runner.tile_tokens or 1
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching),
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   max_blocks_per_seq=blocks_per_seq, decode_steps=decode_steps,
-                                   mix=mixed_batches and hasattr(model, "mixed_step"), chunk_tile=tile)
+                                   max_blocks_per_seq=self.cache_config.max_blocks_per_seq,
+                                   decode_steps=decode_steps, mix=mixed_batches and hasattr(model, "mixed_step"),
+                                   chunk_tile=tile)
         self.eos_token_ids = tuple(config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.check_integrity, self.overlap = check_integrity, overlap
         self._inflight = None  # (sequences, decode call, steps) started and not yet read

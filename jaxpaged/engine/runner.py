@@ -29,7 +29,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
+import warnings
 import weakref
 
 import jax
@@ -152,11 +154,14 @@ _SWITCHES = ("impl", "max_len", "filtered", "penalised", "random", "banning", "n
 def _compiled(graphdef, treedef):
     """The prefill and decode calls of one model structure, jitted with it bound: the structure is
     hashed once here, not at every call (a 16-layer model's takes milliseconds on the host), and
-    the parameters pass as a flat list of arrays."""
+    the parameters pass as a flat list of arrays. With them, the programs compiled ahead of time
+    (`Runner.warm_up`), by program key: shared by every runner of the structure, as jit's own
+    cache is."""
     return (jax.jit(functools.partial(_prefill, graphdef, treedef), static_argnames=_SWITCHES,
                     donate_argnames=("state",)),
             jax.jit(functools.partial(_decode, graphdef, treedef), static_argnames=_SWITCHES + ("steps",),
-                    donate_argnames=("state",)))
+                    donate_argnames=("state",)),
+            {})
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -208,7 +213,8 @@ class Runner:
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
         graphdef, params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
         self.leaves, treedef = jax.tree.flatten(params)
-        self._prefill, self._decode = _compiled(graphdef, treedef)
+        self._prefill, self._decode, self._executables = _compiled(graphdef, treedef)
+        self._mesh = mesh
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
         self.tile_tokens = None  # a packed prefill's tile; None: padded rows (a model without mixed_step)
@@ -312,26 +318,53 @@ class Runner:
 
     def _call_prefill(self, table, lens, packed: PackedChunks, sampled, columns, decode_inputs, switches, max_len):
         """Runs a prefill call on the launcher; returns numpy (ok, (tokens, logprob, top ids, top logprobs))."""
-        sampling, min_tokens, stop_ids, seen = columns
-        self.programs.add(("prefill", packed.tokens.shape, sampled.shape[0], 0 if decode_inputs is None else
-                           decode_inputs[0].shape[0], max_len, *switches.items()))
+        key, args, statics = self._prefill_program(table, lens, packed, sampled, columns, decode_inputs, switches,
+                                                   max_len)
 
         def run():
-            self.state, ok, out = self._prefill(
-                self.leaves, self.state, table, lens, packed, sampled, sampling, min_tokens, stop_ids,
-                seen if switches["penalised"] else None, decode_inputs, impl=self.impl, max_len=max_len, **switches)
+            self.state, ok, out = self._program(self._prefill, key, (self.leaves, self.state, *args), statics)
             return ok, out
 
         return jax.device_get(self._launch(run).result())  # one transfer
 
+    def _prefill_program(self, table, lens, packed, sampled, columns, decode_inputs, switches, max_len):
+        """A prefill call's program key, its arguments after the parameters and the state, and its
+        static arguments."""
+        sampling, min_tokens, stop_ids, seen = columns
+        decoded = 0 if decode_inputs is None else decode_inputs[0].shape[0]
+        key = ("prefill", table.shape, packed.tokens.shape, sampled.shape[0], decoded, max_len, *switches.items())
+        self.programs.add(key)
+        args = (table, lens, packed, sampled, sampling, min_tokens, stop_ids, seen if switches["penalised"] else None,
+                decode_inputs)
+        return key, args, dict(impl=self.impl, max_len=max_len, **switches)
+
+    def _program(self, jitted, key, args, statics):
+        """Runs program `key`: its executable compiled ahead (`warm_up`) where there is one, else the
+        jitted function (compiled at its first call)."""
+        executable = self._executables.get(self._executable_key(key))
+        if executable is not None:
+            try:
+                return executable(*args)
+            except TypeError as mismatch:  # raised before it runs: the arguments are not what it was built for
+                warnings.warn(f"a program compiled ahead did not take its call's arguments; jit compiles it: "
+                              f"{mismatch}", RuntimeWarning, stacklevel=2)
+                del self._executables[self._executable_key(key)]
+        return jitted(*args, **statics)
+
+    def _executable_key(self, key):
+        return key, self.config, self._mesh  # the pools' shapes and placement are the state's
+
     def warm_up(self, max_num_batched_tokens: int, decode_steps: int, mixed: bool, progress=None) -> int:
-        """Compiles every program the engine's calls can need with the sampler's switches as they
-        are now (greedy, until a request asks for more): a prefill call for each power of two of
+        """Compiles ahead every program the engine's calls can need with the sampler's switches as
+        they are now (greedy, until a request asks for more): a prefill call for each power of two of
         packed tokens up to the budget's (with and without decode rows where `mixed`), and a decode
-        call for each power of two of rows. Each runs once on padding rows (nothing is written). On
-        the reference attention path only the shortest read bound is covered (the kernels read by
-        length and have one). progress: called after each program. Returns the programs it added."""
-        before, c = len(self.programs), self.config
+        call for each power of two of rows. Each is traced here, then compiled on a pool of threads
+        (XLA compiles without the interpreter lock, so the programs compile side by side); the calls
+        run the compiled executables. On the reference attention path only the shortest read bound
+        is covered (the kernels read by length and have one). progress: called after each program.
+        Returns the programs compiled."""
+        self._launch(lambda: None).result()  # nothing in flight: the state is the runner's own
+        c = self.config
         table = np.full((c.max_seqs, c.max_blocks_per_seq), c.num_blocks, np.int32)
         lens = np.zeros(c.max_seqs, np.int32)
         switches = self._switches([])
@@ -340,32 +373,34 @@ class Runner:
         tile = self.tile_tokens or 16
         packed_sizes = [1 << k for k in range(max(16, tile).bit_length() - 1,
                                               bucket(max_num_batched_tokens, minimum=max(16, tile)).bit_length())]
+        programs = []  # (jitted, key, arguments, static arguments)
         for size in packed_sizes:
             for decoded in ((0, c.max_seqs) if mixed else (0,)):
-                packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens)  # its shapes, then padding
-                packed = jax.tree.map(np.zeros_like, packed)
-                packed.seq_idx[:] = c.max_seqs
-                if packed.tile_row is not None:
-                    packed.tile_row[:] = c.max_seqs
+                packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens)  # only its shapes count
                 decode_inputs, cols = None, columns
                 if decoded:
                     decode_inputs = (_column([], decoded, np.int32), _column([], decoded, np.int32, c.max_seqs),
                                      _column([], decoded, bool, False))
                     cols = jax.tree.map(lambda *x: np.concatenate(x), _sampling_arrays([], [], [], [], [], None, decoded),
                                         columns)
-                ok, _ = self._call_prefill(table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs,
-                                           switches, self._read_bound(1))
-                self._check(ok)
-                progress and progress()
+                programs.append((self._prefill, *self._prefill_program(
+                    table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs, switches,
+                    self._read_bound(1))))
         for rows in sorted({self.decode_rows(1 << k) for k in range(c.max_seqs.bit_length() + 1)}):
             sampling, min_tokens, stop_ids, _ = _sampling_arrays([], [], [], [], [], None, rows)
             fixed = (_column([], rows, np.int32, c.max_seqs), _column([], rows, np.int32), min_tokens, stop_ids)
             carry = (_column([], rows, np.int32), _column([], rows, bool, False), sampling, None)
             options = dict(impl=self.impl, max_len=self._read_bound(1), steps=decode_steps, **switches)
-            ok, _, _ = self._launch(lambda: self._run_decode(table, lens, carry, fixed, options)).result()
-            self._check(jax.device_get(ok))
-            progress and progress()
-        return len(self.programs) - before
+            programs.append((self._decode, *self._decode_program(table, lens, carry, fixed, options), options))
+        lowered = {self._executable_key(key): jitted.lower(self.leaves, self.state, *args, **statics)
+                   for jitted, key, args, statics in programs
+                   if self._executable_key(key) not in self._executables}
+        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            compiling = {pool.submit(program.compile): key for key, program in lowered.items()}
+            for done in concurrent.futures.as_completed(compiling):
+                self._executables[compiling[done]] = done.result()
+                progress and progress()
+        return len(lowered)
 
     def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
                steps: int, seen=None) -> DecodeCall:
@@ -420,12 +455,17 @@ class Runner:
         return dataclasses.replace(call, options=options, future=self._launch(run))
 
     def _run_decode(self, table, lens, carry, fixed, options):
-        seq_idx, max_tokens, min_tokens, stop_ids = fixed
-        self.programs.add(("decode", seq_idx.shape, *options.items()))
-        last, active, rows, seen = carry
-        self.state, ok, outputs, carry = self._decode(self.leaves, self.state, table, lens, last, seq_idx, active, rows,
-                                                      max_tokens, min_tokens, stop_ids, seen, **options)
+        key, args = self._decode_program(table, lens, carry, fixed, options)
+        self.state, ok, outputs, carry = self._program(self._decode, key, (self.leaves, self.state, *args), options)
         return ok, outputs, carry
+
+    def _decode_program(self, table, lens, carry, fixed, options):
+        """A decode call's program key and its arguments after the parameters and the state."""
+        seq_idx, max_tokens, min_tokens, stop_ids = fixed
+        key = ("decode", table.shape, seq_idx.shape, *options.items())
+        self.programs.add(key)
+        last, active, rows, seen = carry
+        return key, (table, lens, last, seq_idx, active, rows, max_tokens, min_tokens, stop_ids, seen)
 
     def results(self, call: DecodeCall):
         """Waits for a decode call. Returns numpy (tokens [steps, B], emitted [steps, B], logprob
