@@ -269,6 +269,64 @@ def test_allocate_slots_and_write_slots_property(setup, rows, counts, layer):
     return labels | ({"write to a layer out of range"} if not 0 <= layer < L else set())
 
 
+Q = 2  # tokens per tile in allocate_packed_slots: a chunk of up to T tokens is T / Q tiles
+TILE_CHANGES = st.sampled_from(["none", "none", "repeat a tile", "start off the grid", "start past the chunks",
+                                "padding tile"])
+_packed = jax.jit(ops.allocate_packed_slots, static_argnames=("tile_tokens", "max_tokens"))
+
+
+@property_test(ROW_LABELS + COUNT_LABELS + ("repeat a tile", "start off the grid", "start past the chunks",
+                                            "refused: out of blocks"),
+               setup=EVEN_SETUP, rows=ROWS, counts=COUNTS, change=TILE_CHANGES, order=st.randoms(use_true_random=False))
+def test_allocate_packed_slots_property(setup, rows, counts, change, order):
+    """The tiles' slots are allocate_slots' slots of the same chunks, tile by tile, with the same
+    state after; a bad tile list (a tile twice, a start off the tile grid or past the chunks' most
+    tokens) refuses the call and leaves the state as it was."""
+    tiles = [(b, q * Q) for b in range(B) for q in range(T // Q)]
+    order.shuffle(tiles)
+    if change == "repeat a tile":
+        tiles[-1] = tiles[0]
+    elif change == "start off the grid":
+        tiles[-1] = (tiles[-1][0], 1)
+    elif change == "start past the chunks":
+        tiles[-1] = (tiles[-1][0], T)
+    elif change == "padding tile":
+        tiles[-1] = (B, 0)  # a chunk index past the chunks: a tile with nothing
+    tile_row, tile_start = (jnp.asarray(x, jnp.int32) for x in zip(*tiles))
+    state = build(setup)
+    before = snapshot(state)
+    state, tile_seq, positions, tile_count, slots, ok = _packed(
+        state, jnp.asarray(rows, jnp.int32), jnp.asarray(counts, jnp.int32), tile_row, tile_start, tile_tokens=Q,
+        max_tokens=T)
+    after, slots = snapshot(state), np.asarray(slots)
+    plain, plain_slots, plain_ok = ops.allocate_slots(build(setup), jnp.asarray(rows, jnp.int32),
+                                                      jnp.asarray(counts, jnp.int32), num_chunk_tokens=T)
+    real, labels = classify(rows, counts)
+    bad_tiles = change in ("repeat a tile", "start off the grid", "start past the chunks")
+    assert bool(ok) == (bool(plain_ok) and not bad_tiles)
+    assert len(set(slots.ravel().tolist())) == slots.size, "slots are distinct"
+    assert_allocator_invariant(after)
+    if not ok:
+        assert_same(before, after)
+        labels.add(change if bad_tiles else "refused" if labels & {"repeated row", "layers of a row differ"}
+                   else "refused: out of blocks")
+        assert np.all(slots >= N * P), "a refused call gives no slot"
+        return labels
+    plain, plain_slots = snapshot(plain), np.asarray(plain_slots)
+    for name in after:
+        assert_bit_equal(after[name], plain[name], f"{name} after the packed call")
+    seq = np.asarray(tile_seq)
+    for i, (b, start) in enumerate(tiles):
+        expected = plain_slots[b, start:start + Q] if b < B else np.full(Q, -1)
+        real_slot = expected < N * P if b < B else np.zeros(Q, bool)
+        real_slot &= expected >= 0
+        np.testing.assert_array_equal(slots[i][real_slot], expected[real_slot])
+        assert np.all(slots[i][~real_slot] >= N * P), "a position with no slot gets a dropped sentinel"
+        if b < B and rows[b] in range(B) and real_slot.any():
+            assert seq[i] == rows[b] and np.asarray(positions)[i, 0] == before["seq_lens"][0, rows[b]] + start
+    return labels | ({change} if change != "none" else set())
+
+
 @property_test(ROW_LABELS + ("layer out of range",), setup=SETUP, rows=ROWS, layer=LAYER)
 def test_gather_kv_property(setup, rows, layer):
     before = snapshot(state := build(setup))
