@@ -239,7 +239,7 @@ def test_help_on_every_command(capsys):
 def test_bench_runs_a_small_workload_and_writes_its_row(tmp_path, capsys):
     out = tmp_path / "bench" / "engine.json"
     assert main(["bench", "--model", "tiny", "--workload", "A", "--num-requests", "4", "--max-len", "32",
-                 "--max-num-seqs", "4", "--decode-steps", "8", "--out", str(out)]) == 0
+                 "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--decode-steps", "8", "--out", str(out)]) == 0
     printed, err = capsys.readouterr()
     written = json.loads(out.read_text())
     assert {"device", "model", "dtype", "args", "A"} <= set(written) and written["model"] == "tiny"
