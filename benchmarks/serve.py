@@ -4,7 +4,7 @@ For each request rate (requests/s; "inf" sends them all at once: saturation), th
 engine's workload A (random token prompts of U[--min-len, --max-len], as many output tokens with EOS
 ignored, greedy) go to a `jaxpaged serve` process over HTTP with `stream: true`, each at its arrival
 time. Every rate's requests have workload A's lengths and tokens of their own (no run finds another's
-blocks in the prefix cache). The server compiles every program greedy requests can need before it
+blocks in the prefix cache). The server compiles every program greedy and sampled requests can need before it
 answers (`jaxpaged serve`'s warm-up, timed and reported); the sweep is the first traffic it sees,
 and each rate's row counts the programs it met that the warm-up had not compiled (0 expected).
 Per request: time to first token (TTFT), time per output token after the first (TPOT),

@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds running requests may take to finish after SIGINT/SIGTERM before they are "
                             "aborted (default 30)")
     serve.add_argument("--no-warm-up", dest="warm_up", action="store_false",
-                       help="start serving at once; by default every program that greedy requests can need is "
-                            "compiled first (a progress bar), so that no request waits on a compilation later")
+                       help="start serving at once; by default every program that greedy and sampled requests can "
+                            "need is compiled first (a progress bar), so that no request waits on a compilation "
+                            "later")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                        help="the HTTP server's log level (default info)")
     _attention_argument(serve)

@@ -86,19 +86,21 @@ def test_a_packed_prefill_call_has_one_shape_per_power_of_two_of_its_tokens():
     assert len(shapes) == 2, shapes
 
 
-def test_after_a_warm_up_greedy_requests_compile_nothing(model, solo):
-    """Engine.warm_up compiles every program greedy steps can need (tiles of 32 at a budget of 64:
-    packed prefill of 32 and 64 tokens, with and without decode rows, and decode of 8 rows); then a
-    run with prompts arriving over time meets no new program and gives the same tokens."""
+def test_after_a_warm_up_greedy_and_sampled_requests_compile_nothing(model, solo):
+    """Engine.warm_up compiles every program greedy and randomly sampled steps can need (tiles of 32
+    at a budget of 64: packed prefill of 32 and 64 tokens, with and without decode rows, and decode
+    of 8 rows; each greedy and with random draws); then a run with prompts arriving over time goes
+    through those executables alone (no jit compilation) and gives the same tokens."""
     prompts, params = _requests()
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    chosen = [0, 1, 3]  # greedy, sampled at temperature 1 with no filter, greedy
+    assert params[1].temperature > 0 and params[1].top_p == 1 and not params[1].top_k
     engine = _engine(model)
-    assert engine.warm_up() == 5 and engine.stats().programs == 5
+    assert engine.warm_up() == 10 and engine.stats().programs == 10
     assert engine.scheduler.blocks.num_used_blocks == 0 and not engine.has_unfinished_requests()
     jitted = [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()]
-    out = _run(engine, [prompts[i] for i in greedy], [params[i] for i in greedy], arrivals=[0, 2])
-    assert out == [solo[i] for i in greedy]
-    assert engine.stats().programs == 5, "a program was compiled after the warm-up"
+    out = _run(engine, [prompts[i] for i in chosen], [params[i] for i in chosen], arrivals=[0, 1, 2])
+    assert out == [solo[i] for i in chosen]
+    assert engine.stats().programs == 10, "a program was compiled after the warm-up"
     assert [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()] == jitted, (
         "a call went through jit, not the executables compiled ahead")
     assert _engine(model).warm_up() == 0, "another engine of the same structure and pool shares them"

@@ -228,8 +228,8 @@ def test_api_key_full_queue_and_shutdown_on_a_tiny_model(cache_dir):
                     "--max-num-batched-tokens", "32", "--shutdown-grace", "0", cache_dir=cache_dir, api_key="secret")
     try:
         warmed = server.metrics()["jaxpaged_device_programs"]
-        assert "compiled 3 programs" in server.output() and warmed == 3, (
-            "tiles of 32: prefill with and without the decode row, decode")
+        assert "compiled 6 programs" in server.output() and warmed == 6, (
+            "tiles of 32: prefill with and without the decode row, decode; greedy and sampled")
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
         assert server.post("/v1/completions", body, headers={"Authorization": ""}).status_code == 401
         assert server.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -147,18 +147,21 @@ class Engine:
         self._mixed_steps = 0
         self._peak_blocks = 0
 
-    def warm_up(self, use_tqdm: bool = False) -> int:
+    def warm_up(self, use_tqdm: bool = False, sampling: bool = True) -> int:
         """Compiles, before any request, every program this engine's steps can need for greedy
-        requests (`Runner.warm_up`: a prefill program per power of two of packed tokens up to the
-        token budget, with and without decode rows, and a decode program per power of two of rows),
-        so that a server never stalls on a compilation mid-run. Sampling switches (top-k/top-p,
-        random draws, min_tokens, logprobs, repetition penalty) compile their programs when a request
-        first needs them. Returns the programs compiled."""
+        requests and, with `sampling`, for requests that draw at random (temperature > 0: OpenAI's
+        default) (`Runner.warm_up`: a prefill program per power of two of packed tokens up to the
+        token budget, with and without decode rows, and a decode program per power of two of rows,
+        compiled on parallel threads), so that a server does not stall on a compilation mid-run.
+        The sampler's other switches (top-k/top-p/min-p filtering, min_tokens, logprobs, repetition
+        penalty) compile their programs when a request first needs them. Returns the programs
+        compiled."""
         import tqdm
 
         s = self.scheduler
         with tqdm.tqdm(desc="compiling", unit="program", disable=not use_tqdm) as bar:
-            return self.runner.warm_up(s.max_num_batched_tokens, s.decode_steps, s.mix, progress=lambda: bar.update())
+            return self.runner.warm_up(s.max_num_batched_tokens, s.decode_steps, s.mix, sampling,
+                                       progress=lambda: bar.update())
 
     # -- requests
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import os
 import time
 import warnings
@@ -354,11 +355,13 @@ class Runner:
     def _executable_key(self, key):
         return key, self.config, self._mesh  # the pools' shapes and placement are the state's
 
-    def warm_up(self, max_num_batched_tokens: int, decode_steps: int, mixed: bool, progress=None) -> int:
+    def warm_up(self, max_num_batched_tokens: int, decode_steps: int, mixed: bool, sampling: bool = False,
+                progress=None) -> int:
         """Compiles ahead every program the engine's calls can need with the sampler's switches as
-        they are now (greedy, until a request asks for more): a prefill call for each power of two of
-        packed tokens up to the budget's (with and without decode rows where `mixed`), and a decode
-        call for each power of two of rows. Each is traced here, then compiled on a pool of threads
+        they are now (greedy, until a request asks for more), and with `sampling` with random draws
+        on too (the switch that any request with temperature > 0 turns on): a prefill call for each
+        power of two of packed tokens up to the budget's (with and without decode rows where
+        `mixed`), and a decode call for each power of two of rows. Each is traced here, then compiled on a pool of threads
         (XLA compiles without the interpreter lock, so the programs compile side by side); the calls
         run the compiled executables. On the reference attention path only the shortest read bound
         is covered (the kernels read by length and have one). progress: called after each program.
@@ -367,14 +370,15 @@ class Runner:
         c = self.config
         table = np.full((c.max_seqs, c.max_blocks_per_seq), c.num_blocks, np.int32)
         lens = np.zeros(c.max_seqs, np.int32)
-        switches = self._switches([])
+        now = self._switches([])
+        switch_sets = [now] + ([dict(now, random=True)] if sampling and not now["random"] else [])
         samples = c.max_seqs
         columns = _sampling_arrays([], [], [], [], [], None, samples)
         tile = self.tile_tokens or 16
         packed_sizes = [1 << k for k in range(max(16, tile).bit_length() - 1,
                                               bucket(max_num_batched_tokens, minimum=max(16, tile)).bit_length())]
         programs = []  # (jitted, key, arguments, static arguments)
-        for size in packed_sizes:
+        for switches, size in itertools.product(switch_sets, packed_sizes):
             for decoded in ((0, c.max_seqs) if mixed else (0,)):
                 packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens)  # only its shapes count
                 decode_inputs, cols = None, columns
@@ -386,10 +390,11 @@ class Runner:
                 programs.append((self._prefill, *self._prefill_program(
                     table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs, switches,
                     self._read_bound(1))))
-        for rows in sorted({self.decode_rows(1 << k) for k in range(c.max_seqs.bit_length() + 1)}):
-            sampling, min_tokens, stop_ids, _ = _sampling_arrays([], [], [], [], [], None, rows)
+        decode_sizes = sorted({self.decode_rows(1 << k) for k in range(c.max_seqs.bit_length() + 1)})
+        for switches, rows in itertools.product(switch_sets, decode_sizes):
+            padding, min_tokens, stop_ids, _ = _sampling_arrays([], [], [], [], [], None, rows)
             fixed = (_column([], rows, np.int32, c.max_seqs), _column([], rows, np.int32), min_tokens, stop_ids)
-            carry = (_column([], rows, np.int32), _column([], rows, bool, False), sampling, None)
+            carry = (_column([], rows, np.int32), _column([], rows, bool, False), padding, None)
             options = dict(impl=self.impl, max_len=self._read_bound(1), steps=decode_steps, **switches)
             programs.append((self._decode, *self._decode_program(table, lens, carry, fixed, options), options))
         lowered = {self._executable_key(key): jitted.lower(self.leaves, self.state, *args, **statics)
