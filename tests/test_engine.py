@@ -104,6 +104,13 @@ def test_after_a_warm_up_greedy_and_sampled_requests_compile_nothing(model, solo
     assert [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()] == jitted, (
         "a call went through jit, not the executables compiled ahead")
     assert _engine(model).warm_up() == 0, "another engine of the same structure and pool shares them"
+    six = _engine(model, max_num_seqs=6, max_num_batched_tokens=192)  # 6 prompts complete in one call
+    six.warm_up()
+    jitted = [six.runner._prefill._cache_size(), six.runner._decode._cache_size()]
+    rng = np.random.default_rng(3)
+    _run(six, [rng.integers(0, 250, 5 + i).tolist() for i in range(6)], [params[0]] * 6)
+    assert [six.runner._prefill._cache_size(), six.runner._decode._cache_size()] == jitted, (
+        "six samples at a table of six rows padded past the warmed shape")
 
 
 @pytest.mark.parametrize("scanned", [False, True])

@@ -294,7 +294,8 @@ class Runner:
         `decode`, a pair of those, the samples' and the decode rows' ([Bd]).
         """
         packed = pack_chunks(chunks, rows, self.config.max_seqs, self.tile_tokens)
-        samples = max(bucket(len(sample_rows)), self.config.max_seqs)  # one shape, unless forks pass the rows
+        rows_cap = self.config.max_seqs  # one shape (the warm-up's), unless forks pass the table's rows
+        samples = rows_cap if len(sample_rows) <= rows_cap else bucket(len(sample_rows))
         sampled = np.zeros(samples, np.int32)
         sampled[: len(sample_rows)] = sample_rows
         columns = _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, samples)
