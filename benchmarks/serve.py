@@ -4,13 +4,13 @@ For each request rate (requests/s; "inf" sends them all at once: saturation), th
 engine's workload A (random token prompts of U[--min-len, --max-len], as many output tokens with EOS
 ignored, greedy) go to a `jaxpaged serve` process over HTTP with `stream: true`, each at its arrival
 time. Every rate's requests have workload A's lengths and tokens of their own (no run finds another's
-blocks in the prefix cache). The server compiles every program greedy and sampled requests can need before it
-answers (`jaxpaged serve`'s warm-up, timed and reported); the sweep is the first traffic it sees,
-and each rate's row counts the programs it met that the warm-up had not compiled (0 expected).
-Per request: time to first token (TTFT), time per output token after the first (TPOT),
-and the gaps between streamed chunks (ITL; a chunk carries the tokens of one engine step, up to a
-decode call's 16). Per rate: output tokens/s over the run, mean, median and p99 of each, and goodput
-(the requests/s that met the SLO: TTFT <= --slo-ttft and TPOT <= --slo-tpot).
+blocks in the prefix cache). The server compiles every program greedy and sampled requests can
+need before it answers (`jaxpaged serve`'s warm-up, timed and reported); the sweep is the first
+traffic it sees, and each rate's row counts the programs it met that the warm-up had not compiled
+(0 expected). Per request: time to first token (TTFT), time per output token after the first
+(TPOT), and the gaps between streamed chunks (ITL; a chunk carries the tokens of one engine step,
+up to a decode call's 16). Per rate: output tokens/s over the run, mean, median and p99 of each,
+and goodput (the requests/s that met the SLO: TTFT <= --slo-ttft and TPOT <= --slo-tpot).
 
 In the same run and on the same card, before the server starts: the engine's offline throughput on
 the same requests (`benchmarks/engine.py --workloads A`, its own process), so the server's overhead

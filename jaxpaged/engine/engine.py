@@ -35,9 +35,9 @@ from jaxpaged.engine.request import (
 )
 from jaxpaged.engine.runner import DecodeRows, Runner
 from jaxpaged.engine.sampling import SamplingParams
+from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
 from jaxpaged.kernels.launch import MAX_POOL_SIZE
 from jaxpaged.parallel import check_placed, replicas, tensor_parallel
-from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
 
 
 MAX_LOGPROBS = 20  # most log-probabilities a request may ask for per token (as vLLM's default)

@@ -303,10 +303,7 @@ class Runner:
         decoded, decode_inputs = 0, None
         if decode is not None:  # its rows first, as many as the table's (one shape: fewer compilations)
             decoded = self.config.max_seqs
-            decode_inputs = (_column(decode.last_tokens, decoded, np.int32),
-                             _column(decode.rows, decoded, np.int32, self.config.max_seqs),
-                             _column([True] * len(decode.rows), decoded, bool, False))
-            columns = jax.tree.map(lambda *x: np.concatenate(x), decode.arrays(decoded), columns)
+            decode_inputs, columns = decode.inputs(decoded, self.config.max_seqs, columns)
             params = params + decode.params
             longest = max([longest] + [lens[r] + 1 for r in decode.rows])
         switches = self._switches(params)
@@ -362,9 +359,9 @@ class Runner:
         they are now (greedy, until a request asks for more), and with `sampling` with random draws
         on too (the switch that any request with temperature > 0 turns on): a prefill call for each
         power of two of packed tokens up to the budget's (with and without decode rows where
-        `mixed`), and a decode call for each power of two of rows. Each is traced here, then compiled on a pool of threads
-        (XLA compiles without the interpreter lock, so the programs compile side by side); the calls
-        run the compiled executables. On the reference attention path only the shortest read bound
+        `mixed`), and a decode call for each power of two of rows, all on padding rows. Each is
+        traced here, then compiled on a pool of threads (XLA compiles without the interpreter lock,
+        so the programs compile side by side); the calls run the compiled executables. On the reference attention path only the shortest read bound
         is covered (the kernels read by length and have one). progress: called after each program.
         Returns the programs compiled."""
         self._launch(lambda: None).result()  # nothing in flight: the state is the runner's own
@@ -379,23 +376,17 @@ class Runner:
         packed_sizes = [1 << k for k in range(max(16, tile).bit_length() - 1,
                                               bucket(max_num_batched_tokens, minimum=max(16, tile)).bit_length())]
         programs = []  # (jitted, key, arguments, static arguments)
+        no_rows = DecodeRows([], [], [], [], [], [], [])
         for switches, size in itertools.product(switch_sets, packed_sizes):
             for decoded in ((0, c.max_seqs) if mixed else (0,)):
                 packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens)  # only its shapes count
-                decode_inputs, cols = None, columns
-                if decoded:
-                    decode_inputs = (_column([], decoded, np.int32), _column([], decoded, np.int32, c.max_seqs),
-                                     _column([], decoded, bool, False))
-                    cols = jax.tree.map(lambda *x: np.concatenate(x), _sampling_arrays([], [], [], [], [], None, decoded),
-                                        columns)
+                decode_inputs, cols = no_rows.inputs(decoded, c.max_seqs, columns) if decoded else (None, columns)
                 programs.append((self._prefill, *self._prefill_program(
                     table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs, switches,
                     self._read_bound(1))))
         decode_sizes = sorted({self.decode_rows(1 << k) for k in range(c.max_seqs.bit_length() + 1)})
         for switches, rows in itertools.product(switch_sets, decode_sizes):
-            padding, min_tokens, stop_ids, _ = _sampling_arrays([], [], [], [], [], None, rows)
-            fixed = (_column([], rows, np.int32, c.max_seqs), _column([], rows, np.int32), min_tokens, stop_ids)
-            carry = (_column([], rows, np.int32), _column([], rows, bool, False), padding, None)
+            fixed, carry = _decode_arrays([], [], [], [], [], [], [], [], None, rows, c.max_seqs)
             options = dict(impl=self.impl, max_len=self._read_bound(1), steps=decode_steps, **switches)
             programs.append((self._decode, *self._decode_program(table, lens, carry, fixed, options), options))
         lowered = {self._executable_key(key): jitted.lower(self.leaves, self.state, *args, **statics)
@@ -422,12 +413,8 @@ class Runner:
         count = len(rows)
         batch = self.decode_rows(count)
         switches = self._switches(params)
-        sampling, min_tokens, stop_ids, seen = _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids,
-                                                                seen, batch)
-        fixed = (_column(rows, batch, np.int32, self.config.max_seqs), _column(max_tokens, batch, np.int32),
-                 min_tokens, stop_ids)
-        carry = (_column(last_tokens, batch, np.int32), _column([True] * count, batch, bool, False), sampling,
-                 seen if switches["penalised"] else None)
+        fixed, carry = _decode_arrays(rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
+                                      seen if switches["penalised"] else None, batch, self.config.max_seqs)
         options = dict(impl=self.impl, max_len=self._read_bound(max(lens[r] for r in rows) + steps), steps=steps,
                        **switches)
         table, lens = np.array(table), lens.astype(np.int32)  # copies: the host goes on changing its own
@@ -518,10 +505,26 @@ class DecodeRows:
     stop_ids: list[tuple[int, ...]]
     seen: np.ndarray | None = None  # [Bd, V] bool, where some row has a repetition penalty
 
-    def arrays(self, count: int):
-        """(SamplingRows, min_tokens, stop ids, seen) padded to `count` rows."""
-        return _sampling_arrays(self.params, self.seeds, self.token_indices, self.min_tokens, self.stop_ids,
-                                self.seen, count)
+    def inputs(self, count: int, num_rows: int, sample_columns):
+        """The rows' inputs padded to `count` rows: ((last tokens, table rows (num_rows: padding),
+        active), each [count]), and the sampler's columns (`_sampling_arrays`), theirs before the
+        samples' `sample_columns`."""
+        inputs = (_column(self.last_tokens, count, np.int32), _column(self.rows, count, np.int32, num_rows),
+                  _column([True] * len(self.rows), count, bool, False))
+        columns = _sampling_arrays(self.params, self.seeds, self.token_indices, self.min_tokens, self.stop_ids,
+                                   self.seen, count)
+        return inputs, jax.tree.map(lambda *x: np.concatenate(x), columns, sample_columns)
+
+
+def _decode_arrays(rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens, seen,
+                   batch: int, num_rows: int):
+    """A decode call's inputs padded to `batch` rows: (fixed, carry) as `DecodeCall` and `_decode`
+    take them; table rows past the given ones are num_rows (padding), inactive."""
+    sampling, min_tokens, stop_ids, seen = _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen,
+                                                            batch)
+    fixed = (_column(rows, batch, np.int32, num_rows), _column(max_tokens, batch, np.int32), min_tokens, stop_ids)
+    carry = (_column(last_tokens, batch, np.int32), _column([True] * len(rows), batch, bool, False), sampling, seen)
+    return fixed, carry
 
 
 def _sampling_arrays(params, seeds, token_indices, min_tokens, stop_ids, seen, count: int):
