@@ -13,8 +13,8 @@ Workloads (random token prompts, random weights, EOS ignored; seed 0):
   C  workload A with a pool of a quarter of the blocks it needs: throughput, preemptions, and the
      greedy tokens' agreement with A's.
 Every timed run is preceded by an untimed run of the same requests, whose engine first compiles its
-programs ahead on parallel threads (`Engine.warm_up`); that time and the untimed run's extra time
-are reported as compilation. Decoding is greedy. --min-len is capped at --max-len, and workload
+programs ahead on parallel threads (`Engine.warm_up`; with --no-warm-up only those its run meets);
+that time and the untimed run's extra time are reported as compilation. Decoding is greedy. --min-len is capped at --max-len, and workload
 B's lengths at --max-len too, so that small smoke runs fit.
 
 Roofline (on a GPU): prefill at the measured bf16 matmul peak, and each decode step the engine ran
@@ -180,6 +180,10 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="pool blocks of workloads A and B (default: what fits, up to what they can use)")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="compile only the programs the untimed run meets, not every shape bucket ahead")
 
 
 def main():
@@ -210,7 +214,7 @@ def main():
     model = MiniLLM(config, rngs=nnx.Rngs(0))
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       decode_steps=args.decode_steps, mixed_batches=not args.no_mixed)
+                       decode_steps=args.decode_steps, mixed_batches=not args.no_mixed, num_blocks=args.num_blocks)
     engine_model = model
     if args.tensor_parallel > 1:
         from jaxpaged.models.parallel import shard_model
@@ -239,7 +243,7 @@ def main():
     rows = run_workloads(engine_model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
                          max_len=args.max_len, engine_args=engine_args,
                          ceilings=(flops, bandwidth) if bandwidth and flops else None, on_workload_a=peers,
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True), warm_up=not args.no_warm_up)
     result.update(rows)
     if args.compare_launcher and "A" in args.workloads:
         rows["A_caller_thread"] = run_workloads(

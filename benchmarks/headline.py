@@ -32,6 +32,7 @@ ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1
                                  "engine_llama-1b_B_H200.json")
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
 ENGINE_ROWS = "archive/engine_llama-1b_AC_rows_H200.json"  # before packed prefill in tiles: chunks in [Bp, T] rows
+ENGINE_PEERS = "engine_llama-1b_A_peers_H200.json"  # A with the static generate and transformers in one run
 ENGINE_MODELS = (("qwen3-0.6b", "engine_qwen3-0.6b_A_H200.json"), ("llama-8b", "engine_llama-8b_A_H200.json"))
 SERVE = "serve_llama-1b_H200.json"
 SERVE_BEFORE = "archive/serve_llama-1b_before_warm_up_H200.json"  # the first server run
@@ -273,7 +274,14 @@ def headline_engine(results):
                    f"of 256 completed, {c['requests_equal_to_A']} equal to A's tokens", source, c,
                    f"A: {run['A']['output_tokens_per_second']:,.0f}", run["A"]["output_tokens_per_second"])
 
+    peers = load(results, ENGINE_PEERS)
+    manager = peers["A_transformers"]
     table = [
+        row("A with both peers in one run (64-bit pool offsets, every program compiled ahead one by one, a slower "
+            "host: see below)", ENGINE_PEERS, peers["A"], *versus_static(peers)),
+        row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own length",
+            ENGINE_PEERS, peers["A"], f"{manager['tokens_per_second']:,.0f} (all {manager['generated_tokens']:,} tokens "
+            "asked)", manager["tokens_per_second"]),
         row("A: 256 requests, prompts and outputs U[100, 1024]", ENGINE_AC, ac["A"], *versus_static(ac)),
         c_row("C", ac, ENGINE_AC),
         row("A, the run before: prefill chunks in rows padded to the longest, not in tiles", ENGINE_ROWS, rows["A"],
@@ -296,7 +304,7 @@ def headline_engine(results):
     ]
     for model, name in ENGINE_MODELS:
         run = load(results, name)
-        table.append(row(f"A on **{model}** (its pool capped by the kernels' 32-bit offsets: "
+        table.append(row(f"A on **{model}** (before 64-bit offsets, its pool capped by 32-bit ones: "
                          f"{run['A']['peak_used_blocks']:,} blocks, all in use at the peak)", name, run["A"],
                          *versus_static(run)))
     caption = (f"*{ac['device']} (jax {ac.get('jax', '0.11.2')}), llama-1b's shape (unless a row names another) in "

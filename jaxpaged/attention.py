@@ -91,7 +91,7 @@ def choose_impl(impl: str, config, *, scale=None, backend: str | None = None) ->
             _warn_once(f"paged attention runs the reference path: {why_not}")
     elif scale is not None:
         why_not = "the kernels take only the default scale 1 / sqrt(D)"
-    elif not kernels.supported(config.head_dim, config.block_size, pool_size):
+    elif not kernels.supported(config.head_dim, config.block_size, pool_size, config.itemsize):
         why_not = (f"the kernels do not take head dim {config.head_dim}, block size {config.block_size} "
                    f"or a pool of {pool_size} elements per K or V")
     if why_not is None:

@@ -320,26 +320,46 @@ def test_kernels_on_random_shapes_lengths_and_launches(draw):
     assert not out[~real].any(), "padding queries return zeros"
 
 
-def test_kernels_refuse_a_pool_beyond_32_bit_offsets_and_the_model_falls_back():
-    """The kernels address a pool with 32-bit element offsets: a larger pool is refused with a clear
-    error (checked while tracing, nothing allocated), and on a GPU the dispatch takes the reference."""
+def test_pools_are_addressable_below_2_31_elements_or_past_2_32_bytes():
+    """Pallas's Triton lowering offsets a ref in 64 bits past 2^32 bytes and in signed 32 bits
+    otherwise: only 8-bit pools of 2^31 to 2^32 elements fall between, and the engine's pool sizing
+    steps below them (as it does below the kernels' 2^31 rows)."""
+    assert launch.pool_addressable(2**31 + 1, 2, 128) and launch.pool_addressable(2**33, 4, 64)
+    assert launch.pool_addressable(2**31 - 1, 1, 64) and launch.pool_addressable(2**32 + 1, 1, 64)
+    assert not launch.pool_addressable(2**31, 1, 64) and not launch.pool_addressable(2**32, 1, 64)
+    assert not launch.pool_addressable(2**31 * 64, 2, 64), "2^31 rows of D"
+    block = 16 * 28 * 8 * 128  # a block of every layer and kv head of Qwen3-0.6B's shape
+    assert launch.addressable_blocks(20_000, block, 2, 128) == 20_000
+    assert launch.addressable_blocks(4_000, block, 1, 128) == 4_000
+    gap = launch.addressable_blocks(8_000, block, 1, 128)  # 3.7e9 elements: between
+    assert gap == (2**31 - 1) // block and launch.pool_addressable(gap * block, 1, 128)
+    assert launch.addressable_blocks(10_000, block, 1, 128) == 10_000  # 4.6e9: past 2^32 bytes
+    rows = launch.addressable_blocks(2**40 // block, block, 2, 128)
+    assert launch.pool_addressable(rows * block, 2, 128) and not launch.pool_addressable((rows + 1) * block, 2, 128)
+
+
+def test_kernels_refuse_an_8_bit_pool_they_can_not_address_and_the_model_falls_back():
+    """An int8 pool of 2^31 to 2^32 elements is refused with a clear error (checked while tracing,
+    nothing allocated), and the dispatch takes the reference path for it."""
     kv_heads, head_dim, block_size = 8, 128, 16
     blocks = 2**31 // (block_size * kv_heads * head_dim) + 1
-    pool = jax.ShapeDtypeStruct((1, kv_heads, blocks, block_size, head_dim), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((1, kv_heads, blocks, block_size, head_dim), jnp.int8)
+    scale = jax.ShapeDtypeStruct(pool.shape[:-1], jnp.float16)
     tables, lengths = jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
     q = jax.ShapeDtypeStruct((2, 32, head_dim), jnp.bfloat16)
-    with pytest.raises(ValueError, match="32-bit"):
-        jax.eval_shape(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n), q, pool, pool,
-                       tables, lengths)
+    with pytest.raises(ValueError, match="beyond the kernels' offsets"):
+        jax.eval_shape(lambda q, k, v, t, n, s: paged_decode_attention(q, k, v, 0, t, n, k_scale=s, v_scale=s),
+                       q, pool, pool, tables, lengths, scale)
     q = jax.ShapeDtypeStruct((2, 3, 32, head_dim), jnp.bfloat16)
     positions = jax.ShapeDtypeStruct((2, 3), jnp.int32)
-    with pytest.raises(ValueError, match="32-bit"):
-        jax.eval_shape(lambda q, k, v, t, n, p: paged_prefill_attention(q, k, v, 0, t, n, p), q, pool,
-                       pool, tables, lengths, positions)
+    with pytest.raises(ValueError, match="beyond the kernels' offsets"):
+        jax.eval_shape(lambda q, k, v, t, n, p, s: paged_prefill_attention(q, k, v, 0, t, n, p, k_scale=s, v_scale=s),
+                       q, pool, pool, tables, lengths, positions, scale)
 
     def traced_attention(num_blocks):
         config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=num_blocks,
-                                block_size=block_size, max_seqs=2, max_blocks_per_seq=4, dtype="bfloat16")
+                                block_size=block_size, max_seqs=2, max_blocks_per_seq=4, dtype="bfloat16",
+                                kv_dtype="int8")
         state = jax.eval_shape(lambda: jp.init_state(config))
         q = jax.ShapeDtypeStruct((2, 1, 32, head_dim), jnp.bfloat16)
         seq_idx, positions = jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2, 1), jnp.int32)
@@ -347,6 +367,31 @@ def test_kernels_refuse_a_pool_beyond_32_bit_offsets_and_the_model_falls_back():
 
     assert "pallas_call" not in traced_attention(blocks), "an unaddressable pool must take the reference path"
     assert ("pallas_call" in traced_attention(64)) == ON_GPU
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a 4.3 GB pool, read by the compiled kernels: GPU only")
+def test_kernels_read_a_bfloat16_pool_past_2_31_elements():
+    """Blocks at the far end of a pool of more than 2^31 elements (64-bit offsets) read right, by
+    both kernels, against the reference over the same blocks gathered."""
+    kv_heads, head_dim, block_size, heads = 8, 128, 16, 32
+    num_blocks = 2**31 // (kv_heads * block_size * head_dim) + 64
+    shape = (1, kv_heads, num_blocks, block_size, head_dim)
+    key_k, key_v, key_q = jax.random.split(jax.random.key(0), 3)
+    ids = jnp.arange(num_blocks - 12, num_blocks, dtype=jnp.int32)  # the last 12 blocks, two rows of 6
+    values = lambda key: jax.random.normal(key, (1, kv_heads, 12, block_size, head_dim), jnp.bfloat16)
+    k_pool = jnp.zeros(shape, jnp.bfloat16).at[:, :, ids].set(values(key_k))
+    v_pool = jnp.zeros(shape, jnp.bfloat16).at[:, :, ids].set(values(key_v))
+    assert k_pool.size > 2**31
+    tables, lengths = ids.reshape(2, 6), jnp.asarray([90, 70], jnp.int32)
+    dense = lambda pool: pool[0][:, tables].transpose(1, 2, 3, 0, 4).reshape(2, 6 * block_size, kv_heads, head_dim)
+    dense_k, dense_v = dense(k_pool).astype(jnp.float32), dense(v_pool).astype(jnp.float32)
+    q = jax.random.normal(key_q, (2, 4, heads, head_dim), jnp.bfloat16)
+    positions = lengths[:, None] - 4 + jnp.arange(4)[None, :]
+    expected = attend(q.astype(jnp.float32), dense_k, dense_v, positions, lengths)
+    prefill = paged_prefill_attention(q, k_pool, v_pool, 0, tables, lengths, positions)
+    decode = paged_decode_attention(q[:, -1], k_pool, v_pool, 0, tables, lengths)
+    assert _rel_err(np.asarray(prefill, np.float32), np.asarray(expected)) < _REL_TOL[jnp.bfloat16]
+    assert _rel_err(np.asarray(decode, np.float32), np.asarray(expected[:, -1])) < _REL_TOL[jnp.bfloat16]
 
 
 _GOOD = dict(q=((2, 4, 64), jnp.float32), k=((2, 2, 8, 8, 64), jnp.float32), v=((2, 2, 8, 8, 64), jnp.float32),

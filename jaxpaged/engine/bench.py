@@ -89,11 +89,13 @@ class EngineRun(NamedTuple):
     kv_bytes_per_position: int  # of the pools, every layer's K and V (and 8-bit pools' scales)
 
 
-def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], engine_args: dict) -> EngineRun:
+def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], engine_args: dict,
+               warm_up: bool = True) -> EngineRun:
     """A timed run of the requests in a fresh engine, after an untimed one of the same requests.
-    The untimed engine compiles its programs ahead first (`Engine.warm_up`, on parallel threads),
-    and its run compiles whatever else the requests meet: the compilation is the warm-up's time
-    plus the untimed run's time beyond the timed one's.
+    The untimed engine compiles its greedy programs ahead first (`Engine.warm_up`; not with
+    warm_up=False, when its run compiles only the programs the requests meet), and its run compiles
+    whatever else the requests meet: the compilation is the warm-up's time plus the untimed run's
+    time beyond the timed one's.
 
     Args:
       model: a MiniLLM.
@@ -102,7 +104,8 @@ def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], 
     """
     start = time.perf_counter()
     untimed = LLM(model, **engine_args)
-    untimed.engine.warm_up()
+    if warm_up:
+        untimed.engine.warm_up(sampling=False)  # the requests are greedy (params_for)
     warm_up_seconds = time.perf_counter() - start
     start = time.perf_counter()
     untimed.generate(prompts, params_for(outputs), use_tqdm=False)
@@ -164,7 +167,7 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
                   max_len: int = 1024, engine_args: dict | None = None,
                   ceilings: tuple[float, float] | None = None,
                   on_workload_a: Callable[[list[list[int]], list[int], EngineRun], None] | None = None,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None, warm_up: bool = True) -> dict:
     """Runs the chosen workloads on the engine; returns their rows by name.
 
     Args:
@@ -176,6 +179,7 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
       ceilings: (matmul FLOP/s, memory bytes/s): each row gets `roofline_fraction`.
       on_workload_a: called with workload A's prompts, output lengths and timed run.
       log: called with a line before each run.
+      warm_up: whether each untimed engine compiles every program ahead (`run_engine`).
 
     Returns:
       {"A": row, "C": row, "B_caching_on": row, "B_caching_off": row} for the workloads run; A's row
@@ -202,7 +206,7 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
         args = {"max_model_len": max(2 * max_len, longest), **args}
         say(f"{name}: {len(prompts)} requests, {sum(map(len, prompts))} prompt and {sum(outputs)} output "
             f"tokens (an untimed run first, then the timed one)")
-        run = run_engine(model, prompts, outputs, args)
+        run = run_engine(model, prompts, outputs, args, warm_up)
         entry = summarise(prompts, run)
         if ceilings:
             ideal = roofline_seconds(config, run.stats, sum(map(len, prompts)), *ceilings, run.kv_bytes_per_position)

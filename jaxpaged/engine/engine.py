@@ -36,7 +36,7 @@ from jaxpaged.engine.request import (
 from jaxpaged.engine.runner import DecodeRows, Runner
 from jaxpaged.engine.sampling import SamplingParams
 from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
-from jaxpaged.kernels.launch import MAX_POOL_SIZE
+from jaxpaged.kernels.launch import addressable_blocks
 from jaxpaged.parallel import check_placed, replicas, tensor_parallel
 
 
@@ -120,9 +120,9 @@ class Engine:
             devices = tensor_parallel(mesh)  # a device holds its kv heads of each block
             fit = _blocks_that_fit(shape.bytes_per_block // devices, gpu_memory_utilization)
             num_blocks = min(fit or max_num_seqs * blocks_per_seq, max_num_seqs * blocks_per_seq)
-            if impl != "reference" and jax.default_backend() == "gpu":  # within the kernels' 32-bit offsets
+            if impl != "reference" and jax.default_backend() == "gpu":  # as many as the kernels address
                 elements = block_size * shape.num_layers * shape.num_kv_heads * shape.head_dim // devices  # a block, one pool
-                num_blocks = min(num_blocks, MAX_POOL_SIZE // elements)
+                num_blocks = addressable_blocks(num_blocks, elements, shape.itemsize, shape.head_dim)
         self.cache_config = CacheConfig.from_model_config(
             config, num_blocks=num_blocks, block_size=block_size, max_seqs=max_num_seqs,
             max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpaged.kernels.launch import MAX_POOL_SIZE
+from jaxpaged.kernels.launch import pool_addressable
 
 MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # the running max's start: finite, below any logit
 
@@ -195,10 +195,10 @@ def empty_carry(rows: int, head_dim: int):
 
 def check_inputs(q, k_pool, block_tables, lengths, q_positions=None, *, kv_heads: int):
     """Clear errors for inputs that the kernels would otherwise read out of bounds or group wrongly."""
-    if k_pool.size > MAX_POOL_SIZE:
-        raise ValueError(f"a pool of {k_pool.size:,} elements {tuple(k_pool.shape)} is beyond the kernels' 32-bit "
-                         f"offsets (at most {MAX_POOL_SIZE:,}); use the reference path (jaxpaged.attention) "
-                         "or fewer blocks")
+    if not pool_addressable(k_pool.size, k_pool.dtype.itemsize, k_pool.shape[-1]):
+        raise ValueError(f"a pool of {k_pool.size:,} elements of {k_pool.dtype} {tuple(k_pool.shape)} is beyond the "
+                         "kernels' offsets (8-bit pools: fewer than 2^31 elements or more than 2^32; at most 2^31 - 1 "
+                         "rows of D): use the reference path (jaxpaged.attention) or another number of blocks")
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     if head_dim != k_pool.shape[-1] or heads % kv_heads:
         raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}: the head dims must agree and the "

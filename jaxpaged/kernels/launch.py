@@ -19,7 +19,6 @@ import dataclasses
 import functools
 
 MIN_ROWS = 16  # Triton's smallest dot tile
-MAX_POOL_SIZE = 2**31 - 1  # the kernels address a pool with 32-bit element offsets
 ONE_PER_SM_STEP_BYTES = 32 * 1024  # K and V of one decode loop step with one program per SM
 TUNED_SM_COUNT = 132  # the SMs of the cards the defaults were measured on (H100 SXM; H200 alike)
 _TUNED_WAVE = 256  # programs: about two per SM of the tuned card
@@ -73,10 +72,29 @@ def programs_per_wave(sm_count: int | None) -> int:
     return _TUNED_WAVE * (sm_count or TUNED_SM_COUNT) // TUNED_SM_COUNT
 
 
-def supported(head_dim: int, block_size: int, pool_size: int = 0) -> bool:
-    """Whether the kernels take this shape (pool_size: elements of one whole K or V pool, all layers);
-    the caller falls back to the reference otherwise."""
-    return head_dim in (64, 128, 256) and block_size >= 8 and pool_size <= MAX_POOL_SIZE
+def supported(head_dim: int, block_size: int, pool_size: int = 0, itemsize: int = 2) -> bool:
+    """Whether the kernels take this shape (pool_size: elements of one whole K or V pool, all layers,
+    of itemsize bytes each: `pool_addressable`); the caller falls back to the reference otherwise."""
+    return head_dim in (64, 128, 256) and block_size >= 8 and pool_addressable(pool_size, itemsize, head_dim)
+
+
+def pool_addressable(size: int, itemsize: int, head_dim: int) -> bool:
+    """Whether the kernels can address every element of a pool of `size` elements of `itemsize` bytes.
+
+    Pallas's Triton lowering computes a ref's element offsets in 64 bits when the array passes 2^32
+    bytes and in signed 32 bits otherwise, so a pool is addressable below 2^31 elements or above
+    2^32 bytes: bfloat16 and float32 pools of any size, 8-bit pools except between 2^31 and 2^32
+    elements (offsets past 2^31 in 32 bits). The kernels' own row indices are int32: at most 2^31 - 1
+    rows of D (tests/test_kernels.py checks both on a GPU)."""
+    return (size < 2**31 or size * itemsize > 2**32) and size // head_dim < 2**31
+
+
+def addressable_blocks(num_blocks: int, block_elements: int, itemsize: int, head_dim: int) -> int:
+    """The most blocks, up to num_blocks, of a pool that the kernels address (`pool_addressable`),
+    a block holding block_elements elements of itemsize bytes (all layers and kv heads of one pool)."""
+    below_rows_limit, below_2_31 = (2**31 * head_dim - 1) // block_elements, (2**31 - 1) // block_elements
+    return next(n for n in (num_blocks, below_rows_limit, below_2_31)
+                if n <= num_blocks and pool_addressable(n * block_elements, itemsize, head_dim))
 
 
 def default_splits(programs: int, steps: int, sm_count: int | None) -> int:
