@@ -26,6 +26,8 @@ DECODE_H200 = "attention_H200.json"  # the current kernels, nine headline shapes
 PREFILL = "prefill_attention_H200.json"
 MEMORY = "memory.json"
 KV_QUANT_SPEED, KV_QUANT_ACCURACY = "kv_quant_speed_H200.json", "kv_quant_smollm2_CPU.json"
+KV_QUANT_UNROTATED = "archive/kv_quant_smollm2_unrotated_CPU.json"  # K stored as it is, before the rotation
+KV_QUANT_NO_EXCESS = "kv_quant_smollm2_no_excess_precision_CPU.json"  # XLA_FLAGS=--xla_allow_excess_precision=false
 # The engine (llama-1b): A, C and the static peer in one run; A with the launcher on and off and the
 # transformers peer in the run before; B on the engine before packing (NOTES.md)
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
@@ -234,14 +236,21 @@ def headline_kv_quant(results):
                 f"of pool. Source: "
                 f"`benchmarks/results/{KV_QUANT_SPEED}`.*\n\n" + markdown(header, table))
     accuracy = load(results, KV_QUANT_ACCURACY)
-    header = [("kv_dtype", "l"), ("mean KL", "r"), ("max KL", "r"), ("max abs logit difference", "r"),
-              ("same greedy token", "r"), ("perplexity", "r"), ("vs bfloat16 cache", "r")]
-    table = [["bfloat16 (reference)", "—", "—", "—", "—", f"{accuracy['perplexity']['bfloat16']:.3f}", "—"]]
-    table += [[name, f"{r['kl_mean']:.4f}", f"{r['kl_max']:.3f}", f"{r['max_abs_logit_diff']:.2f}",
-               f"{r['argmax_agreement']:.1%}", f"{r['perplexity']:.3f}", f"{r['perplexity_vs_bfloat16']:+.2%}"]
-              for name, r in accuracy["rows"].items()]
+    header = [("kv_dtype", "l"), ("K stored", "l"), ("XLA numerics", "l"), ("mean KL", "r"), ("max KL", "r"),
+              ("max abs logit difference", "r"), ("same greedy token", "r"), ("perplexity", "r"),
+              ("vs bfloat16 cache", "r"), ("source", "l")]
+    table = []
+    for source, k_stored, numerics in ((KV_QUANT_ACCURACY, "rotated", "default"),
+                                       (KV_QUANT_NO_EXCESS, "rotated", "no excess precision"),
+                                       (KV_QUANT_UNROTATED, "as it is (before)", "default")):
+        run = load(results, source)
+        table.append(["bfloat16 (reference)", "—", numerics, "—", "—", "—", "—", f"{run['perplexity']['bfloat16']:.3f}",
+                      "—", f"`{source}`"])
+        table += [[name, k_stored, numerics, f"{r['kl_mean']:.4f}", f"{r['kl_max']:.3f}", f"{r['max_abs_logit_diff']:.2f}",
+                   f"{r['argmax_agreement']:.1%}", f"{r['perplexity']:.3f}", f"{r['perplexity_vs_bfloat16']:+.2%}",
+                   f"`{source}`"] for name, r in run["rows"].items()]
     accuracy = (f"*SmolLM2-135M-Instruct, real weights, bfloat16, {accuracy['positions']:,} positions; CPU, jax "
-                f"{accuracy['jax']}. Source: `benchmarks/results/{KV_QUANT_ACCURACY}`.*\n\n" + markdown(header, table))
+                f"{accuracy['jax']}. Sources in `benchmarks/results/`.*\n\n" + markdown(header, table))
     return [attention, capacity, accuracy]
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxpaged import ops
 from jaxpaged.protocol import check_impl
+from jaxpaged.quant import rotate
 from jaxpaged.state import PagedKVState
 
 
@@ -138,6 +139,8 @@ def paged_attention(q: jax.Array, state: PagedKVState, layer, seq_idx: jax.Array
         rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
         seq_lens = state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)
         pools, scales = (state.pools.k, state.pools.v), dict(k_scale=state.pools.k_scale, v_scale=state.pools.v_scale)
+        if c.quantized:  # 8-bit pools hold K rotated: q turns with it, q . k unchanged (jaxpaged.quant)
+            q = rotate(q).astype(q.dtype)
         if q.shape[1] > 1:
             return kernels.paged_prefill_attention(q, *pools, layer, rows, seq_lens, q_positions, **scales)
         visible = jnp.clip(q_positions[:, 0] + 1, 0, seq_lens)  # the query sees itself and what precedes it

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged import checks
-from jaxpaged.quant import dequantise, quantise
+from jaxpaged.quant import decode, encode
 from jaxpaged.state import BlockAllocatorState, PagedKVState
 
 
@@ -235,7 +235,7 @@ def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: j
     """Scatters k, v [B, T, K, D] into `layer`'s pools at slots [B, T]; slots outside [0, N * P) are dropped.
 
     8-bit pools take each position's values quantised with a scale of its own per kv head, written
-    to the scales [L, K, N, P] beside them (`jaxpaged.quant`).
+    to the scales [L, K, N, P] beside them, K rotated first (`jaxpaged.quant.encode`).
 
     Real slots must be distinct (as `slot_mapping` gives them). A layer given as a Python int must
     lie in [0, L) (IndexError); a traced one out of range writes nothing.
@@ -255,7 +255,7 @@ def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: j
     for name, x in (("k", k), ("v", v)):
         x = x.reshape(-1, c.num_kv_heads, c.head_dim)  # [B * T, K, D]
         if c.quantized:  # each position and head its own scale, fixed now: nothing written earlier changes
-            x, scale = quantise(x, c.kv_dtype)  # [B * T, K, D], [B * T, K]
+            x, scale = encode(x, c.kv_dtype, rotated=name == "k")  # [B * T, K, D], [B * T, K]
             new[name + "_scale"] = getattr(pools, name + "_scale").at[layer, :, blocks, offsets].set(
                 scale, mode="drop", unique_indices=True)
         # one (block, offset) index per token, its [K, D] window strided across the heads (not K indices
@@ -406,8 +406,8 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     """Reads B sequences of one layer as contiguous, zero-padded arrays.
 
     Positions at or past a sequence's length read as 0, whatever the block holds: a freed or
-    reused block never shows its previous owner's data. 8-bit pools are read dequantised, in the
-    config's dtype.
+    reused block never shows its previous owner's data. 8-bit pools are read dequantised (K rotated
+    back), in the config's dtype.
 
     Args:
       layer: [] int; a Python int must lie in [0, L) (IndexError), a traced one out of range
@@ -434,8 +434,8 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     k, v = (pool.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0)
             for pool in (state.pools.k, state.pools.v))  # [B, S, K, D]: one [K, D] window per position
     if c.quantized:
-        k, v = (dequantise(x, scale.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0), c.jnp_dtype)
-                for x, scale in ((k, state.pools.k_scale), (v, state.pools.v_scale)))  # scales [B, S, K]
+        k, v = (decode(x, scale.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0), c.jnp_dtype, rotated)
+                for x, scale, rotated in ((k, state.pools.k_scale, True), (v, state.pools.v_scale, False)))  # [B, S, K]
     return k, v, seq_lens
 
 

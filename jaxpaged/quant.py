@@ -18,13 +18,26 @@ Error bounds of one round trip, per element x of a row whose scale is s (tests/t
   (|x| >= 2^-6 s), and <= 2^-10 s below it (half the subnormal step 2^-9).
 Both up to float32 rounding of x / s and of the product back, with s the stored float16 scale.
 
+K is stored rotated (`encode`): each row times an orthonormal Hadamard matrix H [D, D] before it
+is quantised. q . k = (q H) . (k H), so attention turns q by the same H and reads the rotated K as
+it is (`jaxpaged.attention`). Why (DESIGN.md): K's error is what moves the model, and a few of K's
+features are far larger than the rest and meet q's largest; the rotation spreads them over all D
+(benchmarks/kv_quant_model.py: SmolLM2's perplexity with float8 K/V, +1.24% of the bfloat16
+cache's with K as it is, +0.58% rotated). H is symmetric and its own inverse; the round trip's
+error vector keeps its length, so ||k - decode(encode(k))|| is at most the bound above summed in
+squares over the rotated row. V is stored as it is. Head dims that are not a power of two (no
+Sylvester Hadamard matrix) are stored unrotated.
+
 Axis letters: any leading axes, D head dim (the last axis).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # the 8-bit storage formats, and the largest value each holds (a row's max |x| maps to it)
 QUANTIZED_DTYPES = {"int8": 127.0, "float8_e4m3fn": 448.0}
@@ -53,3 +66,35 @@ def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
 def dequantise(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     """values [..., D] (8-bit) times scale [...] (float16), in dtype."""
     return (values.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
+
+
+@functools.cache
+def hadamard(head_dim: int) -> np.ndarray | None:
+    """The orthonormal Sylvester Hadamard matrix [D, D] (entries +-1 / sqrt(D); symmetric, its own
+    inverse), or None where D is not a power of two."""
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        return None
+    h = np.ones((1, 1))
+    while h.shape[0] < head_dim:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(head_dim)).astype(np.float32)
+
+
+def rotate(x: jax.Array) -> jax.Array:
+    """x [..., D] times `hadamard(D)`, in float32 at full precision (x unchanged, as float32, where D
+    is not a power of two). Its own inverse."""
+    h = hadamard(x.shape[-1])
+    x = x.astype(jnp.float32)
+    return x if h is None else jnp.matmul(x, jnp.asarray(h), precision=jax.lax.Precision.HIGHEST)
+
+
+def encode(x: jax.Array, kv_dtype: str, rotated: bool) -> tuple[jax.Array, jax.Array]:
+    """What an 8-bit pool holds for rows x [..., D]: `quantise` of x, of x rotated for K (rotated=True)."""
+    return quantise(rotate(x) if rotated else x, kv_dtype)
+
+
+def decode(values: jax.Array, scale: jax.Array, dtype, rotated: bool) -> jax.Array:
+    """The rows that `encode` stored, [..., D] in dtype (K rotated back)."""
+    if not rotated:
+        return dequantise(values, scale, dtype)
+    return rotate(dequantise(values, scale, jnp.float32)).astype(dtype)

@@ -15,7 +15,7 @@ from jaxpaged.models.cli import main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
-from jaxpaged.quant import QUANTIZED_DTYPES, dequantise, quantise
+from jaxpaged.quant import QUANTIZED_DTYPES, decode, dequantise, encode, hadamard, quantise, rotate
 
 FORMATS = tuple(QUANTIZED_DTYPES)  # int8, float8_e4m3fn
 
@@ -62,6 +62,36 @@ def test_round_trip_within_the_formats_bound(kv_dtype, rng):
     assert np.max(err / bound) > 0.5
 
 
+@pytest.mark.parametrize("head_dim", [1, 2, 16, 64, 128, 256])
+def test_the_rotation_is_orthonormal_symmetric_and_its_own_inverse(head_dim, rng):
+    h = hadamard(head_dim)
+    assert h.shape == (head_dim, head_dim) and np.array_equal(h, h.T)
+    np.testing.assert_allclose(h @ h, np.eye(head_dim), atol=1e-6)
+    assert np.allclose(np.abs(h), head_dim**-0.5)
+    x = rng.standard_normal((5, head_dim)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(rotate(rotate(jnp.asarray(x)))), x, atol=1e-5)
+    assert hadamard(96) is None and hadamard(0) is None
+    assert np.array_equal(np.asarray(rotate(jnp.asarray(x[:, :1].repeat(3, 1)))), x[:, :1].repeat(3, 1)), \
+        "a head dim that is not a power of two is left as it is"
+
+
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+def test_rotated_k_round_trips_within_the_formats_bound_in_length(kv_dtype, rng):
+    """K is quantised rotated: each row's error vector is as long as the rotated row's, so within the
+    format's per-element bound summed in squares; and smaller than unrotated storage's where a few
+    features are far larger than the rest (outlier_data's two channels)."""
+    x = outlier_data(rng, (512, 4, 64))
+    values, scale = encode(jnp.asarray(x), kv_dtype, rotated=True)
+    back = np.asarray(decode(values, scale, jnp.float32, rotated=True))
+    err = np.linalg.norm(back - x, axis=-1)
+    bound = np.linalg.norm(np.broadcast_to(format_bound(np.asarray(rotate(jnp.asarray(x))), np.asarray(scale), kv_dtype),
+                                           x.shape), axis=-1)
+    assert np.all(err <= bound * (1 + 1e-4) + 1e-6)
+    plain = np.linalg.norm(np.asarray(dequantise(*quantise(jnp.asarray(x), kv_dtype), jnp.float32)) - x, axis=-1)
+    assert np.array_equal(back, np.asarray(decode(*encode(jnp.asarray(x), kv_dtype, True), jnp.float32, True)))
+    assert err.sum() != plain.sum()  # (which is smaller depends on the format: int8 gains, float8 keeps |x| / 16)
+
+
 def _config(kv_dtype, **changes):
     fields = dict(num_layers=2, num_kv_heads=3, head_dim=16, num_blocks=24, block_size=4, max_seqs=3, kv_dtype=kv_dtype)
     return jp.CacheConfig(**{**fields, **changes})
@@ -69,11 +99,12 @@ def _config(kv_dtype, **changes):
 
 def _kv_and_expected(rng, kv_dtype, lens):
     """Random k, v [B, T=16, K=3, D=16] with outliers, and what gather_kv must read back of them:
-    dequantise(quantise(x)), zero past each row's length."""
+    decode(encode(x)) (K rotated), zero past each row's length."""
     x = outlier_data(rng, (2, 3, 16, 3, 16))  # [k or v, B, T, K, D]
     k, v = jnp.asarray(x[0]), jnp.asarray(x[1])
     expected = [np.where((np.arange(16) < lens[:, None])[..., None, None],
-                         np.asarray(dequantise(*quantise(y, kv_dtype), jnp.float32)), 0) for y in (k, v)]
+                         np.asarray(decode(*encode(y, kv_dtype, rotated), jnp.float32, rotated)), 0)
+                for y, rotated in ((k, True), (v, False))]
     return k, v, expected
 
 
@@ -81,7 +112,7 @@ def _kv_and_expected(rng, kv_dtype, lens):
 def test_every_write_path_stores_quantise_dequantise_and_gather_reads_it(kv_dtype, rng):
     """One chunk (append), one position at a time (decode: blocks fill position by position, each
     position's scale its own) and the model's path (begin_step's slots, attend's write_slots):
-    gather_kv reads back exactly dequantise(quantise(x)), zero past each length."""
+    gather_kv reads back exactly decode(encode(x)), zero past each length."""
     config = _config(kv_dtype)
     lens = np.array([13, 6, 9])
     k, v, expected = _kv_and_expected(rng, kv_dtype, lens)
@@ -316,3 +347,37 @@ def test_the_command_takes_kv_dtype(tmp_path, capsys, monkeypatch):
     assert main(["generate", "--model", path, "hello", "--kv-dtype", "int8", "--max-new-tokens", "3"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("hello") and "paged cache in int8, peak memory" in err, err
+
+
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+def test_paged_attention_turns_q_for_the_kernels_as_k_was_stored(kv_dtype, rng, monkeypatch):
+    """The kernels read K as the pools hold it, rotated: paged_attention's kernel path (here in
+    interpret mode) turns q by the same rotation and agrees with the reference path, which reads K
+    rotated back; the kernels given q as it is do not."""
+    import functools
+
+    from jaxpaged.kernels.decode import paged_decode_attention
+    from jaxpaged.kernels.prefill import paged_prefill_attention
+
+    config = jp.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=64, num_blocks=16, block_size=8, max_seqs=2,
+                            kv_dtype=kv_dtype)
+    k, v = (jnp.asarray(outlier_data(rng, (2, 20, 2, 64))) for _ in range(2))
+    lens = jnp.asarray([20, 13], jnp.int32)
+    seq_idx = jnp.arange(2, dtype=jnp.int32)
+    state, ok = jp.append(jp.init_state(config), 0, seq_idx, k, v, lens)
+    assert bool(ok)
+    q = jnp.asarray(rng.standard_normal((2, 3, 4, 64)), jnp.float32)
+    positions = lens[:, None] - 3 + jnp.arange(3)[None, :]
+    expected = {t: np.asarray(jp.paged_attention(q[:, -t:], state, 0, seq_idx, positions[:, -t:], impl="reference"))
+                for t in (1, 3)}
+    monkeypatch.setattr(attention, "choose_impl", lambda *args, **kwargs: "kernel")
+    for name, kernel in (("paged_decode_attention", paged_decode_attention),
+                         ("paged_prefill_attention", paged_prefill_attention)):
+        monkeypatch.setattr(kernels, name, functools.partial(kernel, interpret=True))
+    for t in (1, 3):
+        out = np.asarray(jp.paged_attention(q[:, -t:], state, 0, seq_idx, positions[:, -t:]))
+        assert_close(out, expected[t], float16=True)
+    rows = state.table.block_ids[seq_idx]
+    unturned = paged_decode_attention(q[:, -1], state.pools.k, state.pools.v, 0, rows, lens, interpret=True,
+                                      k_scale=state.pools.k_scale, v_scale=state.pools.v_scale)
+    assert np.linalg.norm(np.asarray(unturned) - expected[1][:, 0]) > 0.1 * np.linalg.norm(expected[1])

@@ -360,9 +360,9 @@ class Runner:
         on too (the switch that any request with temperature > 0 turns on): a prefill call for each
         power of two of packed tokens up to the budget's (with and without decode rows where
         `mixed`), and a decode call for each power of two of rows, all on padding rows. Each is
-        traced here, then compiled on a pool of threads (XLA compiles without the interpreter lock,
-        so the programs compile side by side: on an H200, llama-1b's took 154 s so and 196 s one by
-        one); the calls run the compiled executables. On the reference attention path only the shortest read bound
+        traced here, then compiled on a pool of threads (XLA compiles without the interpreter lock:
+        on an H200, llama-1b's 26 programs took 154 s on threads and 196 s one by one); the calls
+        run the compiled executables. On the reference attention path only the shortest read bound
         is covered (the kernels read by length and have one). progress: called after each program.
         Returns the programs compiled."""
         self._launch(lambda: None).result()  # nothing in flight: the state is the runner's own
