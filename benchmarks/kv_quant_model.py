@@ -9,7 +9,11 @@ max abs difference, KL(bfloat16 || 8-bit) (mean and max), and how often the gree
 argmax) agrees; and each cache's perplexity of the text (exp of the mean negative log-likelihood
 of every next token), with the float32 model and cache beside for scale.
 
-Run: python benchmarks/kv_quant_model.py [--out benchmarks/results/kv_quant_smollm2_CPU.json]
+--quantised-q adds each 8-bit cache again with q quantised too, as a kernel whose q . k product took
+8-bit operands would see it: turned by K's rotation, quantised per position and head in the pool's
+format (`jaxpaged.quant.quantise`), and back (the reference attention path, patched here).
+
+Run: python benchmarks/kv_quant_model.py [--quantised-q] [--out benchmarks/results/kv_quant_smollm2_CPU.json]
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import numpy as np
 from flax import nnx
 
 import jaxpaged as jp
+from jaxpaged import attention
+from jaxpaged.quant import dequantise, quantise, rotate
 
 MODULES = ("json", "argparse", "collections", "functools", "itertools", "pathlib", "textwrap", "heapq", "string",
            "fractions", "statistics", "shutil", "difflib", "calendar", "datetime", "random", "bisect", "csv")
@@ -47,6 +53,19 @@ def held_text(tokenizer, tokens: int) -> list[int]:
         if len(ids) >= tokens:
             break
     return ids
+
+
+_ATTEND = attention.attend
+_Q_FORMAT = None  # the format q is quantised to while a run's step is traced (--quantised-q)
+
+
+def _attend_with_quantised_q(q, *args, **kwargs):
+    """The reference attention with q as 8-bit q . k products would take it (rotated, quantised per
+    row), turned back for the K that `gather_kv` rotated back: (q H)~ . (k H) = ((q H)~ H) . k."""
+    if _Q_FORMAT is not None:
+        turned = rotate(q).astype(q.dtype)
+        q = rotate(dequantise(*quantise(turned, _Q_FORMAT), jnp.float32)).astype(q.dtype)
+    return _ATTEND(q, *args, **kwargs)
 
 
 def step_fn(model, batch: int, length: int):
@@ -98,8 +117,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4, help="rows the text is cut into (default 4)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per row (default 1024)")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk (default 256)")
+    parser.add_argument("--quantised-q", action="store_true",
+                        help="also run each 8-bit cache with q quantised in its format (8-bit q . k products)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
+    global _Q_FORMAT
 
     from jaxpaged.models.gguf_weights import load_gguf
 
@@ -110,13 +132,16 @@ def main() -> None:
     tokens = np.asarray(ids[: rows * args.tokens], np.int32).reshape(rows, args.tokens)
     runs = {"bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
             "float8_e4m3fn": ("bfloat16", "float8_e4m3fn"), "float32 model": ("float32", None)}
+    if args.quantised_q:
+        attention.attend = _attend_with_quantised_q
+        runs.update({f"{f}, q in {f}": ("bfloat16", f) for f in ("int8", "float8_e4m3fn")})
     steps, states = {}, {}
     for name, (dtype, kv_dtype) in runs.items():
         model = models[dtype][0]
         config = jp.CacheConfig.from_model_config(model.config, num_blocks=rows * -(-args.tokens // 16), block_size=16,
                                                   max_seqs=rows, dtype=dtype, kv_dtype=kv_dtype)
         steps[name], states[name] = step_fn(model, rows, args.tokens), jp.init_state(config)
-    tallies = {name: Tally() for name in ("int8", "float8_e4m3fn")}
+    tallies = {name: Tally() for name, (_, kv_dtype) in runs.items() if kv_dtype}
     nll = dict.fromkeys(runs, 0.0)
     from tqdm import tqdm
 
@@ -128,6 +153,7 @@ def main() -> None:
         targets = np.pad(targets, ((0, 0), (0, chunk.shape[1] - targets.shape[1])))
         logits = {}
         for name in runs:
+            _Q_FORMAT = runs[name][1] if ", q in " in name else None  # fixed in each step's first trace
             out, states[name], ok = steps[name](states[name], jnp.asarray(chunk))
             assert bool(ok)
             logits[name] = np.asarray(out, np.float32)
