@@ -29,6 +29,9 @@
 #                                          # <= 8 min: llama-8b (bf16, random weights) decode on N GPUs (1 by default:
 #                                          # the single-GPU baseline of the tensor-parallel runs), batch 1, 32 and 128:
 #                                          # OUT/generate_llama-8b_tpN.json
+#   bash benchmarks/gpu.sh OUT kv-quant    # <= 9.5 min: the 8-bit tests on the GPU (int8 q . k products among them), then
+#                                          # the decode kernel's launches on 8-bit pools (tune_kv_quant.py):
+#                                          # OUT/pytest_kv_quant_gpu.txt, OUT/tune_kv_quant.{json,txt}
 #   bash benchmarks/gpu.sh OUT serve [PRESET ...]
 #                                          # <= 9 min a preset: `jaxpaged serve` at Poisson request rates and at
 #                                          # saturation, the engine offline beside (benchmarks/serve.py):
@@ -43,7 +46,7 @@
 # benchmarks/NOTES.md, where the results they wrote are cited.
 set -uo pipefail
 usage="usage: bash benchmarks/gpu.sh OUT kernels [HEADS ...] | attention | generate [PRESET ...] | engine [PRESET ...]
-       | engine-b [PRESET ...] | tp-baseline [N ...] | serve [PRESET ...]"
+       | engine-b [PRESET ...] | tp-baseline [N ...] | kv-quant | serve [PRESET ...]"
 out=${1:?$usage}
 run=${2:?$usage}
 shift 2
@@ -111,6 +114,11 @@ tp-baseline)
       --batch-sizes 1 32 128 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/generate_llama-8b_tp$n.json" \
       2>&1 | quiet | tee "$out/generate_llama-8b_tp$n.txt"
   done
+  ;;
+kv-quant)
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kv_quant.py 2>&1 | tail -n 15 \
+    | tee "$out/pytest_kv_quant_gpu.txt"
+  timeout 360 python3 benchmarks/tune_kv_quant.py --out "$out/tune_kv_quant.json" 2>&1 | quiet | tee "$out/tune_kv_quant.txt"
   ;;
 serve)
   presets=("$@")

@@ -6,7 +6,8 @@ bfloat16 products (q and the tiles converted to float16; Hopper converts float8 
 packed instruction), and more or fewer pipeline stages and twice the positions per loop step (an
 8-bit tile holds half the bytes of a bfloat16 one). (A run before this file's last change also
 tried int8 to float16 by integer ops, the bits 0x6400 + 128 + x being the float16 1152 + x: no
-faster than the conversions, 0.88-1.05x "N", so it is not kept.) Time: the median of 5
+faster than the conversions, 0.88-1.05x "N", so it is not kept.) On int8 pools, "i8": q quantised per
+row too and q . k on int8 operands (int32), in either layout. Time: the median of 5
 rounds of a jitted loop of 20 dependent calls; bandwidth counts the bytes read (values and scales).
 
 Run: python benchmarks/tune_kv_quant.py --out tune_kv_quant.json
@@ -40,7 +41,8 @@ def variants(plan, max_blocks: int, kv_dtype: str) -> dict:
     found = {"default": {}, "N": plain, "N f16": f16, "N f16 bps_x2": {**f16, "blocks_per_step": wider},
              "T f16": {"transposed": True, "dot_dtype": "float16"}}
     if kv_dtype == "int8":
-        found |= {"N f16 stages+1": {**f16, "num_stages": plan.num_stages + 1},
+        found |= {"N i8": {"transposed": False, "dot_dtype": "int8"}, "T i8": {"transposed": True, "dot_dtype": "int8"},
+                  "N f16 stages+1": {**f16, "num_stages": plan.num_stages + 1},
                   "N f16 bps_x2 stages-1": {**f16, "blocks_per_step": wider, "num_stages": plan.num_stages - 1}}
     return {name: options for name, options in found.items() if options.get("blocks_per_step", 1) is not None}
 

@@ -2,6 +2,8 @@
 bound, every write path against quantise-dequantise, the facades, a tiny model against its float32
 cache, memory statistics, and the errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,6 +285,33 @@ def test_the_decode_kernel_reads_8_bit_pools_as_the_reference_reads_them_dequant
         products = dot or launch.QUANTIZED_DEFAULTS["dot_dtype"].get(kv_dtype)  # float8's default: float16
         assert_close(out[:3], expected[:3], float16=products == "float16")
         assert not out[3].any(), "an empty sequence attends to nothing"
+
+
+@pytest.mark.parametrize("splits, transposed, row_gather", [(1, False, False), (3, True, True), (1, False, True)])
+def test_int8_products_attend_with_q_quantised_per_row(splits, transposed, row_gather, rng):
+    """dot_dtype='int8' on int8 pools: q . k on int8 operands (int32) scaled back by q's row scales
+    and K's position scales equals attention of q as quantised per row over the dequantised pools;
+    float8 pools refuse it."""
+    from test_kernels import _reference
+
+    from jaxpaged.kernels.decode import paged_decode_attention
+
+    lengths = [1, 8, 29, 0]
+    k, v, k_scale, v_scale, tables, num_blocks = _quantised_cache(rng, "int8", lengths=lengths)
+    q = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.float32)
+    as_quantised = dequantise(*quantise(q, "int8"), jnp.float32)
+    expected = _reference(as_quantised, dequantise(k, k_scale, jnp.float32), dequantise(v, v_scale, jnp.float32),
+                          tables, lengths, 1, num_blocks)
+    call = functools.partial(paged_decode_attention, layer=1, block_tables=jnp.asarray(tables),
+                             lengths=jnp.asarray(lengths, jnp.int32), v_scale=v_scale, blocks_per_step=2,
+                             num_splits=splits, transposed=transposed, row_gather=row_gather, dot_dtype="int8",
+                             interpret=not ON_GPU)
+    out = np.asarray(call(q, k, v, k_scale=k_scale))
+    assert out.dtype == np.float32
+    assert_close(out[:3], expected[:3])
+    assert not out[3].any(), "an empty sequence attends to nothing"
+    with pytest.raises(ValueError, match="takes int8 pools"):
+        call(q, k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn), k_scale=k_scale)
 
 
 @pytest.mark.parametrize("kv_dtype", FORMATS)

@@ -60,8 +60,9 @@ def load_kv(ids, k_ref, v_ref, *, live=None, scales=None):
 
     live: None, or [chunk] bool; V rows that are not live then load as zeros (a masked load, so
     no select sits between the load and the dot), or with 8-bit pools their V scales do.
-    scales: None, or (k_scale_ref, v_scale_ref, dtype) for 8-bit pools (`scale_view`): the tiles come
-    back converted to dtype but not scaled, with each row's K and V scale ([chunk] float32 each),
+    scales: None, or (k_scale_ref, v_scale_ref, dtype) for 8-bit pools (`scale_view`), or
+    (k_scale_ref, v_scale_ref, k_dtype, v_dtype): the tiles come back converted to dtype (K to k_dtype,
+    V to v_dtype: int8 K stays int8 for int8 q . k products) but not scaled, with each row's K and V scale ([chunk] float32 each),
     which `update` applies to the logits and the probabilities ([rows, chunk]: with 16 query rows,
     a quarter to an eighth of the multiplies that scaling the [chunk, D] tiles would take).
 
@@ -84,7 +85,7 @@ def load_kv(ids, k_ref, v_ref, *, live=None, scales=None):
     k, v = k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
     if scales is None:
         return k, v, None
-    return k.astype(scales[2]), v.astype(scales[2]), tuple(x.reshape(-1).astype(jnp.float32) for x in row_scales)
+    return k.astype(scales[2]), v.astype(scales[-1]), tuple(x.reshape(-1).astype(jnp.float32) for x in row_scales)
 
 
 def live_positions(step, length, chunk: int, heads: int = 1):
@@ -104,7 +105,7 @@ def same_head(heads: int, chunk: int, rows: int, group: int, transposed: bool = 
 
 
 def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False,
-            heads: int = 1, group: int = 1, row_scales=None):
+            heads: int = 1, group: int = 1, row_scales=None, q_scale=None):
     """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
 
     scale: the softmax scale times log2(e): the running max is kept in base-2 units, so each
@@ -123,12 +124,16 @@ def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = 
     its own kv head's positions (`same_head`), so every step masks.
     row_scales: None, or the K and V scales of the chunk's rows (8-bit pools: `load_kv`), applied to
     the logits' columns and to the probabilities before the product with V.
+    q_scale: None, or [rows] float32, the scales of q's rows where q is int8 (int8 q . k products,
+    int32 logits), applied to the logits' rows.
     """
     o, m, l = carry
     chunk = k.shape[0] // heads
-    logits = plgpu.dot(q, k.T)  # [rows, heads * chunk] float32, unscaled
+    logits = plgpu.dot(q, k.T).astype(jnp.float32)  # [rows, heads * chunk], unscaled (int32 from int8 operands)
     if row_scales is not None:
         logits = logits * row_scales[0][None, :]
+    if q_scale is not None:
+        logits = logits * q_scale[:, None]
     if heads > 1:
         live = live_positions(step, length, chunk, heads)
         logits = jnp.where(live[None, :] & same_head(heads, chunk, q.shape[0], group), logits, -jnp.inf)
@@ -150,20 +155,22 @@ def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = 
 
 
 def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False,
-                       heads: int = 1, group: int = 1, row_scales=None):
+                       heads: int = 1, group: int = 1, row_scales=None, q_scale=None):
     """Decode's `update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
     ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots:
     compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `update`'s
     become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `launch.default_transposed`.
 
     carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group,
-    row_scales: as for `update`.
+    row_scales, q_scale: as for `update`.
     """
     o_t, m, l = carry
     chunk = k.shape[0] // heads
-    logits = plgpu.dot(k, q_t)  # [heads * chunk, rows] float32, unscaled
+    logits = plgpu.dot(k, q_t).astype(jnp.float32)  # [heads * chunk, rows], unscaled
     if row_scales is not None:
         logits = logits * row_scales[0][:, None]
+    if q_scale is not None:
+        logits = logits * q_scale[None, :]
     if masked or heads > 1:
         live = live_positions(step, length, chunk, heads)
         visible = live[:, None] if heads == 1 else live[:, None] & same_head(heads, chunk, q_t.shape[1], group, True)

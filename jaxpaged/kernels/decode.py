@@ -42,16 +42,18 @@ from jaxpaged.kernels.common import (check_inputs, check_scales, empty_carry, la
                                      load_ids, load_kv, pool_view, program_layer_base, scale_view, softmax_scale,
                                      update, update_transposed)
 from jaxpaged.kernels.merge import merge_decode_splits
+from jaxpaged.quant import quantise
 
 
 def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, blocks_per_step: int,
-                  num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales, row_gather: int,
+                  num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales, q_scale, row_gather: int,
                   heads: int, group: int):
     """One loop step: load step `step`'s K/V, then update the online softmax.
 
     transposed: `update_transposed` (q given as q^T). masked_loads: V rows past the length load as
     zeros (a GPU-only load), instead of being zeroed after the load. scales: `load_kv`'s (8-bit
-    pools) or None. heads, group: `heads` kv heads packed in the program (row gather), G query heads each.
+    pools) or None; q_scale: q's row scales where q is int8, or None. heads, group: `heads` kv heads
+    packed in the program (row gather), G query heads each.
     """
     ids = load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                    row_gather=row_gather, heads=heads)
@@ -60,11 +62,12 @@ def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, 
     k, v, row_scales = load_kv(ids, k_ref, v_ref, live=live, scales=scales)
     step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
     return step_update(carry, q, k, v, step, length, scale=scale, v_zeroed=live is not None, heads=heads, group=group,
-                       row_scales=row_scales)
+                       row_scales=row_scales, q_scale=q_scale)
 
 
 def _attend_loaded(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last: int,
-                   blocks_per_step: int, num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales):
+                   blocks_per_step: int, num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales,
+                   q_scale):
     """One loop step of the block gather with its loads a step ahead (`launch.default_loads_ahead`):
     issue the loads of step + 1 (and the block ids of step + 2), then compute step `step` from the
     tiles loaded one step earlier, so memory latency overlaps the math. `last` is the last step to
@@ -76,26 +79,31 @@ def _attend_loaded(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length,
     ids_after = load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
                          num_blocks=num_blocks)
     step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
-    softmax = step_update(softmax, q, k, v, step, length, scale=scale, v_zeroed=masked_loads, row_scales=row_scales)
+    softmax = step_update(softmax, q, k, v, step, length, scale=scale, v_zeroed=masked_loads, row_scales=row_scales,
+                          q_scale=q_scale)
     return (ids_after, *loaded), softmax
 
 
 def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, group: int, rows: int,
                    block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
                    kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int,
-                   loads_ahead: bool, quantized: bool, dot_dtype):
+                   loads_ahead: bool, quantized: bool, q_scaled: bool, dot_dtype, value_dtype):
     """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
     s-th slice of the blocks; grid (B, K / heads, splits).
 
     It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
     the ones past heads * G are zeros. With 8-bit pools (quantized) the first two of refs are the K
-    and V scales (`scale_view`). With one output ref ([H, D], q's dtype) it writes its normalised rows
-    there (one split); with three, the unnormalised o and its running max and sum, merged outside.
+    and V scales (`scale_view`), and where q is int8 (q_scaled) the next is q's row scales ([H]).
+    With one output ref ([H, D]) it writes its normalised rows there (one split); with three, the
+    unnormalised o and its running max and sum, merged outside. value_dtype: what V's tiles take for
+    the products with the probabilities.
     """
-    scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else (None, refs)
+    scale_refs = refs[:2] if quantized else None
+    q_scale_ref, out_refs = (refs[2], refs[3:]) if q_scaled else (None, refs[2 if quantized else 0:])
     head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
     real = jnp.arange(rows) < heads * group
-    q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0.0)
+    q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0)
+    q_scale = None if q_scale_ref is None else plgpu.load(q_scale_ref.at[head_rows], mask=real, other=0).astype(jnp.float32)
     if quantized and dot_dtype is not None:
         q = q.astype(dot_dtype)
     split = pl.program_id(2)
@@ -107,7 +115,7 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
                   transposed=transposed, masked_loads=masked_loads,
-                  scales=None if scale_refs is None else (*scale_refs, q.dtype))
+                  scales=None if scale_refs is None else (*scale_refs, q.dtype, value_dtype), q_scale=q_scale)
     softmax = empty_carry(*q.shape)
     if transposed:
         softmax = (softmax[0].T, *softmax[1:])
@@ -182,7 +190,10 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         gather).
       gpu: the card's numbers for the defaults; default `launch.this_gpu()` (the device jax runs on).
       dot_dtype: with 8-bit pools, the dtype q and the 8-bit tiles take for the products; default
-        `launch.QUANTIZED_DEFAULTS` (float16 for float8 pools, q's dtype for int8).
+        `launch.QUANTIZED_DEFAULTS` (float16 for float8 pools, q's dtype for int8). "int8" (int8 pools):
+        q is quantised per row too (`jaxpaged.quant.quantise`), q . k runs on int8 operands into
+        int32 and the scales of q's rows and K's positions turn it back; V takes q's dtype. (Its
+        accuracy: benchmarks/kv_quant_model.py --quantised-q; it has not been timed on a GPU.)
       interpret: run in Pallas interpret mode (any backend, slow; for tests).
 
     Returns:
@@ -198,6 +209,12 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
     itemsize = (q if quantized else k_pool).dtype.itemsize
+    out_dtype, q_scale = q.dtype, ()
+    if dot_dtype == "int8":  # int8 x int8 -> int32 q . k: q quantised per row, its scales beside
+        if k_pool.dtype != jnp.int8:
+            raise ValueError(f"dot_dtype='int8' takes int8 pools, not {k_pool.dtype}")
+        q, scale_of_q = quantise(q, "int8")  # [B, H, D] int8, [B, H] float16
+        q_scale = (scale_of_q,)
     plan = launch.decode_launch(batch, num_heads, kv_heads, head_dim, block_size, max_blocks, itemsize,
                                 gpu or launch.this_gpu(), num_splits=num_splits, blocks_per_step=blocks_per_step,
                                 heads_per_program=heads_per_program, row_gather=row_gather, transposed=transposed,
@@ -213,12 +230,13 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                scale=softmax_scale(head_dim), transposed=plan.transposed,
                                masked_loads=(plan.transposed or plan.row_gather) and not interpret,
                                row_gather=plan.row_gather, heads=plan.heads_per_program,
-                               loads_ahead=plan.loads_ahead, quantized=quantized,
-                               dot_dtype=None if dot_dtype is None else jnp.dtype(dot_dtype))
+                               loads_ahead=plan.loads_ahead, quantized=quantized, q_scaled=bool(q_scale),
+                               dot_dtype=None if dot_dtype is None else jnp.dtype(dot_dtype),
+                               value_dtype=jnp.dtype(out_dtype if q_scale or dot_dtype is None else dot_dtype))
     scales, scale_spec = scale_view(k_scale, v_scale, plan.row_gather) if quantized else ((), None)
     if splits == 1:  # every program writes its rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
-        out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)
+        out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), out_dtype)
     else:  # every program writes its unnormalised rows, running max and sum; the splits' axis is
         padded = 1 << (splits - 1).bit_length()  # padded to a power of two, for the merge's loads
         out_specs = [
@@ -242,15 +260,17 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
             pool_spec,
             pool_spec,
             *[scale_spec] * len(scales),
+            *[pl.BlockSpec((None, num_heads), lambda b, h, s: (b, 0))] * len(q_scale),  # q's row scales
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=plan.num_stages),
         interpret=interpret,
         name="jaxpaged_decode",
-    )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool, *scales)
+    )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool, *scales,
+      *q_scale)
 
     if splits == 1:
         return out
     return merge_decode_splits(*out, splits=splits, group=plan.heads_per_program * group, num_heads=num_heads,
-                               dtype=q.dtype, interpret=interpret)
+                               dtype=out_dtype, interpret=interpret)
