@@ -182,6 +182,9 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=None,
                         help="pool blocks of workloads A and B (default: what fits, up to what they can use)")
+    parser.add_argument("--min-prefill-tokens", type=int, default=16,
+                        help="the smallest prefill call in packed tokens (fewer programs to compile)")
+    parser.add_argument("--min-decode-rows", type=int, default=8, help="the smallest decode call in rows")
     parser.add_argument("--no-warm-up", action="store_true",
                         help="compile only the programs the untimed run meets, not every shape bucket ahead")
 
@@ -214,7 +217,8 @@ def main():
     model = MiniLLM(config, rngs=nnx.Rngs(0))
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       decode_steps=args.decode_steps, mixed_batches=not args.no_mixed, num_blocks=args.num_blocks)
+                       decode_steps=args.decode_steps, mixed_batches=not args.no_mixed, num_blocks=args.num_blocks,
+                       min_prefill_tokens=args.min_prefill_tokens, min_decode_rows=args.min_decode_rows)
     engine_model = model
     if args.tensor_parallel > 1:
         from jaxpaged.models.parallel import shard_model

@@ -84,6 +84,24 @@ def test_a_packed_prefill_call_has_one_shape_per_power_of_two_of_its_tokens():
             assert read.tolist() == chunk and packed.tokens[packed.last_at[b]] == chunk[-1]
         shapes.add((packed.tokens.shape, packed.tile_row.shape))
     assert len(shapes) == 2, shapes
+    assert pack_chunks([[1] * 20], [0], 4, 16).tokens.shape == (32,)
+    floored = pack_chunks([[1] * 20], [0], 4, 16, minimum=128)  # a floor pads small calls up to it
+    assert floored.tokens.shape == (128,) and floored.tile_row.tolist() == [0, 0] + [4] * 6
+
+
+def test_raising_the_smallest_calls_leaves_fewer_shapes_to_compile(model):
+    """The shapes the warm-up compiles (`Runner.buckets`): packed prefill tokens from the tile (32 at
+    the tiny model's heads and a 64-token budget) or `min_prefill_tokens` up to the budget, decode
+    rows from `min_decode_rows` up to the table's; a bad floor is a clear error."""
+    assert _engine(model).runner.buckets(64) == ([32, 64], [8])
+    assert _engine(model, max_num_batched_tokens=512).runner.buckets(512) == ([32, 64, 128, 256, 512], [8])
+    floored = _engine(model, max_num_batched_tokens=512, min_prefill_tokens=100, min_decode_rows=2)
+    assert floored.runner.buckets(512) == ([128, 256, 512], [2, 4, 8])
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="min_prefill_tokens: a positive integer"):
+            _engine(model, min_prefill_tokens=bad)
+    with pytest.raises(ValueError, match="min_decode_rows: a positive integer"):
+        _engine(model, min_decode_rows=0)
 
 
 def test_after_a_warm_up_greedy_and_sampled_requests_compile_nothing(model, solo):
@@ -104,6 +122,12 @@ def test_after_a_warm_up_greedy_and_sampled_requests_compile_nothing(model, solo
     assert [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()] == jitted, (
         "a call went through jit, not the executables compiled ahead")
     assert _engine(model).warm_up() == 0, "another engine of the same structure and pool shares them"
+    floored = _engine(model, min_prefill_tokens=64)  # every prefill call padded to 64 tokens: compiled above
+    assert floored.warm_up() == 0
+    assert _run(floored, [prompts[i] for i in chosen], [params[i] for i in chosen], arrivals=[0, 1, 2]) == [
+        solo[i] for i in chosen]
+    assert {key[2] for key in floored.runner.programs if key[0] == "prefill"} == {(64,)}
+    assert [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()] == jitted
     six = _engine(model, max_num_seqs=6, max_num_batched_tokens=192)  # 6 prompts complete in one call
     six.warm_up()
     jitted = [six.runner._prefill._cache_size(), six.runner._decode._cache_size()]

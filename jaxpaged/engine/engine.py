@@ -92,6 +92,8 @@ class Engine:
         one's tokens (the host's work then overlaps the device's).
       mixed_batches: in a step that prefills, the running sequences take a decode step in the
         same call (the model's `mixed_step`; a model without one alternates prefill and decode).
+      min_prefill_tokens, min_decode_rows: the smallest prefill and decode calls (`Runner`): raising
+        them pads small calls and leaves fewer programs to compile (`warm_up`).
       launcher_thread: the runner makes its device calls on a thread of its own (DESIGN.md); False
         makes them on the caller's, for comparison.
       check_integrity: run the block-ownership check after every step (tests).
@@ -105,7 +107,8 @@ class Engine:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
                  overlap: bool = True, mixed_batches: bool = True, kv_dtype: str | None = None,
-                 launcher_thread: bool = True, check_integrity: bool = False, mesh=None):
+                 launcher_thread: bool = True, check_integrity: bool = False, mesh=None, min_prefill_tokens: int = 16,
+                 min_decode_rows: int = 8):
         if mesh is not None:
             if replicas(mesh) > 1:
                 raise ValueError("mesh: the engine takes a tensor axis only (data-parallel replicas: one engine each)")
@@ -129,7 +132,8 @@ class Engine:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens: at least 1, got {max_num_batched_tokens}")
         self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers,
-                             launcher_thread=launcher_thread, mesh=mesh, max_tile=max_num_batched_tokens)
+                             launcher_thread=launcher_thread, mesh=mesh, max_tile=max_num_batched_tokens,
+                             min_prefill_tokens=min_prefill_tokens, min_decode_rows=min_decode_rows)
         tile = self.runner.tile_tokens or 1
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching),
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

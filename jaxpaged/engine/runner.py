@@ -207,10 +207,14 @@ class Runner:
       mesh: the pools sharded over kv heads on its tensor axis (the model's weights on it already).
       max_tile: a packed prefill's tile holds at most this many tokens (rounded down to a power of
         two): the engine's token budget, which a chunk's whole tiles must fit.
+      min_prefill_tokens, min_decode_rows: the smallest prefill call, in packed tokens, and the
+        smallest decode call, in rows (each rounded up to a power of two): fewer programs to compile
+        (`buckets`), smaller calls padded up to them.
     """
 
     def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None,
-                 launcher_thread: bool = True, mesh=None, max_tile: int | None = None):
+                 launcher_thread: bool = True, mesh=None, max_tile: int | None = None, min_prefill_tokens: int = 16,
+                 min_decode_rows: int = 8):
         scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
         graphdef, params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
         self.leaves, treedef = jax.tree.flatten(params)
@@ -222,7 +226,11 @@ class Runner:
         if hasattr(model, "mixed_step"):
             tile = prefill_tile_tokens(model.config.num_heads, cache_config.num_kv_heads)  # the pools' kv heads
             self.tile_tokens = min(tile, 1 << (max_tile.bit_length() - 1)) if max_tile else tile
-        self.min_decode_rows = 8
+        for name, value in (("min_prefill_tokens", min_prefill_tokens), ("min_decode_rows", min_decode_rows)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: a positive integer, got {value!r}")
+        self.min_prefill_tokens = bucket(max(min_prefill_tokens, 16, self.tile_tokens or 16))
+        self.min_decode_rows = bucket(min_decode_rows)
         self._sticky = dict(filtered=False, random=False, banning=False)
         state = init_state(cache_config, mesh)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
@@ -293,7 +301,7 @@ class Runner:
         Returns numpy (tokens, logprob, top ids, top logprobs): [S] (and [S, R]) for the samples; with
         `decode`, a pair of those, the samples' and the decode rows' ([Bd]).
         """
-        packed = pack_chunks(chunks, rows, self.config.max_seqs, self.tile_tokens)
+        packed = pack_chunks(chunks, rows, self.config.max_seqs, self.tile_tokens, self.min_prefill_tokens)
         rows_cap = self.config.max_seqs  # one shape (the warm-up's), unless forks pass the table's rows
         samples = rows_cap if len(sample_rows) <= rows_cap else bucket(len(sample_rows))
         sampled = np.zeros(samples, np.int32)
@@ -373,19 +381,16 @@ class Runner:
         switch_sets = [now] + ([dict(now, random=True)] if sampling and not now["random"] else [])
         samples = c.max_seqs
         columns = _sampling_arrays([], [], [], [], [], None, samples)
-        tile = self.tile_tokens or 16
-        packed_sizes = [1 << k for k in range(max(16, tile).bit_length() - 1,
-                                              bucket(max_num_batched_tokens, minimum=max(16, tile)).bit_length())]
+        packed_sizes, decode_sizes = self.buckets(max_num_batched_tokens)
         programs = []  # (jitted, key, arguments, static arguments)
         no_rows = DecodeRows([], [], [], [], [], [], [])
         for switches, size in itertools.product(switch_sets, packed_sizes):
             for decoded in ((0, c.max_seqs) if mixed else (0,)):
-                packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens)  # only its shapes count
+                packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens, size)  # only its shapes count
                 decode_inputs, cols = no_rows.inputs(decoded, c.max_seqs, columns) if decoded else (None, columns)
                 programs.append((self._prefill, *self._prefill_program(
                     table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs, switches,
                     self._read_bound(1))))
-        decode_sizes = sorted({self.decode_rows(1 << k) for k in range(c.max_seqs.bit_length() + 1)})
         for switches, rows in itertools.product(switch_sets, decode_sizes):
             fixed, carry = _decode_arrays([], [], [], [], [], [], [], [], None, rows, c.max_seqs)
             options = dict(impl=self.impl, max_len=self._read_bound(1), steps=decode_steps, **switches)
@@ -399,6 +404,16 @@ class Runner:
                 self._executables[compiling[done]] = done.result()
                 progress and progress()
         return len(lowered)
+
+    def buckets(self, max_num_batched_tokens: int) -> tuple[list[int], list[int]]:
+        """The shapes the engine's calls take: the packed token counts of a prefill call (powers of
+        two from `min_prefill_tokens` up to the budget's) and the row counts of a decode call
+        (`decode_rows`). `warm_up` compiles a program for each (twice for prefill where calls mix in
+        decode rows; again with random draws)."""
+        largest = bucket(max_num_batched_tokens, minimum=self.min_prefill_tokens)
+        packed = [1 << k for k in range(self.min_prefill_tokens.bit_length() - 1, largest.bit_length())]
+        rows = sorted({self.decode_rows(1 << k) for k in range(self.config.max_seqs.bit_length() + 1)})
+        return packed, rows
 
     def decode(self, table, lens, rows, last_tokens, params, seeds, token_indices, min_tokens, stop_ids, max_tokens,
                steps: int, seen=None) -> DecodeCall:
@@ -558,13 +573,14 @@ jax.tree_util.register_dataclass(PackedChunks, data_fields=[f.name for f in data
                                  meta_fields=[])
 
 
-def pack_chunks(chunks: list[list[int]], rows: list[int], num_rows: int, tile_tokens: int | None) -> PackedChunks:
+def pack_chunks(chunks: list[list[int]], rows: list[int], num_rows: int, tile_tokens: int | None,
+                minimum: int = 16) -> PackedChunks:
     """The chunks of table rows `rows` for one prefill call, in C = num_rows chunk slots.
 
     With tile_tokens Q: packed one after another, each padded to whole tiles of Q, the packed
-    length Np a power of two (at least 16 and Q): the call's shapes depend on Np alone, so a
-    run compiles one prefill program per power of two of its token count, whatever the chunks'
-    lengths and number. Without: rows [C, T], T the longest chunk's power of two (at least 16).
+    length Np a power of two (at least `minimum`, 16 and Q): the call's shapes depend on Np alone,
+    so a run compiles one prefill program per power of two of its token count, whatever the
+    chunks' lengths and number. Without: rows [C, T], T the longest chunk's power of two (at least 16).
     """
     lengths = [len(c) for c in chunks]
     seq_idx = np.full(num_rows, num_rows, np.int32)
@@ -579,7 +595,7 @@ def pack_chunks(chunks: list[list[int]], rows: list[int], num_rows: int, tile_to
         last_at[: len(rows)] = np.maximum(np.asarray(lengths) - 1, 0)
         return PackedChunks(tokens, seq_idx, num_tokens, last_at)
     tiles = [-(-n // tile_tokens) for n in lengths]
-    tokens = np.zeros(bucket(sum(tiles) * tile_tokens, minimum=max(16, tile_tokens)), np.int32)
+    tokens = np.zeros(bucket(sum(tiles) * tile_tokens, minimum=max(minimum, 16, tile_tokens)), np.int32)
     tile_row = np.full(tokens.shape[0] // tile_tokens, num_rows, np.int32)
     tile_start = np.zeros_like(tile_row)
     tile = 0
