@@ -69,6 +69,12 @@ def tensor_parallel(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[TENSOR_AXIS]
 
 
+def device_config(config, mesh: Mesh | None):
+    """The `CacheConfig` of one device's shard of the pools: its kv heads (all of them without a
+    mesh). What the kernels see under `shard_map`, so what decides whether they take the pools."""
+    return config if mesh is None else dataclasses.replace(config, num_kv_heads=config.num_kv_heads // tensor_parallel(mesh))
+
+
 def replicas(mesh: Mesh | None) -> int:
     """R: the mesh's replicas on the data axis (1 without a mesh)."""
     return 1 if mesh is None else mesh.shape[DATA_AXIS]
@@ -229,7 +235,7 @@ def attend_per_device(state, layer, q: jax.Array, k: jax.Array, v: jax.Array, st
 
     mesh, config = state.mesh, state.config
     check_kv_heads(config.num_kv_heads, mesh, "CacheConfig.num_kv_heads")
-    local_config = dataclasses.replace(config, num_kv_heads=config.num_kv_heads // tensor_parallel(mesh))
+    local_config = device_config(config, mesh)
 
     def local(layer, pools, table, allocator, q, k, v, slots, seq_idx, positions):
         here = PagedKVState(pools=pools, table=table, allocator=allocator, config=local_config)

@@ -48,13 +48,16 @@ SCALE_MAX = float(jnp.finfo(SCALE_DTYPE).max)
 def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
     """x [..., D] (any float dtype) as 8-bit values [..., D] in kv_dtype and float16 scales [...].
 
-    A row of zeros gets scale 0 and zeros back.
+    A row of zeros gets scale 0 and zeros back. A row holding a NaN or an infinity gets scale NaN
+    and reads back as NaN throughout (a float pool would keep the value itself; 8 bits can not).
     """
     largest = QUANTIZED_DTYPES[kv_dtype]
     x = x.astype(jnp.float32)
-    exact = jnp.minimum(jnp.max(jnp.abs(x), axis=-1) / largest, SCALE_MAX)  # [...]
+    amax = jnp.max(jnp.abs(x), axis=-1)  # [...]
+    exact = jnp.minimum(amax / largest, SCALE_MAX)
     scale = exact.astype(SCALE_DTYPE)
     scale = jnp.where(scale.astype(jnp.float32) < exact, jnp.nextafter(scale, SCALE_DTYPE(jnp.inf)), scale)  # up
+    scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan)
     wide = scale.astype(jnp.float32)
     scaled = x / jnp.where(wide > 0, wide, 1.0)[..., None]
     scaled = jnp.clip(scaled, -largest, largest)  # x / scale may round just past it; float8 overflows to NaN
@@ -64,8 +67,17 @@ def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
 
 
 def dequantise(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """values [..., D] (8-bit) times scale [...] (float16), in dtype."""
-    return (values.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
+    """values [..., D] (8-bit) times scale [...] (float16), in dtype. In float16 the product is held
+    within its finite range: the scale, rounded up, may take 127 or 448 steps of it a little past
+    the largest value written (65504 comes back as 65504, not inf)."""
+    return _within(values.astype(jnp.float32) * scale.astype(jnp.float32)[..., None], dtype)
+
+
+def _within(x: jax.Array, dtype) -> jax.Array:
+    """x (float32) in dtype, held within float16's finite range where dtype is float16."""
+    if jnp.dtype(dtype) == jnp.float16:
+        x = jnp.clip(x, -SCALE_MAX, SCALE_MAX)
+    return x.astype(dtype)
 
 
 @functools.cache
@@ -97,4 +109,4 @@ def decode(values: jax.Array, scale: jax.Array, dtype, rotated: bool) -> jax.Arr
     """The rows that `encode` stored, [..., D] in dtype (K rotated back)."""
     if not rotated:
         return dequantise(values, scale, dtype)
-    return rotate(dequantise(values, scale, jnp.float32)).astype(dtype)
+    return _within(rotate(dequantise(values, scale, jnp.float32)), dtype)

@@ -34,7 +34,7 @@ from jaxpaged import CacheConfig, MemoryStats, contiguous_memory_stats, init_con
 from jaxpaged.attention import choose_impl
 from jaxpaged.config import bucket
 from jaxpaged.ops import free_seqs
-from jaxpaged.parallel import check_placed, per_replica, place_cache, replicas
+from jaxpaged.parallel import check_placed, device_config, per_replica, place_cache, replicas
 from jaxpaged.protocol import check_impl
 from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.sampling import SamplingParams, sample
@@ -210,7 +210,7 @@ def generate(model: MiniLLM, prompts: Sequence[Sequence[int]], *, max_new_tokens
         cache_config = CacheConfig.from_model_config(
             config, num_blocks=num_blocks or min(len(prompts), rows) * blocks_per_seq, block_size=block_size,
             max_seqs=rows, max_blocks_per_seq=blocks_per_seq, dtype=config.dtype, kv_dtype=kv_dtype)
-        choose_impl(impl, cache_config)  # impl="kernel" where the kernels cannot run: the error now, before any work
+        choose_impl(impl, device_config(cache_config, mesh))  # impl="kernel" where the kernels cannot run: now
         state = _new_cache(init_state, cache_config, mesh=mesh)
         blocks_needed = sum(-(-(len(p) + max_new_tokens - 1) // block_size) for p in prompts)  # the last token is never written
         seq_idx = np.where(real, np.arange(batch) % rows, rows).astype(np.int32)  # each replica's rows; padding: the sentinel

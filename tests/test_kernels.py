@@ -338,6 +338,34 @@ def test_pools_are_addressable_below_2_31_elements_or_past_2_32_bytes():
     assert launch.pool_addressable(rows * block, 2, 128) and not launch.pool_addressable((rows + 1) * block, 2, 128)
 
 
+def test_addressable_blocks_refuses_what_is_not_a_count():
+    for args in ((-5, 16, 1, 64), (2.5, 16, 1, 64), (8, 0, 1, 64), (8, -16, 1, 64), (8, 16, 1, 0)):
+        with pytest.raises(ValueError, match="an integer of at least"):
+            launch.addressable_blocks(*args)
+
+
+def test_the_kernels_are_chosen_for_one_devices_shard_of_the_pools():
+    """Under a tensor axis each device holds its kv heads of every block: an int8 pool sized for
+    two devices is in the 8-bit gap as a whole but not per device, and the choice follows the
+    device's shard (`device_config`), as the kernels under shard_map see it."""
+    import types
+
+    from jaxpaged.attention import choose_impl
+    from jaxpaged.parallel import TENSOR_AXIS, device_config
+
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(kernels.unavailable_reason())
+    block = 16 * 32 * 8 * 128  # a block of every layer and kv head of an 8B shape
+    num_blocks = launch.addressable_blocks(8191, block // 2, 1, 128)
+    config = jp.CacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=num_blocks, block_size=16,
+                            max_seqs=8, max_blocks_per_seq=64, kv_dtype="int8")
+    with pytest.raises(ValueError, match="pool of"):
+        choose_impl("kernel", config, backend="gpu")
+    two = types.SimpleNamespace(shape={TENSOR_AXIS: 2})
+    assert device_config(config, two).num_kv_heads == 4 and device_config(config, None) is config
+    assert choose_impl("kernel", device_config(config, two), backend="gpu") == "kernel"
+
+
 def test_kernels_refuse_an_8_bit_pool_they_can_not_address_and_the_model_falls_back():
     """An int8 pool of 2^31 to 2^32 elements is refused with a clear error (checked while tracing,
     nothing allocated), and the dispatch takes the reference path for it."""

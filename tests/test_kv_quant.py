@@ -94,6 +94,29 @@ def test_rotated_k_round_trips_within_the_formats_bound_in_length(kv_dtype, rng)
     assert err.sum() != plain.sum()  # (which is smaller depends on the format: int8 gains, float8 keeps |x| / 16)
 
 
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+def test_a_row_with_nan_or_inf_reads_back_as_nan_and_float16_stays_finite(kv_dtype):
+    """8 bits can not hold a non-finite value: its row reads back NaN throughout (not a large finite
+    number beside zeros), the other rows as they were; float16's largest value comes back finite
+    through the rounded-up scale, K rotated or not."""
+    x = np.ones((3, 16), np.float32)
+    x[0, 3], x[1, 5] = np.nan, np.inf
+    for rotated in (False, True):
+        back = np.asarray(decode(*encode(jnp.asarray(x), kv_dtype, rotated), jnp.float32, rotated))
+        assert np.isnan(back[:2]).all() and np.allclose(back[2], 1, rtol=0.07)
+    config = jp.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=16, num_blocks=2, block_size=4, max_seqs=1,
+                            dtype="float16", kv_dtype=kv_dtype)
+    big = np.ones((1, 2, 1, 16), np.float16)
+    big[0, 0, 0, 0] = 65504
+    state, ok = jp.append(jp.init_state(config), 0, jnp.zeros(1, jnp.int32), jnp.asarray(big), jnp.asarray(big))
+    k, v, _ = jp.gather_kv(state, 0, jnp.zeros(1, jnp.int32), max_len=2)
+    assert bool(ok) and np.isfinite(np.asarray(k, np.float32)).all() and np.isfinite(np.asarray(v, np.float32)).all()
+    assert float(v[0, 0, 0, 0]) == 65504
+    out = jp.paged_attention(jnp.ones((1, 2, 1, 16), jnp.float16), state, 0, jnp.zeros(1, jnp.int32),
+                             jnp.asarray([[0, 1]], jnp.int32), impl="reference")
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
 def _config(kv_dtype, **changes):
     fields = dict(num_layers=2, num_kv_heads=3, head_dim=16, num_blocks=24, block_size=4, max_seqs=3, kv_dtype=kv_dtype)
     return jp.CacheConfig(**{**fields, **changes})
@@ -352,6 +375,9 @@ def test_the_kernels_take_8_bit_pools_only_with_their_scales(rng):
                                v_scale=v_scale, interpret=True)
     with pytest.raises(ValueError, match=r"k_scale and v_scale must be floats of shape \(2, 2, 11, 8\)"):
         paged_decode_attention(q, k, v, *args, k_scale=k_scale[0], v_scale=v_scale[0], interpret=True)
+    with pytest.raises(ValueError, match="8-bit pools are int8 or float8_e4m3fn"):
+        paged_decode_attention(q, k.view(jnp.uint8), v.view(jnp.uint8), *args, k_scale=k_scale, v_scale=v_scale,
+                               interpret=True)
     config = _config("float8_e4m3fn", head_dim=64, block_size=8)  # 8-bit pools change nothing in the choice
     assert attention.choose_impl("auto", config, backend="cpu") == "reference"
     if kernels.unavailable_reason() is None:

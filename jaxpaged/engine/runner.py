@@ -44,6 +44,7 @@ from jaxpaged.attention import choose_impl
 from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.engine.sampling import SamplingParams, SamplingRows, sample
 from jaxpaged.kernels.launch import prefill_tile_tokens
+from jaxpaged.parallel import device_config
 from jaxpaged.state import BlockTable, PagedKVState, init_state
 
 MAX_STOP_IDS = 8  # stop token ids per row on the device (EOS among them)
@@ -221,7 +222,7 @@ class Runner:
         self._prefill, self._decode, self._executables = _compiled(graphdef, treedef)
         self._mesh = mesh
         self.config, self.impl = cache_config, impl
-        self.kernels = choose_impl(impl, cache_config) == "kernel"  # they read by length: no bound to vary
+        self.kernels = choose_impl(impl, device_config(cache_config, mesh)) == "kernel"  # they read by length
         self.tile_tokens = None  # a packed prefill's tile; None: padded rows (a model without mixed_step)
         if hasattr(model, "mixed_step"):
             tile = prefill_tile_tokens(model.config.num_heads, cache_config.num_kv_heads)  # the pools' kv heads

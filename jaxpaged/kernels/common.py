@@ -222,6 +222,8 @@ def check_scales(k_pool, k_scale, v_scale) -> bool:
     """Whether the pools are 8-bit (then their scales must be given, [L, K, N, P] each, float); a
     clear error for scales missing, unasked or of the wrong shape."""
     quantized = k_pool.dtype.itemsize == 1
+    if quantized and k_pool.dtype.name not in ("int8", "float8_e4m3fn"):
+        raise ValueError(f"8-bit pools are int8 or float8_e4m3fn (jaxpaged.quant), not {k_pool.dtype}")
     given = k_scale is not None and v_scale is not None
     if quantized != given or (k_scale is None) != (v_scale is None):
         raise ValueError(f"pools of {k_pool.dtype} take k_scale and v_scale {'both' if quantized else 'neither'}")

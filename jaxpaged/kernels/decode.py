@@ -164,7 +164,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         [0, N] (N is the sentinel).
       lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
       k_scale, v_scale: for 8-bit pools (int8 or float8_e4m3fn), their scales [L, K, N, P]
-        (`jaxpaged.quant`), read in place: the 8-bit tiles are converted to `dot_dtype` in registers
+        (`jaxpaged.quant`; a cache's 8-bit pools hold K rotated, and `paged_attention` turns q to
+        match before it calls this), read in place: the 8-bit tiles are converted to `dot_dtype` in registers
         and each position's scales applied to its logits and probabilities (`common.update`); the
         launch is the one for pools of q's dtype (the tiles the products take have its width), but
         for `launch.QUANTIZED_DEFAULTS`.

@@ -92,6 +92,10 @@ def pool_addressable(size: int, itemsize: int, head_dim: int) -> bool:
 def addressable_blocks(num_blocks: int, block_elements: int, itemsize: int, head_dim: int) -> int:
     """The most blocks, up to num_blocks, of a pool that the kernels address (`pool_addressable`),
     a block holding block_elements elements of itemsize bytes (all layers and kv heads of one pool)."""
+    for name, value, least in (("num_blocks", num_blocks, 0), ("block_elements", block_elements, 1),
+                               ("itemsize", itemsize, 1), ("head_dim", head_dim, 1)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: an integer of at least {least}, got {value!r}")
     below_rows_limit, below_2_31 = (2**31 * head_dim - 1) // block_elements, (2**31 - 1) // block_elements
     return next(n for n in (num_blocks, below_rows_limit, below_2_31)
                 if n <= num_blocks and pool_addressable(n * block_elements, itemsize, head_dim))
