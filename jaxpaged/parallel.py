@@ -72,7 +72,9 @@ def tensor_parallel(mesh: Mesh | None) -> int:
 def device_config(config, mesh: Mesh | None):
     """The `CacheConfig` of one device's shard of the pools: its kv heads (all of them without a
     mesh). What the kernels see under `shard_map`, so what decides whether they take the pools."""
-    return config if mesh is None else dataclasses.replace(config, num_kv_heads=config.num_kv_heads // tensor_parallel(mesh))
+    if mesh is None:
+        return config
+    return dataclasses.replace(config, num_kv_heads=config.num_kv_heads // tensor_parallel(mesh))
 
 
 def replicas(mesh: Mesh | None) -> int:

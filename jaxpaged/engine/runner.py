@@ -387,7 +387,7 @@ class Runner:
         no_rows = DecodeRows([], [], [], [], [], [], [])
         for switches, size in itertools.product(switch_sets, packed_sizes):
             for decoded in ((0, c.max_seqs) if mixed else (0,)):
-                packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens, size)  # only its shapes count
+                packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens, size)  # its shapes
                 decode_inputs, cols = no_rows.inputs(decoded, c.max_seqs, columns) if decoded else (None, columns)
                 programs.append((self._prefill, *self._prefill_program(
                     table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs, switches,

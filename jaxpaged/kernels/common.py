@@ -62,9 +62,10 @@ def load_kv(ids, k_ref, v_ref, *, live=None, scales=None):
     no select sits between the load and the dot), or with 8-bit pools their V scales do.
     scales: None, or (k_scale_ref, v_scale_ref, dtype) for 8-bit pools (`scale_view`), or
     (k_scale_ref, v_scale_ref, k_dtype, v_dtype): the tiles come back converted to dtype (K to k_dtype,
-    V to v_dtype: int8 K stays int8 for int8 q . k products) but not scaled, with each row's K and V scale ([chunk] float32 each),
-    which `update` applies to the logits and the probabilities ([rows, chunk]: with 16 query rows,
-    a quarter to an eighth of the multiplies that scaling the [chunk, D] tiles would take).
+    V to v_dtype: int8 K stays int8 for int8 q . k products) but not scaled, with each row's K and V
+    scale ([chunk] float32 each), which `update` applies to the logits and the probabilities
+    ([rows, chunk]: with 16 query rows, a quarter to an eighth of the multiplies that scaling the
+    [chunk, D] tiles would take).
 
     Returns (k, v, row_scales): row_scales is None for float pools.
     """

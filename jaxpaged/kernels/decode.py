@@ -103,7 +103,9 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
     head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
     real = jnp.arange(rows) < heads * group
     q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0)
-    q_scale = None if q_scale_ref is None else plgpu.load(q_scale_ref.at[head_rows], mask=real, other=0).astype(jnp.float32)
+    q_scale = None
+    if q_scale_ref is not None:
+        q_scale = plgpu.load(q_scale_ref.at[head_rows], mask=real, other=0).astype(jnp.float32)
     if quantized and dot_dtype is not None:
         q = q.astype(dot_dtype)
     split = pl.program_id(2)
