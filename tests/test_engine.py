@@ -97,10 +97,10 @@ def test_raising_the_smallest_calls_leaves_fewer_shapes_to_compile(model):
     assert _engine(model, max_num_batched_tokens=512).runner.buckets(512) == ([32, 64, 128, 256, 512], [8])
     floored = _engine(model, max_num_batched_tokens=512, min_prefill_tokens=100, min_decode_rows=2)
     assert floored.runner.buckets(512) == ([128, 256, 512], [2, 4, 8])
-    for bad in (0, -4, 2.5, True):
-        with pytest.raises(ValueError, match="min_prefill_tokens: a positive integer"):
+    for bad, error in ((0, ValueError), (-4, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="min_prefill_tokens must be an int >= 1"):
             _engine(model, min_prefill_tokens=bad)
-    with pytest.raises(ValueError, match="min_decode_rows: a positive integer"):
+    with pytest.raises(ValueError, match="min_decode_rows must be an int >= 1"):
         _engine(model, min_decode_rows=0)
 
 

@@ -339,8 +339,12 @@ def test_pools_are_addressable_below_2_31_elements_or_past_2_32_bytes():
 
 
 def test_addressable_blocks_refuses_what_is_not_a_count():
-    for args in ((-5, 16, 1, 64), (2.5, 16, 1, 64), (8, 0, 1, 64), (8, -16, 1, 64), (8, 16, 1, 0)):
-        with pytest.raises(ValueError, match="an integer of at least"):
+    for args, error, name in (((-5, 16, 1, 64), ValueError, "num_blocks must be an int >= 0"),
+                              ((2.5, 16, 1, 64), TypeError, "num_blocks must be an int >= 0"),
+                              ((8, 0, 1, 64), ValueError, "block_elements must be an int >= 1"),
+                              ((8, -16, 1, 64), ValueError, "block_elements must be an int >= 1"),
+                              ((8, 16, 1, 0), ValueError, "head_dim must be an int >= 1")):
+        with pytest.raises(error, match=name):
             launch.addressable_blocks(*args)
 
 

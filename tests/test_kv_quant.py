@@ -80,8 +80,11 @@ def test_the_rotation_is_orthonormal_symmetric_and_its_own_inverse(head_dim, rng
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_rotated_k_round_trips_within_the_formats_bound_in_length(kv_dtype, rng):
     """K is quantised rotated: each row's error vector is as long as the rotated row's, so within the
-    format's per-element bound summed in squares; and smaller than unrotated storage's where a few
-    features are far larger than the rest (outlier_data's two channels)."""
+    format's per-element bound summed in squares. Against unrotated storage of data whose few
+    features are far larger than the rest (outlier_data's two channels): int8's error is smaller
+    (the row's largest value, which sets its step, falls), float8's larger (its error is relative to
+    each value, and the rotation moves the large ones' onto every feature); what the rotation buys is
+    where the error lies, not its length (DESIGN.md)."""
     x = outlier_data(rng, (512, 4, 64))
     values, scale = encode(jnp.asarray(x), kv_dtype, rotated=True)
     back = np.asarray(decode(values, scale, jnp.float32, rotated=True))
@@ -91,7 +94,10 @@ def test_rotated_k_round_trips_within_the_formats_bound_in_length(kv_dtype, rng)
     assert np.all(err <= bound * (1 + 1e-4) + 1e-6)
     plain = np.linalg.norm(np.asarray(dequantise(*quantise(jnp.asarray(x), kv_dtype), jnp.float32)) - x, axis=-1)
     assert np.array_equal(back, np.asarray(decode(*encode(jnp.asarray(x), kv_dtype, True), jnp.float32, True)))
-    assert err.sum() != plain.sum()  # (which is smaller depends on the format: int8 gains, float8 keeps |x| / 16)
+    if kv_dtype == "int8":
+        assert err.mean() < plain.mean() / 2
+    else:
+        assert err.mean() > plain.mean()
 
 
 @pytest.mark.parametrize("kv_dtype", FORMATS)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpaged import checks
 from jaxpaged.attention import choose_impl
 from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.engine.sampling import SamplingParams, SamplingRows, sample
@@ -227,11 +228,9 @@ class Runner:
         if hasattr(model, "mixed_step"):
             tile = prefill_tile_tokens(model.config.num_heads, cache_config.num_kv_heads)  # the pools' kv heads
             self.tile_tokens = min(tile, 1 << (max_tile.bit_length() - 1)) if max_tile else tile
-        for name, value in (("min_prefill_tokens", min_prefill_tokens), ("min_decode_rows", min_decode_rows)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: a positive integer, got {value!r}")
+        min_prefill_tokens = checks.check_int(min_prefill_tokens, "min_prefill_tokens", low=1)
         self.min_prefill_tokens = bucket(max(min_prefill_tokens, 16, self.tile_tokens or 16))
-        self.min_decode_rows = bucket(min_decode_rows)
+        self.min_decode_rows = bucket(checks.check_int(min_decode_rows, "min_decode_rows", low=1))
         self._sticky = dict(filtered=False, random=False, banning=False)
         state = init_state(cache_config, mesh)
         self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))

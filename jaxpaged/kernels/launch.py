@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from jaxpaged.checks import check_int
+
 MIN_ROWS = 16  # Triton's smallest dot tile
 ONE_PER_SM_STEP_BYTES = 32 * 1024  # K and V of one decode loop step with one program per SM
 TUNED_SM_COUNT = 132  # the SMs of the cards the defaults were measured on (H100 SXM; H200 alike)
@@ -92,10 +94,9 @@ def pool_addressable(size: int, itemsize: int, head_dim: int) -> bool:
 def addressable_blocks(num_blocks: int, block_elements: int, itemsize: int, head_dim: int) -> int:
     """The most blocks, up to num_blocks, of a pool that the kernels address (`pool_addressable`),
     a block holding block_elements elements of itemsize bytes (all layers and kv heads of one pool)."""
-    for name, value, least in (("num_blocks", num_blocks, 0), ("block_elements", block_elements, 1),
-                               ("itemsize", itemsize, 1), ("head_dim", head_dim, 1)):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"{name}: an integer of at least {least}, got {value!r}")
+    for name, value, low in (("num_blocks", num_blocks, 0), ("block_elements", block_elements, 1),
+                             ("itemsize", itemsize, 1), ("head_dim", head_dim, 1)):
+        check_int(value, name, low)
     below_rows_limit, below_2_31 = (2**31 * head_dim - 1) // block_elements, (2**31 - 1) // block_elements
     return next(n for n in (num_blocks, below_rows_limit, below_2_31)
                 if n <= num_blocks and pool_addressable(n * block_elements, itemsize, head_dim))
