@@ -194,6 +194,9 @@ def main():
     workload_arguments(parser)
     parser.add_argument("--workloads", nargs="+", default=["A", "B", "C"], choices=("A", "B", "C"))
     parser.add_argument("--static-group", type=int, default=64, help="0 skips the static generate peer")
+    parser.add_argument("--scan-layers", choices=("auto", "on", "off", "prefill"), default="auto",
+                        help="run the layers as one scanned body in every call (on), in none (off), in prefill "
+                             "calls (prefill); auto: every call on the CPU, none on a GPU")
     parser.add_argument("--no-mixed", action="store_true",
                         help="prefill and decode in separate calls (the engine's mixed_batches=False)")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -218,7 +221,8 @@ def main():
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, mixed_batches=not args.no_mixed, num_blocks=args.num_blocks,
-                       min_prefill_tokens=args.min_prefill_tokens, min_decode_rows=args.min_decode_rows)
+                       min_prefill_tokens=args.min_prefill_tokens, min_decode_rows=args.min_decode_rows,
+                       scan_layers={"auto": None, "on": True, "off": False, "prefill": "prefill"}[args.scan_layers])
     engine_model = model
     if args.tensor_parallel > 1:
         from jaxpaged.models.parallel import shard_model

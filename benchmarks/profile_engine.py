@@ -56,13 +56,17 @@ def main():
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--top", type=int, default=25, help="kernels printed")
     parser.add_argument("--no-overlap", action="store_true", help="read each decode call before starting the next")
+    parser.add_argument("--scan-layers", choices=("auto", "on", "off", "prefill"), default="auto",
+                        help="run the layers as one scanned body in every call (on), in none (off), in prefill "
+                             "calls (prefill); auto: every call on the CPU, none on a GPU")
     args = parser.parse_args()
 
     model = MiniLLM(preset(args.model), rngs=nnx.Rngs(0))
     prompts, outputs = workload_a(np.random.default_rng(0), args.num_requests, min(100, args.max_len), args.max_len,
                                  min(model.config.vocab_size, VOCAB))
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       decode_steps=args.decode_steps, max_model_len=2 * args.max_len, overlap=not args.no_overlap)
+                       decode_steps=args.decode_steps, max_model_len=2 * args.max_len, overlap=not args.no_overlap,
+                       scan_layers={"auto": None, "on": True, "off": False, "prefill": "prefill"}[args.scan_layers])
     LLM(model, **engine_args).generate(prompts, params_for(outputs), use_tqdm=False)  # compiles every shape
     engine = LLM(model, **engine_args).engine
     calls = collections.defaultdict(list)  # wall seconds of the runner's calls, by kind
@@ -78,7 +82,7 @@ def main():
         setattr(engine.runner, name, timed)
     for i, (prompt, params) in enumerate(zip(prompts, params_for(outputs))):
         engine.add_request(str(i), prompt, params)
-    trace_dir = os.path.join(args.out_dir, "engine_trace_no_overlap" if args.no_overlap else "engine_trace")
+    trace_dir = os.path.join(args.out_dir, "engine_trace" + ("_no_overlap" if args.no_overlap else "") + "_" + args.scan_layers)
     jax.profiler.start_trace(trace_dir)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -95,7 +99,9 @@ def main():
               "decode_steps": stats.decode_steps, "calls": {k: {"count": len(v), "seconds": sum(v)}
                                                             for k, v in calls.items()},
               "kinds_us": dict(by_kind), "kernels_us": dict(totals), "counts": dict(counts)}
-    name = f"profile_engine_{args.model}{'_no_overlap' if args.no_overlap else ''}.json"
+    suffix = ("_no_overlap" if args.no_overlap else "") + {"on": "_scanned", "off": "_unrolled", "prefill": "_scanned_prefill"}.get(
+        args.scan_layers, "")
+    name = f"profile_engine_{args.model}{suffix}.json"
     with open(os.path.join(args.out_dir, name), "w") as f:
         json.dump(result, f, indent=1)
     print(f"{result['device']}, {args.model}, {args.num_requests} requests: wall {wall:.2f} s, device busy "

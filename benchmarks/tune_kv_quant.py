@@ -11,6 +11,7 @@ row too and q . k on int8 operands (int32), in either layout. Time: the median o
 rounds of a jitted loop of 20 dependent calls; bandwidth counts the bytes read (values and scales).
 
 Run: python benchmarks/tune_kv_quant.py --out tune_kv_quant.json
+     python benchmarks/tune_kv_quant.py --kv-dtypes int8 --variants default "N i8" "T i8"   # int8 products alone
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def variants(plan, max_blocks: int, kv_dtype: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="tune_kv_quant.json")
+    parser.add_argument("--kv-dtypes", nargs="+", default=["int8", "float8_e4m3fn"], choices=("int8", "float8_e4m3fn"))
+    parser.add_argument("--variants", nargs="+", default=None, help='only these variants (e.g. default "N i8")')
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -63,10 +66,12 @@ def main():
         bf16 = [(x["q"], x["pool_k"], x["pool_v"], x["layer"], x["tables"], x["lengths"]) for x in sets]
         base = median_time_in_loop(paged_decode_attention, bf16)
         row["GBps"]["bfloat16"] = 2 * positions * head_dim * 2 / base / 1e9
-        for kv_dtype in ("int8", "float8_e4m3fn"):
+        for kv_dtype in args.kv_dtypes:
             quant = [(x["q"], *quantise(x["pool_k"], kv_dtype), *quantise(x["pool_v"], kv_dtype), x["layer"],
                       x["tables"], x["lengths"]) for x in sets]
             for name, options in variants(plan, max_blocks, kv_dtype).items():
+                if args.variants and name not in args.variants:
+                    continue
                 def fn(q, k, ks, v, vs, layer, tables, lengths, options=options):
                     return paged_decode_attention(q, k, v, layer, tables, lengths, k_scale=ks, v_scale=vs, **options)
                 try:

@@ -65,6 +65,29 @@ def test_a_mixed_batch_arriving_over_time_equals_each_request_alone(model, solo)
     assert all(len(out[0]) == p.max_tokens for out, p in zip(solo, params)), "no EOS among these (checked)"
 
 
+def test_scanned_prefill_calls_and_unrolled_decode_calls_give_each_requests_tokens(model, solo):
+    """scan_layers="prefill" (`scan_plan`): prefill calls run the stacked layers scanned, decode calls
+    the model's own unrolled layers, and the requests get the tokens they get alone (where every call
+    is scanned, the CPU's default). A bad value is a clear error."""
+    import jax
+
+    from jaxpaged.engine.runner import scan_plan, scanned_bytes
+
+    prompts, params = _requests()
+    engine = _engine(model, scan_layers="prefill")
+    runner = engine.runner
+    assert runner.scan == (True, False) and scan_plan(model, None) == (True, True)  # the CPU's default
+    own = jax.tree.leaves(nnx.state(model))
+    assert all(any(leaf is mine for mine in own) for leaf in runner.decode_leaves), "decode runs the model's arrays"
+    stacked = [leaf for leaf in runner.prefill_leaves if leaf.ndim and leaf.shape[0] == model.config.num_layers]
+    assert sum(leaf.nbytes for leaf in stacked) == scanned_bytes(model, runner.scan) > 0
+    assert scanned_bytes(model, (False, False)) == 0
+    assert _run(engine, prompts, params, arrivals=[0, 0, 2, 3, 5]) == solo
+    assert {key[0] for key in runner.programs} == {"prefill", "decode"}
+    with pytest.raises(ValueError, match="scan_layers"):
+        _engine(model, scan_layers="decode")
+
+
 def test_a_packed_prefill_call_has_one_shape_per_power_of_two_of_its_tokens():
     """Chunks packed in tiles: the shapes depend on the padded token count alone, not on how many
     chunks there are or how long the longest is; every token lies in its chunk's tiles, in order."""
@@ -128,8 +151,8 @@ def test_after_a_warm_up_greedy_and_sampled_requests_compile_nothing(model, solo
         solo[i] for i in chosen]
     assert {key[2] for key in floored.runner.programs if key[0] == "prefill"} == {(64,)}
     assert [engine.runner._prefill._cache_size(), engine.runner._decode._cache_size()] == jitted
-    six = _engine(model, max_num_seqs=6, max_num_batched_tokens=192)  # 6 prompts complete in one call
-    six.warm_up()
+    six = _engine(model, max_num_seqs=6, max_num_batched_tokens=192, min_prefill_tokens=256)  # 6 prompts in one call
+    assert six.warm_up(sampling=False) == 3  # greedy: 256 packed tokens with and without decode rows, 6 decode rows
     jitted = [six.runner._prefill._cache_size(), six.runner._decode._cache_size()]
     rng = np.random.default_rng(3)
     _run(six, [rng.integers(0, 250, 5 + i).tolist() for i in range(6)], [params[0]] * 6)

@@ -17,7 +17,6 @@ import time
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn raises the signal again once it has shut down
 
@@ -144,6 +143,7 @@ def test_completions_chat_streaming_n_stop_and_logprobs_through_the_openai_clien
         assert len(top) == 2 and chosen <= 0 and abs(chosen - max(top.values())) < 1e-5, "greedy takes the best"
 
 
+@pytest.mark.slow
 def test_32_concurrent_clients_get_what_each_gets_alone(client):
     prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(32)]
 
@@ -223,6 +223,7 @@ def test_models_health_and_metrics(smollm2_server):
     assert metrics["jaxpaged_time_to_first_token_seconds_count"] >= 1
 
 
+@pytest.mark.slow
 def test_api_key_full_queue_and_shutdown_on_a_tiny_model(cache_dir):
     server = Server("--model", "tiny", "--max-num-seqs", "1", "--max-waiting", "1", "--num-blocks", "128",
                     "--max-num-batched-tokens", "32", "--shutdown-grace", "0", cache_dir=cache_dir, api_key="secret")

@@ -33,7 +33,7 @@ from jaxpaged.engine.request import (
     Sequence,
     Status,
 )
-from jaxpaged.engine.runner import DecodeRows, Runner
+from jaxpaged.engine.runner import DecodeRows, Runner, scan_plan, scanned_bytes
 from jaxpaged.engine.sampling import SamplingParams
 from jaxpaged.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
 from jaxpaged.kernels.launch import addressable_blocks
@@ -85,6 +85,10 @@ class Engine:
       enable_prefix_caching: share full prompt blocks across requests.
       seed: draws the seeds of requests that give none.
       impl: paged attention's path ("auto", "kernel", "reference").
+      scan_layers: run the model's layers as one scanned body (fast to compile) in every call (True),
+        in none (False), in prefill calls alone ("prefill"), or (None, default) in every call on the
+        CPU and in none on other backends (`runner.scan_plan`; the stacked copy of the layer weights is taken out of the
+        pool's memory).
       decode_steps: decode steps per device call.
       kv_dtype: "int8" or "float8_e4m3fn" for 8-bit pools with scales (`CacheConfig.kv_dtype`);
         default the model's dtype.
@@ -105,7 +109,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 impl: str = "auto", scan_layers: bool | None = None, decode_steps: int = 8,
+                 impl: str = "auto", scan_layers: bool | str | None = None, decode_steps: int = 8,
                  overlap: bool = True, mixed_batches: bool = True, kv_dtype: str | None = None,
                  launcher_thread: bool = True, check_integrity: bool = False, mesh=None, min_prefill_tokens: int = 16,
                  min_decode_rows: int = 8):
@@ -121,7 +125,8 @@ class Engine:
                                               kv_dtype=kv_dtype)
         if num_blocks is None:  # what fits, but no more than every row at max_model_len can use
             devices = tensor_parallel(mesh)  # a device holds its kv heads of each block
-            fit = _blocks_that_fit(shape.bytes_per_block // devices, gpu_memory_utilization)
+            reserved = scanned_bytes(model, scan_plan(model, scan_layers))  # the runner's stacked copy, made later
+            fit = _blocks_that_fit(shape.bytes_per_block // devices, gpu_memory_utilization, reserved)
             num_blocks = min(fit or max_num_seqs * blocks_per_seq, max_num_seqs * blocks_per_seq)
             if impl != "reference" and jax.default_backend() == "gpu":  # as many as the kernels address
                 elements = block_size * shape.num_layers * shape.num_kv_heads * shape.head_dim // devices  # a block, one pool
@@ -459,12 +464,13 @@ class Engine:
                            programs=len(self.runner.programs))
 
 
-def _blocks_that_fit(bytes_per_block: int, utilisation: float) -> int | None:
-    """Blocks that fit in `utilisation` of the device's free memory, or None where it does not say."""
+def _blocks_that_fit(bytes_per_block: int, utilisation: float, reserved: int = 0) -> int | None:
+    """Blocks that fit in `utilisation` of the device's free memory less `reserved` bytes, or None
+    where the device does not say."""
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return None
-    free = stats["bytes_limit"] * utilisation - stats.get("bytes_in_use", 0)
+    free = stats["bytes_limit"] * utilisation - stats.get("bytes_in_use", 0) - reserved
     return max(int(free // bytes_per_block), 1)
 
 

@@ -154,17 +154,48 @@ _SWITCHES = ("impl", "max_len", "filtered", "penalised", "random", "banning", "n
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(graphdef, treedef):
-    """The prefill and decode calls of one model structure, jitted with it bound: the structure is
-    hashed once here, not at every call (a 16-layer model's takes milliseconds on the host), and
-    the parameters pass as a flat list of arrays. With them, the programs compiled ahead of time
-    (`Runner.warm_up`), by program key: shared by every runner of the structure, as jit's own
-    cache is."""
-    return (jax.jit(functools.partial(_prefill, graphdef, treedef), static_argnames=_SWITCHES,
+def _compiled(prefill_structure, decode_structure):
+    """The prefill and decode calls, each jitted with its model structure (graphdef, treedef) bound:
+    a structure is hashed once here, not at every call (a 16-layer model's takes milliseconds on the
+    host), and the parameters pass as a flat list of arrays. With them, the programs compiled ahead
+    of time (`Runner.warm_up`), by program key: shared by every runner of the structures, as jit's
+    own cache is."""
+    return (jax.jit(functools.partial(_prefill, *prefill_structure), static_argnames=_SWITCHES,
                     donate_argnames=("state",)),
-            jax.jit(functools.partial(_decode, graphdef, treedef), static_argnames=_SWITCHES + ("steps",),
+            jax.jit(functools.partial(_decode, *decode_structure), static_argnames=_SWITCHES + ("steps",),
                     donate_argnames=("state",)),
             {})
+
+
+def scan_plan(model, scan_layers: bool | str | None) -> tuple[bool, bool]:
+    """Whether prefill calls and decode calls run the model's scanned view (`MiniLLM.scanned`: one
+    layer body compiled instead of L) rather than its unrolled layers.
+
+    scan_layers: True or False for both; "prefill" for prefill calls alone; None (default) for the
+    backend's choice: both on the CPU, neither elsewhere. On an H200, llama-1b's warm-up compiled
+    every program in 48 s scanned against 154 s unrolled, but workload A ran 3x slower: the scanned
+    prefill calls took 12x as long (decode calls copy each layer's weights out of the [L, ...]
+    stack every step, and lost less: benchmarks/NOTES.md)."""
+    if not hasattr(model, "scanned"):
+        return False, False
+    if scan_layers is None:
+        scan = jax.default_backend() == "cpu"
+        return scan, scan
+    if scan_layers == "prefill":
+        return True, False
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f'scan_layers: True, False, "prefill" or None, got {scan_layers!r}')
+    return scan_layers, scan_layers
+
+
+def scanned_bytes(model, plan: tuple[bool, bool]) -> int:
+    """Device bytes (one device's share) of the stacked layer weights a runner with this plan keeps
+    beside the model's own: nothing where no call is scanned."""
+    if not any(plan):
+        return 0
+    leaves = jax.tree.leaves(nnx.state(model.layers))
+    return sum(leaf.addressable_shards[0].data.nbytes if hasattr(leaf, "addressable_shards") else leaf.nbytes
+               for leaf in leaves)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -200,10 +231,12 @@ class Runner:
     Args:
       model: a model with `step(tokens, cache, seq_idx=, num_tokens=, max_len=, logit_index=, impl=)`,
         `decode_step(last_tokens, cache, active=, seq_idx=, max_len=, impl=)` and a `config`
-        (MiniLLM); if it has `scanned()` and scan_layers, the scanned view runs.
+        (MiniLLM); if it has `scanned()`, the calls `scan_plan` names run the scanned view.
       cache_config: the pool's geometry (max_seqs = table rows).
       impl: paged attention's path.
-      scan_layers: run the scanned view; default on the CPU.
+      scan_layers: run the scanned view in every call (True), in none (False), in prefill calls
+        alone ("prefill"), or (None, default) in every call on the CPU and in none elsewhere
+        (`scan_plan`).
       launcher_thread: make the device calls on the launcher thread; False makes them on the caller's
         (a decode call then holds it until its loop has run: for comparison).
       mesh: the pools sharded over kv heads on its tensor axis (the model's weights on it already).
@@ -214,13 +247,16 @@ class Runner:
         (`buckets`), smaller calls padded up to them.
     """
 
-    def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | None = None,
+    def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | str | None = None,
                  launcher_thread: bool = True, mesh=None, max_tile: int | None = None, min_prefill_tokens: int = 16,
                  min_decode_rows: int = 8):
-        scan = jax.default_backend() == "cpu" if scan_layers is None else scan_layers
-        graphdef, params = nnx.split(model.scanned() if scan and hasattr(model, "scanned") else model)
-        self.leaves, treedef = jax.tree.flatten(params)
-        self._prefill, self._decode, self._executables = _compiled(graphdef, treedef)
+        self.scan = scan_plan(model, scan_layers)
+        views = {scan: model.scanned() if scan else model for scan in set(self.scan)}  # one stacked copy at most
+        splits = {scan: nnx.split(view) for scan, view in views.items()}
+        flat = {scan: jax.tree.flatten(params) for scan, (_, params) in splits.items()}
+        (self.prefill_leaves, prefill_tree), (self.decode_leaves, decode_tree) = (flat[scan] for scan in self.scan)
+        self._prefill, self._decode, self._executables = _compiled((splits[self.scan[0]][0], prefill_tree),
+                                                                   (splits[self.scan[1]][0], decode_tree))
         self._mesh = mesh
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, device_config(cache_config, mesh)) == "kernel"  # they read by length
@@ -329,7 +365,7 @@ class Runner:
                                                    max_len)
 
         def run():
-            self.state, ok, out = self._program(self._prefill, key, (self.leaves, self.state, *args), statics)
+            self.state, ok, out = self._program(self._prefill, key, (self.prefill_leaves, self.state, *args), statics)
             return ok, out
 
         return jax.device_get(self._launch(run).result())  # one transfer
@@ -388,15 +424,16 @@ class Runner:
             for decoded in ((0, c.max_seqs) if mixed else (0,)):
                 packed = pack_chunks([[0] * size], [c.max_seqs], c.max_seqs, self.tile_tokens, size)  # its shapes
                 decode_inputs, cols = no_rows.inputs(decoded, c.max_seqs, columns) if decoded else (None, columns)
-                programs.append((self._prefill, *self._prefill_program(
+                programs.append((self._prefill, self.prefill_leaves, *self._prefill_program(
                     table, lens, packed, np.zeros(samples, np.int32), cols, decode_inputs, switches,
                     self._read_bound(1))))
         for switches, rows in itertools.product(switch_sets, decode_sizes):
             fixed, carry = _decode_arrays([], [], [], [], [], [], [], [], None, rows, c.max_seqs)
             options = dict(impl=self.impl, max_len=self._read_bound(1), steps=decode_steps, **switches)
-            programs.append((self._decode, *self._decode_program(table, lens, carry, fixed, options), options))
-        lowered = {self._executable_key(key): jitted.lower(self.leaves, self.state, *args, **statics)
-                   for jitted, key, args, statics in programs
+            programs.append((self._decode, self.decode_leaves, *self._decode_program(table, lens, carry, fixed, options),
+                             options))
+        lowered = {self._executable_key(key): jitted.lower(leaves, self.state, *args, **statics)
+                   for jitted, leaves, key, args, statics in programs
                    if self._executable_key(key) not in self._executables}
         with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             compiling = {pool.submit(program.compile): key for key, program in lowered.items()}
@@ -465,7 +502,7 @@ class Runner:
 
     def _run_decode(self, table, lens, carry, fixed, options):
         key, args = self._decode_program(table, lens, carry, fixed, options)
-        self.state, ok, outputs, carry = self._program(self._decode, key, (self.leaves, self.state, *args), options)
+        self.state, ok, outputs, carry = self._program(self._decode, key, (self.decode_leaves, self.state, *args), options)
         return ok, outputs, carry
 
     def _decode_program(self, table, lens, carry, fixed, options):
