@@ -10,7 +10,10 @@ A model step over a cache makes one call before its layers and one in each layer
 fixes the slots each token lands in) and returns a `Step`: the positions of the new tokens and
 whatever each layer needs to write and read them. `attend` writes one layer's K and V for those
 tokens and returns causal attention of q over everything the row holds. A model needs nothing
-else, and knows no cache's internals: `examples/gpt2.py` is a second model family on it.
+else, and knows no cache's internals: `examples/gpt2.py` is a second model family on it. (One
+optional call: `PagedKVState.attend_groups(layer, [(q, k, v, step), ...])`, for a step of two
+groups of rows, the engine's decode rows and prefill chunks, writes every group's K and V before
+any group's attention; a model falls back to `attend` per group where a cache lacks it.)
 
 Implementations: `PagedKVState` and `ContiguousKVState` (pytrees: usable inside `jax.jit` and
 `lax.scan`, each call returns a new cache), `KVCache` and `PagedKVCacheAdapter` (the seed's stateful

@@ -117,6 +117,30 @@ class PagedKVState:
         return out, state
 
 
+    def attend_groups(self, layer, groups):
+        """`attend` for groups of rows of one step (the engine's decode rows and prefill chunks): writes
+        every group's k, v, then attends each group's q; groups is a list of (q, k, v, Step), as
+        `attend` takes them. The rows of different groups hold different blocks, so this is
+        attending group by group; but with the writes ahead, no write follows a read of the pools
+        in the layer, which XLA otherwise may not order in a scanned loop over layers: it copied
+        both pools in each layer (on an H200, 12x the time of llama-1b's mixed calls:
+        benchmarks/NOTES.md). Returns ([out [B, T, H, D] per group], state)."""
+        if self.mesh is not None:
+            outs, state = [], self
+            for group in groups:
+                out, state = state.attend(layer, *group)
+                outs.append(out)
+            return outs, state
+        from jaxpaged.attention import paged_attention
+        from jaxpaged.ops import write_slots
+
+        state = self
+        for _, k, v, step in groups:
+            state = write_slots(state, layer, step.slots, k, v)
+        return [paged_attention(q, state, layer, step.seq_idx, step.positions, max_len=step.max_len, impl=step.impl)
+                for q, _, _, step in groups], state
+
+
 def init_allocator(num_blocks: int) -> BlockAllocatorState:
     """All blocks free; they leave the stack from the top, block 0 first."""
     return BlockAllocatorState(

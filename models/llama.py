@@ -89,9 +89,10 @@ class MixedStep:
     each and prefill chunks, their Steps from `begin_step` and `begin_packed_step`. The token-wise
     work (norms, projections, MLP) runs on the tokens of both as one flat [1, Bd + Np, E] array, each
     weight read once: the decode rows' tokens, then the chunks' packed one after another, each chunk
-    padded to whole tiles of Q tokens. Attention runs per group: a decode row is never padded to a
-    chunk, and the chunks' q, k and v are their packed tokens viewed as tiles [Bt, Q] (a reshape, no
-    gather), each tile a row of the prefill kernel reading its chunk's blocks."""
+    padded to whole tiles of Q tokens. Attention runs per group, after both groups' K/V are written
+    (the cache's `attend_groups`, where it has one): a decode row is never padded to a chunk, and
+    the chunks' q, k and v are their packed tokens viewed as tiles [Bt, Q] (a reshape, no gather),
+    each tile a row of the prefill kernel reading its chunk's blocks."""
 
     decode: Step | None  # positions [Bd, 1]; None where no row decodes
     prefill: Step  # the tiles: positions [Bt, Q]
@@ -120,18 +121,29 @@ class Attention(nnx.Module):
         if not isinstance(step, MixedStep):
             out, cache = self._attend(q, k, v, cache, layer, step)
             return self.o_proj(out), cache
-        outs, decoded = [], step.decoded
-        if step.decode is not None:
-            out, cache = self._attend(*(y[0, :decoded, None] for y in (q, k, v)), cache, layer, step.decode)
-            outs.append(out[:, 0])  # [Bd, H * D]
-        tiles, tile_tokens = step.prefill.positions.shape
-        chunks = [y[0, decoded:].reshape(tiles, tile_tokens, -1) for y in (q, k, v)]  # [Bt, Q, .]
-        out, cache = self._attend(*chunks, cache, layer, step.prefill)
-        outs.append(out.reshape(tiles * tile_tokens, -1))  # [Np, H * D]
-        return self.o_proj(jnp.concatenate(outs)[None]), cache
+        decoded, tiles, tile_tokens = step.decoded, *step.prefill.positions.shape
+        groups = [] if step.decode is None else [(*(y[0, :decoded, None] for y in (q, k, v)), step.decode)]
+        groups.append((*(y[0, decoded:].reshape(tiles, tile_tokens, -1) for y in (q, k, v)), step.prefill))  # [Bt, Q, .]
+        groups = [self._heads(*group) for group in groups]
+        if hasattr(cache, "attend_groups"):  # every group's K/V written, then each group's attention
+            outs, cache = cache.attend_groups(layer, groups)
+        else:
+            outs = []
+            for group in groups:
+                out, cache = cache.attend(layer, *group)
+                outs.append(out)
+        flat = [out.reshape(-1, out.shape[-2] * out.shape[-1]) for out in outs]  # [Bd, H * D], [Np, H * D]
+        return self.o_proj(jnp.concatenate(flat)[None]), cache
 
     def _attend(self, q, k, v, cache, layer, step: Step):
         """Attention of one group of rows: q [B, T, H * D], k and v [B, T, K * D] -> [B, T, H * D]."""
+        batch, num_tokens, _ = q.shape
+        out, cache = cache.attend(layer, *self._heads(q, k, v, step))  # the cache protocol: write K/V, attend
+        return out.reshape(batch, num_tokens, -1), cache
+
+    def _heads(self, q, k, v, step: Step):
+        """q [B, T, H * D], k and v [B, T, K * D] as heads [B, T, H or K, D], normed (Qwen3) and
+        rotated at the step's positions; with the step, the arguments of the cache's `attend`."""
         c = self.config
         batch, num_tokens, _ = q.shape
         q = q.reshape(batch, num_tokens, c.num_heads, c.head_dim)  # [B, T, H, D]
@@ -140,8 +152,7 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, step.positions, c.rope_theta), apply_rope(k, step.positions, c.rope_theta)
-        out, cache = cache.attend(layer, q, k, v, step)  # the cache protocol: write this layer's K/V, attend
-        return out.reshape(batch, num_tokens, c.num_heads * c.head_dim), cache
+        return q, k, v, step
 
 
 class MLP(nnx.Module):

@@ -88,6 +88,23 @@ def test_scanned_prefill_calls_and_unrolled_decode_calls_give_each_requests_toke
         _engine(model, scan_layers="decode")
 
 
+def test_no_compiled_program_copies_a_pool(model):
+    """The programs of a warm-up, layers scanned (each layer a loop step) and prefill calls with decode
+    rows among them: no instruction copies a pool; the pools are written in place. (A mixed call
+    that wrote the chunks' K/V after the decode rows' attention had read the pools copied both
+    pools in every layer, here and on an H200.)"""
+    import re
+
+    engine = _engine(model, num_blocks=160, min_prefill_tokens=64)  # a pool of a shape no other array has
+    assert engine.warm_up(sampling=False) == 3
+    shape = ",".join(map(str, engine.runner.state.pools.k.shape))
+    copying = re.compile(rf"= f32\[{shape}\]\S* (copy|copy-start)\(")
+    texts = [executable.as_text() for (_, config, _), executable in engine.runner._executables.items()
+             if config == engine.cache_config]
+    assert len(texts) == 3 and all(f"f32[{shape}]" in text for text in texts)
+    assert not [line for text in texts for line in text.splitlines() if copying.search(line)]
+
+
 def test_a_packed_prefill_call_has_one_shape_per_power_of_two_of_its_tokens():
     """Chunks packed in tiles: the shapes depend on the padded token count alone, not on how many
     chunks there are or how long the longest is; every token lies in its chunk's tiles, in order."""
