@@ -196,7 +196,7 @@ def main():
     parser.add_argument("--static-group", type=int, default=64, help="0 skips the static generate peer")
     parser.add_argument("--scan-layers", choices=("auto", "on", "off", "prefill"), default="auto",
                         help="run the layers as one scanned body in every call (on), in none (off), in prefill "
-                             "calls (prefill); auto: every call on the CPU, none on a GPU")
+                             "calls (prefill); auto: every call on the CPU, prefill calls on a GPU")
     parser.add_argument("--no-mixed", action="store_true",
                         help="prefill and decode in separate calls (the engine's mixed_batches=False)")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",

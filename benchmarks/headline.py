@@ -35,6 +35,7 @@ ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
 ENGINE_ROWS = "archive/engine_llama-1b_AC_rows_H200.json"  # before packed prefill in tiles: chunks in [Bp, T] rows
 ENGINE_PEERS = "engine_llama-1b_A_peers_H200.json"  # A with the static generate and transformers in one run
+ENGINE_SCANNED = "engine_llama-1b_A_scanned_prefill_H200.json"  # prefill calls scanned: every program ahead in 58 s
 ENGINE_MODELS = (("qwen3-0.6b", "engine_qwen3-0.6b_A_H200.json"), ("llama-8b", "engine_llama-8b_A_H200.json"))
 SERVE = "serve_llama-1b_H200.json"
 SERVE_BEFORE = "archive/serve_llama-1b_before_warm_up_H200.json"  # the first server run
@@ -283,9 +284,11 @@ def headline_engine(results):
                    f"of 256 completed, {c['requests_equal_to_A']} equal to A's tokens", source, c,
                    f"A: {run['A']['output_tokens_per_second']:,.0f}", run["A"]["output_tokens_per_second"])
 
-    peers = load(results, ENGINE_PEERS)
+    peers, scanned = load(results, ENGINE_PEERS), load(results, ENGINE_SCANNED)
     manager = peers["A_transformers"]
     table = [
+        row("A, prefill calls on the scanned layers, decode calls on the unrolled ones (the default now), every "
+            "program compiled ahead on threads", ENGINE_SCANNED, scanned["A"], *versus_static(scanned)),
         row("A with both peers in one run (64-bit pool offsets, every program compiled ahead one by one, a slower "
             "host: see below)", ENGINE_PEERS, peers["A"], *versus_static(peers)),
         row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own length",

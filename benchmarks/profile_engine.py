@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--no-overlap", action="store_true", help="read each decode call before starting the next")
     parser.add_argument("--scan-layers", choices=("auto", "on", "off", "prefill"), default="auto",
                         help="run the layers as one scanned body in every call (on), in none (off), in prefill "
-                             "calls (prefill); auto: every call on the CPU, none on a GPU")
+                             "calls (prefill); auto: every call on the CPU, prefill calls on a GPU")
     args = parser.parse_args()
 
     model = MiniLLM(preset(args.model), rngs=nnx.Rngs(0))

@@ -172,15 +172,15 @@ def scan_plan(model, scan_layers: bool | str | None) -> tuple[bool, bool]:
     layer body compiled instead of L) rather than its unrolled layers.
 
     scan_layers: True or False for both; "prefill" for prefill calls alone; None (default) for the
-    backend's choice: both on the CPU, neither elsewhere. On an H200, llama-1b's warm-up compiled
-    every program in 48 s scanned against 154 s unrolled, but workload A ran 3x slower: the scanned
-    prefill calls took 12x as long (decode calls copy each layer's weights out of the [L, ...]
-    stack every step, and lost less: benchmarks/NOTES.md)."""
+    backend's choice: both on the CPU, prefill alone elsewhere. A scanned call copies each layer's
+    weights out of the [L, ...] stack: once per call in a prefill call, but in every step of a decode
+    call's loop. On an H200 (llama-1b, workload A, benchmarks/NOTES.md), compiling every program
+    ahead took 154 s unrolled and 58 s with prefill scanned, and A ran as fast (33,827 output
+    tokens/s against 33,366 unrolled); every call scanned compiled in 48 s but ran A at 11,195."""
     if not hasattr(model, "scanned"):
         return False, False
     if scan_layers is None:
-        scan = jax.default_backend() == "cpu"
-        return scan, scan
+        return True, jax.default_backend() == "cpu"
     if scan_layers == "prefill":
         return True, False
     if not isinstance(scan_layers, bool):
@@ -235,8 +235,8 @@ class Runner:
       cache_config: the pool's geometry (max_seqs = table rows).
       impl: paged attention's path.
       scan_layers: run the scanned view in every call (True), in none (False), in prefill calls
-        alone ("prefill"), or (None, default) in every call on the CPU and in none elsewhere
-        (`scan_plan`).
+        alone ("prefill"), or (None, default) in every call on the CPU and in prefill calls alone
+        elsewhere (`scan_plan`).
       launcher_thread: make the device calls on the launcher thread; False makes them on the caller's
         (a decode call then holds it until its loop has run: for comparison).
       mesh: the pools sharded over kv heads on its tensor axis (the model's weights on it already).
@@ -405,7 +405,8 @@ class Runner:
         power of two of packed tokens up to the budget's (with and without decode rows where
         `mixed`), and a decode call for each power of two of rows, all on padding rows. Each is
         traced here, then compiled on a pool of threads (XLA compiles without the interpreter lock:
-        on an H200, llama-1b's 26 programs took 154 s on threads and 196 s one by one); the calls
+        on an H200, llama-1b's 26 programs took 58 s on threads with the prefill programs scanned,
+        154 s with every program unrolled, 196 s unrolled and one by one); the calls
         run the compiled executables. On the reference attention path only the shortest read bound
         is covered (the kernels read by length and have one). progress: called after each program.
         Returns the programs compiled."""
