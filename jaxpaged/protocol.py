@@ -13,7 +13,8 @@ tokens and returns causal attention of q over everything the row holds. A model 
 else, and knows no cache's internals: `examples/gpt2.py` is a second model family on it. (One
 optional call: `PagedKVState.attend_groups(layer, [(q, k, v, step), ...])`, for a step of two
 groups of rows, the engine's decode rows and prefill chunks, writes every group's K and V before
-any group's attention; a model falls back to `attend` per group where a cache lacks it.)
+any group's attention (on a mesh, group by group); a model falls back to `attend` per group where
+a cache lacks it.)
 
 Implementations: `PagedKVState` and `ContiguousKVState` (pytrees: usable inside `jax.jit` and
 `lax.scan`, each call returns a new cache), `KVCache` and `PagedKVCacheAdapter` (the seed's stateful

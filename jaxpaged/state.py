@@ -120,11 +120,13 @@ class PagedKVState:
     def attend_groups(self, layer, groups):
         """`attend` for groups of rows of one step (the engine's decode rows and prefill chunks): writes
         every group's k, v, then attends each group's q; groups is a list of (q, k, v, Step), as
-        `attend` takes them. The rows of different groups hold different blocks, so this is
-        attending group by group; but with the writes ahead, no write follows a read of the pools
-        in the layer, which XLA otherwise may not order in a scanned loop over layers: it copied
-        both pools in each layer (on an H200, 12x the time of llama-1b's mixed calls:
-        benchmarks/NOTES.md). Returns ([out [B, T, H, D] per group], state)."""
+        `attend` takes them. It equals `attend` group by group where no group writes a slot that
+        another group's rows read (the engine's groups are different sequences, each writing only
+        blocks it alone holds); with the writes ahead, no write follows a read of the pools in the
+        layer, which XLA otherwise may not order in a scanned loop over layers: it copied both
+        pools in each layer (on an H200, 12x the time of llama-1b's mixed calls:
+        benchmarks/NOTES.md). On a mesh it attends group by group. Returns ([out [B, T, H, D] per
+        group], state)."""
         if self.mesh is not None:
             outs, state = [], self
             for group in groups:

@@ -55,6 +55,7 @@ def test_every_benchmark_answers_help(script, help_answers):
     assert stdout.startswith("usage:")
 
 
+@pytest.mark.slow
 def test_attention_benchmark_smoke_writes_prefill_and_chunked_prefill(tmp_path):
     result = _run("benchmarks/attention.py", "--quick", "--interpret", "--only", "prefill", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr

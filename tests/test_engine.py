@@ -77,6 +77,7 @@ def test_scanned_prefill_calls_and_unrolled_decode_calls_give_each_requests_toke
     engine = _engine(model, scan_layers="prefill")
     runner = engine.runner
     assert runner.scan == (True, False) and scan_plan(model, None) == (True, True)  # the CPU's default
+    assert scan_plan(model.scanned(), True) == (False, False), "a view already scanned runs as it is"
     own = jax.tree.leaves(nnx.state(model))
     assert all(any(leaf is mine for mine in own) for leaf in runner.decode_leaves), "decode runs the model's arrays"
     stacked = [leaf for leaf in runner.prefill_leaves if leaf.ndim and leaf.shape[0] == model.config.num_layers]

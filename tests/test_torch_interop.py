@@ -30,7 +30,7 @@ def max_difference(ours, theirs) -> float:
     return float((ours.float() - theirs.float()).abs().nan_to_num(float("inf")).max())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [d if d == "float32" else pytest.param(d, marks=pytest.mark.slow) for d in DTYPES])
 def test_random_operations_match_the_torch_paged_cache_bit_for_bit(dtype):
     rng = np.random.default_rng({"float32": 1, "float16": 2, "bfloat16": 3}[dtype])
     config = jp.CacheConfig(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM, num_blocks=16, dtype=dtype)
@@ -111,7 +111,7 @@ def _twins(dtype):
     return model, twin
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 0.1)])
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), pytest.param("bfloat16", 0.1, marks=pytest.mark.slow)])
 def test_minillm_matches_its_torch_twin_through_every_cache(dtype, tolerance):
     """Prefill of a ragged batch, then 16 decode steps; logits compared at every step.
 

@@ -87,7 +87,7 @@ class Engine:
       impl: paged attention's path ("auto", "kernel", "reference").
       scan_layers: run the model's layers as one scanned body (fast to compile) in every call (True),
         in none (False), in prefill calls alone ("prefill"), or (None, default) in every call on the
-        CPU and in prefill calls alone on other backends (`runner.scan_plan`; the stacked copy of the layer weights is taken out of the
+        CPU and in prefill calls alone on a GPU without a mesh (`runner.scan_plan`; the stacked copy of the layer weights is taken out of the
         pool's memory).
       decode_steps: decode steps per device call.
       kv_dtype: "int8" or "float8_e4m3fn" for 8-bit pools with scales (`CacheConfig.kv_dtype`);
@@ -125,7 +125,7 @@ class Engine:
                                               kv_dtype=kv_dtype)
         if num_blocks is None:  # what fits, but no more than every row at max_model_len can use
             devices = tensor_parallel(mesh)  # a device holds its kv heads of each block
-            reserved = scanned_bytes(model, scan_plan(model, scan_layers))  # the runner's stacked copy, made later
+            reserved = scanned_bytes(model, scan_plan(model, scan_layers, mesh))  # the runner's stacked copy, made later
             fit = _blocks_that_fit(shape.bytes_per_block // devices, gpu_memory_utilization, reserved)
             num_blocks = min(fit or max_num_seqs * blocks_per_seq, max_num_seqs * blocks_per_seq)
             if impl != "reference" and jax.default_backend() == "gpu":  # as many as the kernels address

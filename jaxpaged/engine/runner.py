@@ -167,24 +167,28 @@ def _compiled(prefill_structure, decode_structure):
             {})
 
 
-def scan_plan(model, scan_layers: bool | str | None) -> tuple[bool, bool]:
+def scan_plan(model, scan_layers: bool | str | None, mesh=None) -> tuple[bool, bool]:
     """Whether prefill calls and decode calls run the model's scanned view (`MiniLLM.scanned`: one
     layer body compiled instead of L) rather than its unrolled layers.
 
     scan_layers: True or False for both; "prefill" for prefill calls alone; None (default) for the
-    backend's choice: both on the CPU, prefill alone elsewhere. A scanned call copies each layer's
-    weights out of the [L, ...] stack: once per call in a prefill call, but in every step of a decode
-    call's loop. On an H200 (llama-1b, workload A, benchmarks/NOTES.md), compiling every program
-    ahead took 154 s unrolled and 58 s with prefill scanned, and A ran as fast (33,827 output
-    tokens/s against 33,366 unrolled); every call scanned compiled in 48 s but ran A at 11,195."""
-    if not hasattr(model, "scanned"):
+    backend's choice: both on the CPU, prefill alone on a GPU without a mesh, neither elsewhere. A
+    scanned call copies each layer's weights out of the [L, ...] stack: once per call in a prefill
+    call, but in every step of a decode call's loop. On an H200 (llama-1b, workload A,
+    benchmarks/NOTES.md), compiling every program ahead took 154 s unrolled and 58 s with prefill
+    scanned, and A ran as fast (33,827 output tokens/s against 33,366 unrolled); every call
+    scanned compiled in 48 s but ran A at 11,195. (On a mesh a mixed call attends group by group,
+    whose pool copies in a scanned loop were not measured there.) A model without layers to stack
+    (no `scanned`, or a view already scanned) runs as it is: (False, False)."""
+    if scan_layers is not None and scan_layers != "prefill" and not isinstance(scan_layers, bool):
+        raise ValueError(f'scan_layers: True, False, "prefill" or None, got {scan_layers!r}')
+    if not hasattr(model, "scanned") or not isinstance(getattr(model, "layers", None), nnx.List):
         return False, False
     if scan_layers is None:
-        return True, jax.default_backend() == "cpu"
+        backend = jax.default_backend()
+        return backend == "cpu" or (backend == "gpu" and mesh is None), backend == "cpu"
     if scan_layers == "prefill":
         return True, False
-    if not isinstance(scan_layers, bool):
-        raise ValueError(f'scan_layers: True, False, "prefill" or None, got {scan_layers!r}')
     return scan_layers, scan_layers
 
 
@@ -236,7 +240,7 @@ class Runner:
       impl: paged attention's path.
       scan_layers: run the scanned view in every call (True), in none (False), in prefill calls
         alone ("prefill"), or (None, default) in every call on the CPU and in prefill calls alone
-        elsewhere (`scan_plan`).
+        on a GPU without a mesh (`scan_plan`).
       launcher_thread: make the device calls on the launcher thread; False makes them on the caller's
         (a decode call then holds it until its loop has run: for comparison).
       mesh: the pools sharded over kv heads on its tensor axis (the model's weights on it already).
@@ -250,7 +254,7 @@ class Runner:
     def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | str | None = None,
                  launcher_thread: bool = True, mesh=None, max_tile: int | None = None, min_prefill_tokens: int = 16,
                  min_decode_rows: int = 8):
-        self.scan = scan_plan(model, scan_layers)
+        self.scan = scan_plan(model, scan_layers, mesh)
         views = {scan: model.scanned() if scan else model for scan in set(self.scan)}  # one stacked copy at most
         splits = {scan: nnx.split(view) for scan, view in views.items()}
         flat = {scan: jax.tree.flatten(params) for scan, (_, params) in splits.items()}
