@@ -252,6 +252,7 @@ def test_bench_runs_a_small_workload_and_writes_its_row(tmp_path, capsys):
     assert "A: 4 requests" in err
 
 
+@pytest.mark.slow
 def test_train_then_generate_the_pattern_through_the_paged_cache(tmp_path, capsys):
     text = tmp_path / "pattern.txt"
     text.write_text(PATTERN * 60)

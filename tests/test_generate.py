@@ -59,6 +59,7 @@ def test_pool_too_small_is_a_clear_error(model):
         generate(model, PROMPTS, max_new_tokens=30, block_size=8, num_blocks=4)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_greedy_at_its_limits(model):
     greedy = generate(model, PROMPTS, max_new_tokens=8).tokens
     assert generate(model, PROMPTS, max_new_tokens=8, sampling=SamplingParams(temperature=1.0, top_k=1)).tokens == greedy

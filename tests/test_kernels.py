@@ -64,8 +64,9 @@ def _reference(q, k_pool, v_pool, tables, lengths, layer, num_blocks):
     return np.asarray(attend(q.astype(jnp.float32)[:, None], jnp.asarray(k), jnp.asarray(v), lens[:, None] - 1, lens))[:, 0]
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(4, 4, 64, 8), (8, 2, 64, 16), (9, 3, 64, 16),
-                                                                  (32, 4, 128, 32)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
+    pytest.param(4, 4, 64, 8, marks=pytest.mark.slow), pytest.param(8, 2, 64, 16, marks=pytest.mark.slow), (9, 3, 64, 16),
+    (32, 4, 128, 32)])
 def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, block_size):
     rng = np.random.default_rng(heads * 100 + block_size)
     lengths = [1, block_size, 3 * block_size + 5, 0]

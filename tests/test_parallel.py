@@ -222,6 +222,7 @@ def test_tensor_and_data_parallel_runs_give_one_devices_tokens_and_logits(name):
         assert len(cache.pools.k.addressable_shards) == data * tensor
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_generate_and_the_command_on_a_mesh_give_one_devices_tokens(tmp_path, capsys, monkeypatch):
     from jaxpaged.models import cli
@@ -329,6 +330,7 @@ def test_a_compiled_decode_step_all_reduces_twice_a_layer_and_moves_no_pool():
             assert np.prod(dims) < pool_shard, (where, shape)  # nothing of a pool's size crosses devices
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_loaders_read_each_weight_into_its_shards(tmp_path):
     from model_files import write_llama_gguf
