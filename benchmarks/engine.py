@@ -189,14 +189,22 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile only the programs the untimed run meets, not every shape bucket ahead")
 
 
+SCAN_LAYERS = {"auto": None, "on": True, "off": False, "prefill": "prefill"}  # --scan-layers -> Engine(scan_layers=)
+
+
+def scan_layers_argument(parser: argparse.ArgumentParser) -> None:
+    """--scan-layers (this script's and profile_engine.py's): the engine's scan_layers, by name in SCAN_LAYERS."""
+    parser.add_argument("--scan-layers", choices=tuple(SCAN_LAYERS), default="auto",
+                        help="run the layers as one scanned body in every call (on), in none (off), in prefill "
+                             "calls (prefill); auto: every call on the CPU, prefill calls on a GPU")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_arguments(parser)
     parser.add_argument("--workloads", nargs="+", default=["A", "B", "C"], choices=("A", "B", "C"))
     parser.add_argument("--static-group", type=int, default=64, help="0 skips the static generate peer")
-    parser.add_argument("--scan-layers", choices=("auto", "on", "off", "prefill"), default="auto",
-                        help="run the layers as one scanned body in every call (on), in none (off), in prefill "
-                             "calls (prefill); auto: every call on the CPU, prefill calls on a GPU")
+    scan_layers_argument(parser)
     parser.add_argument("--no-mixed", action="store_true",
                         help="prefill and decode in separate calls (the engine's mixed_batches=False)")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -222,7 +230,7 @@ def main():
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, mixed_batches=not args.no_mixed, num_blocks=args.num_blocks,
                        min_prefill_tokens=args.min_prefill_tokens, min_decode_rows=args.min_decode_rows,
-                       scan_layers={"auto": None, "on": True, "off": False, "prefill": "prefill"}[args.scan_layers])
+                       scan_layers=SCAN_LAYERS[args.scan_layers])
     engine_model = model
     if args.tensor_parallel > 1:
         from jaxpaged.models.parallel import shard_model

@@ -65,6 +65,17 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def attend_each(cache, layer, groups):
+    """`attend` for each group of rows of one step, one after another: groups is a list of (q, k, v,
+    Step). Returns ([out [B, T, H, D] per group], cache). (What `PagedKVState.attend_groups` does
+    in one write and then the reads, for a cache without it.)"""
+    outs = []
+    for group in groups:
+        out, cache = cache.attend(layer, *group)
+        outs.append(out)
+    return outs, cache
+
+
 class KVCacheProtocol(Protocol):
     """What a model needs of a KV cache (see the module docstring)."""
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from jaxpaged import checks
 from jaxpaged.config import CacheConfig
-from jaxpaged.protocol import Step, check_impl, new_positions
+from jaxpaged.protocol import Step, attend_each, check_impl, new_positions
 from jaxpaged.quant import SCALE_DTYPE
 
 
@@ -116,7 +116,6 @@ class PagedKVState:
         out = paged_attention(q, state, layer, step.seq_idx, step.positions, max_len=step.max_len, impl=step.impl)
         return out, state
 
-
     def attend_groups(self, layer, groups):
         """`attend` for groups of rows of one step (the engine's decode rows and prefill chunks): writes
         every group's k, v, then attends each group's q; groups is a list of (q, k, v, Step), as
@@ -128,11 +127,7 @@ class PagedKVState:
         benchmarks/NOTES.md). On a mesh it attends group by group. Returns ([out [B, T, H, D] per
         group], state)."""
         if self.mesh is not None:
-            outs, state = [], self
-            for group in groups:
-                out, state = state.attend(layer, *group)
-                outs.append(out)
-            return outs, state
+            return attend_each(self, layer, groups)
         from jaxpaged.attention import paged_attention
         from jaxpaged.ops import write_slots
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxpaged.protocol import NoCache, Step
+from jaxpaged.protocol import NoCache, Step, attend_each
 from jaxpaged.models.config import ModelConfig
 
 
@@ -128,10 +128,7 @@ class Attention(nnx.Module):
         if hasattr(cache, "attend_groups"):  # every group's K/V written, then each group's attention
             outs, cache = cache.attend_groups(layer, groups)
         else:
-            outs = []
-            for group in groups:
-                out, cache = cache.attend(layer, *group)
-                outs.append(out)
+            outs, cache = attend_each(cache, layer, groups)
         flat = [out.reshape(-1, out.shape[-2] * out.shape[-1]) for out in outs]  # [Bd, H * D], [Np, H * D]
         return self.o_proj(jnp.concatenate(flat)[None]), cache
 

@@ -87,8 +87,8 @@ class Engine:
       impl: paged attention's path ("auto", "kernel", "reference").
       scan_layers: run the model's layers as one scanned body (fast to compile) in every call (True),
         in none (False), in prefill calls alone ("prefill"), or (None, default) in every call on the
-        CPU and in prefill calls alone on a GPU without a mesh (`runner.scan_plan`; the stacked copy of the layer weights is taken out of the
-        pool's memory).
+        CPU and in prefill calls alone on a GPU without a mesh (`runner.scan_plan`; the stacked copy
+        of the layer weights is taken out of the pool's memory).
       decode_steps: decode steps per device call.
       kv_dtype: "int8" or "float8_e4m3fn" for 8-bit pools with scales (`CacheConfig.kv_dtype`);
         default the model's dtype.

@@ -255,12 +255,12 @@ class Runner:
                  launcher_thread: bool = True, mesh=None, max_tile: int | None = None, min_prefill_tokens: int = 16,
                  min_decode_rows: int = 8):
         self.scan = scan_plan(model, scan_layers, mesh)
-        views = {scan: model.scanned() if scan else model for scan in set(self.scan)}  # one stacked copy at most
-        splits = {scan: nnx.split(view) for scan, view in views.items()}
-        flat = {scan: jax.tree.flatten(params) for scan, (_, params) in splits.items()}
-        (self.prefill_leaves, prefill_tree), (self.decode_leaves, decode_tree) = (flat[scan] for scan in self.scan)
-        self._prefill, self._decode, self._executables = _compiled((splits[self.scan[0]][0], prefill_tree),
-                                                                   (splits[self.scan[1]][0], decode_tree))
+        views = {scan: nnx.split(model.scanned() if scan else model) for scan in set(self.scan)}  # one stack at most
+        (prefill_graph, prefill_params), (decode_graph, decode_params) = (views[scan] for scan in self.scan)
+        self.prefill_leaves, prefill_tree = jax.tree.flatten(prefill_params)
+        self.decode_leaves, decode_tree = jax.tree.flatten(decode_params)
+        self._prefill, self._decode, self._executables = _compiled((prefill_graph, prefill_tree),
+                                                                   (decode_graph, decode_tree))
         self._mesh = mesh
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, device_config(cache_config, mesh)) == "kernel"  # they read by length
