@@ -175,9 +175,9 @@ def scan_plan(model, scan_layers: bool | str | None, mesh=None) -> tuple[bool, b
     backend's choice: both on the CPU, prefill alone on a GPU without a mesh, neither elsewhere. A
     scanned call copies each layer's weights out of the [L, ...] stack: once per call in a prefill
     call, but in every step of a decode call's loop. On an H200 (llama-1b, workload A,
-    benchmarks/NOTES.md), compiling every program ahead took 154 s unrolled and 58 s with prefill
-    scanned, and A ran as fast (33,827 output tokens/s against 33,366 unrolled); every call
-    scanned compiled in 48 s but ran A at 11,195. (On a mesh a mixed call attends group by group,
+    benchmarks/NOTES.md), compiling every program ahead took 58 s with prefill scanned (154 s
+    unrolled, an earlier run) and A ran 33,827 output tokens/s; in another call, every call scanned
+    compiled in 48 s but ran A at 11,195, where the unrolled engine ran 33,366. (On a mesh a mixed call attends group by group,
     whose pool copies in a scanned loop were not measured there.) A model without layers to stack
     (no `scanned`, or a view already scanned) runs as it is: (False, False)."""
     if scan_layers is not None and scan_layers != "prefill" and not isinstance(scan_layers, bool):
