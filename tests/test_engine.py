@@ -130,6 +130,35 @@ def test_a_packed_prefill_call_has_one_shape_per_power_of_two_of_its_tokens():
     assert floored.tokens.shape == (128,) and floored.tile_row.tolist() == [0, 0] + [4] * 6
 
 
+def test_the_benchmarks_timed_engine_takes_the_untimed_engines_pool_and_compiles_nothing(model, monkeypatch):
+    """A pool sized from free memory comes out smaller while an earlier engine holds its own: the
+    benchmark's timed engine must still get the pool, and so the programs, that the untimed one
+    compiled ahead; else its calls go through jit and their compilation is timed as running."""
+    import jaxpaged.engine.bench as bench
+    import jaxpaged.engine.engine as engine_module
+
+    free = iter([48, 40])  # the blocks that fit at each sizing: fewer once a pool is held
+    monkeypatch.setattr(engine_module, "_blocks_that_fit", lambda *args, **kwargs: next(free))
+    made, jitted = [], []
+
+    def llm(*args, **kwargs):
+        if made:  # the timed engine: what jit had compiled by then
+            jitted.extend([made[0].engine.runner._prefill._cache_size(), made[0].engine.runner._decode._cache_size()])
+        made.append(bench.LLM.__wrapped__(*args, **kwargs))
+        return made[-1]
+
+    llm.__wrapped__ = bench.LLM
+    monkeypatch.setattr(bench, "LLM", llm)
+    rng = np.random.default_rng(1)
+    prompts, outputs = [rng.integers(0, 250, n).tolist() for n in (5, 12, 20)], [6, 3, 9]
+    run = bench.run_engine(model, prompts, outputs, dict(block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
+                                                         decode_steps=4, max_model_len=128))
+    timed = made[1].engine.runner
+    assert run.stats.total_blocks == 48, "the untimed engine's pool"
+    assert [timed._prefill._cache_size(), timed._decode._cache_size()] == jitted, "the timed run compiled"
+    assert [len(r.outputs[0].token_ids) for r in run.results] == outputs
+
+
 def test_raising_the_smallest_calls_leaves_fewer_shapes_to_compile(model):
     """The shapes the warm-up compiles (`Runner.buckets`): packed prefill tokens from the tile (32 at
     the tiny model's heads and a 64-token budget) or `min_prefill_tokens` up to the budget, decode

@@ -19,6 +19,7 @@ on a GPU, the roofline; `jaxpaged bench` runs them from the installed package.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -110,7 +111,12 @@ def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], 
     start = time.perf_counter()
     untimed.generate(prompts, params_for(outputs), use_tqdm=False)
     untimed_seconds = time.perf_counter() - start
-    engine = LLM(model, **engine_args).engine
+    # The timed engine takes the untimed one's pool (its programs were compiled for that shape): sized
+    # afresh while the untimed pool still held the memory, it would differ and compile again.
+    timed_args = dict(engine_args, num_blocks=untimed.engine.cache_config.num_blocks)
+    del untimed
+    gc.collect()  # its pool, before the timed engine takes its own
+    engine = LLM(model, **timed_args).engine
     for i, (prompt, params) in enumerate(zip(prompts, params_for(outputs))):
         engine.add_request(str(i), prompt, params)
     timeline, done = [], {}
