@@ -192,11 +192,22 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
 SCAN_LAYERS = {"auto": None, "on": True, "off": False, "prefill": "prefill"}  # --scan-layers -> Engine(scan_layers=)
 
 
-def scan_layers_argument(parser: argparse.ArgumentParser) -> None:
-    """--scan-layers (this script's and profile_engine.py's): the engine's scan_layers, by name in SCAN_LAYERS."""
+def runner_arguments(parser: argparse.ArgumentParser) -> None:
+    """--scan-layers and --xla-option (this script's and profile_engine.py's); `runner_options` reads them."""
     parser.add_argument("--scan-layers", choices=tuple(SCAN_LAYERS), default="auto",
                         help="run the layers as one scanned body in every call (on), in none (off), in prefill "
                              "calls (prefill); auto: every call on the CPU, prefill calls on a GPU")
+    parser.add_argument("--xla-option", action="append", default=None, metavar="NAME=VALUE",
+                        help="an XLA option for the engine's compilations (repeatable), e.g. "
+                             "xla_gpu_enable_command_buffer=FUSION,CUBLAS,WHILE")
+
+
+def runner_options(args) -> dict:
+    """The Engine keyword arguments that --scan-layers and --xla-option give."""
+    pairs = [option.split("=", 1) for option in args.xla_option or []]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--xla-option: NAME=VALUE, got {args.xla_option}")
+    return dict(scan_layers=SCAN_LAYERS[args.scan_layers], compiler_options=dict(pairs) or None)
 
 
 def main():
@@ -204,7 +215,7 @@ def main():
     workload_arguments(parser)
     parser.add_argument("--workloads", nargs="+", default=["A", "B", "C"], choices=("A", "B", "C"))
     parser.add_argument("--static-group", type=int, default=64, help="0 skips the static generate peer")
-    scan_layers_argument(parser)
+    runner_arguments(parser)
     parser.add_argument("--no-mixed", action="store_true",
                         help="prefill and decode in separate calls (the engine's mixed_batches=False)")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -230,7 +241,7 @@ def main():
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, mixed_batches=not args.no_mixed, num_blocks=args.num_blocks,
                        min_prefill_tokens=args.min_prefill_tokens, min_decode_rows=args.min_decode_rows,
-                       scan_layers=SCAN_LAYERS[args.scan_layers])
+                       **runner_options(args))
     engine_model = model
     if args.tensor_parallel > 1:
         from jaxpaged.models.parallel import shard_model

@@ -26,7 +26,7 @@ from jaxpaged.models.config import preset
 from jaxpaged.models.llama import MiniLLM
 
 sys.path.insert(0, os.path.dirname(__file__))
-from engine import SCAN_LAYERS, scan_layers_argument  # noqa: E402
+from engine import runner_arguments, runner_options  # noqa: E402
 from timing import device_kernel_times  # noqa: E402
 
 KINDS = (  # first match wins
@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--top", type=int, default=25, help="kernels printed")
     parser.add_argument("--no-overlap", action="store_true", help="read each decode call before starting the next")
-    scan_layers_argument(parser)
+    runner_arguments(parser)
     args = parser.parse_args()
 
     model = MiniLLM(preset(args.model), rngs=nnx.Rngs(0))
@@ -65,7 +65,7 @@ def main():
                                  min(model.config.vocab_size, VOCAB))
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, max_model_len=2 * args.max_len, overlap=not args.no_overlap,
-                       scan_layers=SCAN_LAYERS[args.scan_layers])
+                       **runner_options(args))
     LLM(model, **engine_args).generate(prompts, params_for(outputs), use_tqdm=False)  # compiles every shape
     engine = LLM(model, **engine_args).engine
     calls = collections.defaultdict(list)  # wall seconds of the runner's calls, by kind

@@ -159,6 +159,16 @@ def test_the_benchmarks_timed_engine_takes_the_untimed_engines_pool_and_compiles
     assert [len(r.outputs[0].token_ids) for r in run.results] == outputs
 
 
+def test_compiler_options_reach_every_compilation_and_keep_the_tokens(model, solo):
+    prompts, params = _requests()
+    bad = _engine(model, compiler_options={"no_such_xla_option": "1"})
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        bad.warm_up(sampling=False)
+    engine = _engine(model, compiler_options={"xla_gpu_enable_command_buffer": ""})  # a GPU option; the CPU keeps it
+    assert engine.runner._decode is not _engine(model).runner._decode, "jitted apart from the default options"
+    assert _run(engine, prompts[:2], params[:2]) == solo[:2]
+
+
 def test_raising_the_smallest_calls_leaves_fewer_shapes_to_compile(model):
     """The shapes the warm-up compiles (`Runner.buckets`): packed prefill tokens from the tile (32 at
     the tiny model's heads and a 64-token budget) or `min_prefill_tokens` up to the budget, decode

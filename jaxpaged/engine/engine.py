@@ -101,6 +101,7 @@ class Engine:
       launcher_thread: the runner makes its device calls on a thread of its own (DESIGN.md); False
         makes them on the caller's, for comparison.
       check_integrity: run the block-ownership check after every step (tests).
+      compiler_options: XLA options for the runner's compilations (`Runner`); None: XLA's defaults.
       mesh: a device mesh with a tensor axis (`jaxpaged.parallel.make_mesh(T)`) that the model's
         weights already lie on (`jaxpaged.models.parallel.shard_model`, or a loader's `mesh=`): the
         pools are sharded over kv heads, the host's block manager is unchanged (DESIGN.md).
@@ -112,7 +113,7 @@ class Engine:
                  impl: str = "auto", scan_layers: bool | str | None = None, decode_steps: int = 8,
                  overlap: bool = True, mixed_batches: bool = True, kv_dtype: str | None = None,
                  launcher_thread: bool = True, check_integrity: bool = False, mesh=None, min_prefill_tokens: int = 16,
-                 min_decode_rows: int = 8):
+                 min_decode_rows: int = 8, compiler_options: dict | None = None):
         if mesh is not None:
             if replicas(mesh) > 1:
                 raise ValueError("mesh: the engine takes a tensor axis only (data-parallel replicas: one engine each)")
@@ -138,7 +139,8 @@ class Engine:
             raise ValueError(f"max_num_batched_tokens: at least 1, got {max_num_batched_tokens}")
         self.runner = Runner(model, self.cache_config, impl=impl, scan_layers=scan_layers,
                              launcher_thread=launcher_thread, mesh=mesh, max_tile=max_num_batched_tokens,
-                             min_prefill_tokens=min_prefill_tokens, min_decode_rows=min_decode_rows)
+                             min_prefill_tokens=min_prefill_tokens, min_decode_rows=min_decode_rows,
+                             compiler_options=compiler_options)
         tile = self.runner.tile_tokens or 1
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching),
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -154,16 +154,17 @@ _SWITCHES = ("impl", "max_len", "filtered", "penalised", "random", "banning", "n
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(prefill_structure, decode_structure):
+def _compiled(prefill_structure, decode_structure, compiler_options: tuple):
     """The prefill and decode calls, each jitted with its model structure (graphdef, treedef) bound:
     a structure is hashed once here, not at every call (a 16-layer model's takes milliseconds on the
     host), and the parameters pass as a flat list of arrays. With them, the programs compiled ahead
-    of time (`Runner.warm_up`), by program key: shared by every runner of the structures, as jit's
-    own cache is."""
+    of time (`Runner.warm_up`), by program key: shared by every runner of the structures and
+    options, as jit's own cache is. compiler_options: XLA's (name, value) pairs for both calls."""
+    options = dict(compiler_options) or None
     return (jax.jit(functools.partial(_prefill, *prefill_structure), static_argnames=_SWITCHES,
-                    donate_argnames=("state",)),
+                    donate_argnames=("state",), compiler_options=options),
             jax.jit(functools.partial(_decode, *decode_structure), static_argnames=_SWITCHES + ("steps",),
-                    donate_argnames=("state",)),
+                    donate_argnames=("state",), compiler_options=options),
             {})
 
 
@@ -249,18 +250,22 @@ class Runner:
       min_prefill_tokens, min_decode_rows: the smallest prefill call, in packed tokens, and the
         smallest decode call, in rows (each rounded up to a power of two): fewer programs to compile
         (`buckets`), smaller calls padded up to them.
+      compiler_options: XLA options for every call's compilation ({name: value}, as
+        `jax.jit(compiler_options=)`); None: XLA's defaults.
     """
 
     def __init__(self, model, cache_config: CacheConfig, *, impl: str = "auto", scan_layers: bool | str | None = None,
                  launcher_thread: bool = True, mesh=None, max_tile: int | None = None, min_prefill_tokens: int = 16,
-                 min_decode_rows: int = 8):
+                 min_decode_rows: int = 8, compiler_options: dict | None = None):
         self.scan = scan_plan(model, scan_layers, mesh)
+        self.compiler_options = dict(compiler_options or {})
         views = {scan: nnx.split(model.scanned() if scan else model) for scan in set(self.scan)}  # one stack at most
         (prefill_graph, prefill_params), (decode_graph, decode_params) = (views[scan] for scan in self.scan)
         self.prefill_leaves, prefill_tree = jax.tree.flatten(prefill_params)
         self.decode_leaves, decode_tree = jax.tree.flatten(decode_params)
         self._prefill, self._decode, self._executables = _compiled((prefill_graph, prefill_tree),
-                                                                   (decode_graph, decode_tree))
+                                                                   (decode_graph, decode_tree),
+                                                                   tuple(sorted(self.compiler_options.items())))
         self._mesh = mesh
         self.config, self.impl = cache_config, impl
         self.kernels = choose_impl(impl, device_config(cache_config, mesh)) == "kernel"  # they read by length
