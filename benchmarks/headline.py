@@ -35,6 +35,7 @@ ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
 ENGINE_ROWS = "archive/engine_llama-1b_AC_rows_H200.json"  # before packed prefill in tiles: chunks in [Bp, T] rows
 ENGINE_PEERS = "engine_llama-1b_A_peers_H200.json"  # A with the static generate and transformers in one run
+ENGINE_PEERS_BEFORE = "archive/engine_llama-1b_A_peers_one_by_one_H200.json"  # the same, every program unrolled
 ENGINE_SCANNED = "engine_llama-1b_A_scanned_prefill_H200.json"  # prefill calls scanned: every program ahead in 58 s
 ENGINE_MODELS = (("qwen3-0.6b", "engine_qwen3-0.6b_A_H200.json"), ("llama-8b", "engine_llama-8b_A_H200.json"))
 SERVE = "serve_llama-1b_H200.json"
@@ -284,16 +285,24 @@ def headline_engine(results):
                    f"of 256 completed, {c['requests_equal_to_A']} equal to A's tokens", source, c,
                    f"A: {run['A']['output_tokens_per_second']:,.0f}", run["A"]["output_tokens_per_second"])
 
-    peers, scanned = load(results, ENGINE_PEERS), load(results, ENGINE_SCANNED)
-    manager = peers["A_transformers"]
+    peers, before, scanned = (load(results, name) for name in (ENGINE_PEERS, ENGINE_PEERS_BEFORE, ENGINE_SCANNED))
+
+    def manager_row(name, source, run):
+        manager = run["A_transformers"]
+        return row(name, source, run["A"], f"{manager['tokens_per_second']:,.0f} (all {manager['generated_tokens']:,} "
+                   "tokens asked)", manager["tokens_per_second"])
+
     table = [
-        row("A, prefill calls on the scanned layers, decode calls on the unrolled ones (the default now), every "
-            "program compiled ahead on threads", ENGINE_SCANNED, scanned["A"], *versus_static(scanned)),
-        row("A with both peers in one run (64-bit pool offsets, every program compiled ahead one by one, a slower "
-            "host: see below)", ENGINE_PEERS, peers["A"], *versus_static(peers)),
-        row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own length",
-            ENGINE_PEERS, peers["A"], f"{manager['tokens_per_second']:,.0f} (all {manager['generated_tokens']:,} tokens "
-            "asked)", manager["tokens_per_second"]),
+        row("A with both peers in one run (the default: prefill calls on the scanned layers, decode calls on the "
+            "unrolled ones, every program compiled ahead on threads)", ENGINE_PEERS, peers["A"], *versus_static(peers)),
+        manager_row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own "
+                    "length", ENGINE_PEERS, peers),
+        row("A, the session before: the same default, the static peer alone", ENGINE_SCANNED, scanned["A"],
+            *versus_static(scanned)),
+        row("A with both peers in one run, before (every program unrolled and compiled ahead one by one, a slower "
+            "host: see below)", ENGINE_PEERS_BEFORE, before["A"], *versus_static(before)),
+        manager_row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own "
+                    "length", ENGINE_PEERS_BEFORE, before),
         row("A: 256 requests, prompts and outputs U[100, 1024]", ENGINE_AC, ac["A"], *versus_static(ac)),
         c_row("C", ac, ENGINE_AC),
         row("A, the run before: prefill chunks in rows padded to the longest, not in tiles", ENGINE_ROWS, rows["A"],
