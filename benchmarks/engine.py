@@ -233,6 +233,11 @@ def main():
             plot_timeline(json.load(f), args.replot.removesuffix(".json") + ".png")
         return
 
+    start = time.perf_counter()
+
+    def say(line):  # each stage's line with the seconds since the start: where a run's time goes
+        print(f"[{time.perf_counter() - start:5.0f} s] {line}", flush=True)
+
     config = preset(args.model, **({} if args.dtype is None else {"dtype": args.dtype}))
     if args.hf_worker:
         return hf_worker(config, args.hf_worker)
@@ -253,24 +258,24 @@ def main():
               "args": vars(args)}
     bandwidth = spec_bandwidth(device_name()) * args.tensor_parallel if gpu else None  # the N cards' together
     flops = matmul_peak(jnp.dtype(config.dtype)) * args.tensor_parallel if gpu else None
+    say(f"the model built{' and the ceilings measured' if gpu else ''}")
 
     def peers(prompts, outputs, run):
         """The static generate and transformers on workload A's requests, right after the engine's run."""
         if "A" not in args.workloads:
             return
-        print(f"A: {run.stats.generated_tokens / run.seconds:.0f} tokens/s, compile {run.compile_seconds:.1f} s",
-              flush=True)
+        say(f"A: {run.stats.generated_tokens / run.seconds:.0f} tokens/s, compile {run.compile_seconds:.1f} s")
         if args.static_group:
             result["A_static_generate"] = run_static(model, prompts, outputs, args.static_group)
-            print(f"A_static_generate: {json.dumps(result['A_static_generate'])}", flush=True)
+            say(f"A_static_generate: {json.dumps(result['A_static_generate'])}")
         if args.hf_requests:
             result["A_transformers"] = run_hf(args, prompts[:args.hf_requests], outputs[:args.hf_requests])
-            print(f"A_transformers: {json.dumps(result['A_transformers'])}", flush=True)
+            say(f"A_transformers: {json.dumps(result['A_transformers'])}")
 
     rows = run_workloads(engine_model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
                          max_len=args.max_len, engine_args=engine_args,
                          ceilings=(flops, bandwidth) if bandwidth and flops else None, on_workload_a=peers,
-                         log=lambda line: print(line, flush=True), warm_up=not args.no_warm_up)
+                         log=say, warm_up=not args.no_warm_up)
     result.update(rows)
     if args.compare_launcher and "A" in args.workloads:
         rows["A_caller_thread"] = run_workloads(
