@@ -297,7 +297,7 @@ def headline_engine(results):
             "unrolled ones, every program compiled ahead on threads)", ENGINE_PEERS, peers["A"], *versus_static(peers)),
         manager_row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own "
                     "length", ENGINE_PEERS, peers),
-        row("A, the session before: the same default, the static peer alone", ENGINE_SCANNED, scanned["A"],
+        row("A, the run before: the same default, the static peer alone", ENGINE_SCANNED, scanned["A"],
             *versus_static(scanned)),
         row("A with both peers in one run, before (every program unrolled and compiled ahead one by one, a slower "
             "host: see below)", ENGINE_PEERS_BEFORE, before["A"], *versus_static(before)),
