@@ -81,7 +81,9 @@ def main():
         setattr(engine.runner, name, timed)
     for i, (prompt, params) in enumerate(zip(prompts, params_for(outputs))):
         engine.add_request(str(i), prompt, params)
-    trace_dir = os.path.join(args.out_dir, "engine_trace" + ("_no_overlap" if args.no_overlap else "") + "_" + args.scan_layers)
+    suffix = ("_no_overlap" if args.no_overlap else "") + {"on": "_scanned", "off": "_unrolled", "prefill": "_scanned_prefill"}.get(
+        args.scan_layers, "")  # of the trace's folder and the result file
+    trace_dir = os.path.join(args.out_dir, "engine_trace" + suffix)
     jax.profiler.start_trace(trace_dir)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -98,8 +100,6 @@ def main():
               "decode_steps": stats.decode_steps, "calls": {k: {"count": len(v), "seconds": sum(v)}
                                                             for k, v in calls.items()},
               "kinds_us": dict(by_kind), "kernels_us": dict(totals), "counts": dict(counts)}
-    suffix = ("_no_overlap" if args.no_overlap else "") + {"on": "_scanned", "off": "_unrolled", "prefill": "_scanned_prefill"}.get(
-        args.scan_layers, "")
     name = f"profile_engine_{args.model}{suffix}.json"
     with open(os.path.join(args.out_dir, name), "w") as f:
         json.dump(result, f, indent=1)

@@ -15,11 +15,11 @@ import argparse
 import json
 import re
 
-import jax
 import numpy as np
 from flax import nnx
 
 from jaxpaged.engine import Engine
+from jaxpaged.engine.bench import device_name
 from jaxpaged.models.config import preset
 from jaxpaged.models.llama import MiniLLM
 
@@ -66,7 +66,7 @@ def main():
     parser.add_argument("--out", default="program_copies.json")
     args = parser.parse_args()
     model = MiniLLM(preset(args.model), rngs=nnx.Rngs(0))
-    result = {"device": jax.devices()[0].device_kind, "args": vars(args), "programs": {}}
+    result = {"device": device_name(), "args": vars(args), "programs": {}}
     for scan in (False, True):
         engine = Engine(model, block_size=16, num_blocks=args.num_blocks, max_num_seqs=args.rows,
                         max_num_batched_tokens=args.tokens, min_prefill_tokens=args.tokens,
