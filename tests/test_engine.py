@@ -139,15 +139,14 @@ def test_the_benchmarks_timed_engine_takes_the_untimed_engines_pool_and_compiles
 
     free = iter([48, 40])  # the blocks that fit at each sizing: fewer once a pool is held
     monkeypatch.setattr(engine_module, "_blocks_that_fit", lambda *args, **kwargs: next(free))
-    made, jitted = [], []
+    made, jitted, real = [], [], bench.LLM
 
     def llm(*args, **kwargs):
         if made:  # the timed engine: what jit had compiled by then
             jitted.extend([made[0].engine.runner._prefill._cache_size(), made[0].engine.runner._decode._cache_size()])
-        made.append(bench.LLM.__wrapped__(*args, **kwargs))
+        made.append(real(*args, **kwargs))
         return made[-1]
 
-    llm.__wrapped__ = bench.LLM
     monkeypatch.setattr(bench, "LLM", llm)
     rng = np.random.default_rng(1)
     prompts, outputs = [rng.integers(0, 250, n).tolist() for n in (5, 12, 20)], [6, 3, 9]
@@ -160,6 +159,8 @@ def test_the_benchmarks_timed_engine_takes_the_untimed_engines_pool_and_compiles
 
 
 def test_compiler_options_reach_every_compilation_and_keep_the_tokens(model, solo):
+    """`Engine(compiler_options=)` reaches XLA (an unknown option fails the warm-up naming it), jits
+    apart from the default options, and leaves each request's tokens as they are alone."""
     prompts, params = _requests()
     bad = _engine(model, compiler_options={"no_such_xla_option": "1"})
     with pytest.raises(Exception, match="no_such_xla_option"):
