@@ -179,7 +179,7 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--num-blocks", type=int, default=None,
                         help="pool blocks of workloads A and B (default: what fits, up to what they can use)")
     parser.add_argument("--min-prefill-tokens", type=int, default=16,

@@ -54,7 +54,7 @@ def main():
     parser.add_argument("--max-len", type=int, default=1024, help="prompts and outputs of U[100, this] tokens")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--top", type=int, default=25, help="kernels printed")
     parser.add_argument("--no-overlap", action="store_true", help="read each decode call before starting the next")
     runner_arguments(parser)

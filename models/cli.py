@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences the engine runs at once (default 256)")
     bench.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
                        help="prompt tokens one prefill step computes at most (default 8192)")
-    bench.add_argument("--decode-steps", type=_positive_int, default=16,
-                       help="decode steps per device call (default 16)")
+    bench.add_argument("--decode-steps", type=_positive_int, default=64,
+                       help="decode steps per device call (default 64)")
     _attention_argument(bench)
     bench.add_argument("--out", metavar="FILE.json", default=None,
                        help="also write the results (each run's row, A's timeline, the arguments) as JSON")
