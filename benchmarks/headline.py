@@ -35,8 +35,11 @@ ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
 ENGINE_ROWS = "archive/engine_llama-1b_AC_rows_H200.json"  # before packed prefill in tiles: chunks in [Bp, T] rows
 ENGINE_PEERS = "engine_llama-1b_A_peers_H200.json"  # A with the static generate and transformers in one run
+ENGINE_PEERS_16 = "archive/engine_llama-1b_A_peers_16_steps_H200.json"  # the same, 16 decode steps a call
 ENGINE_PEERS_BEFORE = "archive/engine_llama-1b_A_peers_one_by_one_H200.json"  # the same, every program unrolled
 ENGINE_SCANNED = "engine_llama-1b_A_scanned_prefill_H200.json"  # prefill calls scanned: every program ahead in 58 s
+ENGINE_QWEN3 = "engine_qwen3-0.6b_A_peers_H200.json"  # A on qwen3-0.6b with both peers
+ENGINE_STEPS = "engine_llama-1b_A_decode_steps_H200.json"  # A at 16, 32, 64 and 128 decode steps a call
 ENGINE_MODELS = (("qwen3-0.6b", "engine_qwen3-0.6b_A_H200.json"), ("llama-8b", "engine_llama-8b_A_H200.json"))
 SERVE = "serve_llama-1b_H200.json"
 SERVE_BEFORE = "archive/serve_llama-1b_before_warm_up_H200.json"  # the first server run
@@ -256,81 +259,119 @@ def headline_kv_quant(results):
     return [attention, capacity, accuracy]
 
 
+def _engine_row(name, source, e, peer, peer_rate):
+    """A row of the engine's tables: the run's figures and its peer's (peer_rate None: no ratio)."""
+    idle = "—" if source in IDLE_BEFORE_WAITING or "device_idle_share" not in e else percent(e["device_idle_share"])
+    rate = e["output_tokens_per_second"]
+    return [name, f"`{source}`", f"{rate:,.0f}", f"{e['total_tokens_per_second']:,.0f}", peer,
+            (f"{rate / peer_rate:.0f}x" if rate > 10 * peer_rate else f"{rate / peer_rate:.2f}x") if peer_rate else "—",
+            "—" if not e["prefix_hit_rate"] else percent(e["prefix_hit_rate"]), f"{e['mean_ttft']:.2f} s",
+            percent(e.get("roofline_fraction")), idle, f"{e['compile_seconds']:.0f} s", e["preemptions"]]
+
+
+ENGINE_HEADER = [("run", "l"), ("source", "l"), ("engine output tok/s", "r"), ("total tok/s", "r"),
+                 ("peer in the same run", "l"), ("engine / peer", "r"), ("prefix hits", "r"), ("mean TTFT", "r"),
+                 ("roofline of spec", "r"), ("device idle", "r"), ("compile", "r"), ("preemptions", "r")]
+
+
+def _versus_static(run):
+    rate = run["A_static_generate"]["output_tokens_per_second"]
+    return f"static `generate`, groups of 64: {rate:,.0f}", rate
+
+
+def _manager_row(name, source, run):
+    """Transformers' continuous batching manager in the same run: its rate, or where it stalled (no
+    ratio: the tokens of requests it had not finished are not known)."""
+    manager = run["A_transformers"]
+    if "partial" in manager:
+        done = manager["partial"]
+        return _engine_row(f"{name}: it stalled", source, run["A"],
+                           f"{done['done']} of {manager['requests']} requests done in {done['seconds']:.0f} s "
+                           f"({done['tokens_of_done']:,} tokens), then none in 60 s", None)
+    return _engine_row(name, source, run["A"], f"{manager['tokens_per_second']:,.0f} (all "
+                       f"{manager['generated_tokens']:,} tokens asked)", manager["tokens_per_second"])
+
+
+def _c_row(name, run, source):
+    c = run["C"]
+    return _engine_row(f"{name}: A's requests, a quarter of the blocks they need ({c['num_blocks']:,}); "
+                       f"{c['completed']} of 256 completed, {c['requests_equal_to_A']} equal to A's tokens", source, c,
+                       f"A: {run['A']['output_tokens_per_second']:,.0f}", run["A"]["output_tokens_per_second"])
+
+
+def _engine_caption(run):
+    return (f"*{run['device']} (jax {run.get('jax', '0.11.2')}), llama-1b's shape (unless a row names another) in "
+            f"{run['dtype']} with random weights, greedy, EOS ignored; sources in `benchmarks/results/`.*")
+
+
 def headline_engine(results):
-    """The engine on its three workloads, each run beside its peers of the same run."""
-    ac, a, b, later = (load(results, name) for name in (ENGINE_AC, ENGINE_A, ENGINE_B, ENGINE_LATER))
-    header = [("run", "l"), ("source", "l"), ("engine output tok/s", "r"), ("total tok/s", "r"),
-              ("peer in the same run", "l"), ("engine / peer", "r"), ("prefix hits", "r"), ("mean TTFT", "r"),
-              ("roofline of spec", "r"), ("device idle", "r"), ("compile", "r"), ("preemptions", "r")]
-
-    def row(name, source, e, peer, peer_rate):
-        idle = "—" if source in IDLE_BEFORE_WAITING or "device_idle_share" not in e else percent(e["device_idle_share"])
-        rate = e["output_tokens_per_second"]
-        return [name, f"`{source}`", f"{rate:,.0f}", f"{e['total_tokens_per_second']:,.0f}", peer,
-                (f"{rate / peer_rate:.0f}x" if rate > 10 * peer_rate else f"{rate / peer_rate:.2f}x") if peer_rate else "—",
-                "—" if not e["prefix_hit_rate"] else percent(e["prefix_hit_rate"]), f"{e['mean_ttft']:.2f} s",
-                percent(e.get("roofline_fraction")), idle, f"{e['compile_seconds']:.0f} s", e["preemptions"]]
-
-    rows = load(results, ENGINE_ROWS)
-    static, hf = ac["A_static_generate"]["output_tokens_per_second"], a["A_transformers"]
-    first_static = a["A_static_generate"]["output_tokens_per_second"]
-
-    def versus_static(run):
-        rate = run["A_static_generate"]["output_tokens_per_second"]
-        return f"static `generate`, groups of 64: {rate:,.0f}", rate
-
-    def c_row(name, run, source):
-        c = run["C"]
-        return row(f"{name}: A's requests, a quarter of the blocks they need ({c['num_blocks']:,}); {c['completed']} "
-                   f"of 256 completed, {c['requests_equal_to_A']} equal to A's tokens", source, c,
-                   f"A: {run['A']['output_tokens_per_second']:,.0f}", run["A"]["output_tokens_per_second"])
-
-    peers, before, scanned = (load(results, name) for name in (ENGINE_PEERS, ENGINE_PEERS_BEFORE, ENGINE_SCANNED))
-
-    def manager_row(name, source, run):
-        manager = run["A_transformers"]
-        return row(name, source, run["A"], f"{manager['tokens_per_second']:,.0f} (all {manager['generated_tokens']:,} "
-                   "tokens asked)", manager["tokens_per_second"])
-
+    """The engine on its three workloads, each run beside its peers of the same run: the latest runs."""
+    ac, b, peers, before, qwen3 = (load(results, name)
+                                   for name in (ENGINE_AC, ENGINE_B, ENGINE_PEERS, ENGINE_PEERS_16, ENGINE_QWEN3))
+    manager = "transformers' continuous batching manager, the first 64 requests each to its own length"
+    eight_b = load(results, ENGINE_MODELS[1][1])
     table = [
-        row("A with both peers in one run (the default: prefill calls on the scanned layers, decode calls on the "
-            "unrolled ones, every program compiled ahead on threads)", ENGINE_PEERS, peers["A"], *versus_static(peers)),
-        manager_row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own "
-                    "length", ENGINE_PEERS, peers),
-        row("A, the run before: the same default, the static peer alone", ENGINE_SCANNED, scanned["A"],
-            *versus_static(scanned)),
-        row("A with both peers in one run, before (every program unrolled and compiled ahead one by one, a slower "
-            "host: see below)", ENGINE_PEERS_BEFORE, before["A"], *versus_static(before)),
-        manager_row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own "
-                    "length", ENGINE_PEERS_BEFORE, before),
-        row("A: 256 requests, prompts and outputs U[100, 1024]", ENGINE_AC, ac["A"], *versus_static(ac)),
-        c_row("C", ac, ENGINE_AC),
-        row("A, the run before: prefill chunks in rows padded to the longest, not in tiles", ENGINE_ROWS, rows["A"],
-            *versus_static(rows)),
-        c_row("C, that run", rows, ENGINE_ROWS),
-        row("A, an earlier run", ENGINE_A, a["A"], f"static `generate`: {first_static:,.0f}", first_static),
-        row("A, that run: transformers' `generate_batch`, 64 requests each decoded to the longest", ENGINE_A, a["A"],
-            f"{hf['tokens_per_second']:,.0f} asked tokens/s (counting every generated one, "
-            f"{hf['generated_tokens'] / hf['seconds']:,.0f}: the engine "
-            f"{a['A']['output_tokens_per_second'] * hf['seconds'] / hf['generated_tokens']:.0f}x)", hf["tokens_per_second"]),
-        row("A, that run: device calls on the engine's own thread", ENGINE_A, a["A_caller_thread"],
-            f"the launcher thread: {a['A']['output_tokens_per_second']:,.0f}", a["A"]["output_tokens_per_second"]),
-        row("A, another run (a variant, reverted): transformers' continuous batching manager, 64 requests each to "
-            "its own length", ENGINE_LATER, later["A"], f"{later['A_transformers']['tokens_per_second']:,.0f} (all "
-            f"{later['A_transformers']['generated_tokens']:,} tokens asked)", later["A_transformers"]["tokens_per_second"]),
-        row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on "
-            "(a run of its own, before the tiles)", ENGINE_B, b["B_caching_on"],
-            f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
-            b["B_caching_off"]["output_tokens_per_second"]),
+        _engine_row("A with both peers in one run (the default: 64 decode steps a device call)", ENGINE_PEERS,
+                    peers["A"], *_versus_static(peers)),
+        _manager_row(f"A, that run: {manager}", ENGINE_PEERS, peers),
+        _engine_row("A with both peers in one run, the run before (16 decode steps a call)", ENGINE_PEERS_16,
+                    before["A"], *_versus_static(before)),
+        _manager_row(f"A, that run: {manager}", ENGINE_PEERS_16, before),
+        _engine_row("A on **qwen3-0.6b** with both peers in one run (64 decode steps a call)", ENGINE_QWEN3,
+                    qwen3["A"], *_versus_static(qwen3)),
+        _manager_row(f"A on qwen3-0.6b, that run: {manager}", ENGINE_QWEN3, qwen3),
+        _c_row("C (an earlier run, 16 decode steps a call, programs compiled as met)", ac, ENGINE_AC),
+        _engine_row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on "
+                    "(a run of its own, before the tiles)", ENGINE_B, b["B_caching_on"],
+                    f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
+                    b["B_caching_off"]["output_tokens_per_second"]),
+        _engine_row("A on **llama-8b** (before 64-bit offsets, its pool capped by 32-bit ones: "
+                    f"{eight_b['A']['peak_used_blocks']:,} blocks, all in use at the peak)", ENGINE_MODELS[1][1],
+                    eight_b["A"], *_versus_static(eight_b)),
     ]
-    for model, name in ENGINE_MODELS:
-        run = load(results, name)
-        table.append(row(f"A on **{model}** (before 64-bit offsets, its pool capped by 32-bit ones: "
-                         f"{run['A']['peak_used_blocks']:,} blocks, all in use at the peak)", name, run["A"],
-                         *versus_static(run)))
-    caption = (f"*{ac['device']} (jax {ac.get('jax', '0.11.2')}), llama-1b's shape (unless a row names another) in "
-               f"{ac['dtype']} with random weights, greedy, EOS ignored; sources in `benchmarks/results/`.*")
-    return [caption + "\n\n" + markdown(header, table)]
+    return [_engine_caption(peers) + "\n\n" + markdown(ENGINE_HEADER, table)]
+
+
+def headline_engine_before(results):
+    """The engine's runs before the latest (NOTES.md), and A at each number of decode steps a call."""
+    ac, a, later, rows, scanned, one_by_one = (load(results, name) for name in (
+        ENGINE_AC, ENGINE_A, ENGINE_LATER, ENGINE_ROWS, ENGINE_SCANNED, ENGINE_PEERS_BEFORE))
+    first_static, hf = a["A_static_generate"]["output_tokens_per_second"], a["A_transformers"]
+    qwen3 = load(results, ENGINE_MODELS[0][1])
+    table = [
+        _engine_row("A, the static peer alone (16 decode steps a call, as in every row here)", ENGINE_SCANNED,
+                    scanned["A"], *_versus_static(scanned)),
+        _engine_row("A with both peers in one run (every program unrolled and compiled ahead one by one, a slower "
+                    "host)", ENGINE_PEERS_BEFORE, one_by_one["A"], *_versus_static(one_by_one)),
+        _manager_row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own "
+                     "length", ENGINE_PEERS_BEFORE, one_by_one),
+        _engine_row("A, programs compiled as met (`--no-warm-up`)", ENGINE_AC, ac["A"], *_versus_static(ac)),
+        _engine_row("A, the run before: prefill chunks in rows padded to the longest, not in tiles", ENGINE_ROWS,
+                    rows["A"], *_versus_static(rows)),
+        _c_row("C, that run", rows, ENGINE_ROWS),
+        _engine_row("A, an earlier run", ENGINE_A, a["A"], f"static `generate`: {first_static:,.0f}", first_static),
+        _engine_row("A, that run: transformers' `generate_batch`, 64 requests each decoded to the longest", ENGINE_A,
+                    a["A"], f"{hf['tokens_per_second']:,.0f} asked tokens/s (counting every generated one, "
+                    f"{hf['generated_tokens'] / hf['seconds']:,.0f}: the engine "
+                    f"{a['A']['output_tokens_per_second'] * hf['seconds'] / hf['generated_tokens']:.0f}x)",
+                    hf["tokens_per_second"]),
+        _engine_row("A, that run: device calls on the engine's own thread", ENGINE_A, a["A_caller_thread"],
+                    f"the launcher thread: {a['A']['output_tokens_per_second']:,.0f}", a["A"]["output_tokens_per_second"]),
+        _manager_row("A, another run (a variant, reverted): transformers' continuous batching manager, 64 requests "
+                     "each to its own length", ENGINE_LATER, later),
+        _engine_row("A on **qwen3-0.6b** (before 64-bit offsets, its pool capped by 32-bit ones: "
+                    f"{qwen3['A']['peak_used_blocks']:,} blocks, all in use at the peak)", ENGINE_MODELS[0][1],
+                    qwen3["A"], *_versus_static(qwen3)),
+    ]
+    steps = load(results, ENGINE_STEPS)
+    header = [("decode steps a call", "l"), ("device call", "r"), ("output tok/s", "r"), ("roofline of spec", "r"),
+              ("device idle", "r"), ("host's share", "r"), ("compile", "r")]
+    sweep = [[r["name"], r["call"], f"{r['A']['output_tokens_per_second']:,.0f}",
+              percent(r["A"]["roofline_fraction"]), percent(r["A"]["device_idle_share"]),
+              percent(r["A"]["host_share"]), f"{r['A']['compile_seconds']:.0f} s"] for r in steps["runs"]]
+    return [_engine_caption(ac) + "\n\n" + markdown(ENGINE_HEADER, table),
+            f"*{steps['device']} (jax {steps['jax']}), llama-1b, workload A, one process a run. Source: "
+            f"`benchmarks/results/{ENGINE_STEPS}`.*\n\n" + markdown(header, sweep)]
 
 
 def headline_serve(results):
@@ -383,6 +424,7 @@ def all_tables(results):
     return {"memory": headline_memory(results), "decode attention": headline_decode(results),
             "prefill attention": headline_prefill(results), "generation": headline_generation(results),
             "8-bit K/V": headline_kv_quant(results), "the engine": headline_engine(results),
+            "the engine, the runs before": headline_engine_before(results),
             "the server": headline_serve(results), "tensor parallelism": headline_tensor_parallel(results),
             "decode attention, every shape": headline_decode(results, full=True),
             "generation, every run": headline_generation(results, full=True)}
