@@ -413,9 +413,10 @@ class Runner:
         on too (the switch that any request with temperature > 0 turns on): a prefill call for each
         power of two of packed tokens up to the budget's (with and without decode rows where
         `mixed`), and a decode call for each power of two of rows, all on padding rows. Each is
-        traced here, then compiled on a pool of threads (XLA compiles without the interpreter lock:
-        on an H200, llama-1b's 26 programs took 58 s on threads with the prefill programs scanned,
-        154 s with every program unrolled, 196 s unrolled and one by one); the calls
+        traced here and compiled on a pool of threads while the next is traced (XLA compiles without
+        the interpreter lock), the decode programs first, whose unrolled layers take the longest
+        (on an H200, llama-1b's 26 programs took 51-69 s on threads, traced first, with the prefill
+        programs scanned; 154 s with every program unrolled, 196 s unrolled and one by one); the calls
         run the compiled executables. On the reference attention path only the shortest read bound
         is covered (the kernels read by length and have one). progress: called after each program.
         Returns the programs compiled."""
@@ -442,15 +443,16 @@ class Runner:
             options = dict(impl=self.impl, max_len=self._read_bound(1), steps=decode_steps, **switches)
             programs.append((self._decode, self.decode_leaves, *self._decode_program(table, lens, carry, fixed, options),
                              options))
-        lowered = {self._executable_key(key): jitted.lower(leaves, self.state, *args, **statics)
-                   for jitted, leaves, key, args, statics in programs
-                   if self._executable_key(key) not in self._executables}
+        compiling = {}  # future -> executable key
         with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            compiling = {pool.submit(program.compile): key for key, program in lowered.items()}
+            for jitted, leaves, key, args, statics in reversed(programs):  # decode first: the longest to compile
+                key = self._executable_key(key)
+                if key not in self._executables and key not in compiling.values():
+                    compiling[pool.submit(jitted.lower(leaves, self.state, *args, **statics).compile)] = key
             for done in concurrent.futures.as_completed(compiling):
                 self._executables[compiling[done]] = done.result()
                 progress and progress()
-        return len(lowered)
+        return len(compiling)
 
     def buckets(self, max_num_batched_tokens: int) -> tuple[list[int], list[int]]:
         """The shapes the engine's calls take: the packed token counts of a prefill call (powers of
