@@ -258,6 +258,8 @@ def main():
               "args": vars(args)}
     bandwidth = spec_bandwidth(device_name()) * args.tensor_parallel if gpu else None  # the N cards' together
     flops = matmul_peak(jnp.dtype(config.dtype)) * args.tensor_parallel if gpu else None
+    if gpu:  # the roofline's ceilings, so that its fraction can be recomputed from the file
+        result["ceilings"] = {"matmul_flops_per_second": flops, "bandwidth_bytes_per_second": bandwidth}
     say(f"the model built{' and the ceilings measured' if gpu else ''}")
 
     def peers(prompts, outputs, run):
