@@ -280,14 +280,14 @@ def _versus_static(run):
 
 
 def _manager_row(name, source, run):
-    """Transformers' continuous batching manager in the same run: its rate, or where it stalled (no
-    ratio: the tokens of requests it had not finished are not known)."""
+    """Transformers' continuous batching manager in the same run: its rate, or how far it got where
+    the peer stopped it (no ratio: the tokens of requests it had not finished are not known)."""
     manager = run["A_transformers"]
     if "partial" in manager:
         done = manager["partial"]
-        return _engine_row(f"{name}: it stalled", source, run["A"],
+        return _engine_row(f"{name}: not finished", source, run["A"],
                            f"{done['done']} of {manager['requests']} requests done in {done['seconds']:.0f} s "
-                           f"({done['tokens_of_done']:,} tokens), then none in 60 s", None)
+                           f"({done['tokens_of_done']:,} tokens); the peer's 60 s wait for the next ran out", None)
     return _engine_row(name, source, run["A"], f"{manager['tokens_per_second']:,.0f} (all "
                        f"{manager['generated_tokens']:,} tokens asked)", manager["tokens_per_second"])
 
