@@ -257,6 +257,40 @@ def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(model, scanned, d
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
+
+def test_a_decode_row_that_is_not_active_reads_none_of_its_cached_positions(monkeypatch):
+    """A decode step's inactive row (an engine row that finished early in a multi-step call) gets
+    position -1, so the decode kernel (interpret mode here) reads none of its K/V: with its blocks
+    full of NaN its logits stay finite, and the active row's logits equal a step of that row alone."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    import jaxpaged as jp
+    from jaxpaged import attention, kernels
+
+    model = MiniLLM(preset("tiny", vocab_size=256, head_dim=64), rngs=nnx.Rngs(5))  # a head dim the kernels take
+    rows = lambda *r: jnp.asarray(r, jnp.int32)  # noqa: E731
+    state = jp.init_state(jp.CacheConfig.from_model_config(model.config, num_blocks=16, block_size=4, max_seqs=2))
+    _, state, _ = model.step(jnp.asarray(np.arange(14).reshape(2, 7) % 250, jnp.int32), state, seq_idx=rows(0, 1),
+                             num_tokens=rows(5, 7))
+    monkeypatch.setattr(attention, "choose_impl", lambda *args, **kwargs: "kernel")  # decode steps on the kernel
+    monkeypatch.setattr(kernels, "paged_decode_attention",
+                        functools.partial(kernels.paged_decode_attention, interpret=True))
+    untouched = jax.tree.map(jnp.copy, state)  # (a step gives its state's buffers up)
+    blocks = state.table.block_ids[1, :2]  # row 1's 7 positions
+    pools = state.pools
+    poisoned = state.replace(pools=pools.replace(k=pools.k.at[:, :, blocks].set(jnp.nan),
+                                                 v=pools.v.at[:, :, blocks].set(jnp.nan)))
+    last = rows(11, 12)
+    logits, after, ok = model.decode_step(last, poisoned, active=jnp.asarray([True, False]), seq_idx=rows(0, 1))
+    assert bool(ok)
+    assert np.isfinite(np.asarray(logits)).all(), "the inactive row read its (NaN) positions"
+    alone, _, _ = model.decode_step(last[:1], untouched, active=jnp.asarray([True]), seq_idx=rows(0))
+    np.testing.assert_array_equal(np.asarray(logits)[:1], np.asarray(alone))
+    assert np.asarray(after.table.seq_lens)[:, 1].tolist() == [7] * model.config.num_layers, "it wrote nothing"
+
 def test_overlapped_decode_calls_give_the_same_tokens_as_calls_read_one_by_one(model, solo):
     prompts, params = _requests()
     engine = _engine(model, overlap=False)
