@@ -40,8 +40,8 @@ class Step:
     """What every layer of one model step needs to know about the cache.
 
     `positions` are the new tokens' positions in their sequences (row b's tokens continue from
-    what row b already holds); `num_tokens` says how many of the T are real (the rest is right
-    padding); `ok` is False when the cache had no room, and then nothing was written. `slots` is
+    what row b already holds; the paged state gives padding tokens -1, which see nothing);
+    `num_tokens` says how many of the T are real (the rest is right padding); `ok` is False when the cache had no room, and then nothing was written. `slots` is
     the paged cache's slot mapping (None for other caches).
     """
 
