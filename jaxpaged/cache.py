@@ -321,8 +321,8 @@ class _StatefulCacheSteps:
 
     def begin_step(self, seq_idx, num_tokens, num_chunk_tokens: int, *, max_len=None, impl="auto"):
         starts = jnp.asarray(self.seq_lens(0), jnp.int32)
-        return self, Step(seq_idx=None, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
-                          ok=jnp.asarray(True), max_len=max_len, impl=check_impl(impl))
+        return self, Step(seq_idx=None, positions=new_positions(starts, num_tokens, num_chunk_tokens),
+                          num_tokens=num_tokens, ok=jnp.asarray(True), max_len=max_len, impl=check_impl(impl))
 
     def attend(self, layer, q, k, v, step: Step):
         """Appends k, v [B, T, K, D] through `update()` and attends q [B, T, H, D] over what it returns.

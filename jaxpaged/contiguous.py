@@ -33,8 +33,8 @@ class ContiguousKVState:
         """The new tokens' positions after each row's length; ok is False when a row would pass S."""
         starts = self.seq_lens[0]  # [B]
         ok = jnp.all(starts + jnp.clip(num_tokens, 0, num_chunk_tokens) <= self.k.shape[3])
-        return self, Step(seq_idx=None, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
-                          ok=ok, max_len=max_len, impl=check_impl(impl))
+        return self, Step(seq_idx=None, positions=new_positions(starts, num_tokens, num_chunk_tokens),
+                          num_tokens=num_tokens, ok=ok, max_len=max_len, impl=check_impl(impl))
 
     def attend(self, layer, q, k, v, step: Step):
         """Appends k, v [B, T, K, D] to `layer`, then attends q [B, T, H, D] over the rows (reference path)."""

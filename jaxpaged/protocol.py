@@ -40,9 +40,9 @@ class Step:
     """What every layer of one model step needs to know about the cache.
 
     `positions` are the new tokens' positions in their sequences (row b's tokens continue from
-    what row b already holds; the paged state gives padding tokens -1, which see nothing);
-    `num_tokens` says how many of the T are real (the rest is right padding); `ok` is False when the cache had no room, and then nothing was written. `slots` is
-    the paged cache's slot mapping (None for other caches).
+    what row b already holds; padding tokens get -1, which see nothing); `num_tokens` says how
+    many of the T are real (the rest is right padding); `ok` is False when the cache had no room,
+    and then nothing was written. `slots` is the paged cache's slot mapping (None for other caches).
     """
 
     seq_idx: jax.Array | None  # [B] int32 block-table rows (paged); None where rows are the batch
@@ -54,9 +54,13 @@ class Step:
     impl: str = struct.field(pytree_node=False, default="auto")  # attention path: see IMPLS
 
 
-def new_positions(starts: jax.Array, num_chunk_tokens: int) -> jax.Array:
-    """Positions [B, T] of T new tokens after each row's starts [B]."""
-    return starts[:, None] + jnp.arange(num_chunk_tokens, dtype=jnp.int32)[None, :]
+def new_positions(starts: jax.Array, num_tokens: jax.Array, num_chunk_tokens: int) -> jax.Array:
+    """Positions [B, T] of T new tokens after each row's starts [B]; a token past its row's
+    num_tokens [B] (right padding, or the token of a decode row that is not active) gets -1, which
+    sees nothing, so attention reads no K/V for it (an engine row that finished early in a
+    multi-step decode call would otherwise read its whole context in every step left)."""
+    offsets = jnp.arange(num_chunk_tokens, dtype=jnp.int32)[None, :]
+    return jnp.where(offsets < num_tokens[:, None], starts[:, None] + offsets, -1)
 
 
 def check_impl(impl: str) -> str:
@@ -98,8 +102,8 @@ class NoCache:
 
     def begin_step(self, seq_idx, num_tokens, num_chunk_tokens: int, *, max_len=None, impl="auto"):
         starts = jnp.zeros(num_tokens.shape, jnp.int32)
-        return self, Step(seq_idx=seq_idx, positions=new_positions(starts, num_chunk_tokens), num_tokens=num_tokens,
-                          ok=jnp.asarray(True), max_len=max_len, impl=check_impl(impl))
+        return self, Step(seq_idx=seq_idx, positions=new_positions(starts, num_tokens, num_chunk_tokens),
+                          num_tokens=num_tokens, ok=jnp.asarray(True), max_len=max_len, impl=check_impl(impl))
 
     def attend(self, layer, q, k, v, step: Step):
         from jaxpaged.attention import attend

@@ -79,12 +79,8 @@ class PagedKVState:
 
     def begin_step(self, seq_idx, num_tokens, num_chunk_tokens: int, *, max_len=None, impl="auto"):
         """Takes blocks for num_tokens [B] new positions of rows seq_idx [B] in every layer, once, and
-        advances every layer's length (`ops.allocate_slots`). Returns (state, Step with the slots).
-
-        A token past its row's num_tokens (right padding, or the token of a decode row that is not
-        active) gets position -1: it sees nothing, so paged attention reads no K/V for it (an engine
-        row that finished early in a multi-step decode call would otherwise read its whole context
-        in every step left)."""
+        advances every layer's length (`ops.allocate_slots`). Returns (state, Step with the slots;
+        padding tokens at position -1: `new_positions`)."""
         from jaxpaged.ops import allocate_slots
 
         if seq_idx is None:
@@ -92,10 +88,8 @@ class PagedKVState:
         rows = checks.padding_rows(seq_idx, self.config.max_seqs)  # no negative index wraps to row B - 1
         starts = self.table.seq_lens.at[0, rows].get(mode="fill", fill_value=0)  # [B]
         state, slots, ok = allocate_slots(self, seq_idx, num_tokens, num_chunk_tokens=num_chunk_tokens)
-        real = jnp.arange(num_chunk_tokens)[None, :] < num_tokens[:, None]
-        positions = jnp.where(real, new_positions(starts, num_chunk_tokens), -1)
-        return state, Step(seq_idx=seq_idx, positions=positions, num_tokens=num_tokens, ok=ok, slots=slots,
-                           max_len=max_len, impl=check_impl(impl))
+        return state, Step(seq_idx=seq_idx, positions=new_positions(starts, num_tokens, num_chunk_tokens),
+                           num_tokens=num_tokens, ok=ok, slots=slots, max_len=max_len, impl=check_impl(impl))
 
     def begin_packed_step(self, seq_idx, num_tokens, tile_row, tile_start, tile_tokens: int, max_tokens: int, *,
                           max_len=None, impl="auto"):
