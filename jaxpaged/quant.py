@@ -93,11 +93,26 @@ def hadamard(head_dim: int) -> np.ndarray | None:
 
 
 def rotate(x: jax.Array) -> jax.Array:
-    """x [..., D] times `hadamard(D)`, in float32 at full precision (x unchanged, as float32, where D
-    is not a power of two). Its own inverse."""
+    """x [..., D] times `hadamard(D)`, in float32 (x unchanged, as float32, where D is not a power of
+    two). Its own inverse.
+
+    Computed as the fast Walsh-Hadamard transform: log2(D) stages of pairwise sums and differences,
+    then one product by 1 / sqrt(D). Each output is the same fixed sequence of float32 additions in
+    every program, so K written by any path (a chunk, one position, the model's step) rotates to the
+    same bits; a matmul's summation order depends on the program it is compiled into (on a GPU it
+    did, and an int8 value on a rounding boundary moved a step)."""
     h = hadamard(x.shape[-1])
     x = x.astype(jnp.float32)
-    return x if h is None else jnp.matmul(x, jnp.asarray(h), precision=jax.lax.Precision.HIGHEST)
+    if h is None:
+        return x
+    lead, d = x.shape[:-1], x.shape[-1]
+    half = 1
+    while half < d:  # pairs (i, i + half) within each run of 2 * half features
+        pairs = x.reshape(*lead, d // (2 * half), 2, half)
+        low, high = pairs[..., 0, :], pairs[..., 1, :]
+        x = jnp.stack([low + high, low - high], axis=-2).reshape(*lead, d)
+        half *= 2
+    return x * np.float32(h[0, 0])
 
 
 def encode(x: jax.Array, kv_dtype: str, rotated: bool) -> tuple[jax.Array, jax.Array]:

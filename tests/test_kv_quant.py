@@ -72,9 +72,23 @@ def test_the_rotation_is_orthonormal_symmetric_and_its_own_inverse(head_dim, rng
     assert np.allclose(np.abs(h), head_dim**-0.5)
     x = rng.standard_normal((5, head_dim)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(rotate(rotate(jnp.asarray(x)))), x, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(rotate(jnp.asarray(x))), x.astype(np.float64) @ h.astype(np.float64),
+                               rtol=0, atol=1e-6 * np.abs(x).max() * np.sqrt(head_dim))
     assert hadamard(96) is None and hadamard(0) is None
     assert np.array_equal(np.asarray(rotate(jnp.asarray(x[:, :1].repeat(3, 1)))), x[:, :1].repeat(3, 1)), \
         "a head dim that is not a power of two is left as it is"
+
+
+def test_a_row_rotates_to_the_same_bits_alone_in_a_batch_and_inside_any_program(rng):
+    """K written by different paths (a chunk, one position, the model's step: different programs,
+    different row counts) must store the same 8-bit values, so each row's rotation may not depend on
+    the program or on the rows beside it."""
+    x = jnp.asarray(rng.standard_normal((37, 4, 128)).astype(np.float32) * 3)
+    alone = np.stack([np.asarray(rotate(x[i:i + 1, j]))[0] for i in (0, 17, 36) for j in (0, 3)])
+    batched = np.asarray(rotate(x))[[0, 0, 17, 17, 36, 36], [0, 3, 0, 3, 0, 3]]
+    fused = np.asarray(jax.jit(lambda y: rotate(y * 1.0 + 0.0)[::-1])(x))[::-1][[0, 0, 17, 17, 36, 36], [0, 3, 0, 3, 0, 3]]
+    assert_bit_equal(batched, alone, "a batch's rows against each alone")
+    assert_bit_equal(fused, alone, "inside a jitted program")
 
 
 @pytest.mark.parametrize("kv_dtype", FORMATS)
