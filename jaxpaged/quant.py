@@ -54,16 +54,28 @@ def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
     largest = QUANTIZED_DTYPES[kv_dtype]
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)  # [...]
-    exact = jnp.minimum(amax / largest, SCALE_MAX)
-    scale = exact.astype(SCALE_DTYPE)
-    scale = jnp.where(scale.astype(jnp.float32) < exact, jnp.nextafter(scale, SCALE_DTYPE(jnp.inf)), scale)  # up
-    scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan)
-    wide = scale.astype(jnp.float32)
+    wide = jnp.where(jnp.isfinite(amax), up_to_float16(jnp.minimum(amax / largest, SCALE_MAX)), jnp.nan)
+    scale = wide.astype(SCALE_DTYPE)  # exact: wide is a float16 value
     scaled = x / jnp.where(wide > 0, wide, 1.0)[..., None]
     scaled = jnp.clip(scaled, -largest, largest)  # x / scale may round just past it; float8 overflows to NaN
     if kv_dtype == "int8":
         scaled = jnp.round(scaled)
     return scaled.astype(jnp.dtype(kv_dtype)), scale
+
+
+def up_to_float16(x: jax.Array) -> jax.Array:
+    """x [...] (float32, 0 <= x <= 65504) rounded up to the nearest float16 value, kept in float32.
+
+    By integer and exact float32 operations, not by a round trip through float16: XLA may drop a
+    float32 -> float16 -> float32 pair of conversions as "excess precision" (on a GPU it did, in some
+    programs and not others, so the scales of one row differed between write paths). Normal float16
+    values are the float32 values whose 13 low mantissa bits are zero, so rounding up adds 2^13 - 1
+    to the bits and clears those 13 (a carry moves into the exponent, as it should); below 2^-14
+    float16 steps evenly by 2^-24."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    normal = jax.lax.bitcast_convert_type((bits + np.uint32(0x1FFF)) & np.uint32(0xFFFFE000), jnp.float32)
+    subnormal = jnp.ceil(x * np.float32(2.0**24)) * np.float32(2.0**-24)
+    return jnp.where(x < np.float32(2.0**-14), subnormal, normal)
 
 
 def dequantise(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:

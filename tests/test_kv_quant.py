@@ -17,7 +17,7 @@ from jaxpaged.models.cli import main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
-from jaxpaged.quant import QUANTIZED_DTYPES, decode, dequantise, encode, hadamard, quantise, rotate
+from jaxpaged.quant import QUANTIZED_DTYPES, decode, dequantise, encode, hadamard, quantise, rotate, up_to_float16
 
 FORMATS = tuple(QUANTIZED_DTYPES)  # int8, float8_e4m3fn
 
@@ -62,6 +62,19 @@ def test_round_trip_within_the_formats_bound(kv_dtype, rng):
     assert np.all(np.isfinite(back))
     # the bound is not loose: the worst element comes near it
     assert np.max(err / bound) > 0.5
+
+
+def test_scales_round_up_to_float16_by_exact_operations(rng):
+    """up_to_float16 against numpy's float16 (nearest, then one step up where below), bit for bit,
+    over normal and subnormal float16 values, values on the grid, just off it, and float16's largest."""
+    x = np.concatenate([rng.random(20000) * 65504, 10 ** rng.uniform(-12, 4.8, 20000),
+                        [0, 2**-24, 2**-25, 2**-14, 2**-14 * (1 - 2**-20), 1.0, 1 + 2**-23, 2047.5, 65503.9, 65504, 1e-30]])
+    x = np.minimum(x, 65504).astype(np.float32)
+    nearest = x.astype(np.float16)
+    expected = np.where(nearest.astype(np.float32) < x, np.nextafter(nearest, np.float16(65504)), nearest)
+    got = jax.jit(up_to_float16)(jnp.asarray(x))
+    assert_bit_equal(got, expected.astype(np.float32), "rounded up")
+    assert np.all(np.asarray(got) >= x)
 
 
 @pytest.mark.parametrize("head_dim", [1, 2, 16, 64, 128, 256])
