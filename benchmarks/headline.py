@@ -32,6 +32,11 @@ KV_QUANT_NO_EXCESS = "kv_quant_smollm2_no_excess_precision_CPU.json"  # XLA_FLAG
 # transformers peer in the run before; B on the engine before packing (NOTES.md)
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
                                  "engine_llama-1b_B_H200.json")
+ENGINE_STATIC = "engine_llama-1b_A_static_H200.json"  # A with the static generate, the run after ENGINE_PEERS
+ENGINE_AC_BEFORE = "archive/engine_llama-1b_AC_no_warm_up_16_steps_H200.json"  # programs compiled as met
+ENGINE_B_BEFORE = "archive/engine_llama-1b_B_before_tiles_H200.json"
+ENGINE_PEERS_READ = "archive/engine_llama-1b_A_peers_inactive_rows_read_H200.json"  # inactive decode rows still read
+ENGINE_QWEN3_READ = "archive/engine_qwen3-0.6b_A_peers_inactive_rows_read_H200.json"
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
 ENGINE_ROWS = "archive/engine_llama-1b_AC_rows_H200.json"  # before packed prefill in tiles: chunks in [Bp, T] rows
 ENGINE_PEERS = "engine_llama-1b_A_peers_H200.json"  # A with the static generate and transformers in one run
@@ -263,10 +268,12 @@ def _engine_row(name, source, e, peer, peer_rate):
     """A row of the engine's tables: the run's figures and its peer's (peer_rate None: no ratio)."""
     idle = "—" if source in IDLE_BEFORE_WAITING or "device_idle_share" not in e else percent(e["device_idle_share"])
     rate = e["output_tokens_per_second"]
+    # a run with shared prefixes whose roofline counted every prompt token as prefill (before prefill_tokens)
+    roofline = "—" if e["prefix_hit_rate"] > 0.5 and "prefill_tokens" not in e else percent(e.get("roofline_fraction"))
     return [name, f"`{source}`", f"{rate:,.0f}", f"{e['total_tokens_per_second']:,.0f}", peer,
             (f"{rate / peer_rate:.0f}x" if rate > 10 * peer_rate else f"{rate / peer_rate:.2f}x") if peer_rate else "—",
             "—" if not e["prefix_hit_rate"] else percent(e["prefix_hit_rate"]), f"{e['mean_ttft']:.2f} s",
-            percent(e.get("roofline_fraction")), idle, f"{e['compile_seconds']:.0f} s", e["preemptions"]]
+            roofline, idle, f"{e['compile_seconds']:.0f} s", e["preemptions"]]
 
 
 ENGINE_HEADER = [("run", "l"), ("source", "l"), ("engine output tok/s", "r"), ("total tok/s", "r"),
@@ -279,7 +286,7 @@ def _versus_static(run):
     return f"static `generate`, groups of 64: {rate:,.0f}", rate
 
 
-def _manager_row(name, source, run):
+def _manager_row(name, source, run, stopped="the peer's 60 s wait for the next ran out"):
     """Transformers' continuous batching manager in the same run: its rate, or how far it got where
     the peer stopped it (no ratio: the tokens of requests it had not finished are not known)."""
     manager = run["A_transformers"]
@@ -287,7 +294,7 @@ def _manager_row(name, source, run):
         done = manager["partial"]
         return _engine_row(f"{name}: not finished", source, run["A"],
                            f"{done['done']} of {manager['requests']} requests done in {done['seconds']:.0f} s "
-                           f"({done['tokens_of_done']:,} tokens); the peer's 60 s wait for the next ran out", None)
+                           f"({done['tokens_of_done']:,} tokens); {stopped}", None)
     return _engine_row(name, source, run["A"], f"{manager['tokens_per_second']:,.0f} (all "
                        f"{manager['generated_tokens']:,} tokens asked)", manager["tokens_per_second"])
 
@@ -304,27 +311,30 @@ def _engine_caption(run):
             f"{run['dtype']} with random weights, greedy, EOS ignored; sources in `benchmarks/results/`.*")
 
 
+def _peak(run):
+    return f"matrix-product peak measured at {run['ceilings']['matmul_flops_per_second'] / 1e12:.0f} TFLOP/s"
+
+
 def headline_engine(results):
     """The engine on its three workloads, each run beside its peers of the same run: the latest runs."""
-    ac, b, peers, before, qwen3 = (load(results, name)
-                                   for name in (ENGINE_AC, ENGINE_B, ENGINE_PEERS, ENGINE_PEERS_16, ENGINE_QWEN3))
+    ac, b, peers, static, qwen3 = (load(results, name)
+                                   for name in (ENGINE_AC, ENGINE_B, ENGINE_PEERS, ENGINE_STATIC, ENGINE_QWEN3))
     manager = "transformers' continuous batching manager, the first 64 requests each to its own length"
     eight_b = load(results, ENGINE_MODELS[1][1])
     table = [
-        _engine_row("A with both peers in one run (the default: 64 decode steps a device call)", ENGINE_PEERS,
+        _engine_row(f"A with both peers in one run (64 decode steps a device call; {_peak(peers)})", ENGINE_PEERS,
                     peers["A"], *_versus_static(peers)),
         _manager_row(f"A, that run: {manager}", ENGINE_PEERS, peers),
-        _engine_row("A with both peers in one run, the run before (16 decode steps a call)", ENGINE_PEERS_16,
-                    before["A"], *_versus_static(before)),
-        _manager_row(f"A, that run: {manager}", ENGINE_PEERS_16, before),
-        _engine_row("A on **qwen3-0.6b** with both peers in one run (64 decode steps a call)", ENGINE_QWEN3,
-                    qwen3["A"], *_versus_static(qwen3)),
-        _manager_row(f"A on qwen3-0.6b, that run: {manager}", ENGINE_QWEN3, qwen3),
-        _c_row("C (an earlier run, 16 decode steps a call, programs compiled as met)", ac, ENGINE_AC),
-        _engine_row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on "
-                    "(a run of its own, before the tiles)", ENGINE_B, b["B_caching_on"],
-                    f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
+        _engine_row(f"A, the run after it, the static peer alone ({_peak(static)})", ENGINE_STATIC,
+                    static["A"], *_versus_static(static)),
+        _engine_row(f"A again, in C's run ({_peak(ac)})", ENGINE_AC, ac["A"], "—", None),
+        _c_row("C, that run", ac, ENGINE_AC),
+        _engine_row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on",
+                    ENGINE_B, b["B_caching_on"], f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
                     b["B_caching_off"]["output_tokens_per_second"]),
+        _engine_row("A on **qwen3-0.6b** with both peers in one run", ENGINE_QWEN3, qwen3["A"], *_versus_static(qwen3)),
+        _manager_row(f"A on qwen3-0.6b, that run: {manager}", ENGINE_QWEN3, qwen3,
+                     f"none more in the {qwen3['args']['hf_timeout']:.0f} s the peer was given"),
         _engine_row("A on **llama-8b** (before 64-bit offsets, its pool capped by 32-bit ones: "
                     f"{eight_b['A']['peak_used_blocks']:,} blocks, all in use at the peak)", ENGINE_MODELS[1][1],
                     eight_b["A"], *_versus_static(eight_b)),
@@ -335,17 +345,33 @@ def headline_engine(results):
 def headline_engine_before(results):
     """The engine's runs before the latest (NOTES.md), and A at each number of decode steps a call."""
     ac, a, later, rows, scanned, one_by_one = (load(results, name) for name in (
-        ENGINE_AC, ENGINE_A, ENGINE_LATER, ENGINE_ROWS, ENGINE_SCANNED, ENGINE_PEERS_BEFORE))
+        ENGINE_AC_BEFORE, ENGINE_A, ENGINE_LATER, ENGINE_ROWS, ENGINE_SCANNED, ENGINE_PEERS_BEFORE))
+    read, sixteen, qwen3_read, b = (load(results, name) for name in (ENGINE_PEERS_READ, ENGINE_PEERS_16,
+                                                                      ENGINE_QWEN3_READ, ENGINE_B_BEFORE))
     first_static, hf = a["A_static_generate"]["output_tokens_per_second"], a["A_transformers"]
     qwen3 = load(results, ENGINE_MODELS[0][1])
+    manager = "transformers' continuous batching manager, the first 64 requests each to its own length"
     table = [
+        _engine_row("A with both peers in one run, 64 decode steps a call (inactive decode rows still read their "
+                    "context)", ENGINE_PEERS_READ, read["A"], *_versus_static(read)),
+        _manager_row(f"A, that run: {manager}", ENGINE_PEERS_READ, read),
+        _engine_row("A with both peers in one run, 16 decode steps a call", ENGINE_PEERS_16,
+                    sixteen["A"], *_versus_static(sixteen)),
+        _manager_row(f"A, that run: {manager}", ENGINE_PEERS_16, sixteen),
+        _engine_row("A on **qwen3-0.6b** with both peers in one run, 64 steps (inactive rows still read)",
+                    ENGINE_QWEN3_READ, qwen3_read["A"], *_versus_static(qwen3_read)),
+        _manager_row(f"A on qwen3-0.6b, that run: {manager}", ENGINE_QWEN3_READ, qwen3_read),
+        _c_row("C, 16 decode steps a call, programs compiled as met", ac, ENGINE_AC_BEFORE),
+        _engine_row("B, prefix caching on (before the tiles, 16 steps a call)", ENGINE_B_BEFORE, b["B_caching_on"],
+                    f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
+                    b["B_caching_off"]["output_tokens_per_second"]),
         _engine_row("A, the static peer alone (16 decode steps a call, as in every row here)", ENGINE_SCANNED,
                     scanned["A"], *_versus_static(scanned)),
         _engine_row("A with both peers in one run (every program unrolled and compiled ahead one by one, a slower "
                     "host)", ENGINE_PEERS_BEFORE, one_by_one["A"], *_versus_static(one_by_one)),
         _manager_row("A, that run: transformers' continuous batching manager, the first 64 requests each to its own "
                      "length", ENGINE_PEERS_BEFORE, one_by_one),
-        _engine_row("A, programs compiled as met (`--no-warm-up`)", ENGINE_AC, ac["A"], *_versus_static(ac)),
+        _engine_row("A, programs compiled as met (`--no-warm-up`)", ENGINE_AC_BEFORE, ac["A"], *_versus_static(ac)),
         _engine_row("A, the run before: prefill chunks in rows padded to the longest, not in tiles", ENGINE_ROWS,
                     rows["A"], *_versus_static(rows)),
         _c_row("C, that run", rows, ENGINE_ROWS),

@@ -14,6 +14,7 @@ from model_files import write_llama_gguf
 from jaxpaged.models import cli
 from jaxpaged.models.checkpoint import load_checkpoint, save_checkpoint
 from jaxpaged.engine.detokenize import TextStream
+from jaxpaged.engine.bench import prefill_tokens
 from jaxpaged.models.cli import blocks_needed, main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
@@ -250,6 +251,19 @@ def test_bench_runs_a_small_workload_and_writes_its_row(tmp_path, capsys):
     assert written["args"]["num_requests"] == 4 and written["args"]["workload"] == ["A"]
     assert "out tok/s" in printed and "TTFT s" in printed and "\nA " in printed and str(out) in printed
     assert "A: 4 requests" in err
+
+
+def test_the_roofline_counts_prompt_tokens_a_prefix_cache_serves_once():
+    """prefill_tokens: without caching every prompt token; with it, the full blocks an earlier prompt
+    began with are computed once, never a prompt's last token, and a block shared only past a
+    differing one is not shared."""
+    system = list(range(100, 132))  # two blocks of 16
+    prompts = [system + [1, 2, 3], system + [4], system[:16] + [9] * 16 + [5], system, [7] * 40]
+    assert prefill_tokens(prompts, None) == sum(map(len, prompts)) == 35 + 33 + 33 + 32 + 40
+    # the second shares both blocks, the third the first block only, the fourth one block (its last
+    # token is in its second), the fifth nothing
+    assert prefill_tokens(prompts, 16) == 35 + (33 - 32) + (33 - 16) + (32 - 16) + 40
+    assert prefill_tokens([[1] * 16 + [2] * 16, [3] * 16 + [2] * 16], 16) == 64
 
 
 @pytest.mark.slow

@@ -133,9 +133,33 @@ def run_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], 
                      "kernel" if engine.runner.kernels else "reference", engine.cache_config.bytes_per_token)
 
 
+def prefill_tokens(prompts: Sequence[Sequence[int]], block_size: int | None) -> int:
+    """The prompt tokens a run has to compute: all of them, or with prefix caching (block_size given)
+    all but the full blocks that an earlier prompt began with (each prompt's last token is always
+    computed). A workload's count, not the engine's: blocks found again after a preemption count as
+    work, so a run with preemptions does not lower its own roofline."""
+    if block_size is None:
+        return sum(map(len, prompts))
+    seen, total = set(), 0
+    for prompt in prompts:
+        name, shared = None, 0
+        for start in range(0, (len(prompt) - 1) // block_size * block_size, block_size):
+            name = hash((name, tuple(prompt[start:start + block_size])))
+            if name not in seen:
+                break
+            shared += block_size
+        name = None
+        for start in range(0, len(prompt) // block_size * block_size, block_size):
+            name = hash((name, tuple(prompt[start:start + block_size])))
+            seen.add(name)
+        total += len(prompt) - shared
+    return total
+
+
 def roofline_seconds(config, stats: EngineStats, prompt_tokens: int, matmul_flops: float, bandwidth: float,
                      kv_bytes_per_position: int | None = None) -> float:
-    """The time the engine's work would take at the ceilings: prefill at `matmul_flops` (FLOP/s), and
+    """The time the engine's work would take at the ceilings: prefill of `prompt_tokens` (those it
+    has to compute: `prefill_tokens`) at `matmul_flops` (FLOP/s), and
     each decode step the engine ran reading the weights once plus every live K/V position once at
     `bandwidth` (bytes/s), a position being `kv_bytes_per_position` (default: K and V of every layer
     in the model's dtype; an 8-bit pool's are fewer). The achieved fraction is this over the
@@ -215,7 +239,9 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
         run = run_engine(model, prompts, outputs, args, warm_up)
         entry = summarise(prompts, run)
         if ceilings:
-            ideal = roofline_seconds(config, run.stats, sum(map(len, prompts)), *ceilings, run.kv_bytes_per_position)
+            caching = args.get("enable_prefix_caching", True)
+            entry["prefill_tokens"] = prefill_tokens(prompts, block_size if caching else None)
+            ideal = roofline_seconds(config, run.stats, entry["prefill_tokens"], *ceilings, run.kv_bytes_per_position)
             entry["roofline_fraction"] = ideal / run.seconds
         result[name], runs[name] = entry, run
         return run
