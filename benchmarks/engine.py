@@ -17,9 +17,10 @@ programs ahead on parallel threads (`Engine.warm_up`; with --no-warm-up only tho
 that time and the untimed run's extra time are reported as compilation. Decoding is greedy. --min-len is capped at --max-len, and workload
 B's lengths at --max-len too, so that small smoke runs fit.
 
-Roofline (on a GPU): prefill at the measured bf16 matmul peak, and each decode step the engine ran
-reading the weights once plus every live K/V position once, at the card's specified bandwidth
-(benchmarks/ceilings.py); the achieved fraction is that time over the measured time.
+Roofline (on a GPU): prefill of the prompt tokens a run has to compute at the measured bf16 matmul
+peak (`matmul_peak`), and each decode step the engine ran reading the weights once plus every live
+K/V position once, at the card's specified bandwidth (benchmarks/ceilings.py); the achieved
+fraction is that time over the measured time.
 
 Examples:
   python benchmarks/engine.py --model tiny --num-requests 8 --max-len 64          # CPU smoke run
