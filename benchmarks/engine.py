@@ -7,7 +7,8 @@ Workloads (random token prompts, random weights, EOS ignored; seed 0):
   A  --num-requests prompts of U[100, 1024] tokens, outputs of U[100, 1024] tokens (nano-vllm's bench).
      Peers: the static `generate` (models/generate.py) in groups of --static-group requests, each
      group decoded to its longest output (only the tokens asked for count), and Hugging Face
-     transformers' continuous batching (`generate_batch`) on the first --hf-requests requests.
+     transformers' continuous batching (`generate_batch`) on the first --hf-requests requests, run
+     first, in a process of its own, while this one holds no device memory.
   B  requests sharing a 1,024-token system prompt, 64-256 tokens of their own, 128 output tokens:
      prefix caching on and off (throughput, mean time to first token, hit rate).
   C  workload A with a pool of a quarter of the blocks it needs: throughput, preemptions, and the
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpaged.engine.bench import format_table, run_workloads
+from jaxpaged.engine.bench import format_table, run_workloads, workload_a_requests
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
@@ -248,6 +249,11 @@ def main():
     config = preset(args.model, **({} if args.dtype is None else {"dtype": args.dtype}))
     if args.hf_worker:
         return hf_worker(config, args.hf_worker)
+    transformers_peer = None
+    if args.hf_requests and "A" in args.workloads:  # first, while JAX holds no device memory: the card to itself
+        prompts, outputs = workload_a_requests(config, args.num_requests, args.min_len, args.max_len)
+        transformers_peer = run_hf(args, prompts[:args.hf_requests], outputs[:args.hf_requests])
+        say(f"A_transformers: {json.dumps(transformers_peer)}")
     model = MiniLLM(config, rngs=nnx.Rngs(0))
     gpu = jax.default_backend() == "gpu"
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -277,9 +283,8 @@ def main():
         if args.static_group:
             result["A_static_generate"] = run_static(model, prompts, outputs, args.static_group)
             say(f"A_static_generate: {json.dumps(result['A_static_generate'])}")
-        if args.hf_requests:
-            result["A_transformers"] = run_hf(args, prompts[:args.hf_requests], outputs[:args.hf_requests])
-            say(f"A_transformers: {json.dumps(result['A_transformers'])}")
+        if transformers_peer is not None:
+            result["A_transformers"] = transformers_peer
 
     rows = run_workloads(engine_model, args.workloads, num_requests=args.num_requests, min_len=args.min_len,
                          max_len=args.max_len, engine_args=engine_args,

@@ -17,11 +17,10 @@ import sys
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from jaxpaged.engine import LLM
-from jaxpaged.engine.bench import VOCAB, params_for, workload_a
+from jaxpaged.engine.bench import params_for, workload_a_requests
 from jaxpaged.models.config import preset
 from jaxpaged.models.llama import MiniLLM
 
@@ -61,8 +60,7 @@ def main():
     args = parser.parse_args()
 
     model = MiniLLM(preset(args.model), rngs=nnx.Rngs(0))
-    prompts, outputs = workload_a(np.random.default_rng(0), args.num_requests, min(100, args.max_len), args.max_len,
-                                 min(model.config.vocab_size, VOCAB))
+    prompts, outputs = workload_a_requests(model.config, args.num_requests, 100, args.max_len)
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        decode_steps=args.decode_steps, max_model_len=2 * args.max_len, overlap=not args.no_overlap,
                        **runner_options(args))

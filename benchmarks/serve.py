@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ceilings import device_name  # noqa: E402
 from engine import workload_arguments  # noqa: E402
 
-from jaxpaged.engine.bench import VOCAB, workload_a  # noqa: E402
+from jaxpaged.engine.bench import VOCAB, workload_a_requests  # noqa: E402
 
 
 def free_port() -> int:
@@ -199,9 +199,9 @@ def main():
 
     from jaxpaged.models.config import preset
 
-    vocab = min(preset(args.model).vocab_size, VOCAB)
-    prompts, outputs = workload_a(np.random.default_rng(0), args.num_requests, min(args.min_len, args.max_len),
-                                  args.max_len, vocab)
+    config = preset(args.model)
+    prompts, outputs = workload_a_requests(config, args.num_requests, args.min_len, args.max_len)
+    vocab = min(config.vocab_size, VOCAB)
     result = {"device": device_name(), "jax": jax.__version__, "model": args.model, "args": vars(args),
               "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot}}
     print("the engine offline, same requests ...", flush=True)

@@ -57,6 +57,13 @@ def workload_a(rng: np.random.Generator, count: int, low: int, high: int,
     return prompts, outputs
 
 
+def workload_a_requests(config, num_requests: int, min_len: int, max_len: int) -> tuple[list[list[int]], list[int]]:
+    """Workload A's requests as `run_workloads` makes them for a model of this config (seed 0; min_len
+    capped at max_len): a peer run apart, before the engine, gets the very same ones."""
+    return workload_a(np.random.default_rng(0), num_requests, min(min_len, max_len), max_len,
+                      min(config.vocab_size, VOCAB))
+
+
 def workload_b(rng: np.random.Generator, count: int, system_len: int, low: int, high: int, output_len: int,
                vocab: int) -> tuple[list[list[int]], list[int]]:
     """Workload B: `count` prompts that start with the same `system_len` random tokens and go on with
@@ -222,7 +229,7 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
     if unknown:
         raise ValueError(f"workloads: unknown {sorted(unknown)}; choose from {sorted(WORKLOADS)}")
     config = model.config
-    low, vocab = min(min_len, max_len), min(config.vocab_size, VOCAB)
+    vocab = min(config.vocab_size, VOCAB)
     engine_args = {"block_size": BLOCK_SIZE, **(engine_args or {})}
     block_size = engine_args["block_size"]
     say = log or (lambda line: None)
@@ -247,7 +254,7 @@ def run_workloads(model, workloads: Sequence[str] = ("A", "B", "C"), *, num_requ
         return run
 
     if "A" in workloads or "C" in workloads:
-        prompts, outputs = workload_a(np.random.default_rng(0), num_requests, low, max_len, vocab)
+        prompts, outputs = workload_a_requests(config, num_requests, min_len, max_len)
         a_run = timed("A", prompts, outputs, engine_args)
         result["A"]["timeline"] = a_run.timeline
         if on_workload_a:
