@@ -111,8 +111,7 @@ def rotate(x: jax.Array) -> jax.Array:
     Computed as the fast Walsh-Hadamard transform: log2(D) stages of pairwise sums and differences,
     then one product by 1 / sqrt(D). Each output is the same fixed sequence of float32 additions in
     every program, so K written by any path (a chunk, one position, the model's step) rotates to the
-    same bits; a matmul's summation order depends on the program it is compiled into (on a GPU it
-    did, and an int8 value on a rounding boundary moved a step)."""
+    same bits; a matmul's summation order may depend on the program it is compiled into."""
     h = hadamard(x.shape[-1])
     x = x.astype(jnp.float32)
     if h is None:
