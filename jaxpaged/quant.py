@@ -117,11 +117,11 @@ def rotate(x: jax.Array) -> jax.Array:
     if h is None:
         return x
     lead, d = x.shape[:-1], x.shape[-1]
+    sign = np.array([1, -1], np.float32).reshape((1,) * (len(lead) + 1) + (2, 1))  # over [..., runs, 2, half]
     half = 1
-    while half < d:  # pairs (i, i + half) within each run of 2 * half features
+    while half < d:  # pairs (a, b) = features (i, i + half) within each run of 2 * half: (a + b, a - b)
         pairs = x.reshape(*lead, d // (2 * half), 2, half)
-        low, high = pairs[..., 0, :], pairs[..., 1, :]
-        x = jnp.stack([low + high, low - high], axis=-2).reshape(*lead, d)
+        x = (pairs[..., ::-1, :] + sign * pairs).reshape(*lead, d)  # (b + a, a + -b): exact signs, one fusion
         half *= 2
     return x * np.float32(h[0, 0])
 
