@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxpaged.engine.block_manager import chain_hash
 from jaxpaged.engine.engine import LLM, EngineStats
 from jaxpaged.engine.request import RequestOutput
 from jaxpaged.engine.sampling import SamplingParams
@@ -149,17 +150,14 @@ def prefill_tokens(prompts: Sequence[Sequence[int]], block_size: int | None) -> 
         return sum(map(len, prompts))
     seen, total = set(), 0
     for prompt in prompts:
-        name, shared = None, 0
-        for start in range(0, (len(prompt) - 1) // block_size * block_size, block_size):
-            name = hash((name, tuple(prompt[start:start + block_size])))
-            if name not in seen:
-                break
-            shared += block_size
-        name = None
+        names, name = [], None  # the full blocks' names, as the block manager names them
         for start in range(0, len(prompt) // block_size * block_size, block_size):
-            name = hash((name, tuple(prompt[start:start + block_size])))
-            seen.add(name)
-        total += len(prompt) - shared
+            name = chain_hash(name, prompt[start:start + block_size])
+            names.append(name)
+        shareable = names[:(len(prompt) - 1) // block_size]
+        shared = next((i for i, name in enumerate(shareable) if name not in seen), len(shareable))
+        total += len(prompt) - shared * block_size
+        seen.update(names)
     return total
 
 
