@@ -415,8 +415,8 @@ class Runner:
         `mixed`), and a decode call for each power of two of rows, all on padding rows. Each is
         traced here and compiled on a pool of threads while the next is traced (XLA compiles without
         the interpreter lock), the decode programs first, whose unrolled layers take the longest
-        (on an H200, llama-1b's 26 programs, the prefill programs scanned, took 60 s so, and 51-69 s
-        traced first and compiled after; 154 s with every program unrolled, 196 s unrolled and one by
+        (on an H200, llama-1b's 26 programs, the prefill programs scanned, took 41-60 s so in four runs,
+        and 51-69 s traced first and compiled after; 154 s with every program unrolled, 196 s unrolled and one by
         one); the calls
         run the compiled executables. On the reference attention path only the shortest read bound
         is covered (the kernels read by length and have one). progress: called after each program.
