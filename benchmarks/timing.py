@@ -54,14 +54,9 @@ def median_time_in_loop(fn, inputs, reps=20, rounds=5):
     return median_time(looped, inputs, rounds=rounds, calls=1) / reps
 
 
-def device_kernel_times(trace_dir):
-    """Device work in a JAX profiler trace.
-
-    Returns ({name: total µs}, {name: count}, busy µs): busy is the length of the union of all the
-    device events' intervals, so work that overlaps (concurrent streams, or a CUDA-graph launch
-    reported beside the kernels inside it) counts once, where the per-name totals count it twice.
-    """
-    totals, counts, intervals = collections.Counter(), collections.Counter(), []
+def device_events(trace_dir) -> list[tuple[float, float, str]]:
+    """The device's events in a JAX profiler trace: (start µs, end µs, name), in order of start."""
+    events = []
     for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
         with gzip.open(path) as f:
             trace = json.load(f)
@@ -69,14 +64,39 @@ def device_kernel_times(trace_dir):
                 and p.get("name") == "process_name"}
         for event in trace["traceEvents"]:
             if event.get("ph") == "X" and "/device:GPU" in pids.get(event.get("pid"), ""):
-                totals[event["name"]] += event.get("dur", 0)
-                counts[event["name"]] += 1
-                intervals.append((event["ts"], event["ts"] + event.get("dur", 0)))
+                events.append((event["ts"], event["ts"] + event.get("dur", 0), event["name"]))
+    return sorted(events)
+
+
+def device_kernel_times(trace_dir):
+    """Device work in a JAX profiler trace.
+
+    Returns ({name: total µs}, {name: count}, busy µs): busy is the length of the union of all the
+    device events' intervals, so work that overlaps (concurrent streams, or a CUDA-graph launch
+    reported beside the kernels inside it) counts once, where the per-name totals count it twice.
+    """
+    totals, counts = collections.Counter(), collections.Counter()
+    events = device_events(trace_dir)
+    for start, end, name in events:
+        totals[name] += end - start
+        counts[name] += 1
     busy, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
+    for start, end, _ in events:
         busy += max(0.0, end - max(start, reach))
         reach = max(reach, end)
     return totals, counts, busy
+
+
+def idle_gaps(events, longer_than: float = 0.0) -> collections.Counter:
+    """The device's idle time between consecutive events (`device_events`), summed by the pair of
+    kernels around each gap ("before -> after"), counting gaps longer than `longer_than` µs."""
+    gaps, reach, last = collections.Counter(), float("-inf"), None
+    for start, end, name in events:
+        if last is not None and start - reach > longer_than:
+            gaps[f"{last} -> {name}"] += start - reach
+        if end >= reach:
+            reach, last = end, name
+    return gaps
 
 
 def device_time(fn, inputs, calls=20, sync=None):

@@ -28,7 +28,7 @@ tune_kernels_prefill_best_H100.json, tune_kernels_prefill_rows_*_H100.json).
 
 Run: python benchmarks/tune_kernels.py --out FILE [--part decode|prefill|all] [--heads 32/8/128]
      [--variants NAME ...] [--options JSON]... [--wall NAME ...] [--shapes 32x2048 ...]
-     [--previous FILE_OR_MODULE [--ab]]
+     [--previous FILE_OR_MODULE [--ab]] [--ragged LOW [--longest-first]]
 """
 
 from __future__ import annotations
@@ -138,17 +138,32 @@ def _time_ab(record, new, old, args):
         record(name, fn, args=args)
 
 
+def ragged_lengths(rng, batch: int, low: int, high: int, longest_first: bool) -> np.ndarray:
+    """[B] lengths drawn from U[low, high] (a running batch's, as the engine's workload A has them),
+    the rows longest first or as drawn."""
+    lengths = rng.integers(low, high + 1, batch).astype(np.int32)
+    return np.sort(lengths)[::-1].copy() if longest_first else lengths
+
+
 def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=None, shapes=DECODE_SHAPES,
-                wall_variants=(), ab=False):
+                wall_variants=(), ab=False, ragged=None, longest_first=False):
+    """ragged: None, or the shortest length: each row's length drawn from U[ragged, context]
+    (`ragged_lengths`, rows longest first with longest_first), K/V bytes counted from them, and no
+    torch peer (it would read every row's whole context)."""
     rows = []
     for batch, context in shapes:
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         copies = max(1, min(8, math.ceil(2 * L2_BYTES / kv_bytes)))
         sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, 16, copies)
+        if ragged is not None:
+            for s in sets:
+                s["lengths"] = jnp.asarray(ragged_lengths(rng, batch, ragged, context, longest_first))
+            kv_bytes = 2 * int(np.mean([s["lengths"].sum() for s in sets])) * kv_heads * head_dim * 2
         args = [(s["q"], s["pool_k"], s["pool_v"], s["layer"], s["tables"], s["lengths"]) for s in sets]
         reference = np.asarray(paged_decode_attention(*args[0]), np.float32)
         plan = launch.decode_launch(batch, heads, kv_heads, head_dim, 16, context // 16, 2, launch.this_gpu())
         result = {"heads": f"{heads}/{kv_heads}/{head_dim}", "batch": batch, "context": context, "kv_bytes": kv_bytes,
+                  **({"ragged_from": ragged, "longest_first": longest_first} if ragged is not None else {}),
                   "defaults": {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}, "GBps": {}}
         times = {}
 
@@ -187,10 +202,11 @@ def tune_decode(rng, old_kernel, heads=32, kv_heads=8, head_dim=128, variants=No
                timer=lambda fn, args: (median_time_in_loop(fn, args),))
         if old_kernel is not None:  # an earlier kernel file with the same signature, its defaults
             record("previous_kernel", old_kernel.paged_decode_attention)
-        dense = [(s["q"][:, :, None], gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"]))
-                 for s in sets]
-        result["GBps"]["torch_sdpa"] = kv_bytes / _torch_sdpa_time([(q.transpose(0, 2, 1, 3), k, v) for q, k, v in dense]) / 1e9
-        del dense
+        if ragged is None:
+            dense = [(s["q"][:, :, None], gather_blocks(s["pool_k"], s["tables"]), gather_blocks(s["pool_v"], s["tables"]))
+                     for s in sets]
+            result["GBps"]["torch_sdpa"] = kv_bytes / _torch_sdpa_time([(q.transpose(0, 2, 1, 3), k, v) for q, k, v in dense]) / 1e9
+            del dense
         rows.append(result)
         gbps = result["GBps"]
         print(f"B{batch:>4} S{context:>5}: " + "  ".join(f"{k} {v:.0f}" for k, v in gbps.items()), flush=True)
@@ -320,6 +336,9 @@ def main():
     parser.add_argument("--wall", nargs="+", default=[], choices=list(DECODE_VARIANTS), metavar="NAME",
                         help="variants also timed as wall clock in a jitted loop (launches and gaps included)")
     parser.add_argument("--shapes", nargs="+", help="decode shapes as BATCHxCONTEXT (default: the eight in DECODE_SHAPES)")
+    parser.add_argument("--ragged", type=int, metavar="LOW",
+                        help="decode rows of U[LOW, CONTEXT] positions each (no torch peer)")
+    parser.add_argument("--longest-first", action="store_true", help="with --ragged: the rows longest first")
     parser.add_argument("--prefill-configs", nargs="+", choices=list(PREFILL_CONFIGS), metavar="NAME",
                         help="prefill configurations to time (default all; names in PREFILL_CONFIGS)")
     parser.add_argument("--prefill-shapes", nargs="+", metavar="BxPREFIX+CHUNK",
@@ -337,7 +356,8 @@ def main():
     if args.part in ("decode", "all"):
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes] if args.shapes else (
             AB_DECODE_SHAPES if args.ab else DECODE_SHAPES)
-        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, variants, shapes, args.wall, args.ab)
+        result["decode"] = tune_decode(rng, old_kernel, heads, kv_heads, head_dim, variants, shapes, args.wall, args.ab,
+                                       args.ragged, args.longest_first)
     if args.part in ("prefill", "all"):
         shapes = [tuple(int(x) for x in re.split(r"[x+]", shape)) for shape in args.prefill_shapes or []] or (
             AB_PREFILL_SHAPES if args.ab else PREFILL_SHAPES)
