@@ -42,6 +42,11 @@ class PrefillPlan:
 
 @dataclasses.dataclass
 class DecodePlan:
+    """A decode call: its sequences, longest context first. They are the call's rows in that order,
+    and the decode kernel's programs start in row order (each kv head's in turn), so the longest
+    contexts start first and the shortest fill the end of the call instead of one long row running
+    on while the other SMs idle (the longest-processing-time-first rule)."""
+
     seqs: list[Sequence]
     steps: int  # decode steps in the device call
     copies: list[tuple[int, int]]  # (source, destination) blocks to copy before the step (copy on write)
@@ -144,7 +149,9 @@ class Scheduler:
                     self.preempt(victim)
                     if victim is seq:
                         break
-        return [s for s in self.running if not s.prefilling], copies
+        decoding = [s for s in self.running if not s.prefilling]
+        decoding.sort(key=lambda s: -s.num_computed)  # longest first: see `DecodePlan`
+        return decoding, copies
 
     # -- changes of status
 
