@@ -464,8 +464,8 @@ def test_decode_kernel_gathers_whole_blocks_only_where_each_split_is_one_step():
         calls = [e for e in _pallas_calls(jaxpr.jaxpr) if e.params["name"] == "jaxpaged_decode"]
         return [v.aval.ndim for v in calls[0].invars[-2:]]
 
-    assert pool_operand_ndims(8) == [3, 3], "2 steps in 2 splits: one step each, whole blocks"
-    assert pool_operand_ndims(64) == [2, 2], "16 steps in 4 splits: rows"
+    assert pool_operand_ndims(8) == [3, 3], "one step of 8 blocks (128 positions): whole blocks"
+    assert pool_operand_ndims(64) == [2, 2], "8 steps in 4 splits: rows"
 
 
 def _decode_launches(batch, kv_heads, head_dim, max_blocks=128, gpu=launch.H100, **options):
@@ -623,6 +623,20 @@ def test_launch_rules_scale_the_tuned_cards_program_counts_by_the_sm_count():
     assert launch.default_loads_ahead(64, 128, False, 132) and not launch.default_loads_ahead(64, 128, True, 132)
     assert launch.default_loads_ahead(256, 256, False, 132) and not launch.default_loads_ahead(257, 256, False, 132)
     assert launch.default_loads_ahead(257, 256, False, 264) and not launch.default_loads_ahead(8, 512, False, 132)
+
+
+def test_decode_steps_read_32_kib_of_k_and_v_and_at_least_64_positions():
+    """A decode loop step covers 32 KiB of K and V in 16 bits (128 positions at head dim 64, 64 at
+    128), at least 64 positions with the split launch, shared by a program's packed kv heads."""
+    def blocks_per_step(batch, head_dim, max_blocks=128):
+        return launch.decode_launch(batch, 32, 8, head_dim, 16, max_blocks, 2, launch.H100).blocks_per_step
+
+    assert launch.default_step_positions(128, False) == 128 and launch.default_step_positions(256, False) == 64
+    assert launch.default_step_positions(512, False) == 64 and launch.default_step_positions(512, True) == 32
+    assert blocks_per_step(256, 64) == 8 and blocks_per_step(256, 128) == 4 and blocks_per_step(256, 256) == 4
+    plan = launch.decode_launch(128, 32, 8, 64, 16, 32, 2, launch.H100)  # 1,024 programs of 512 positions
+    assert (plan.heads_per_program, plan.blocks_per_step) == (4, 2), "4 kv heads x 32 positions a step"
+    assert blocks_per_step(256, 64, max_blocks=36) == 4, "the most that divide the table's width"
 
 
 def test_decode_stages_fit_the_cards_shared_memory():

@@ -158,7 +158,7 @@ def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = 
 def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False,
                        heads: int = 1, group: int = 1, row_scales=None, q_scale=None):
     """Decode's `update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
-    ([D, rows]), so the chunk (64 positions), not the 16 query rows, is the M side of both dots:
+    ([D, rows]), so the chunk (a step's 64 positions or more), not the 16 query rows, is the M side of both dots:
     compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `update`'s
     become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `launch.default_transposed`.
 

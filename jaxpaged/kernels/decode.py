@@ -3,7 +3,9 @@ its cached K/V, read straight from the block pools through the block table, the 
 across programs (flash-decoding) when the batch alone does not fill the GPU.
 
 Grid: (B, K / heads, splits). Program (b, h, s) takes sequence b, kv head h (or a pack of `heads`
-kv heads), and the s-th slice of the sequence's blocks; it loads its G query heads straight from q
+kv heads), and the s-th of `splits` equal slices of the sequence's own loop steps (of its length,
+not of the table's width, so that in a batch of ragged lengths every split of a long row has work
+and none of a short row waits on one long slice); it loads its G query heads straight from q
 (as 16 rows or more, the smallest Triton dot, the extra ones zero), then walks `blocks_per_step`
 blocks at a time with an online softmax (in base 2: `common.update`). Where the sequences and kv
 heads alone make about one program per SM, each gets one program walking longer steps instead of
@@ -85,11 +87,11 @@ def _attend_loaded(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length,
 
 
 def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, group: int, rows: int,
-                   block_size: int, blocks_per_step: int, steps_per_split: int, num_blocks: int, num_layers: int,
+                   block_size: int, blocks_per_step: int, splits: int, num_blocks: int, num_layers: int,
                    kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int,
                    loads_ahead: bool, quantized: bool, q_scaled: bool, dot_dtype, value_dtype):
     """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
-    s-th slice of the blocks; grid (B, K / heads, splits).
+    s-th of `splits` equal slices of the sequence's loop steps; grid (B, K / heads, splits).
 
     It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
     the ones past heads * G are zeros. With 8-bit pools (quantized) the first two of refs are the K
@@ -111,8 +113,10 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
     split = pl.program_id(2)
     length = lengths_ref[0]
     chunk = blocks_per_step * block_size
-    first_step = split * steps_per_split
-    last_step = jnp.maximum(jnp.minimum(first_step + steps_per_split, pl.cdiv(length, chunk)), first_step)
+    row_steps = pl.cdiv(length, chunk)
+    per_split = pl.cdiv(row_steps, splits)  # the row's own steps shared evenly: no split is left idle
+    first_step = split * per_split
+    last_step = jnp.maximum(jnp.minimum(first_step + per_split, row_steps), first_step)
     layer_base = program_layer_base(layer_ref, num_blocks, num_layers, kv_heads, heads)
     shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
                   length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
@@ -171,8 +175,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         and each position's scales applied to its logits and probabilities (`common.update`); the
         launch is the one for pools of q's dtype (the tiles the products take have its width), but
         for `launch.QUANTIZED_DEFAULTS`.
-      blocks_per_step: blocks loaded per loop step, dividing M; default 64 positions' worth, or 32 KiB
-        of K and V with one program per SM (`launch.default_one_per_sm`).
+      blocks_per_step: blocks loaded per loop step, dividing M; default `launch.default_step_positions`'s
+        worth (32 KiB of K and V, at least 64 positions).
       num_splits: programs per sequence and kv head; default one where the sequences and kv heads
         make about one program per SM (`launch.default_one_per_sm`), else about a wave of programs
         (`launch.default_splits`). With one split the kernel writes the normalised output itself;
@@ -225,10 +229,9 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     (k_pool, v_pool), pool_spec, (num_layers, _, num_blocks, _) = pool_view(k_pool, v_pool, plan.row_gather)
     kv_groups = kv_heads // plan.heads_per_program  # programs per sequence and split
     splits, rows = plan.splits, plan.rows
-    steps = max_blocks // plan.blocks_per_step
 
     kernel = functools.partial(_decode_kernel, group=group, rows=rows, block_size=block_size,
-                               blocks_per_step=plan.blocks_per_step, steps_per_split=-(-steps // splits),
+                               blocks_per_step=plan.blocks_per_step, splits=splits,
                                num_blocks=num_blocks, num_layers=num_layers, kv_heads=kv_heads,
                                scale=softmax_scale(head_dim), transposed=plan.transposed,
                                masked_loads=(plan.transposed or plan.row_gather) and not interpret,

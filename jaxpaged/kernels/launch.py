@@ -21,7 +21,7 @@ import functools
 from jaxpaged.checks import check_int
 
 MIN_ROWS = 16  # Triton's smallest dot tile
-ONE_PER_SM_STEP_BYTES = 32 * 1024  # K and V of one decode loop step with one program per SM
+ONE_PER_SM_STEP_BYTES = 32 * 1024  # K and V of one decode loop step (`default_step_positions`)
 TUNED_SM_COUNT = 132  # the SMs of the cards the defaults were measured on (H100 SXM; H200 alike)
 _TUNED_WAVE = 256  # programs: about two per SM of the tuned card
 
@@ -232,9 +232,25 @@ def default_heads_per_program(programs: int, kv_heads: int, group: int, position
     return heads
 
 
+def default_step_positions(row_bytes: int, one_per_sm: bool) -> int:
+    """Positions a decode loop step covers (all of a program's packed kv heads together): 32 KiB of K
+    and V (`ONE_PER_SM_STEP_BYTES`), or with the split launch at least 64 positions: 128 at head dim
+    64 in 16 bits, 64 at 128 and 256. With one program per SM, 32 KiB at every head dim.
+
+    Measured on an H200 with bfloat16 (tune_kernels.py, 128 positions a step against 64, same runs):
+    at 32/8/64 heads 1.01-1.05x at the attention benchmark's three shapes
+    (tune_kernels_decode_step_32_8_64_H200.json), 0.99-1.00x at 9/3/64 (..._9_3_64_H200.json); on
+    rows of U[100, 2,048] positions, as workload A's decode calls hold them, 1.04x at 256 rows,
+    1.12-1.17x at 128, 1.04-1.10x at 64, 1.21x at 32, 0.97x at 8 (four splits)
+    (tune_kernels_decode_ragged*_H200.json). 64 had been the fastest at the H100's even shapes."""
+    if one_per_sm:
+        return ONE_PER_SM_STEP_BYTES // (2 * row_bytes)
+    return max(64, ONE_PER_SM_STEP_BYTES // (2 * row_bytes))
+
+
 def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
-    """Blocks per loop step covering `positions` positions (64: the fastest decode step in the H100
-    sweep; prefill uses 128), dividing the block-table width."""
+    """Blocks per loop step covering `positions` positions (decode: `default_step_positions`),
+    dividing the block-table width."""
     blocks = max(1, positions // block_size)
     while max_blocks % blocks:
         blocks //= 2
@@ -296,8 +312,9 @@ def decode_launch(batch: int, num_heads: int, kv_heads: int, head_dim: int, bloc
     kv_groups = kv_heads // heads_per_program  # programs per sequence and split
     one_per_sm = num_splits is None and default_one_per_sm(batch * kv_groups, gpu.sm_count)
     num_splits = 1 if one_per_sm else num_splits
-    positions = (ONE_PER_SM_STEP_BYTES // (2 * row_bytes) if one_per_sm else 64) // heads_per_program
-    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks, positions)
+    blocks_per_step = blocks_per_step or default_blocks_per_step(block_size, max_blocks,
+                                                                 default_step_positions(row_bytes, one_per_sm)
+                                                                 // heads_per_program)
     if max_blocks % blocks_per_step:
         raise ValueError(f"the block-table width {max_blocks} must be a multiple of blocks_per_step={blocks_per_step}")
     steps = max_blocks // blocks_per_step
