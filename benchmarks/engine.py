@@ -95,7 +95,7 @@ def run_hf(args, prompts, outputs):
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.hf_timeout)
     except subprocess.TimeoutExpired as stopped:
         partial = [line for line in (stopped.stdout or b"").decode(errors="replace").splitlines() if '"done"' in line]
-        return {"failed": f"not done in {args.hf_timeout} s", "requests": len(prompts),
+        return {"failed": f"not done in {args.hf_timeout} s", "requests": len(prompts), "tokens_asked": sum(outputs),
                 **({"partial": json.loads(partial[-1])} if partial else {})}
     finally:
         os.unlink(f.name)
