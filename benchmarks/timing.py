@@ -69,14 +69,18 @@ def device_events(trace_dir) -> list[tuple[float, float, str]]:
 
 
 def device_kernel_times(trace_dir):
-    """Device work in a JAX profiler trace.
+    """Device work in a JAX profiler trace: `kernel_times` of its `device_events`."""
+    return kernel_times(device_events(trace_dir))
+
+
+def kernel_times(events):
+    """Device work of events in order of start (`device_events`).
 
     Returns ({name: total µs}, {name: count}, busy µs): busy is the length of the union of all the
-    device events' intervals, so work that overlaps (concurrent streams, or a CUDA-graph launch
-    reported beside the kernels inside it) counts once, where the per-name totals count it twice.
+    events' intervals, so work that overlaps (concurrent streams, or a CUDA-graph launch reported
+    beside the kernels inside it) counts once, where the per-name totals count it twice.
     """
     totals, counts = collections.Counter(), collections.Counter()
-    events = device_events(trace_dir)
     for start, end, name in events:
         totals[name] += end - start
         counts[name] += 1

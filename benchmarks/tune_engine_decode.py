@@ -37,7 +37,7 @@ from jaxpaged.models.llama import MiniLLM
 
 sys.path.insert(0, os.path.dirname(__file__))
 from profile_engine import kind  # noqa: E402
-from timing import device_events, device_kernel_times, idle_gaps  # noqa: E402
+from timing import device_events, idle_gaps, kernel_times  # noqa: E402
 
 
 def main():
@@ -93,8 +93,9 @@ def main():
             for _ in range(args.calls):
                 runner.results(runner.decode(*call_args))
             jax.profiler.stop_trace()
-            totals, _, busy = device_kernel_times(trace)
-            gaps = idle_gaps(device_events(trace))
+            events = device_events(trace)  # the trace read once
+            totals, _, busy = kernel_times(events)
+            gaps = idle_gaps(events)
             kinds, per_step = {}, {name: us / 1e3 / args.calls / steps for name, us in totals.items()}
             for name, ms in per_step.items():
                 kinds[kind(name)] = kinds.get(kind(name), 0.0) + ms
