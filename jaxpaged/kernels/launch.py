@@ -21,7 +21,7 @@ import functools
 from jaxpaged.checks import check_int
 
 MIN_ROWS = 16  # Triton's smallest dot tile
-ONE_PER_SM_STEP_BYTES = 32 * 1024  # K and V of one decode loop step (`default_step_positions`)
+DECODE_STEP_BYTES = 32 * 1024  # K and V of one decode loop step (`default_step_positions`)
 TUNED_SM_COUNT = 132  # the SMs of the cards the defaults were measured on (H100 SXM; H200 alike)
 _TUNED_WAVE = 256  # programs: about two per SM of the tuned card
 
@@ -178,7 +178,7 @@ def default_stages(row_gather: bool, step_bytes: int, one_per_sm: bool, shared_m
         needed = steps_in_flight * step_bytes + _DECODE_SHARED_MEMORY_SLACK
         return shared_memory_per_block is not None and needed <= shared_memory_per_block
 
-    if not row_gather or step_bytes > ONE_PER_SM_STEP_BYTES:
+    if not row_gather or step_bytes > DECODE_STEP_BYTES:
         return 2
     if one_per_sm and fits(4):
         return 7
@@ -234,7 +234,7 @@ def default_heads_per_program(programs: int, kv_heads: int, group: int, position
 
 def default_step_positions(row_bytes: int, one_per_sm: bool) -> int:
     """Positions a decode loop step covers (all of a program's packed kv heads together): 32 KiB of K
-    and V (`ONE_PER_SM_STEP_BYTES`), or with the split launch at least 64 positions: 128 at head dim
+    and V (`DECODE_STEP_BYTES`), or with the split launch at least 64 positions: 128 at head dim
     64 in 16 bits, 64 at 128 and 256. With one program per SM, 32 KiB at every head dim.
 
     Measured on an H200 with bfloat16 (tune_kernels.py, 128 positions a step against 64, same runs):
@@ -244,8 +244,8 @@ def default_step_positions(row_bytes: int, one_per_sm: bool) -> int:
     1.12-1.17x at 128, 1.04-1.10x at 64, 1.21x at 32, 0.97x at 8 (four splits)
     (tune_kernels_decode_ragged*_H200.json). 64 had been the fastest at the H100's even shapes."""
     if one_per_sm:
-        return ONE_PER_SM_STEP_BYTES // (2 * row_bytes)
-    return max(64, ONE_PER_SM_STEP_BYTES // (2 * row_bytes))
+        return DECODE_STEP_BYTES // (2 * row_bytes)
+    return max(64, DECODE_STEP_BYTES // (2 * row_bytes))
 
 
 def default_blocks_per_step(block_size: int, max_blocks: int, positions: int = 64) -> int:
