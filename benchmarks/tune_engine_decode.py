@@ -3,7 +3,9 @@ busy time per step (the difference is time the GPU waited on the host).
 
 Variants (padding[-steps][-sorted]): the decode batch padded to all table rows ("all") or to a power
 of two of the running rows ("pow2"); the steps a call (default --steps); "sorted": the rows given
-longest first (the decode kernel's programs start in row order), else in the table's order. (A
+longest first (the decode kernel's programs start in row order), else in the table's order;
+"allocate": each step's slots by `ops.allocate_slots` (the device allocator's path, its checks and
+free list) instead of `ops.reserved_slots`, the runner's (`PagedKVState.host_blocks`). (A
 fixed-count `fori_loop` in place of the `while_loop` was also timed once this way:
 benchmarks/NOTES.md.) Run it under different XLA_FLAGS in separate processes to compare XLA's
 options (command buffers, cuBLAS in place of XLA's own matrix-product kernels). The device time per
@@ -76,6 +78,7 @@ def main():
             padding, *rest = variant.split("-")
             steps = next((int(x) for x in rest if x.isdigit()), args.steps)
             rows = longest_first if "sorted" in rest else list(range(count))
+            runner.state = runner.state.replace(host_blocks="allocate" not in rest)
             call_args = (table, lens, rows, [1] * count, params, [0] * count, [0] * count, [0] * count, [()] * count,
                          [10**6] * count, steps)
             runner.min_decode_rows = args.table_rows if padding == "all" else 8
@@ -94,7 +97,8 @@ def main():
                 runner.results(runner.decode(*call_args))
             jax.profiler.stop_trace()
             events = device_events(trace)  # the trace read once
-            totals, _, busy = kernel_times(events)
+            totals, counts, busy = kernel_times(events)
+            kernels = sum(counts.values()) / args.calls / steps
             gaps = idle_gaps(events)
             kinds, per_step = {}, {name: us / 1e3 / args.calls / steps for name, us in totals.items()}
             for name, ms in per_step.items():
@@ -105,14 +109,14 @@ def main():
             results["runs"].append({"rows": count, "variant": variant, "wall_ms_per_step": wall * 1e3,
                                     "device_ms_per_step": device * 1e3, "kinds_ms_per_step": kinds,
                                     "kernels_ms_per_step": dict(sorted(per_step.items(), key=lambda x: -x[1])[:args.top]),
-                                    "kv_positions": int(lens[:count].sum()),
+                                    "kv_positions": int(lens[:count].sum()), "kernels_per_step": kernels,
                                     "idle_ms_per_step": sum(gaps.values()) / 1e3 / args.calls / steps,
                                     "idle_ms_per_step_by_gap": {pair: us / 1e3 / args.calls / steps for pair, us
                                                                 in gaps.most_common(args.top)},
                                     "compile_s": compile_s,
                                     "tokens_per_second": count / wall})
             print(f"rows {count:4d} {variant:<12} wall {wall * 1e3:6.2f} ms/step, device {device * 1e3:6.2f} ms/step, "
-                  f"{count / wall:8.0f} tok/s (first call {compile_s:.1f} s); device ms/step by kind: "
+                  f"{count / wall:8.0f} tok/s, {kernels:.0f} kernels/step (first call {compile_s:.1f} s); device ms/step by kind: "
                   f"{ {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda x: -x[1])} }", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -349,6 +349,35 @@ def allocate_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Arra
 
 
 @checks.guard
+@functools.partial(jax.jit, static_argnames=("num_chunk_tokens",), donate_argnames=("state",))
+def reserved_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, *, num_chunk_tokens: int):
+    """`allocate_slots` for a cache whose blocks the host gives out (`PagedKVState.host_blocks`: the
+    engine's block manager writes every row's blocks into the table before a step): it takes no
+    block on the device, and leaves to the host what the host guarantees (real rows distinct, every
+    layer of a row at one length). DONATES state.
+
+    The same slots and lengths as `allocate_slots` where every real row's new positions lie in the
+    blocks its table row holds; else ok is False, nothing changes and every slot is a dropped
+    sentinel. Its checks and the free list's bookkeeping are what `allocate_slots` spends most of
+    its kernels on, once in every decode step (benchmarks/NOTES.md).
+
+    Args and returns: as `allocate_slots`.
+    """
+    c = state.config
+    num_chunk_tokens = checks.check_int(num_chunk_tokens, "num_chunk_tokens")
+    _check_rows(seq_idx, num_tokens)
+    rows = checks.padding_rows(seq_idx, c.max_seqs)
+    num_tokens = jnp.where(rows < c.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
+    starts = _seq_lens_of(state, 0, rows)
+    held = jnp.sum(state.table.block_ids.at[rows].get(mode="fill", fill_value=c.num_blocks) < c.num_blocks, axis=-1)
+    ok = jnp.all(_ceil_div(starts + num_tokens, c.block_size) <= held)
+    num_tokens = jnp.where(ok, num_tokens, 0)
+    slots = _slots(state, rows, starts, num_tokens, num_chunk_tokens)
+    seq_lens = state.table.seq_lens.at[:, rows].add(num_tokens[None, :], mode="drop")
+    return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok
+
+
+@checks.guard
 @functools.partial(jax.jit, static_argnames=("tile_tokens", "max_tokens"), donate_argnames=("state",))
 def allocate_packed_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Array, tile_row: jax.Array,
                           tile_start: jax.Array, *, tile_tokens: int, max_tokens: int):

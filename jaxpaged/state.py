@@ -74,20 +74,25 @@ class PagedKVState:
     allocator: BlockAllocatorState
     config: CacheConfig = struct.field(pytree_node=False)
     mesh: Mesh | None = struct.field(pytree_node=False, default=None)
+    # True where the host gives every row its blocks before a step (the engine's block manager):
+    # `begin_step` then takes none on the device (`ops.reserved_slots`)
+    host_blocks: bool = struct.field(pytree_node=False, default=False)
 
     # -- the cache protocol (jaxpaged.protocol): what a model's attention calls
 
     def begin_step(self, seq_idx, num_tokens, num_chunk_tokens: int, *, max_len=None, impl="auto"):
         """Takes blocks for num_tokens [B] new positions of rows seq_idx [B] in every layer, once, and
-        advances every layer's length (`ops.allocate_slots`). Returns (state, Step with the slots;
-        padding tokens at position -1: `new_positions`)."""
-        from jaxpaged.ops import allocate_slots
+        advances every layer's length (`ops.allocate_slots`; with `host_blocks`, `ops.reserved_slots`:
+        the blocks are in the table already). Returns (state, Step with the slots; padding tokens at
+        position -1: `new_positions`)."""
+        from jaxpaged.ops import allocate_slots, reserved_slots
 
         if seq_idx is None:
             raise ValueError("a PagedKVState needs seq_idx, the block-table row of each batch row")
         rows = checks.padding_rows(seq_idx, self.config.max_seqs)  # no negative index wraps to row B - 1
         starts = self.table.seq_lens.at[0, rows].get(mode="fill", fill_value=0)  # [B]
-        state, slots, ok = allocate_slots(self, seq_idx, num_tokens, num_chunk_tokens=num_chunk_tokens)
+        slots_of = reserved_slots if self.host_blocks else allocate_slots
+        state, slots, ok = slots_of(self, seq_idx, num_tokens, num_chunk_tokens=num_chunk_tokens)
         return state, Step(seq_idx=seq_idx, positions=new_positions(starts, num_tokens, num_chunk_tokens),
                            num_tokens=num_tokens, ok=ok, slots=slots, max_len=max_len, impl=check_impl(impl))
 

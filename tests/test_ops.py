@@ -1,6 +1,7 @@
 """The pure layer against a NumPy oracle: round trips, failure without change, reuse, jit-ability."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,41 @@ def test_allocate_slots_once_then_write_every_layer(rng):
     for a, b in zip(before, state_bytes(state)):
         np.testing.assert_array_equal(a, b)
 
+
+
+def test_reserved_slots_equal_allocate_slots_in_blocks_the_host_gave(rng):
+    """With the host's blocks in the table (the engine's case), `reserved_slots` gives the slots and
+    lengths `allocate_slots` gives, takes no block, refuses a row whose positions pass its blocks
+    (nothing changes), and is the path `begin_step` takes for a state with `host_blocks`."""
+    state = make_state(block_size=8, num_blocks=12, max_seqs=3)
+    seq_idx = jnp.asarray([2, 0, 3], jnp.int32)  # row 3 == max_seqs: padding
+    state, ok = ops.reserve(state, seq_idx, jnp.asarray([20, 9, 0], jnp.int32), max_new_tokens=24)  # 3 and 2 blocks
+    assert bool(ok)
+    for lengths in ((5, 8, 4), (1, 1, 1), (14, 7, 3)):  # up to 20 and 16 positions: the blocks held
+        chunk = max(lengths)
+        copy = jax.tree.map(jnp.copy, state)
+        state, slots, ok = ops.reserved_slots(state, seq_idx, jnp.asarray(lengths, jnp.int32), num_chunk_tokens=chunk)
+        expected_state, expected, expected_ok = ops.allocate_slots(copy, seq_idx, jnp.asarray(lengths, jnp.int32),
+                                                                   num_chunk_tokens=chunk)
+        assert bool(ok) and bool(expected_ok)
+        np.testing.assert_array_equal(np.asarray(slots), np.asarray(expected))
+        for a, b in zip(state_bytes(state), state_bytes(expected_state)):
+            np.testing.assert_array_equal(a, b)
+    assert list(np.asarray(state.table.seq_lens[1])) == [16, 0, 20], "every layer's lengths advanced"
+    before = state_bytes(state)
+    state, slots, ok = ops.reserved_slots(state, seq_idx, jnp.asarray([0, 1, 0], jnp.int32), num_chunk_tokens=1)
+    assert not bool(ok) and np.all(np.asarray(slots) >= 12 * 8), "row 0's blocks hold 16 positions: refused"
+    for a, b in zip(before, state_bytes(state)):
+        np.testing.assert_array_equal(a, b)
+
+    def step_ops(host_blocks):
+        hosted = state.replace(host_blocks=host_blocks)
+        jaxpr = jax.make_jaxpr(lambda s: s.begin_step(seq_idx, jnp.ones(3, jnp.int32), 1)[1].slots)(hosted)
+        text = str(jaxpr)
+        return len(re.findall(r"\bscatter[-a-z]*\[", text)), text.count("cumsum")
+
+    assert step_ops(True) == (1, 0), "one scatter (the lengths), no free-list arithmetic"
+    assert step_ops(False)[0] > 1
 
 
 def test_a_scanned_loop_over_layers_writes_and_reads_the_pools_without_copying_them():

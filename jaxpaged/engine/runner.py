@@ -2,11 +2,13 @@
 
 The host's block manager owns the blocks; before each call the runner writes the scheduler's block
 table and lengths into the device state (a few KiB), so the pure ops find every block they need
-already in the table and never allocate (the device allocator is left empty: an allocation would
-report ok=False, and the runner raises). A prefill call runs a ragged batch of chunks and samples
-for the rows whose chunk ends their tokens, and where it is given decode rows, their next tokens
-too (the model's `mixed_step`: one pass over both); a decode call runs `steps` decode steps in one
-`lax.while_loop`, sampling and checking each row's stop conditions on the device.
+already in the table and never allocate (the state's `host_blocks`: a decode step only checks that
+its positions lie in the row's blocks; the device allocator is left empty, so a prefill call's
+allocation would report ok=False, and the runner raises). A prefill call runs a ragged batch of
+chunks and samples for the rows whose chunk ends their tokens, and where it is given decode rows,
+their next tokens too (the model's `mixed_step`: one pass over both); a decode call runs `steps`
+decode steps in one `lax.while_loop`, sampling and checking each row's stop conditions on the
+device.
 
 Every device call runs on one launcher thread, in the order the host asked for them. XLA drives a
 `while_loop` from the host (it reads the loop's predicate after each step), so the thread that
@@ -50,6 +52,7 @@ from jaxpaged.state import BlockTable, PagedKVState, init_state
 
 MAX_STOP_IDS = 8  # stop token ids per row on the device (EOS among them)
 NO_STOP = 2**30  # padding of a row's stop ids: matches no token, dropped by scatters
+COMPILE_THREADS = 8  # programs `warm_up` compiles at once (at most the host's cores)
 MIN_READ_BOUND = 256  # positions the reference path reads at least: a gather this short costs little
 
 
@@ -278,7 +281,8 @@ class Runner:
         self.min_decode_rows = bucket(checks.check_int(min_decode_rows, "min_decode_rows", low=1))
         self._sticky = dict(filtered=False, random=False, banning=False)
         state = init_state(cache_config, mesh)
-        self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)))
+        self.state = state.replace(allocator=state.allocator.replace(num_free=jnp.zeros((), jnp.int32)),
+                                   host_blocks=True)
         self.idle_seconds = 0.0  # the launcher's waits for the host between two calls
         self.programs: set[tuple] = set()  # each call's (kind, shapes, static switches): one compilation each
         self._last_end: float | None = None
@@ -445,7 +449,7 @@ class Runner:
             programs.append((self._decode, self.decode_leaves, *self._decode_program(table, lens, carry, fixed, options),
                              options))
         compiling = {}  # future -> executable key
-        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(min(COMPILE_THREADS, os.cpu_count() or 1)) as pool:
             for jitted, leaves, key, args, statics in reversed(programs):  # decode first: the longest to compile
                 key = self._executable_key(key)
                 if key not in self._executables and key not in compiling.values():
