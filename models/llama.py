@@ -54,33 +54,48 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-class Linear(nnx.Linear):
-    """nnx.Linear (x @ kernel, x: [..., in]) that, on a GPU, multiplies a single row ([1, 1, E]:
-    batch-1 decode) as two, the second zeros (`two_rows`; default: on a GPU backend).
+class Linear(nnx.Module):
+    """x @ kernel, no bias: x [..., I], kernel [I, *O] -> [..., *O].
 
-    XLA's GPU compiler rewrites a vector-matrix product whose operands hold fewer than 10M elements
-    (its dot strength reduction: llama-1b's q, k, v and o projections, every projection of
-    SmolLM2-135M) into a multiply fusion that writes the weight-sized product and a reduction
-    that reads it back; with two rows it stays one GEMM fusion. On an H100 that took batch-1
-    decode from 515 to 674 tokens/s for llama-1b and from 618 to 747 for SmolLM2's shape
-    (bfloat16, random weights; benchmarks/NOTES.md). On the CPU the two-row product is the slower one
-    (2.3x a 2048 x 2048 float32 matrix-vector product), so it stays one row there.
+    O is one axis for a plain projection, and several for projections of one input held side by
+    side: the MLP's gate and up as [E, 2, F], attention's q, k and v as [E, K, G + 2, D] (each kv
+    head's G query heads, then its k and its v). One matrix product then reads them all; with
+    separate weights XLA's GPU compiler merges the products itself but concatenates the weights
+    inside its own matrix-product kernel every call, which on an H200 made llama-1b's decode step
+    8% slower at 256 rows (benchmarks/NOTES.md). Each output axis stays an axis of the weight, so a
+    mesh splits one of them (F, or the kv heads K) and every device keeps whole parts of each
+    projection (`jaxpaged.models.parallel.param_spec`).
+
+    On a GPU a single row ([1, 1, E]: batch-1 decode) is multiplied as two, the second zeros
+    (`two_rows`; default: on a GPU backend). XLA's GPU compiler rewrites a vector-matrix product
+    whose operands hold fewer than 10M elements (its dot strength reduction: llama-1b's q, k, v and
+    o projections, every projection of SmolLM2-135M) into a multiply fusion that writes the
+    weight-sized product and a reduction that reads it back; with two rows it stays one GEMM
+    fusion. On an H100 that took batch-1 decode from 515 to 674 tokens/s for llama-1b and from 618
+    to 747 for SmolLM2's shape (bfloat16, random weights; benchmarks/NOTES.md). On the CPU the
+    two-row product is the slower one (2.3x a 2048 x 2048 float32 matrix-vector product), so it
+    stays one row there.
     """
 
-    def __init__(self, *args, two_rows: bool | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, in_features: int, out_shape: int | tuple[int, ...], *, dtype=jnp.float32,
+                 two_rows: bool | None = None, rngs: nnx.Rngs):
+        out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                                 out_axis=tuple(range(1, 1 + len(out_shape))))  # flax's lecun_normal
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, *out_shape), jnp.dtype(dtype)))
         self.two_rows = jax.default_backend() == "gpu" if two_rows is None else two_rows
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if not self.two_rows or math.prod(x.shape[:-1]) != 1:
-            return super().__call__(x)
-        rows = jnp.pad(x.reshape(1, x.shape[-1]), ((0, 1), (0, 0)))  # [2, in]
-        return super().__call__(rows)[:1].reshape(*x.shape[:-1], -1)
+        kernel = self.kernel[...]
+        x = x.astype(kernel.dtype)
+        padded = self.two_rows and math.prod(x.shape[:-1]) == 1
+        rows = jnp.pad(x.reshape(1, x.shape[-1]), ((0, 1), (0, 0))) if padded else x  # [2, I] or x
+        y = jax.lax.dot_general(rows, kernel, (((rows.ndim - 1,), (0,)), ((), ())))  # [..., *O]
+        return y[:1].reshape(*x.shape[:-1], *kernel.shape[1:]) if padded else y
 
 
-def _linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.Rngs) -> Linear:
-    dtype = jnp.dtype(config.dtype)
-    return Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def _linear(in_features: int, out_shape: int | tuple[int, ...], config: ModelConfig, rngs: nnx.Rngs) -> Linear:
+    return Linear(in_features, out_shape, dtype=config.dtype, rngs=rngs)
 
 
 @struct.dataclass
@@ -107,9 +122,7 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, c, rngs)
-        self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c, rngs)
-        self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c, rngs)
+        self.qkv_proj = _linear(c.hidden_size, (c.num_kv_heads, c.group_size + 2, c.head_dim), c, rngs)  # [E, K, G + 2, D]
         self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c, rngs)
         if c.qk_norm:  # Qwen3
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
@@ -117,13 +130,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cache, layer, step: Step | MixedStep):
         """x [B, T, E] with a Step, or every token of a MixedStep's two groups as [1, N, E]."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H * D], [B, T, K * D] x 2
+        qkv = self.qkv_proj(x)  # [B, T, K, G + 2, D]
+        batch, num_tokens, kv_heads, _, head_dim = qkv.shape
+        q = qkv[..., :-2, :].reshape(batch, num_tokens, -1, head_dim)  # [B, T, H, D]: head h reads kv head h // G
+        k, v = qkv[..., -2, :], qkv[..., -1, :]  # [B, T, K, D]
         if not isinstance(step, MixedStep):
             out, cache = self._attend(q, k, v, cache, layer, step)
             return self.o_proj(out), cache
         decoded, tiles, tile_tokens = step.decoded, *step.prefill.positions.shape
         groups = [] if step.decode is None else [(*(y[0, :decoded, None] for y in (q, k, v)), step.decode)]
-        groups.append((*(y[0, decoded:].reshape(tiles, tile_tokens, -1) for y in (q, k, v)), step.prefill))  # [Bt, Q, .]
+        groups.append((*(y[0, decoded:].reshape(tiles, tile_tokens, *y.shape[2:]) for y in (q, k, v)),
+                       step.prefill))  # [Bt, Q, H or K, D]
         groups = [self._heads(*group) for group in groups]
         if hasattr(cache, "attend_groups"):  # every group's K/V written, then each group's attention
             outs, cache = cache.attend_groups(layer, groups)
@@ -133,19 +150,15 @@ class Attention(nnx.Module):
         return self.o_proj(jnp.concatenate(flat)[None]), cache
 
     def _attend(self, q, k, v, cache, layer, step: Step):
-        """Attention of one group of rows: q [B, T, H * D], k and v [B, T, K * D] -> [B, T, H * D]."""
-        batch, num_tokens, _ = q.shape
+        """Attention of one group of rows: q [B, T, H, D], k and v [B, T, K, D] -> [B, T, H * D]."""
+        batch, num_tokens = q.shape[:2]
         out, cache = cache.attend(layer, *self._heads(q, k, v, step))  # the cache protocol: write K/V, attend
         return out.reshape(batch, num_tokens, -1), cache
 
     def _heads(self, q, k, v, step: Step):
-        """q [B, T, H * D], k and v [B, T, K * D] as heads [B, T, H or K, D], normed (Qwen3) and
-        rotated at the step's positions; with the step, the arguments of the cache's `attend`."""
+        """q [B, T, H, D], k and v [B, T, K, D] normed (Qwen3) and rotated at the step's positions;
+        with the step, the arguments of the cache's `attend`."""
         c = self.config
-        batch, num_tokens, _ = q.shape
-        q = q.reshape(batch, num_tokens, c.num_heads, c.head_dim)  # [B, T, H, D]
-        k = k.reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)  # [B, T, K, D]
-        v = v.reshape(batch, num_tokens, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, step.positions, c.rope_theta), apply_rope(k, step.positions, c.rope_theta)
@@ -154,12 +167,12 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, config, rngs)
-        self.up_proj = _linear(config.hidden_size, config.intermediate_size, config, rngs)
+        self.gate_up_proj = _linear(config.hidden_size, (2, config.intermediate_size), config, rngs)  # [E, 2, F]
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, config, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [..., 2, F]
+        return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
 
 
 class DecoderLayer(nnx.Module):

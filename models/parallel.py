@@ -21,16 +21,19 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxpaged.parallel import TENSOR_AXIS, head_layout
 from jaxpaged.models.config import ModelConfig
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # kernel [E, out]: out split
+# Column-parallel kernels, and the axis split: q, k and v [E, K, G + 2, D] by kv heads (each device its
+# kv heads with their query heads), gate and up [E, 2, F] by F.
+COLUMN_PARALLEL = {"qkv_proj": PartitionSpec(None, TENSOR_AXIS, None, None),
+                   "gate_up_proj": PartitionSpec(None, None, TENSOR_AXIS)}
 ROW_PARALLEL = ("o_proj", "down_proj")  # kernel [in, E]: in split; the partial sums are all-reduced
 
 
 def param_spec(path) -> PartitionSpec:
     """The PartitionSpec of a parameter, given its path in the model's state (a `jax.tree_util` key
-    path, e.g. layers / 0 / mlp / up_proj / kernel)."""
+    path, e.g. layers / 0 / mlp / gate_up_proj / kernel)."""
     module, leaf = [str(entry.key) for entry in path if hasattr(entry, "key")][-2:]
     if leaf == "kernel" and module in COLUMN_PARALLEL:
-        return PartitionSpec(None, TENSOR_AXIS)
+        return COLUMN_PARALLEL[module]
     if leaf == "kernel" and module in ROW_PARALLEL:
         return PartitionSpec(TENSOR_AXIS, None)
     return PartitionSpec()

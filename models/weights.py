@@ -6,6 +6,7 @@ Everything else (embedding, norms) has the same shape on both sides.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -20,6 +21,11 @@ from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.parallel import lay_out_heads, param_spec
 
 
+# Our projections that hold several of Hugging Face's side by side (`jaxpaged.models.llama.Linear`),
+# and the Hugging Face modules they hold, in order along the kernel's part axis.
+SIDE_BY_SIDE = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def _keys(path) -> list:
     """The dict keys and list indices of a pytree path, without the Variable's own attribute."""
     keys = []
@@ -31,12 +37,53 @@ def _keys(path) -> list:
     return keys
 
 
-def hf_name(path) -> tuple[str, bool]:
-    """The Hugging Face tensor name of an nnx parameter path, and whether the tensor is transposed."""
+def hf_tensors_of(path, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """The Hugging Face tensors that make the nnx parameter at `path` (of `shape`): each name with its
+    shape in Hugging Face's layout ([out, in] for a linear layer's weight). One tensor, except for
+    a kernel that holds several projections side by side: qkv_proj [E, K, G + 2, D] is q_proj
+    [K * G * D, E], k_proj and v_proj [K * D, E]; gate_up_proj [E, 2, F] is gate_proj and up_proj
+    [F, E]."""
     keys = [str(k) for k in _keys(path)]
-    leaf = keys[-1]
-    name = ".".join(keys[:-1] + ["weight"])
-    return (name if keys[0] == "lm_head" else "model." + name), leaf == "kernel"
+    prefix = "" if keys[0] == "lm_head" else "model."
+    *modules, module, leaf = keys
+    if leaf != "kernel":
+        return [(prefix + ".".join(keys[:-1] + ["weight"]), tuple(shape))]
+    width, *out = shape
+    if module == "qkv_proj":
+        kv_heads, parts, head_dim = out
+        outs = (kv_heads * (parts - 2) * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    else:
+        outs = (out[-1],) * out[0] if module in SIDE_BY_SIDE else (math.prod(out),)
+    return [(prefix + ".".join([*modules, name, "weight"]), (size, width))
+            for name, size in zip(SIDE_BY_SIDE.get(module, (module,)), outs)]
+
+
+def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor a MiniLLM of `config` is made from, with its shape."""
+    _, abstract = nnx.split(nnx.eval_shape(lambda: MiniLLM(config, rngs=nnx.Rngs(0))))
+    return {name: shape for path, spec in jax.tree_util.tree_flatten_with_path(abstract)[0]
+            for name, shape in hf_tensors_of(path, spec.shape)}
+
+
+def _split_kernel(module: str, kernel) -> list:
+    """A kernel [E, *O] as the [E, out] kernels of the projections it holds (`hf_tensors_of`)."""
+    width = kernel.shape[0]
+    if module == "qkv_proj":  # [E, K, G + 2, D]
+        return [kernel[:, :, :-2].reshape(width, -1), kernel[:, :, -2].reshape(width, -1),
+                kernel[:, :, -1].reshape(width, -1)]
+    if module in SIDE_BY_SIDE:  # [E, 2, F]
+        return [kernel[:, part] for part in range(kernel.shape[1])]
+    return [kernel]
+
+
+def _join_kernels(module: str, kernels: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """`_split_kernel`'s inverse: the [E, out] kernels as one kernel of `shape`."""
+    if module == "qkv_proj":
+        width, kv_heads, parts, head_dim = shape
+        q, k, v = kernels
+        return np.concatenate([q.reshape(width, kv_heads, parts - 2, head_dim),
+                               k.reshape(width, kv_heads, 1, head_dim), v.reshape(width, kv_heads, 1, head_dim)], axis=2)
+    return np.stack(kernels, axis=1) if module in SIDE_BY_SIDE else kernels[0].reshape(shape)
 
 
 def to_hf_tensors(model: MiniLLM) -> dict[str, jax.Array]:
@@ -44,8 +91,10 @@ def to_hf_tensors(model: MiniLLM) -> dict[str, jax.Array]:
     _, state = nnx.split(model)
     tensors = {}
     for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
-        name, transposed = hf_name(path)
-        tensors[name] = value.T if transposed else value
+        module, leaf = [str(key) for key in _keys(path)[-2:]]
+        parts = _split_kernel(module, value) if leaf == "kernel" else [value]
+        for (name, _), part in zip(hf_tensors_of(path, value.shape), parts):
+            tensors[name] = part.T if leaf == "kernel" else part
     return tensors
 
 
@@ -62,11 +111,8 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
     Raises ValueError naming every missing tensor or wrong shape. With tied embeddings a
     `lm_head.weight` in the checkpoint is ignored.
     """
-    _, abstract = nnx.split(nnx.eval_shape(lambda: MiniLLM(config, rngs=nnx.Rngs(0))))
     values, problems = {}, []
-    for path, spec in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        name, transposed = hf_name(path)
-        shape = spec.shape[::-1] if transposed else spec.shape  # Hugging Face's [out, in]
+    for name, shape in hf_tensor_shapes(config).items():
         if name not in tensors:
             problems.append(f"missing {name}")
         elif np.shape(tensors[name]) != shape:
@@ -81,9 +127,10 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MiniLLM(config, rngs=nnx.Rngs(0))))
     dtype = jnp.dtype(config.dtype)
 
-    def fill(path, _spec):
-        name, transposed = hf_name(path)
-        value = values[name].T if transposed else values[name]
+    def fill(path, spec):
+        module, leaf = [str(key) for key in _keys(path)[-2:]]
+        names = [name for name, _ in hf_tensors_of(path, spec.shape)]
+        value = _join_kernels(module, [values[name].T for name in names], spec.shape) if leaf == "kernel" else values[names[0]]
         if mesh is None:
             return jnp.asarray(value, dtype)
         value = np.asarray(value, dtype)  # on the host; each device then takes its slice

@@ -9,7 +9,7 @@ from flax import nnx
 import jaxpaged as jp
 from jaxpaged.models.config import ModelConfig, preset
 from jaxpaged.models.llama import Linear, MiniLLM
-from jaxpaged.models.weights import model_from_hf_tensors, to_hf_tensors
+from jaxpaged.models.weights import hf_tensor_shapes, model_from_hf_tensors, to_hf_tensors
 
 PROMPT_LENS = (5, 1, 8)  # ragged: mid-block, a single token, exactly one block of 8
 DECODE_STEPS = 11  # crosses block boundaries for every row
@@ -132,6 +132,29 @@ def test_weights_round_trip_through_hf_names(tied):
         model_from_hf_tensors(model.config, tensors)
 
 
+def test_projections_side_by_side_are_the_hugging_face_ones_in_one_kernel():
+    """q, k and v are one kernel [E, K, G + 2, D] (each kv head's query heads, then its k and v), gate
+    and up one [E, 2, F]: each part of the product is the product with the Hugging Face tensor it
+    came from, and the model's q head h reads kv head h // G (as Hugging Face's grouping)."""
+    config = preset("tiny", num_heads=4, num_kv_heads=2)  # G = 2
+    model = MiniLLM(config, rngs=nnx.Rngs(5))
+    tensors = {k: np.asarray(v) for k, v in to_hf_tensors(model).items()}
+    x = np.random.default_rng(0).standard_normal((3, config.hidden_size)).astype(np.float32)
+    attention, mlp = model.layers[1].self_attn, model.layers[1].mlp
+    qkv = np.asarray(attention.qkv_proj(jnp.asarray(x)))  # [3, K, G + 2, D]
+    assert qkv.shape == (3, 2, 4, config.head_dim)
+    hf = {name: x @ tensors[f"model.layers.1.self_attn.{name}_proj.weight"].T for name in "qkv"}
+    np.testing.assert_allclose(qkv[:, :, :2].reshape(3, -1), hf["q"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qkv[:, :, 2].reshape(3, -1), hf["k"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qkv[:, :, 3].reshape(3, -1), hf["v"], rtol=1e-5, atol=1e-5)
+    gate_up = np.asarray(mlp.gate_up_proj(jnp.asarray(x)))  # [3, 2, F]
+    for part, name in enumerate(("gate", "up")):
+        np.testing.assert_allclose(gate_up[:, part], x @ tensors[f"model.layers.1.mlp.{name}_proj.weight"].T,
+                                   rtol=1e-5, atol=1e-5)
+    assert hf_tensor_shapes(config)["model.layers.0.self_attn.q_proj.weight"] == (4 * config.head_dim,
+                                                                                config.hidden_size)
+
+
 def test_model_config_validates():
     with pytest.raises(ValueError, match="multiple"):
         ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=3, num_kv_heads=2, head_dim=4,
@@ -151,7 +174,7 @@ def test_scanned_view_equals_the_unrolled_layers_and_the_tree_is_one_everywhere(
     assert "model.layers.1.self_attn.k_proj.weight" in names
     view = model.scanned()
     assert not isinstance(view.layers, nnx.List)
-    assert view.layers.self_attn.k_proj.kernel[...].shape[0] == model.config.num_layers  # [L, in, out]
+    assert view.layers.self_attn.qkv_proj.kernel[...].shape[0] == model.config.num_layers  # [L, E, K, G + 2, D]
     assert isinstance(model.layers, nnx.List), "the view leaves the model as it was"
     config = jp.CacheConfig.from_model_config(model.config, num_blocks=12, block_size=8, max_seqs=3)
     tokens, lens = _padded_prompts(token_rows)
@@ -170,7 +193,7 @@ def test_linear_multiplies_a_single_row_as_two_on_a_gpu_and_gives_the_same_resul
     other inputs, and every input without it (the default on the CPU), pass unchanged."""
     assert Linear(8, 8, rngs=nnx.Rngs(0)).two_rows == (jax.default_backend() == "gpu")
     for two_rows in (True, False):
-        linear = Linear(64, 48, use_bias=False, two_rows=two_rows, rngs=nnx.Rngs(0))
+        linear = Linear(64, 48, two_rows=two_rows, rngs=nnx.Rngs(0))
         kernel = np.asarray(linear.kernel[...])
         for shape in [(1, 1, 64), (1, 64), (3, 1, 64), (2, 5, 64)]:
             x = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape), jnp.float32)
@@ -179,3 +202,8 @@ def test_linear_multiplies_a_single_row_as_two_on_a_gpu_and_gives_the_same_resul
             dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
             padded = two_rows and int(np.prod(shape[:-1])) == 1
             assert dots[0].invars[0].aval.shape[:-1] == ((2,) if padded else shape[:-1]), (shape, two_rows)
+        side_by_side = Linear(64, (2, 24), two_rows=two_rows, rngs=nnx.Rngs(0))  # [I, 2, O]: one product
+        x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 1, 64)), jnp.float32)
+        np.testing.assert_allclose(np.asarray(side_by_side(x)).reshape(1, -1),
+                                   np.asarray(x[0]) @ np.asarray(side_by_side.kernel[...]).reshape(64, -1),
+                                   rtol=1e-5, atol=1e-5)

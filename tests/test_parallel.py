@@ -33,7 +33,7 @@ from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
 from jaxpaged.models.parallel import lay_out_heads, param_spec, shard_model
-from jaxpaged.models.weights import hf_name, model_from_hf_tensors, to_hf_tensors
+from jaxpaged.models.weights import hf_tensor_shapes, model_from_hf_tensors, to_hf_tensors
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEVICES = 8
@@ -51,11 +51,8 @@ def random_model(config, seed: int = 0) -> MiniLLM:
     """A MiniLLM of random weights drawn on the host: on a 2-core CPU several times faster than flax's
     initialisers for SmolLM2's shape (they compile a program per shape)."""
     rng = np.random.default_rng(seed)
-    _, abstract = nnx.split(nnx.eval_shape(lambda: MiniLLM(config, rngs=nnx.Rngs(0))))
     tensors = {}
-    for path, spec in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        name, transposed = hf_name(path)
-        shape = spec.shape[::-1] if transposed else spec.shape
+    for name, shape in hf_tensor_shapes(config).items():
         if len(shape) == 1:  # a norm's weight
             tensors[name] = 1 + 0.1 * rng.standard_normal(shape, np.float32)
         else:  # a linear layer's [out, in], or the embedding [V, E]: variance 1 / in (or 1 / E), as flax's
