@@ -52,7 +52,7 @@ from jaxpaged.state import BlockTable, PagedKVState, init_state
 
 MAX_STOP_IDS = 8  # stop token ids per row on the device (EOS among them)
 NO_STOP = 2**30  # padding of a row's stop ids: matches no token, dropped by scatters
-COMPILE_THREADS = 8  # programs `warm_up` compiles at once (at most the host's cores)
+COMPILE_THREADS = 16  # programs `warm_up` compiles at once (at most the host's cores)
 MIN_READ_BOUND = 256  # positions the reference path reads at least: a gather this short costs little
 
 
@@ -418,13 +418,13 @@ class Runner:
         power of two of packed tokens up to the budget's (with and without decode rows where
         `mixed`), and a decode call for each power of two of rows, all on padding rows. Each is
         traced here and compiled on a pool of threads while the next is traced (XLA compiles without
-        the interpreter lock), the decode programs first, whose unrolled layers take the longest
-        (on an H200, llama-1b's 26 programs, the prefill programs scanned, took 41-60 s so in four runs,
-        and 51-69 s traced first and compiled after; 154 s with every program unrolled, 196 s unrolled and one by
-        one); the calls
-        run the compiled executables. On the reference attention path only the shortest read bound
-        is covered (the kernels read by length and have one). progress: called after each program.
-        Returns the programs compiled."""
+        the interpreter lock), the decode programs first, whose unrolled layers take the longest.
+        On an H200 (16 cores) llama-1b's 26 programs, the prefill programs scanned, took 41-60 s so
+        in four runs at 8 threads; in one session 52 s at 8 threads and 45 s at 16, where the longest
+        program alone took 42-44 s (`benchmarks/warm_up.py`); 154 s with every program unrolled,
+        196 s unrolled and one by one. The calls run the compiled executables. On the reference
+        attention path only the shortest read bound is covered (the kernels read by length and have
+        one). progress: called after each program. Returns the programs compiled."""
         self._launch(lambda: None).result()  # nothing in flight: the state is the runner's own
         c = self.config
         table = np.full((c.max_seqs, c.max_blocks_per_seq), c.num_blocks, np.int32)
