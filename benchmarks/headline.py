@@ -32,7 +32,6 @@ KV_QUANT_NO_EXCESS = "kv_quant_smollm2_no_excess_precision_CPU.json"  # XLA_FLAG
 # transformers peer in the run before; B on the engine before packing (NOTES.md)
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
                                  "engine_llama-1b_B_H200.json")
-ENGINE_STATIC = "engine_llama-1b_A_static_H200.json"  # A with the static generate, the run after ENGINE_PEERS
 ENGINE_AC_BEFORE = "archive/engine_llama-1b_AC_no_warm_up_16_steps_H200.json"  # programs compiled as met
 ENGINE_B_BEFORE = "archive/engine_llama-1b_B_before_tiles_H200.json"
 ENGINE_PEERS_READ = "archive/engine_llama-1b_A_peers_inactive_rows_read_H200.json"  # inactive decode rows still read
@@ -40,7 +39,8 @@ ENGINE_QWEN3_READ = "archive/engine_qwen3-0.6b_A_peers_inactive_rows_read_H200.j
 ENGINE_LATER = "archive/engine_llama-1b_AC_three_quarter_rows_H200.json"  # a variant measured, then reverted
 ENGINE_ROWS = "archive/engine_llama-1b_AC_rows_H200.json"  # before packed prefill in tiles: chunks in [Bp, T] rows
 ENGINE_PEERS = "engine_llama-1b_A_peers_H200.json"  # A with the static generate and transformers in one run
-ENGINE_PEERS_64 = "archive/engine_llama-1b_A_peers_64_position_steps_H200.json"  # the same, the session before
+ENGINE_PEERS_8 = "engine_llama-1b_A_peers_8_compile_threads_H200.json"  # the same code, warm-up at 8 threads
+ENGINE_PEERS_SEPARATE = "archive/engine_llama-1b_A_peers_separate_projections_H200.json"  # the session before
 ENGINE_PEERS_16 = "archive/engine_llama-1b_A_peers_16_steps_H200.json"  # the same, 16 decode steps a call
 ENGINE_PEERS_BEFORE = "archive/engine_llama-1b_A_peers_one_by_one_H200.json"  # the same, every program unrolled
 ENGINE_SCANNED = "engine_llama-1b_A_scanned_prefill_H200.json"  # prefill calls scanned: every program ahead in 58 s
@@ -321,39 +321,43 @@ def _engine_caption(run):
 
 def headline_engine(results):
     """The engine on its three workloads, each run beside its peers of the same run: the latest runs."""
-    ac, b, peers, static, qwen3 = (load(results, name)
-                                   for name in (ENGINE_AC, ENGINE_B, ENGINE_PEERS, ENGINE_STATIC, ENGINE_QWEN3))
+    ac, b, peers, threads_8, before, qwen3 = (load(results, name) for name in (
+        ENGINE_AC, ENGINE_B, ENGINE_PEERS, ENGINE_PEERS_8, ENGINE_PEERS_SEPARATE, ENGINE_QWEN3))
     manager = "transformers' continuous batching manager, the first 64 requests each to its own length"
     eight_b = load(results, ENGINE_MODELS[1][1])
-    before = load(results, ENGINE_PEERS_64)
-    stopped = f"none more in the {peers['args']['hf_timeout']:.0f} s the peer was given"
     table = [
-        _engine_row("A with both peers in one run (64 decode steps a device call; the decode kernel's loop steps "
-                    "of 32 KiB, rows longest first)", ENGINE_PEERS, peers["A"], *_versus_static(peers)),
-        _manager_row(f"A, that run: {manager}", ENGINE_PEERS, peers, stopped),
-        _engine_row("A with both peers, the session before (steps of 64 positions; this row and those below)",
-                    ENGINE_PEERS_64, before["A"], *_versus_static(before)),
-        _manager_row(f"A, that run: {manager}", ENGINE_PEERS_64, before),
-        _engine_row("A, a later run, the static peer alone", ENGINE_STATIC,
-                    static["A"], *_versus_static(static)),
+        _engine_row("A with both peers in one run (q/k/v and gate/up each one kernel; decode slots from the host's "
+                    "blocks; the warm-up compiling 16 programs at once)", ENGINE_PEERS, peers["A"],
+                    *_versus_static(peers)),
+        _manager_row(f"A, that run: {manager}", ENGINE_PEERS, peers),
+        _engine_row("A with both peers, the same code, the warm-up compiling 8 programs at once (an earlier call)",
+                    ENGINE_PEERS_8, threads_8["A"], *_versus_static(threads_8)),
+        _manager_row(f"A, that run: {manager}", ENGINE_PEERS_8, threads_8),
         _engine_row("A again, in C's run", ENGINE_AC, ac["A"], "—", None),
         _c_row("C, that run", ac, ENGINE_AC),
         _engine_row("B: a shared 1,024-token system prompt, 64-256 of their own, 128 out; prefix caching on",
                     ENGINE_B, b["B_caching_on"], f"caching off: {b['B_caching_off']['output_tokens_per_second']:,.0f}",
                     b["B_caching_off"]["output_tokens_per_second"]),
-        _engine_row("A on **qwen3-0.6b** with both peers in one run", ENGINE_QWEN3, qwen3["A"], *_versus_static(qwen3)),
+        _engine_row("A with both peers, the session before (separate q, k, v, gate and up weights)",
+                    ENGINE_PEERS_SEPARATE, before["A"], *_versus_static(before)),
+        _manager_row(f"A, that run: {manager}", ENGINE_PEERS_SEPARATE, before,
+                     f"none more in the {before['args']['hf_timeout']:.0f} s the peer was given"),
+        _engine_row("A on **qwen3-0.6b** with both peers in one run (two sessions before)", ENGINE_QWEN3, qwen3["A"],
+                    *_versus_static(qwen3)),
         _manager_row(f"A on qwen3-0.6b, that run: {manager}", ENGINE_QWEN3, qwen3,
                      f"none more in the {qwen3['args']['hf_timeout']:.0f} s the peer was given"),
         _engine_row("A on **llama-8b** (before 64-bit offsets, its pool capped by 32-bit ones: "
                     f"{eight_b['A']['peak_used_blocks']:,} blocks, all in use at the peak)", ENGINE_MODELS[1][1],
                     eight_b["A"], *_versus_static(eight_b)),
     ]
-    peak, own = before["session_matmul_peak"], peers["ceilings"]["matmul_flops_per_second"]
+    peaks = [run["ceilings"]["matmul_flops_per_second"] / 1e12 for run in (peers, threads_8, ac, b, before)]
+    peak = qwen3["session_matmul_peak"]
     caption = _engine_caption(peers)[:-2] + (
-        f"; the roofline's prefill term at the matrix-product peak: the first row's run measured its own, "
-        f"{own / 1e12:.0f} TFLOP/s (the best of ten timings of eight chained products); the rows of the session "
-        f"before take that session's {peak['matmul_flops_per_second'] / 1e12:.0f} TFLOP/s (`{peak['source']}`), "
-        f"where a run had measured less by an older method (its own figure is in its file).*")
+        f"; the roofline's prefill term at the matrix-product peak: each llama-1b run measured its own "
+        f"({min(peaks):.0f}-{max(peaks):.0f} TFLOP/s, the best of ten timings of eight chained products); the "
+        f"qwen3-0.6b row takes its session's {peak['matmul_flops_per_second'] / 1e12:.0f} TFLOP/s "
+        f"(`{peak['source']}`), where the run had measured less by an older method (its own figure is in its "
+        f"file).*")
     return [caption + "\n\n" + markdown(ENGINE_HEADER, table)]
 
 
