@@ -26,6 +26,12 @@ def state_bytes(state):
     return [np.asarray(leaf).copy() for leaf in jax.tree.leaves(state)]
 
 
+def assert_same_bytes(expected: list, state) -> None:
+    """state's leaves equal `expected` (a `state_bytes` list), leaf for leaf."""
+    for a, b in zip(expected, state_bytes(state)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_round_trip_ragged_chunks(dtype, block_size, rng):
@@ -66,8 +72,7 @@ def test_out_of_blocks_changes_nothing(rng):
     before = state_bytes(state)
     state, ok = ops.append(state, 0, seq_idx, k[:, :5], k[:, :5])  # needs 2 more blocks
     assert not bool(ok)
-    for a, b in zip(before, state_bytes(state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same_bytes(before, state)
     k_all, _, lens = ops.gather_kv(state, 0, seq_idx, max_len=16)
     assert list(np.asarray(lens)) == [12, 12]
     assert_bit_equal(k_all[:, :12], k, "earlier data intact")
@@ -233,9 +238,7 @@ def test_allocate_slots_once_then_write_every_layer(rng):
     before = state_bytes(state)
     state, slots, ok = ops.allocate_slots(state, seq_idx, jnp.asarray([25, 0, 0], jnp.int32), num_chunk_tokens=32)
     assert not bool(ok) and np.all(np.asarray(slots) >= 6 * 8), "refused: every slot is a dropped sentinel"
-    for a, b in zip(before, state_bytes(state)):
-        np.testing.assert_array_equal(a, b)
-
+    assert_same_bytes(before, state)
 
 
 def test_reserved_slots_equal_allocate_slots_in_blocks_the_host_gave(rng):
@@ -254,14 +257,12 @@ def test_reserved_slots_equal_allocate_slots_in_blocks_the_host_gave(rng):
                                                                    num_chunk_tokens=chunk)
         assert bool(ok) and bool(expected_ok)
         np.testing.assert_array_equal(np.asarray(slots), np.asarray(expected))
-        for a, b in zip(state_bytes(state), state_bytes(expected_state)):
-            np.testing.assert_array_equal(a, b)
+        assert_same_bytes(state_bytes(expected_state), state)
     assert list(np.asarray(state.table.seq_lens[1])) == [16, 0, 20], "every layer's lengths advanced"
     before = state_bytes(state)
     state, slots, ok = ops.reserved_slots(state, seq_idx, jnp.asarray([0, 1, 0], jnp.int32), num_chunk_tokens=1)
     assert not bool(ok) and np.all(np.asarray(slots) >= 12 * 8), "row 0's blocks hold 16 positions: refused"
-    for a, b in zip(before, state_bytes(state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same_bytes(before, state)
 
     def step_ops(host_blocks):
         hosted = state.replace(host_blocks=host_blocks)
