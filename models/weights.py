@@ -87,7 +87,11 @@ def _join_kernels(module: str, kernels: list[np.ndarray], shape: tuple[int, ...]
 
 
 def to_hf_tensors(model: MiniLLM) -> dict[str, jax.Array]:
-    """Every parameter under its Hugging Face name, in Hugging Face layout ([out, in] for linears)."""
+    """Every parameter under its Hugging Face name, in Hugging Face layout ([out, in] for linears).
+    Raises ValueError for a `scanned()` view (its layers are one stacked layer: convert the model)."""
+    if not isinstance(model.layers, nnx.List):
+        raise ValueError("this is a scanned() view of a model, its layers stacked [L, ...]: convert or save the "
+                         "model it was made from")
     _, state = nnx.split(model)
     tensors = {}
     for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -123,6 +127,9 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
         raise ValueError("checkpoint does not match the architecture: " + "; ".join(problems[:8])
                          + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
     if mesh is not None:
+        if config.intermediate_size % tensor_parallel(mesh):
+            raise ValueError(f"the MLP's width, intermediate_size ({config.intermediate_size}), must be a multiple of "
+                             f"the mesh's tensor axis ({tensor_parallel(mesh)}): gate, up and down are split over it")
         config, values = lay_out_heads(config, values, tensor_parallel(mesh))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MiniLLM(config, rngs=nnx.Rngs(0))))
     dtype = jnp.dtype(config.dtype)

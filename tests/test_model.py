@@ -175,6 +175,8 @@ def test_scanned_view_equals_the_unrolled_layers_and_the_tree_is_one_everywhere(
     view = model.scanned()
     assert not isinstance(view.layers, nnx.List)
     assert view.layers.self_attn.qkv_proj.kernel[...].shape[0] == model.config.num_layers  # [L, E, K, G + 2, D]
+    with pytest.raises(ValueError, match="scanned"):
+        to_hf_tensors(view)
     assert isinstance(model.layers, nnx.List), "the view leaves the model as it was"
     config = jp.CacheConfig.from_model_config(model.config, num_blocks=12, block_size=8, max_seqs=3)
     tokens, lens = _padded_prompts(token_rows)
