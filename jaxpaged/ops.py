@@ -158,13 +158,19 @@ def _seq_lens_of(state: PagedKVState, layer, seq_idx):
     return state.table.seq_lens.at[layer, seq_idx].get(mode="fill", fill_value=0)  # [B]
 
 
+def _held_blocks(state: PagedKVState, seq_idx):
+    """Blocks [B] that rows seq_idx hold (0 for a padding row)."""
+    c = state.config
+    rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
+    return jnp.sum(rows < c.num_blocks, axis=-1, dtype=jnp.int32)
+
+
 def _reserve(state: PagedKVState, seq_idx, target_lens, max_new_blocks: int):
     """Grows each sequence's blocks to cover target_lens [B] positions. Returns (state, ok).
 
     seq_idx [B] holds distinct real rows and padding rows (index B) only (`_admit`)."""
     c = state.config
-    rows = state.table.block_ids.at[seq_idx].get(mode="fill", fill_value=c.num_blocks)  # [B, M]
-    held = jnp.sum(rows < c.num_blocks, axis=-1, dtype=jnp.int32)  # [B]
+    held = _held_blocks(state, seq_idx)  # [B]
     needed = _ceil_div(target_lens, c.block_size)
     real_row = seq_idx < c.max_seqs  # padding rows take no blocks
     width_ok = jnp.all((needed <= c.max_blocks_per_seq) | ~real_row)
@@ -274,17 +280,23 @@ def _block_and_offset(slots: jax.Array, block_size: int):
     return slots // block_size, slots % block_size
 
 
-def _take_slots(state: PagedKVState, layer, seq_idx, num_tokens, num_chunk_tokens: int):
+def _take_slots(state: PagedKVState, layer, seq_idx, num_tokens, num_chunk_tokens: int, *, host_blocks=False):
     """Blocks for num_tokens [B] more positions past `layer`'s lengths, and the slots they land in.
+    With `host_blocks` no block is taken: the positions must lie in the blocks the rows hold.
 
-    seq_idx and layer as `_admit` returns them. Returns (state, slots [B, T], num_tokens as granted
-    [B], ok); lengths are not advanced.
+    seq_idx and layer as `_admit` returns them (real rows distinct, which `host_blocks` callers
+    guarantee themselves). Returns (state, slots [B, T], num_tokens as granted [B], ok); lengths are
+    not advanced.
     """
-    num_tokens = jnp.where(seq_idx < state.config.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
+    c = state.config
+    num_tokens = jnp.where(seq_idx < c.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
     starts = _seq_lens_of(state, layer, seq_idx)
-    state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, state.config.block_size))
+    if host_blocks:
+        ok = jnp.all(_ceil_div(starts + num_tokens, c.block_size) <= _held_blocks(state, seq_idx))
+    else:
+        state, ok = _reserve(state, seq_idx, starts + num_tokens, _ceil_div(num_chunk_tokens, c.block_size))
     num_tokens = jnp.where(ok, num_tokens, 0)
-    return state, slot_mapping(state, seq_idx, starts, num_tokens, num_chunk_tokens), num_tokens, ok
+    return state, _slots(state, seq_idx, starts, num_tokens, num_chunk_tokens), num_tokens, ok
 
 
 @functools.partial(checks.guard, num_layers=_num_layers)
@@ -363,16 +375,10 @@ def reserved_slots(state: PagedKVState, seq_idx: jax.Array, num_tokens: jax.Arra
 
     Args and returns: as `allocate_slots`.
     """
-    c = state.config
     num_chunk_tokens = checks.check_int(num_chunk_tokens, "num_chunk_tokens")
     _check_rows(seq_idx, num_tokens)
-    rows = checks.padding_rows(seq_idx, c.max_seqs)
-    num_tokens = jnp.where(rows < c.max_seqs, jnp.clip(num_tokens, 0, num_chunk_tokens), 0)
-    starts = _seq_lens_of(state, 0, rows)
-    held = jnp.sum(state.table.block_ids.at[rows].get(mode="fill", fill_value=c.num_blocks) < c.num_blocks, axis=-1)
-    ok = jnp.all(_ceil_div(starts + num_tokens, c.block_size) <= held)
-    num_tokens = jnp.where(ok, num_tokens, 0)
-    slots = _slots(state, rows, starts, num_tokens, num_chunk_tokens)
+    rows = checks.padding_rows(seq_idx, state.config.max_seqs)
+    state, slots, num_tokens, ok = _take_slots(state, 0, rows, num_tokens, num_chunk_tokens, host_blocks=True)
     seq_lens = state.table.seq_lens.at[:, rows].add(num_tokens[None, :], mode="drop")
     return state.replace(table=state.table.replace(seq_lens=seq_lens)), slots, ok
 
