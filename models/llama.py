@@ -122,7 +122,8 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.qkv_proj = _linear(c.hidden_size, (c.num_kv_heads, c.group_size + 2, c.head_dim), c, rngs)  # [E, K, G + 2, D]
+        # [E, K, G + 2, D]: each kv head's G query heads, then its k and its v
+        self.qkv_proj = _linear(c.hidden_size, (c.num_kv_heads, c.group_size + 2, c.head_dim), c, rngs)
         self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c, rngs)
         if c.qk_norm:  # Qwen3
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, jnp.dtype(c.dtype))
@@ -131,7 +132,7 @@ class Attention(nnx.Module):
     def __call__(self, x, cache, layer, step: Step | MixedStep):
         """x [B, T, E] with a Step, or every token of a MixedStep's two groups as [1, N, E]."""
         qkv = self.qkv_proj(x)  # [B, T, K, G + 2, D]
-        batch, num_tokens, kv_heads, _, head_dim = qkv.shape
+        batch, num_tokens, *_, head_dim = qkv.shape
         q = qkv[..., :-2, :].reshape(batch, num_tokens, -1, head_dim)  # [B, T, H, D]: head h reads kv head h // G
         k, v = qkv[..., -2, :], qkv[..., -1, :]  # [B, T, K, D]
         if not isinstance(step, MixedStep):

@@ -81,8 +81,9 @@ def _join_kernels(module: str, kernels: list[np.ndarray], shape: tuple[int, ...]
     if module == "qkv_proj":
         width, kv_heads, parts, head_dim = shape
         q, k, v = kernels
-        return np.concatenate([q.reshape(width, kv_heads, parts - 2, head_dim),
-                               k.reshape(width, kv_heads, 1, head_dim), v.reshape(width, kv_heads, 1, head_dim)], axis=2)
+        heads = [q.reshape(width, kv_heads, parts - 2, head_dim), k.reshape(width, kv_heads, 1, head_dim),
+                 v.reshape(width, kv_heads, 1, head_dim)]
+        return np.concatenate(heads, axis=2)
     return np.stack(kernels, axis=1) if module in SIDE_BY_SIDE else kernels[0].reshape(shape)
 
 
@@ -137,7 +138,10 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
     def fill(path, spec):
         module, leaf = [str(key) for key in _keys(path)[-2:]]
         names = [name for name, _ in hf_tensors_of(path, spec.shape)]
-        value = _join_kernels(module, [values[name].T for name in names], spec.shape) if leaf == "kernel" else values[names[0]]
+        if leaf == "kernel":
+            value = _join_kernels(module, [values[name].T for name in names], spec.shape)
+        else:
+            value = values[names[0]]
         if mesh is None:
             return jnp.asarray(value, dtype)
         value = np.asarray(value, dtype)  # on the host; each device then takes its slice

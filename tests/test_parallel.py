@@ -353,9 +353,9 @@ def test_loaders_read_each_weight_into_its_shards(tmp_path):
             assert {shard.data.shape for shard in weight.addressable_shards} == {local}, path
         np.testing.assert_allclose(np.asarray(loaded(ids)), np.asarray(model(ids)), rtol=2e-5, atol=2e-5)
     odd = config.replace(intermediate_size=100)  # F over 8 devices: refused before any weight is placed
+    zeros = {name: np.zeros(shape, np.float32) for name, shape in hf_tensor_shapes(odd).items()}
     with pytest.raises(ValueError, match=r"intermediate_size \(100\), must be a multiple of the mesh's tensor axis \(8\)"):
-        model_from_hf_tensors(odd, {name: np.zeros(shape, np.float32) for name, shape in hf_tensor_shapes(odd).items()},
-                              mesh=make_mesh(8))
+        model_from_hf_tensors(odd, zeros, mesh=make_mesh(8))
 
 
 @on_eight_devices
