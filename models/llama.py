@@ -61,10 +61,10 @@ class Linear(nnx.Module):
     side: the MLP's gate and up as [E, 2, F], attention's q, k and v as [E, K, G + 2, D] (each kv
     head's G query heads, then its k and its v). One matrix product then reads them all; with
     separate weights XLA's GPU compiler merges the products itself but concatenates the weights
-    inside its own matrix-product kernel every call, which on an H200 made llama-1b's decode step
-    8% slower at 256 rows (benchmarks/NOTES.md). Each output axis stays an axis of the weight, so a
-    mesh splits one of them (F, or the kv heads K) and every device keeps whole parts of each
-    projection (`jaxpaged.models.parallel.param_spec`).
+    inside its own matrix-product kernel every call: on an H200 llama-1b's decode step at 256 rows
+    took 4.50 ms that way, 4.10 ms side by side (benchmarks/NOTES.md). Each output axis stays an
+    axis of the weight, so a mesh splits one of them (F, or the kv heads K) and every device keeps
+    whole parts of each projection (`jaxpaged.models.parallel.param_spec`).
 
     On a GPU a single row ([1, 1, E]: batch-1 decode) is multiplied as two, the second zeros
     (`two_rows`; default: on a GPU backend). XLA's GPU compiler rewrites a vector-matrix product
