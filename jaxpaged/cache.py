@@ -31,7 +31,7 @@ from jaxpaged.attention import attend
 from jaxpaged.config import CacheConfig, bucket
 from jaxpaged.contiguous import ContiguousKVState, contiguous_append, contiguous_read, init_contiguous
 from jaxpaged.protocol import Step, check_impl, new_positions
-from jaxpaged.quant import decode
+from jaxpaged.quant import decode, v_blocks
 from jaxpaged.state import BlockAllocatorState, PagedKVState, init_allocator, init_state
 from jaxpaged.stats import MemoryStats, contiguous_memory_stats, paged_memory_stats
 
@@ -307,7 +307,7 @@ class PagedKVCache:
         k, v = pools.k[layer, :, block_id], pools.v[layer, :, block_id]
         if self.config.quantized:
             k = decode(k, pools.k_scale[layer, :, block_id], self.config.jnp_dtype, rotated=True)
-            v = decode(v, pools.v_scale[layer, :, block_id], self.config.jnp_dtype, rotated=False)
+            v = decode(v_blocks(v), pools.v_scale[layer, :, block_id], self.config.jnp_dtype, rotated=False)
         return Block(block_id, k, v)
 
     @_locked

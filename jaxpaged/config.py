@@ -144,6 +144,14 @@ class CacheConfig:
         return self.pool_dtype.itemsize
 
     @property
+    def pool_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The K and V pools' shapes: [L, K, N, P, D] each, except that 8-bit pools hold V's blocks
+        transposed, [L, K, N, D, P] (`jaxpaged.quant.v_blocks`: the decode kernel's int8 p . V reads
+        V with a block's positions contiguous)."""
+        k = (self.num_layers, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
+        return k, (*k[:3], self.head_dim, self.block_size) if self.quantized else k
+
+    @property
     def max_seq_len(self) -> int:
         """Most positions one sequence can hold: M * P."""
         return self.max_blocks_per_seq * self.block_size

@@ -267,8 +267,15 @@ def write_slots(state: PagedKVState, layer, slots: jax.Array, k: jax.Array, v: j
         # one (block, offset) index per token, its [K, D] window strided across the heads (not K indices
         # of [D] each: on an H100, XLA's scatter of those cost tens of microseconds per layer and step at
         # batch 1); the pools keep their shape (`_block_and_offset`)
-        new[name] = getattr(pools, name).at[layer, :, blocks, offsets].set(x, mode="drop", unique_indices=True)
+        pool = _windows(getattr(pools, name), layer, blocks, offsets, c.quantized and name == "v")
+        new[name] = pool.set(x, mode="drop", unique_indices=True)
     return state.replace(pools=pools.replace(**new))
+
+
+def _windows(pool: jax.Array, layer, blocks: jax.Array, offsets: jax.Array, positions_last: bool):
+    """`pool.at` the [K, D] window of each (block, offset) of `layer`: indexed [..., K, D] like blocks
+    and offsets, from a [L, K, N, P, D] pool, or with positions_last from 8-bit V's [L, K, N, D, P]."""
+    return pool.at[layer, :, blocks, :, offsets] if positions_last else pool.at[layer, :, blocks, offsets]
 
 
 def _block_and_offset(slots: jax.Array, block_size: int):
@@ -466,8 +473,8 @@ def gather_kv(state: PagedKVState, layer, seq_idx: jax.Array, *, max_len: int):
     blocks = rows.at[:, positions // c.block_size].get(mode="fill", fill_value=c.num_blocks)  # [B, S]
     blocks = jnp.where(positions[None, :] < seq_lens[:, None], blocks, c.num_blocks)  # past the length: none
     offsets = jnp.broadcast_to(positions % c.block_size, blocks.shape)
-    k, v = (pool.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0)
-            for pool in (state.pools.k, state.pools.v))  # [B, S, K, D]: one [K, D] window per position
+    k, v = (_windows(pool, layer, blocks, offsets, positions_last).get(mode="fill", fill_value=0)  # [B, S, K, D]
+            for pool, positions_last in ((state.pools.k, False), (state.pools.v, c.quantized)))
     if c.quantized:
         k, v = (decode(x, scale.at[layer, :, blocks, offsets].get(mode="fill", fill_value=0), c.jnp_dtype, rotated)
                 for x, scale, rotated in ((k, state.pools.k_scale, True), (v, state.pools.v_scale, False)))  # [B, S, K]

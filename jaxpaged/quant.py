@@ -28,6 +28,12 @@ error vector keeps its length, so ||k - decode(encode(k))|| is at most the bound
 squares over the rotated row. V is stored as it is. Head dims that are not a power of two (no
 Sylvester Hadamard matrix) are stored unrotated.
 
+V's blocks are stored transposed, [D, P] each (`v_blocks`; the pools' shapes: `CacheConfig.pool_shapes`),
+so a block's positions of one feature are contiguous. The decode kernel's product of the
+probabilities with V then takes int8 V as it is, the positions being the product's reduction
+axis: an int8 operand must be contiguous along it, and Triton turns 8-bit tiles only at a cost
+(benchmarks/NOTES.md, "8-bit K/V on the GPU").
+
 Axis letters: any leading axes, D head dim (the last axis).
 """
 
@@ -61,6 +67,12 @@ def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
     if kv_dtype == "int8":
         scaled = jnp.round(scaled)
     return scaled.astype(jnp.dtype(kv_dtype)), scale
+
+
+def v_blocks(values: jax.Array) -> jax.Array:
+    """V's values [..., P, D] as an 8-bit pool holds them, each block transposed: [..., D, P]; and
+    back (the same swap of the last two axes)."""
+    return jnp.swapaxes(values, -1, -2)
 
 
 def up_to_float16(x: jax.Array) -> jax.Array:

@@ -30,12 +30,12 @@ class KVPools:
     (the layout the decode kernel reads fastest; benchmarks/NOTES.md).
 
     8-bit pools (`CacheConfig.kv_dtype` float8_e4m3fn or int8) hold each position's D values of one
-    kv head as x / scale, with the float16 scale beside them (`jaxpaged.quant`); float pools have no
-    scales (None).
+    kv head as x / scale, with the float16 scale beside them, and V's blocks transposed, positions
+    last (`jaxpaged.quant`); float pools have no scales (None).
     """
 
     k: jax.Array  # [L, K, N, P, D] in the config's pool_dtype
-    v: jax.Array  # [L, K, N, P, D]
+    v: jax.Array  # [L, K, N, P, D]; 8-bit pools [L, K, N, D, P] (`CacheConfig.pool_shapes`)
     k_scale: jax.Array | None = None  # [L, K, N, P] float16, 8-bit pools only
     v_scale: jax.Array | None = None  # [L, K, N, P] float16, 8-bit pools only
 
@@ -165,11 +165,10 @@ def init_state(config: CacheConfig, mesh: Mesh | None = None) -> PagedKVState:
         check_kv_heads(config.num_kv_heads, mesh, "CacheConfig.num_kv_heads")
         return place_cache(init_state, config, mesh=mesh)
     c = config
-    pool_shape = (c.num_layers, c.num_kv_heads, c.num_blocks, c.block_size, c.head_dim)
-    pools = KVPools(k=jnp.zeros(pool_shape, c.pool_dtype), v=jnp.zeros(pool_shape, c.pool_dtype))
+    k_shape, v_shape = c.pool_shapes
+    pools = KVPools(k=jnp.zeros(k_shape, c.pool_dtype), v=jnp.zeros(v_shape, c.pool_dtype))
     if c.quantized:
-        pools = pools.replace(k_scale=jnp.zeros(pool_shape[:-1], SCALE_DTYPE),
-                              v_scale=jnp.zeros(pool_shape[:-1], SCALE_DTYPE))
+        pools = pools.replace(k_scale=jnp.zeros(k_shape[:-1], SCALE_DTYPE), v_scale=jnp.zeros(k_shape[:-1], SCALE_DTYPE))
     return PagedKVState(
         pools=pools,
         table=BlockTable(

@@ -377,17 +377,18 @@ def test_kernels_refuse_an_8_bit_pool_they_can_not_address_and_the_model_falls_b
     kv_heads, head_dim, block_size = 8, 128, 16
     blocks = 2**31 // (block_size * kv_heads * head_dim) + 1
     pool = jax.ShapeDtypeStruct((1, kv_heads, blocks, block_size, head_dim), jnp.int8)
+    v_pool = jax.ShapeDtypeStruct((1, kv_heads, blocks, head_dim, block_size), jnp.int8)  # 8-bit V's blocks transposed
     scale = jax.ShapeDtypeStruct(pool.shape[:-1], jnp.float16)
     tables, lengths = jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
     q = jax.ShapeDtypeStruct((2, 32, head_dim), jnp.bfloat16)
     with pytest.raises(ValueError, match="beyond the kernels' offsets"):
         jax.eval_shape(lambda q, k, v, t, n, s: paged_decode_attention(q, k, v, 0, t, n, k_scale=s, v_scale=s),
-                       q, pool, pool, tables, lengths, scale)
+                       q, pool, v_pool, tables, lengths, scale)
     q = jax.ShapeDtypeStruct((2, 3, 32, head_dim), jnp.bfloat16)
     positions = jax.ShapeDtypeStruct((2, 3), jnp.int32)
     with pytest.raises(ValueError, match="beyond the kernels' offsets"):
         jax.eval_shape(lambda q, k, v, t, n, p, s: paged_prefill_attention(q, k, v, 0, t, n, p, k_scale=s, v_scale=s),
-                       q, pool, pool, tables, lengths, positions, scale)
+                       q, pool, v_pool, tables, lengths, positions, scale)
 
     def traced_attention(num_blocks):
         config = jp.CacheConfig(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=num_blocks,

@@ -17,7 +17,8 @@ from jaxpaged.models.cli import main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
-from jaxpaged.quant import QUANTIZED_DTYPES, decode, dequantise, encode, hadamard, quantise, rotate, up_to_float16
+from jaxpaged.quant import (QUANTIZED_DTYPES, decode, dequantise, encode, hadamard, quantise, rotate, up_to_float16,
+                            v_blocks)
 
 FORMATS = tuple(QUANTIZED_DTYPES)  # int8, float8_e4m3fn
 
@@ -300,9 +301,10 @@ def assert_close(out, expected, float16=False):
 
 
 def _quantised_cache(rng, kv_dtype, *, lengths, kv_heads=2, head_dim=64, block_size=8, max_blocks=8, layers=2):
-    """8-bit pools [L, K, N, P, D] and scales [L, K, N, P] of random K/V with outliers, a shuffled block
-    table, and every slot no sequence holds filled with large garbage (values and scales) that would
-    show in the output if a masked position were read. Returns (k, v, k_scale, v_scale, tables, N)."""
+    """8-bit pools as a cache holds them (K [L, K, N, P, D], V's blocks transposed [L, K, N, D, P]) and
+    scales [L, K, N, P] of random K/V with outliers, a shuffled block table, and every slot no sequence
+    holds filled with large garbage (values and scales) that would show in the output if a masked
+    position were read. Returns (k, v, k_scale, v_scale, tables, N)."""
     num_blocks = len(lengths) * max_blocks + 3
     shape = (layers, kv_heads, num_blocks, block_size, head_dim)
     (k, k_scale), (v, v_scale) = (quantise(jnp.asarray(outlier_data(rng, shape)), kv_dtype) for _ in range(2))
@@ -315,40 +317,72 @@ def _quantised_cache(rng, kv_dtype, *, lengths, kv_heads=2, head_dim=64, block_s
             live[:, :, tables[b, pos // block_size], pos % block_size] = True
     garbage = jnp.asarray(~live)
     k_scale, v_scale = (jnp.where(garbage, jnp.float16(6e4), x) for x in (k_scale, v_scale))
-    return k, v, k_scale, v_scale, tables, num_blocks
+    return k, v_blocks(v), k_scale, v_scale, tables, num_blocks
+
+
+def _dequantised(k, v, k_scale, v_scale):
+    """The float32 pools [L, K, N, P, D] that 8-bit pools (V's blocks transposed) stand for."""
+    return dequantise(k, k_scale, jnp.float32), dequantise(v_blocks(v), v_scale, jnp.float32)
 
 
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_the_decode_kernel_reads_8_bit_pools_as_the_reference_reads_them_dequantised(kv_dtype, rng):
-    """Every launch shape of the decode kernel (block and row gather, plain and transposed products,
-    one split and three, packed kv heads) on 8-bit pools equals attention over the dequantised pools,
-    with garbage in every slot past the lengths."""
+    """The decode kernel on 8-bit pools, its tiles converted for the products (one split and three,
+    two and four blocks a step), equals attention over the dequantised pools, with garbage in every
+    slot past the lengths; the launches that are for float pools only are refused."""
     from test_kernels import _reference
 
-    from jaxpaged.kernels import launch
     from jaxpaged.kernels.decode import paged_decode_attention
 
     lengths = [1, 8, 29, 0]
     k, v, k_scale, v_scale, tables, num_blocks = _quantised_cache(rng, kv_dtype, lengths=lengths)
     q = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.float32)
-    expected = _reference(q, dequantise(k, k_scale, jnp.float32), dequantise(v, v_scale, jnp.float32), tables,
-                          lengths, 1, num_blocks)
-    for splits, transposed, row_gather, packed, dot in [(1, False, False, 1, None), (3, True, True, 1, None),
-                                                        (1, False, True, 2, None), (1, False, True, 1, "float16")]:
-        out = np.asarray(paged_decode_attention(q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
-                                                k_scale=k_scale, v_scale=v_scale, blocks_per_step=2,
-                                                num_splits=splits, transposed=transposed, row_gather=row_gather,
-                                                heads_per_program=packed, dot_dtype=dot, interpret=not ON_GPU))
-        products = dot or launch.QUANTIZED_DEFAULTS["dot_dtype"].get(kv_dtype)  # float8's default: float16
-        assert_close(out[:3], expected[:3], float16=products == "float16")
+    expected = _reference(q, *_dequantised(k, v, k_scale, v_scale), tables, lengths, 1, num_blocks)
+    call = functools.partial(paged_decode_attention, q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                             k_scale=k_scale, v_scale=v_scale, interpret=not ON_GPU)
+    for splits, blocks_per_step, dot in [(1, 2, "float32"), (3, 2, "float32"), (1, 4, "float16")]:
+        out = np.asarray(call(blocks_per_step=blocks_per_step, num_splits=splits, dot_dtype=dot))
+        assert_close(out[:3], expected[:3], float16=dot == "float16")
         assert not out[3].any(), "an empty sequence attends to nothing"
+    for option in (dict(transposed=True), dict(row_gather=False), dict(heads_per_program=2)):
+        with pytest.raises(ValueError, match="8-bit pools take the plain products"):
+            call(**option)
+    with pytest.raises(ValueError, match=rf"must be \(2, 2, 35, 64, 8\) {kv_dtype} \(8-bit V's blocks transposed"):
+        paged_decode_attention(q, k, v_blocks(v), 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                               k_scale=k_scale, v_scale=v_scale, interpret=True)
 
 
-@pytest.mark.parametrize("splits, transposed, row_gather", [(1, False, False), (3, True, True), (1, False, True)])
-def test_int8_products_attend_with_q_quantised_per_row(splits, transposed, row_gather, rng):
-    """dot_dtype='int8' on int8 pools: q . k on int8 operands (int32) scaled back by q's row scales
-    and K's position scales equals attention of q as quantised per row over the dequantised pools;
-    float8 pools refuse it."""
+def _weights_rounding_bound(q, k, v, v_scale, tables, lengths, layer, chunk):
+    """[B, H, D]: how far rounding each loop step's weights (probability times V's scale) onto
+    0..127 of their row's largest can move attention at most: per step, half a step (its largest
+    weight / 254) times |V's int8 values| summed over its positions, over the softmax's sum. q and
+    k: float32 (k dequantised, [L, K, N, P, D]); v: int8 as a cache holds it."""
+    v = np.asarray(v_blocks(v), np.float32)[layer]  # [K, N, P, D]
+    k, v_scale, q = np.asarray(k)[layer], np.asarray(v_scale, np.float32)[layer], np.asarray(q)
+    batch, heads, head_dim = q.shape
+    group, block_size = heads // k.shape[0], k.shape[2]
+    bound = np.zeros(q.shape)
+    for b, n in enumerate(lengths):
+        positions = np.arange(n)
+        blocks, offsets = tables[b, positions // block_size], positions % block_size
+        for h in range(heads):
+            g = h // group
+            logits = k[g, blocks, offsets] @ q[b, h] / np.sqrt(head_dim)
+            p = np.exp(logits - logits.max(initial=0))
+            weights, values = p * v_scale[g, blocks, offsets], np.abs(v[g, blocks, offsets])  # [S], [S, D]
+            for start in range(0, n, chunk):
+                bound[b, h] += weights[start:start + chunk].max() / 254 * values[start:start + chunk].sum(axis=0)
+            bound[b, h] /= max(p.sum(), 1e-30)
+    return bound
+
+
+@pytest.mark.parametrize("splits, blocks_per_step", [(1, 4), (3, 4), (1, 8)])
+def test_int8_products_attend_with_q_and_the_weights_quantised_per_row(splits, blocks_per_step, rng):
+    """int8 pools' default products (dot_dtype "int8"): q . k on int8 operands (int32) scaled back by
+    q's row scales and K's position scales, and the weights rounded onto 0..127 per row and loop
+    step for an int8 product with V: within the weights' rounding bound of attention of q as
+    quantised per row over the dequantised pools, and not equal to it (the weights are rounded);
+    float8 pools refuse int8 products."""
     from test_kernels import _reference
 
     from jaxpaged.kernels.decode import paged_decode_attention
@@ -357,18 +391,39 @@ def test_int8_products_attend_with_q_quantised_per_row(splits, transposed, row_g
     k, v, k_scale, v_scale, tables, num_blocks = _quantised_cache(rng, "int8", lengths=lengths)
     q = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.float32)
     as_quantised = dequantise(*quantise(q, "int8"), jnp.float32)
-    expected = _reference(as_quantised, dequantise(k, k_scale, jnp.float32), dequantise(v, v_scale, jnp.float32),
-                          tables, lengths, 1, num_blocks)
+    dense_k, dense_v = _dequantised(k, v, k_scale, v_scale)
+    expected = _reference(as_quantised, dense_k, dense_v, tables, lengths, 1, num_blocks)
     call = functools.partial(paged_decode_attention, layer=1, block_tables=jnp.asarray(tables),
-                             lengths=jnp.asarray(lengths, jnp.int32), v_scale=v_scale, blocks_per_step=2,
-                             num_splits=splits, transposed=transposed, row_gather=row_gather, dot_dtype="int8",
-                             interpret=not ON_GPU)
+                             lengths=jnp.asarray(lengths, jnp.int32), v_scale=v_scale, blocks_per_step=blocks_per_step,
+                             num_splits=splits, interpret=not ON_GPU)
     out = np.asarray(call(q, k, v, k_scale=k_scale))
     assert out.dtype == np.float32
-    assert_close(out[:3], expected[:3])
+    bound = _weights_rounding_bound(as_quantised, dense_k, v, v_scale, tables, lengths, 1, blocks_per_step * 8)
+    error = np.abs(out - expected)
+    assert np.all(error <= bound + 1e-4 * np.abs(expected).max()), (error - bound).max()
+    assert error[1:3].max() > 0, "the weights were rounded"
     assert not out[3].any(), "an empty sequence attends to nothing"
     with pytest.raises(ValueError, match="takes int8 pools"):
-        call(q, k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn), k_scale=k_scale)
+        call(q, k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn), k_scale=k_scale, dot_dtype="int8")
+
+
+def test_int8_pools_take_their_tiles_in_q_dtype_where_a_step_is_too_short_for_int8_products(rng):
+    """A loop step of fewer than 32 positions (on an H200, int8 products over 16 came out wrong):
+    int8 pools' default products convert the tiles to q's dtype there, equal to attention over the
+    dequantised pools, and asking for int8 products is an error."""
+    from test_kernels import _reference
+
+    from jaxpaged.kernels.decode import paged_decode_attention
+
+    lengths = [1, 8, 29, 0]
+    k, v, k_scale, v_scale, tables, num_blocks = _quantised_cache(rng, "int8", lengths=lengths)
+    q = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.float32)
+    call = functools.partial(paged_decode_attention, q, k, v, 1, jnp.asarray(tables), jnp.asarray(lengths, jnp.int32),
+                             k_scale=k_scale, v_scale=v_scale, blocks_per_step=2, interpret=not ON_GPU)
+    expected = _reference(q, *_dequantised(k, v, k_scale, v_scale), tables, lengths, 1, num_blocks)
+    assert_close(np.asarray(call())[:3], expected[:3])
+    with pytest.raises(ValueError, match="takes loop steps of >= 32 positions, not 2 blocks of 8"):
+        call(dot_dtype="int8")
 
 
 @pytest.mark.parametrize("kv_dtype", FORMATS)
@@ -387,8 +442,8 @@ def test_the_prefill_kernel_reads_8_bit_pools_as_the_reference_reads_them_dequan
                                                query_rows=32, num_splits=splits, interpret=not ON_GPU))
             for splits in (1, 2)]
     slots = np.minimum(tables, num_blocks - 1)  # [B, M]: layer 0's blocks, then positions in order
-    dense_k, dense_v = (np.asarray(dequantise(x, s, jnp.float32))[0][:, slots].transpose(1, 2, 3, 0, 4)
-                        .reshape(3, -1, 2, 64) for x, s in ((k, k_scale), (v, v_scale)))  # [B, S, K, D]
+    dense_k, dense_v = (np.asarray(x)[0][:, slots].transpose(1, 2, 3, 0, 4).reshape(3, -1, 2, 64)
+                        for x in _dequantised(k, v, k_scale, v_scale))  # [B, S, K, D]
     expected = np.asarray(attend(q, jnp.asarray(dense_k), jnp.asarray(dense_v), jnp.asarray(positions),
                                  jnp.asarray(lengths, jnp.int32)))
     for out in outs:
@@ -405,7 +460,7 @@ def test_the_kernels_take_8_bit_pools_only_with_their_scales(rng):
     with pytest.raises(ValueError, match="pools of int8 take k_scale and v_scale both"):
         paged_decode_attention(q, k, v, *args, interpret=True)
     with pytest.raises(ValueError, match="pools of float32 take k_scale and v_scale neither"):
-        paged_decode_attention(q, k.astype(jnp.float32), v.astype(jnp.float32), *args, k_scale=k_scale,
+        paged_decode_attention(q, k.astype(jnp.float32), v_blocks(v).astype(jnp.float32), *args, k_scale=k_scale,
                                v_scale=v_scale, interpret=True)
     with pytest.raises(ValueError, match=r"k_scale and v_scale must be floats of shape \(2, 2, 11, 8\)"):
         paged_decode_attention(q, k, v, *args, k_scale=k_scale[0], v_scale=v_scale[0], interpret=True)
@@ -441,8 +496,9 @@ def test_the_command_takes_kv_dtype(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_paged_attention_turns_q_for_the_kernels_as_k_was_stored(kv_dtype, rng, monkeypatch):
     """The kernels read K as the pools hold it, rotated: paged_attention's kernel path (here in
-    interpret mode) turns q by the same rotation and agrees with the reference path, which reads K
-    rotated back; the kernels given q as it is do not."""
+    interpret mode, the decode kernel's products on float32 tiles so that only the rotation is
+    tested: int8 products have tests of their own) turns q by the same rotation and agrees with the
+    reference path, which reads K rotated back; the kernels given q as it is do not."""
     import functools
 
     from jaxpaged.kernels.decode import paged_decode_attention
@@ -460,9 +516,9 @@ def test_paged_attention_turns_q_for_the_kernels_as_k_was_stored(kv_dtype, rng, 
     expected = {t: np.asarray(jp.paged_attention(q[:, -t:], state, 0, seq_idx, positions[:, -t:], impl="reference"))
                 for t in (1, 3)}
     monkeypatch.setattr(attention, "choose_impl", lambda *args, **kwargs: "kernel")
-    for name, kernel in (("paged_decode_attention", paged_decode_attention),
-                         ("paged_prefill_attention", paged_prefill_attention)):
-        monkeypatch.setattr(kernels, name, functools.partial(kernel, interpret=True))
+    monkeypatch.setattr(kernels, "paged_decode_attention",
+                        functools.partial(paged_decode_attention, interpret=True, dot_dtype="float32"))
+    monkeypatch.setattr(kernels, "paged_prefill_attention", functools.partial(paged_prefill_attention, interpret=True))
     for t in (1, 3):
         out = np.asarray(jp.paged_attention(q[:, -t:], state, 0, seq_idx, positions[:, -t:]))
         assert_close(out, expected[t], float16=True)

@@ -12,8 +12,6 @@ N blocks per layer, P block size, M blocks per sequence.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -55,38 +53,46 @@ def load_ids(step, tables_ref, layer_base, *, blocks_per_step: int, num_blocks: 
     return (rows[None, :] + jnp.arange(heads)[:, None] * head_rows).reshape(heads * rows.shape[0])
 
 
-def load_kv(ids, k_ref, v_ref, *, live=None, scales=None):
-    """K and V at `ids` (blocks or rows, from `load_ids`): two [chunk, D] tiles, and their rows' scales.
+def load_kv(ids, k_ref, v_ref, *, live=None):
+    """K and V of float pools at `ids` (blocks or rows, from `load_ids`): two [chunk, D] tiles.
 
     live: None, or [chunk] bool; V rows that are not live then load as zeros (a masked load, so
-    no select sits between the load and the dot), or with 8-bit pools their V scales do.
-    scales: None, or (k_scale_ref, v_scale_ref, dtype) for 8-bit pools (`scale_view`), or
-    (k_scale_ref, v_scale_ref, k_dtype, v_dtype): the tiles come back converted to dtype (K to k_dtype,
-    V to v_dtype: int8 K stays int8 for int8 q . k products) but not scaled, with each row's K and V
-    scale ([chunk] float32 each), which `update` applies to the logits and the probabilities
-    ([rows, chunk]: with 16 query rows, a quarter to an eighth of the multiplies that scaling the
-    [chunk, D] tiles would take).
-
-    Returns (k, v, row_scales): row_scales is None for float pools.
+    no select sits between the load and the dot).
     """
     if live is None:
-        k, v = k_ref[ids], v_ref[ids]
-        if scales is not None:
-            row_scales = scales[0][ids], scales[1][ids]
-    else:  # (a GPU-only path: interpret mode can not load a gather through `plgpu.load`)
-        k = plgpu.load(k_ref.at[ids])
-        shape = v_ref.at[ids].shape  # [blocks, P, D], or [blocks * P, D] for row ids
-        if scales is None:
-            mask = jnp.broadcast_to(live.reshape(*shape[:-1], 1), shape)
-            v = plgpu.load(v_ref.at[ids], mask=mask, other=0.0)
-        else:  # the V scales past the length load as zeros instead, which zeroes those rows' weights
-            v = plgpu.load(v_ref.at[ids])  # (8-bit values are finite; float8 takes no fill value here)
-            row_scales = (plgpu.load(scales[0].at[ids]),
-                          plgpu.load(scales[1].at[ids], mask=live.reshape(shape[:-1]), other=0.0))
-    k, v = k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
-    if scales is None:
-        return k, v, None
-    return k.astype(scales[2]), v.astype(scales[-1]), tuple(x.reshape(-1).astype(jnp.float32) for x in row_scales)
+        return k_ref[ids].reshape(-1, k_ref.shape[-1]), v_ref[ids].reshape(-1, v_ref.shape[-1])
+    # (a GPU-only path: interpret mode can not load a gather through `plgpu.load`)
+    k = plgpu.load(k_ref.at[ids])
+    shape = v_ref.at[ids].shape  # [blocks, P, D], or [blocks * P, D] for row ids
+    v = plgpu.load(v_ref.at[ids], mask=jnp.broadcast_to(live.reshape(*shape[:-1], 1), shape), other=0.0)
+    return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+
+
+def load_kv8(block_ids, k_ref, v_ref, scale_refs, *, block_size: int, live=None, dtype=None):
+    """One loop step's K and V from 8-bit pools, as `pool_view` and `scale_view` give them, at the
+    step's blocks (`load_ids` without row_gather: [blocks] block ids).
+
+    K comes as [chunk, D], its rows the positions; V transposed, [D, chunk], each block's P positions
+    of a feature one contiguous load (`jaxpaged.quant.v_blocks`); each position's K and V scale as
+    [chunk] float32 each, applied by `update` to the logits and the probabilities ([rows, chunk]:
+    with 16 query rows, a quarter to an eighth of the multiplies that scaling the [chunk, D] tiles
+    would take). live: None, or [chunk] bool: V's scales past the length read as 0, so those
+    positions weigh nothing (8-bit values are finite). dtype: what the tiles become for the
+    products, or None to keep them 8-bit (int8 products).
+
+    Returns (k, v_t, (k_scales, v_scales)).
+    """
+    head_dim = k_ref.shape[-1]
+    rows = (block_ids[:, None] * block_size + jnp.arange(block_size)[None, :]).reshape(-1)  # [chunk]
+    k = k_ref[rows]
+    features = jnp.arange(head_dim)[:, None, None] * block_size + jnp.arange(block_size)[None, None, :]  # [D, 1, P]
+    v_t = v_ref[block_ids[None, :, None], features].reshape(head_dim, rows.shape[0])  # [D, blocks, P] -> [D, chunk]
+    k_scales, v_scales = (ref[rows].astype(jnp.float32) for ref in scale_refs)
+    if live is not None:
+        v_scales = jnp.where(live, v_scales, 0.0)
+    if dtype is not None:
+        k, v_t = k.astype(dtype), v_t.astype(dtype)
+    return k, v_t, (k_scales, v_scales)
 
 
 def live_positions(step, length, chunk: int, heads: int = 1):
@@ -106,8 +112,9 @@ def same_head(heads: int, chunk: int, rows: int, group: int, transposed: bool = 
 
 
 def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = True, v_zeroed: bool = False,
-            heads: int = 1, group: int = 1, row_scales=None, q_scale=None):
-    """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each).
+            heads: int = 1, group: int = 1, row_scales=None, q_scale=None, v_t: bool = False):
+    """The online-softmax update of both kernels with one loop step's K/V tiles ([chunk, D] each;
+    v_t: V given transposed, [D, chunk], as 8-bit pools' `load_kv8` gives it).
 
     scale: the softmax scale times log2(e): the running max is kept in base-2 units, so each
     probability is one fused multiply-add and one `exp2` (the hardware's ex2), where `exp` of the
@@ -123,10 +130,10 @@ def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = 
     heads, group (decode): k and v hold `heads` packed kv heads' chunks one after another
     ([heads * chunk, D]), and query row r belongs to kv head r // G (G = group); a row sees only
     its own kv head's positions (`same_head`), so every step masks.
-    row_scales: None, or the K and V scales of the chunk's rows (8-bit pools: `load_kv`), applied to
+    row_scales: None, or the K and V scales of the chunk's rows (8-bit pools: `load_kv8`), applied to
     the logits' columns and to the probabilities before the product with V.
     q_scale: None, or [rows] float32, the scales of q's rows where q is int8 (int8 q . k products,
-    int32 logits), applied to the logits' rows.
+    int32 logits), applied to the logits' rows. int8 V takes int8 weights (`weigh`).
     """
     o, m, l = carry
     chunk = k.shape[0] // heads
@@ -146,32 +153,41 @@ def update(carry, q, k, v, step, length, q_pos, *, scale: float, masked: bool = 
         visible = live[None, :] if q_pos is None else positions[None, :] <= q_pos[:, None]  # (q_pos < length)
         logits = jnp.where(visible, logits, -jnp.inf)
         if not v_zeroed:
-            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+            v = jnp.where(live[None, :] if v_t else live[:, None], v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, logits.max(axis=-1) * scale)
     correction = jnp.exp2(m - m_new)
     p = jnp.exp2(logits * scale - m_new[:, None])
     weights = p if row_scales is None else p * row_scales[1][None, :]
-    o = o * correction[:, None] + plgpu.dot(weights.astype(v.dtype), v)
+    o = o * correction[:, None] + weigh(weights, v.T if v_t else v)
     return o, m_new, l * correction + p.sum(axis=-1)
 
 
+def weigh(weights, v):
+    """weights [rows, chunk] (float32, >= 0) times V [chunk, D]: [rows, D] float32. With int8 V the
+    weights are rounded onto 0..127 against their row's largest, int8 x int8 into int32, and scaled
+    back: each weight off by at most half a step, 1/254 of its row's largest in the step
+    (benchmarks/kv_quant_model.py --int8-products measures what that costs a model)."""
+    if v.dtype != jnp.int8:
+        return plgpu.dot(weights.astype(v.dtype), v).astype(jnp.float32)
+    top = weights.max(axis=-1)
+    steps = jnp.where(top > 0, 127.0 / top, 0.0)
+    rounded = (weights * steps[:, None] + 0.5).astype(jnp.int32).astype(jnp.int8)
+    return plgpu.dot(rounded, v).astype(jnp.float32) * (top / 127.0)[:, None]
+
+
 def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: bool = True, v_zeroed: bool = False,
-                       heads: int = 1, group: int = 1, row_scales=None, q_scale=None):
+                       heads: int = 1, group: int = 1):
     """Decode's `update` computed transposed: logits^T = K q^T ([chunk, rows]) and o^T += V^T p^T
     ([D, rows]), so the chunk (a step's 64 positions or more), not the 16 query rows, is the M side of both dots:
     compiled for sm_90 they become Hopper's warpgroup MMA, which needs M >= 64, where `update`'s
     become mma.sync (benchmarks/kernel_asm.py). Where it is faster: `launch.default_transposed`.
 
-    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group,
-    row_scales, q_scale: as for `update`.
+    carry: o^T [D, rows] and the running max and sum [rows]; q_t: q^T [D, rows]. heads, group: as
+    for `update`. (Float pools only: 8-bit ones take the plain products, `launch.QUANTIZED_DEFAULTS`.)
     """
     o_t, m, l = carry
     chunk = k.shape[0] // heads
     logits = plgpu.dot(k, q_t).astype(jnp.float32)  # [heads * chunk, rows], unscaled
-    if row_scales is not None:
-        logits = logits * row_scales[0][:, None]
-    if q_scale is not None:
-        logits = logits * q_scale[None, :]
     if masked or heads > 1:
         live = live_positions(step, length, chunk, heads)
         visible = live[:, None] if heads == 1 else live[:, None] & same_head(heads, chunk, q_t.shape[1], group, True)
@@ -181,8 +197,7 @@ def update_transposed(carry, q_t, k, v, step, length, *, scale: float, masked: b
     m_new = jnp.maximum(m, logits.max(axis=0) * scale)
     correction = jnp.exp2(m - m_new)
     p = jnp.exp2(logits * scale - m_new[None, :])
-    weights = p if row_scales is None else p * row_scales[1][:, None]
-    o_t = o_t * correction[None, :] + plgpu.dot(v.T, weights.astype(v.dtype))
+    o_t = o_t * correction[None, :] + plgpu.dot(v.T, p.astype(v.dtype))
     return o_t, m_new, l * correction + p.sum(axis=0)
 
 
@@ -244,31 +259,39 @@ def layer_operand(layer) -> jax.Array:
     return layer.astype(jnp.int32).reshape(1)
 
 
-def scale_view(k_scale, v_scale, row_gather: bool):
-    """The scales of 8-bit pools ([L, K, N, P] each) as the kernels read them, beside `pool_view`'s
-    pools: [L * K * N * P] (row_gather) or [L * K * N, P], the same ids finding a row's values and its
-    scale; and their BlockSpec (whole, to every program). (`check_scales` checked their shapes.)"""
-    total, block_size = math.prod(k_scale.shape[:3]), k_scale.shape[3]
-    shape = (total * block_size,) if row_gather else (total, block_size)
-    spec = pl.BlockSpec(shape, lambda _, h, __: (0,) * len(shape))
+def scale_view(k_scale, v_scale):
+    """The scales of 8-bit pools ([L, K, N, P] each) as the kernels read them, flat ([L * K * N * P],
+    one per row of `pool_view`'s K), and their BlockSpec (whole, to every program). (`check_scales`
+    checked their shapes.)"""
+    shape = (k_scale.size,)
+    spec = pl.BlockSpec(shape, lambda _, h, __: (0,))
     return (k_scale.reshape(shape), v_scale.reshape(shape)), spec
 
 
 def pool_view(k_pool, v_pool, row_gather: bool):
-    """The pools as the kernels read them, their BlockSpec (the whole pools to every program), and
+    """The pools as the kernels read them, their BlockSpecs (the whole pools to every program), and
     the static sizes (L, K, N, P).
 
-    The pools, [L, K, N, P, D] (jaxpaged's, head-major), are read flat, as [L * K * N * P, D] rows of
-    positions (row_gather) or [L * K * N, P, D] blocks, the kernel finding its layer's and kv head's
-    blocks (`program_layer_base`). Both views are free reshapes.
+    Float pools, [L, K, N, P, D] (jaxpaged's, head-major), are read flat, as [L * K * N * P, D] rows
+    of positions (row_gather) or [L * K * N, P, D] blocks, the kernel finding its layer's and kv
+    head's blocks (`program_layer_base`). 8-bit pools give K as rows of positions and V, whose blocks
+    are stored transposed ([L, K, N, D, P]: `jaxpaged.quant.v_blocks`), as [L * K * N, D * P] blocks
+    (`load_kv8`: row indices stay far below 2^31). Every view is a free reshape.
     """
-    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
-        raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} {k_pool.dtype}, {v_pool.shape} {v_pool.dtype}")
     if k_pool.ndim != 5:
         raise ValueError(f"pools must be [L, K, N, P, D], got {tuple(k_pool.shape)}")
     num_layers, kv_heads, num_blocks, block_size, head_dim = k_pool.shape
+    quantized = k_pool.dtype.itemsize == 1
+    v_shape = (*k_pool.shape[:3], head_dim, block_size) if quantized else k_pool.shape
+    if tuple(v_pool.shape) != v_shape or k_pool.dtype != v_pool.dtype:
+        raise ValueError(f"k_pool and v_pool differ: {tuple(k_pool.shape)} {k_pool.dtype}, {tuple(v_pool.shape)} "
+                         f"{v_pool.dtype}; v_pool must be {v_shape} {k_pool.dtype}"
+                         + (" (8-bit V's blocks transposed, jaxpaged.quant.v_blocks)" if quantized else ""))
     total = num_layers * kv_heads * num_blocks
-    shape = (total * block_size, head_dim) if row_gather else (total, block_size, head_dim)
-    spec = pl.BlockSpec(shape, lambda _, h, __: (0,) * len(shape))
-    pools = (k_pool.reshape(shape), v_pool.reshape(shape))
-    return pools, spec, (num_layers, kv_heads, num_blocks, block_size)
+    if quantized:
+        shapes = (total * block_size, head_dim), (total, head_dim * block_size)
+    else:
+        shapes = ((total * block_size, head_dim) if row_gather else (total, block_size, head_dim),) * 2
+    specs = tuple(pl.BlockSpec(shape, lambda _, h, __, n=len(shape): (0,) * n) for shape in shapes)
+    pools = (k_pool.reshape(shapes[0]), v_pool.reshape(shapes[1]))
+    return pools, specs, (num_layers, kv_heads, num_blocks, block_size)

@@ -41,75 +41,80 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxpaged.kernels import launch
 from jaxpaged.kernels.common import (check_inputs, check_scales, empty_carry, layer_operand, live_positions,
-                                     load_ids, load_kv, pool_view, program_layer_base, scale_view, softmax_scale,
-                                     update, update_transposed)
+                                     load_ids, load_kv, load_kv8, pool_view, program_layer_base, scale_view,
+                                     softmax_scale, update, update_transposed)
 from jaxpaged.kernels.merge import merge_decode_splits
 from jaxpaged.quant import quantise
 
 
 def _attend_chunk(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, blocks_per_step: int,
-                  num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales, q_scale, row_gather: int,
+                  num_blocks: int, scale: float, transposed: bool, masked_loads: bool, row_gather: int,
                   heads: int, group: int):
-    """One loop step: load step `step`'s K/V, then update the online softmax.
+    """One loop step over float pools: load step `step`'s K/V, then update the online softmax.
 
     transposed: `update_transposed` (q given as q^T). masked_loads: V rows past the length load as
-    zeros (a GPU-only load), instead of being zeroed after the load. scales: `load_kv`'s (8-bit
-    pools) or None; q_scale: q's row scales where q is int8, or None. heads, group: `heads` kv heads
+    zeros (a GPU-only load), instead of being zeroed after the load. heads, group: `heads` kv heads
     packed in the program (row gather), G query heads each.
     """
     ids = load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks,
                    row_gather=row_gather, heads=heads)
     chunk = blocks_per_step * (row_gather or k_ref.shape[-2])
     live = live_positions(step, length, chunk, heads) if masked_loads else None
-    k, v, row_scales = load_kv(ids, k_ref, v_ref, live=live, scales=scales)
+    k, v = load_kv(ids, k_ref, v_ref, live=live)
     step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
-    return step_update(carry, q, k, v, step, length, scale=scale, v_zeroed=live is not None, heads=heads, group=group,
-                       row_scales=row_scales, q_scale=q_scale)
+    return step_update(carry, q, k, v, step, length, scale=scale, v_zeroed=live is not None, heads=heads, group=group)
+
+
+def _attend_chunk8(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, blocks_per_step: int,
+                   num_blocks: int, block_size: int, scale: float, scale_refs, q_scale, dtype):
+    """One loop step over 8-bit pools: K and V transposed at the step's blocks (`load_kv8`, the
+    tiles converted to dtype, or kept int8 for int8 products), then the online softmax with the
+    positions' scales (and q's row scales where q is int8)."""
+    ids = load_ids(step, tables_ref, layer_base, blocks_per_step=blocks_per_step, num_blocks=num_blocks)
+    live = live_positions(step, length, blocks_per_step * block_size)
+    k, v_t, row_scales = load_kv8(ids, k_ref, v_ref, scale_refs, block_size=block_size, live=live, dtype=dtype)
+    return update(carry, q, k, v_t, step, length, None, scale=scale, v_zeroed=True, row_scales=row_scales,
+                  q_scale=q_scale, v_t=True)
 
 
 def _attend_loaded(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length, *, last: int,
-                   blocks_per_step: int, num_blocks: int, scale: float, transposed: bool, masked_loads: bool, scales,
-                   q_scale):
+                   blocks_per_step: int, num_blocks: int, scale: float, transposed: bool, masked_loads: bool):
     """One loop step of the block gather with its loads a step ahead (`launch.default_loads_ahead`):
     issue the loads of step + 1 (and the block ids of step + 2), then compute step `step` from the
     tiles loaded one step earlier, so memory latency overlaps the math. `last` is the last step to
     compute: the loads past it read it again (and are not used)."""
-    (ids_next, k, v, row_scales), softmax = carry
+    (ids_next, k, v), softmax = carry
     chunk = blocks_per_step * k_ref.shape[-2]
     live = live_positions(jnp.minimum(step + 1, last), length, chunk) if masked_loads else None
-    loaded = load_kv(ids_next, k_ref, v_ref, live=live, scales=scales)
+    loaded = load_kv(ids_next, k_ref, v_ref, live=live)
     ids_after = load_ids(jnp.minimum(step + 2, last), tables_ref, layer_base, blocks_per_step=blocks_per_step,
                          num_blocks=num_blocks)
     step_update = update_transposed if transposed else functools.partial(update, q_pos=None)
-    softmax = step_update(softmax, q, k, v, step, length, scale=scale, v_zeroed=masked_loads, row_scales=row_scales,
-                          q_scale=q_scale)
+    softmax = step_update(softmax, q, k, v, step, length, scale=scale, v_zeroed=masked_loads)
     return (ids_after, *loaded), softmax
 
 
 def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, group: int, rows: int,
                    block_size: int, blocks_per_step: int, splits: int, num_blocks: int, num_layers: int,
                    kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int,
-                   loads_ahead: bool, quantized: bool, q_scaled: bool, dot_dtype, value_dtype):
+                   loads_ahead: bool, quantized: bool, q_scaled: bool, tile_dtype):
     """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
     s-th of `splits` equal slices of the sequence's loop steps; grid (B, K / heads, splits).
 
     It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
     the ones past heads * G are zeros. With 8-bit pools (quantized) the first two of refs are the K
-    and V scales (`scale_view`), and where q is int8 (q_scaled) the next is q's row scales ([H]).
-    With one output ref ([H, D]) it writes its normalised rows there (one split); with three, the
-    unnormalised o and its running max and sum, merged outside. value_dtype: what V's tiles take for
-    the products with the probabilities.
+    and V scales (`scale_view`), and where q is int8 (q_scaled) the next is q's row scales ([H]);
+    tile_dtype: what q and the 8-bit tiles take for the products (None: int8 products, q int8
+    already). With one output ref ([H, D]) it writes its normalised rows there (one split); with
+    three, the unnormalised o and its running max and sum, merged outside.
     """
     scale_refs = refs[:2] if quantized else None
     q_scale_ref, out_refs = (refs[2], refs[3:]) if q_scaled else (None, refs[2 if quantized else 0:])
     head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
     real = jnp.arange(rows) < heads * group
     q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0)
-    q_scale = None
-    if q_scale_ref is not None:
-        q_scale = plgpu.load(q_scale_ref.at[head_rows], mask=real, other=0).astype(jnp.float32)
-    if quantized and dot_dtype is not None:
-        q = q.astype(dot_dtype)
+    if tile_dtype is not None:
+        q = q.astype(tile_dtype)
     split = pl.program_id(2)
     length = lengths_ref[0]
     chunk = blocks_per_step * block_size
@@ -118,27 +123,31 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
     first_step = split * per_split
     last_step = jnp.maximum(jnp.minimum(first_step + per_split, row_steps), first_step)
     layer_base = program_layer_base(layer_ref, num_blocks, num_layers, kv_heads, heads)
-    shared = dict(q=q.T if transposed else q, tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base,
-                  length=length, blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale,
-                  transposed=transposed, masked_loads=masked_loads,
-                  scales=None if scale_refs is None else (*scale_refs, q.dtype, value_dtype), q_scale=q_scale)
+    shared = dict(tables_ref=tables_ref, k_ref=k_ref, v_ref=v_ref, layer_base=layer_base, length=length,
+                  blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale)
     softmax = empty_carry(*q.shape)
-    if transposed:
-        softmax = (softmax[0].T, *softmax[1:])
-    if loads_ahead:  # the first step's tiles and the second's block ids are loaded before the loop
+    if quantized:
+        q_scale = None
+        if q_scale_ref is not None:
+            q_scale = plgpu.load(q_scale_ref.at[head_rows], mask=real, other=0).astype(jnp.float32)
+        step = functools.partial(_attend_chunk8, q=q, block_size=block_size, scale_refs=scale_refs, q_scale=q_scale,
+                                 dtype=tile_dtype, **shared)
+        o, m, l = jax.lax.fori_loop(first_step, last_step, step, softmax)
+    elif loads_ahead:  # the first step's tiles and the second's block ids are loaded before the loop
         last = jnp.clip(last_step - 1, 0, tables_ref.shape[0] // blocks_per_step - 1)
         ids = functools.partial(load_ids, tables_ref=tables_ref, layer_base=layer_base,
                                 blocks_per_step=blocks_per_step, num_blocks=num_blocks)
         first = jnp.minimum(first_step, last)
         live = live_positions(first, length, chunk) if masked_loads else None
-        loaded = load_kv(ids(first), k_ref, v_ref, live=live, scales=shared["scales"])
-        carry = ((ids(jnp.minimum(first_step + 1, last)), *loaded), softmax)
-        step = functools.partial(_attend_loaded, last=last, **shared)
-        o, m, l = jax.lax.fori_loop(first_step, last_step, step, carry)[1]
+        loaded = (ids(jnp.minimum(first_step + 1, last)), *load_kv(ids(first), k_ref, v_ref, live=live))
+        step = functools.partial(_attend_loaded, q=q.T if transposed else q, last=last, transposed=transposed,
+                                 masked_loads=masked_loads, **shared)
+        o, m, l = jax.lax.fori_loop(first_step, last_step, step, (loaded, _transposed(softmax, transposed)))[1]
     else:
-        step = functools.partial(_attend_chunk, row_gather=block_size if row_gather else 0, heads=heads, group=group,
-                                 **shared)
-        o, m, l = jax.lax.fori_loop(first_step, last_step, step, softmax)
+        step = functools.partial(_attend_chunk, q=q.T if transposed else q, transposed=transposed,
+                                 masked_loads=masked_loads, row_gather=block_size if row_gather else 0, heads=heads,
+                                 group=group, **shared)
+        o, m, l = jax.lax.fori_loop(first_step, last_step, step, _transposed(softmax, transposed))
     if transposed:
         o = o.T
     if len(out_refs) == 1:
@@ -149,6 +158,11 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
         o_ref[...] = o
         m_ref[...] = m
         l_ref[...] = l
+
+
+def _transposed(softmax, transposed: bool):
+    """The online softmax's carry as the transposed products keep it (o^T [D, rows]), or as it is."""
+    return (softmax[0].T, *softmax[1:]) if transposed else softmax
 
 
 @functools.partial(jax.jit, static_argnames=("blocks_per_step", "num_splits", "num_warps", "num_stages", "transposed", "dot_dtype",
@@ -164,17 +178,19 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
 
     Args:
       q: [B, H, D].
-      k_pool, v_pool: all layers' pools as the cache holds them, [L, K, N, P, D].
+      k_pool, v_pool: all layers' pools as the cache holds them, [L, K, N, P, D] (8-bit V's blocks
+        transposed, [L, K, N, D, P]: `jaxpaged.quant.v_blocks`).
       layer: [] int, the layer to read (clamped into [0, L)).
       block_tables: [B, M] int32 block ids; entries past a sequence's blocks may hold any id in
         [0, N] (N is the sentinel).
       lengths: [B] int32 positions to attend to (0 for padding rows, which return zeros).
       k_scale, v_scale: for 8-bit pools (int8 or float8_e4m3fn), their scales [L, K, N, P]
         (`jaxpaged.quant`; a cache's 8-bit pools hold K rotated, and `paged_attention` turns q to
-        match before it calls this), read in place: the 8-bit tiles are converted to `dot_dtype` in registers
-        and each position's scales applied to its logits and probabilities (`common.update`); the
-        launch is the one for pools of q's dtype (the tiles the products take have its width), but
-        for `launch.QUANTIZED_DEFAULTS`.
+        match before it calls this), read in place: the products take the 8-bit tiles as they are
+        (int8) or converted to `dot_dtype` in registers, and each position's scales are applied to its
+        logits and probabilities (`common.update`). Their launch: the plain products of one kv
+        head's rows, K as rows of positions and V as rows of a block's feature (`common.load_kv8`),
+        `launch.QUANTIZED_DEFAULTS`' positions a step and stages, the splits of a pool of q's dtype.
       blocks_per_step: blocks loaded per loop step, dividing M; default `launch.default_step_positions`'s
         worth (32 KiB of K and V, at least 64 positions).
       num_splits: programs per sequence and kv head; default one where the sequences and kv heads
@@ -197,10 +213,12 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         gather).
       gpu: the card's numbers for the defaults; default `launch.this_gpu()` (the device jax runs on).
       dot_dtype: with 8-bit pools, the dtype q and the 8-bit tiles take for the products; default
-        `launch.QUANTIZED_DEFAULTS` (float16 for float8 pools, q's dtype for int8). "int8" (int8 pools):
+        `launch.QUANTIZED_DEFAULTS` ("int8" for int8 pools, but q's dtype where a loop step holds fewer
+        than `launch.MIN_INT8_STEP` positions; float16 for float8). "int8" (int8 pools):
         q is quantised per row too (`jaxpaged.quant.quantise`), q . k runs on int8 operands into
-        int32 and the scales of q's rows and K's positions turn it back; V takes q's dtype. (Its
-        accuracy: benchmarks/kv_quant_model.py --quantised-q; it has not been timed on a GPU.)
+        int32, the scales of q's rows and K's positions turn it back, and the probabilities times
+        V's scales are rounded onto 0..127 per row and step for an int8 product with V
+        (`common.weigh`). Their accuracy: benchmarks/kv_quant_model.py --int8-products.
       interpret: run in Pallas interpret mode (any backend, slow; for tests).
 
     Returns:
@@ -210,23 +228,37 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     _, _, (_, kv_heads, _, block_size) = pool_view(k_pool, v_pool, row_gather=True)  # checks the pools
     check_inputs(q, k_pool, block_tables, lengths, kv_heads=kv_heads)
     quantized = check_scales(k_pool, k_scale, v_scale)
-    if quantized:  # 8-bit pools' own defaults (`launch.QUANTIZED_DEFAULTS`)
-        transposed = launch.QUANTIZED_DEFAULTS["transposed"] if transposed is None else transposed
-        dot_dtype = dot_dtype or launch.QUANTIZED_DEFAULTS["dot_dtype"].get(k_pool.dtype.name)
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
-    itemsize = (q if quantized else k_pool).dtype.itemsize
-    out_dtype, q_scale = q.dtype, ()
-    if dot_dtype == "int8":  # int8 x int8 -> int32 q . k: q quantised per row, its scales beside
-        if k_pool.dtype != jnp.int8:
-            raise ValueError(f"dot_dtype='int8' takes int8 pools, not {k_pool.dtype}")
-        q, scale_of_q = quantise(q, "int8")  # [B, H, D] int8, [B, H] float16
-        q_scale = (scale_of_q,)
-    plan = launch.decode_launch(batch, num_heads, kv_heads, head_dim, block_size, max_blocks, itemsize,
-                                gpu or launch.this_gpu(), num_splits=num_splits, blocks_per_step=blocks_per_step,
+    out_dtype, q_scale, tile_dtype = q.dtype, (), None
+    if quantized:  # 8-bit pools' own launch (`launch.QUANTIZED_DEFAULTS`)
+        if transposed or row_gather is False or (heads_per_program or 1) > 1:
+            raise ValueError("8-bit pools take the plain products of one kv head's rows: transposed, row_gather=False "
+                             "and heads_per_program > 1 are for float pools")
+        transposed, row_gather, heads_per_program = False, True, 1
+        blocks_per_step = blocks_per_step or launch.default_blocks_per_step(
+            block_size, max_blocks, launch.QUANTIZED_DEFAULTS["step_positions"])
+        num_stages = num_stages or launch.QUANTIZED_DEFAULTS["num_stages"]
+        short_step = blocks_per_step * block_size < launch.MIN_INT8_STEP  # too short for int8 p . V
+        if dot_dtype is None:
+            dot_dtype = launch.QUANTIZED_DEFAULTS["dot_dtype"][k_pool.dtype.name]
+            dot_dtype = q.dtype.name if dot_dtype == "int8" and short_step else dot_dtype
+        if dot_dtype == "int8":  # int8 x int8 -> int32 products: q quantised per row, its scales beside
+            if k_pool.dtype != jnp.int8:
+                raise ValueError(f"dot_dtype='int8' takes int8 pools, not {k_pool.dtype}")
+            if short_step:
+                raise ValueError(f"dot_dtype='int8' takes loop steps of >= {launch.MIN_INT8_STEP} positions, not "
+                                 f"{blocks_per_step} blocks of {block_size}")
+            q, scale_of_q = quantise(q, "int8")  # [B, H, D] int8, [B, H] float16
+            q_scale = (scale_of_q,)
+        else:
+            tile_dtype = jnp.dtype(dot_dtype)
+    plan = launch.decode_launch(batch, num_heads, kv_heads, head_dim, block_size, max_blocks, out_dtype.itemsize
+                                if quantized else k_pool.dtype.itemsize, gpu or launch.this_gpu(),
+                                num_splits=num_splits, blocks_per_step=blocks_per_step,
                                 heads_per_program=heads_per_program, row_gather=row_gather, transposed=transposed,
                                 num_stages=num_stages)
-    (k_pool, v_pool), pool_spec, (num_layers, _, num_blocks, _) = pool_view(k_pool, v_pool, plan.row_gather)
+    (k_pool, v_pool), (k_spec, v_spec), (num_layers, _, num_blocks, _) = pool_view(k_pool, v_pool, plan.row_gather)
     kv_groups = kv_heads // plan.heads_per_program  # programs per sequence and split
     splits, rows = plan.splits, plan.rows
 
@@ -237,9 +269,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                masked_loads=(plan.transposed or plan.row_gather) and not interpret,
                                row_gather=plan.row_gather, heads=plan.heads_per_program,
                                loads_ahead=plan.loads_ahead, quantized=quantized, q_scaled=bool(q_scale),
-                               dot_dtype=None if dot_dtype is None else jnp.dtype(dot_dtype),
-                               value_dtype=jnp.dtype(out_dtype if q_scale or dot_dtype is None else dot_dtype))
-    scales, scale_spec = scale_view(k_scale, v_scale, plan.row_gather) if quantized else ((), None)
+                               tile_dtype=tile_dtype)
+    scales, scale_spec = scale_view(k_scale, v_scale) if quantized else ((), None)
     if splits == 1:  # every program writes its rows of sequence b's [H, D]
         out_specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0))
         out_shape = jax.ShapeDtypeStruct((batch, num_heads, head_dim), out_dtype)
@@ -263,8 +294,8 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
             pl.BlockSpec((1,), lambda b, h, s: (b,)),  # length
             pl.BlockSpec((None, max_blocks), lambda b, h, s: (b, 0)),  # block-table row
             pl.BlockSpec((None, num_heads, head_dim), lambda b, h, s: (b, 0, 0)),  # q of sequence b
-            pool_spec,
-            pool_spec,
+            k_spec,
+            v_spec,
             *[scale_spec] * len(scales),
             *[pl.BlockSpec((None, num_heads), lambda b, h, s: (b, 0))] * len(q_scale),  # q's row scales
         ],

@@ -272,15 +272,18 @@ class DecodeLaunch:
     rows: int  # query rows of a program's tile (heads_per_program x G, padded to >= 16, a power of two)
 
 
-# The decode kernel on 8-bit pools: the plain products (q K^T, p V), never the transposed ones, and
-# float8 tiles converted to float16 (Hopper converts float8 to float16 in one packed instruction; q is
-# converted too), int8 ones to q's dtype. Measured on an H200 against the launch of a bfloat16 pool
-# of the same shape, whose products are transposed at 4 of the 5 shapes tried (tune_kv_quant_H200.json,
-# 8 x 8192, 128 x 8192 and 32 x 4096 at 32/8/128 heads, 32 x 2048 and 128 x 8192 at 32/8/64): where
-# that launch transposes, int8 plain ran 1.35-1.55x it and float8 plain with float16 1.43-1.58x;
-# float16 alone took float8 1.14-1.22x and int8 0.88-0.97x; the transposed with float16, more stages
-# and twice the positions a step were no better than the plain launch.
-QUANTIZED_DEFAULTS = {"transposed": False, "dot_dtype": {"float8_e4m3fn": "float16"}}
+# The decode kernel on 8-bit pools: the plain products (q K^T, p V) of one kv head's rows, 64 positions
+# a step, 5 pipeline stages; int8 pools multiply int8 operands (q and the weights quantised per row),
+# float8 pools float16 ones (Hopper converts float8 to float16 in one packed instruction). Measured on
+# an H200 at 32/8/128 heads against the bfloat16 kernel's default launch (benchmarks/NOTES.md, "8-bit
+# K/V on the GPU"). A prototype, with V's blocks transposed, int8 products and 64 positions a step, ran
+# 1.62-1.64x it at 128 x 8192 with 3 stages, 1.79x with 5, 1.80x with 6 and 1.77x with 7. Other choices
+# at that shape: 128 positions a step 1.22-1.34x, the transposed products 1.21x, and V's tile turned in
+# registers rather than gathered as [D, blocks, P] 1.20-1.23x. In this kernel (tune_kv_quant_H200.json)
+# 6 and 7 stages, 32 and 128 positions, 8 warps and converted tiles won at some small shapes and lost at
+# others; none won at every shape.
+MIN_INT8_STEP = 32  # positions a step that int8 p . V products take: on an H200 a 16-position step's were wrong
+QUANTIZED_DEFAULTS = {"step_positions": 64, "num_stages": 5, "dot_dtype": {"int8": "int8", "float8_e4m3fn": "float16"}}
 
 
 def decode_launch(batch: int, num_heads: int, kv_heads: int, head_dim: int, block_size: int, max_blocks: int,

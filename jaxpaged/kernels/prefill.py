@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxpaged.kernels import launch
 from jaxpaged.kernels.common import (check_inputs, check_scales, empty_carry, layer_operand, live_positions,
-                                     load_ids, load_kv, pool_view, program_layer_base, scale_view, softmax_scale,
+                                     load_ids, load_kv, load_kv8, pool_view, program_layer_base, scale_view, softmax_scale,
                                      update)
 from jaxpaged.kernels.merge import merge_prefill_splits
 
@@ -49,7 +49,8 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     inside the length run unmasked; the rest mask by the causal test alone, the query positions
     being clamped below the length once (masked_loads: V rows past the length load as zeros).
     Padding queries (position -1) return zeros. With 8-bit pools (quantized) refs begin with the K
-    and V scales (`scale_view`), applied in registers (`common.update`). With one split, the output
+    and V scales (`scale_view`), applied in registers (`common.update`), and each step reads K and V
+    (transposed) at its blocks (`common.load_kv8`), converted to q's dtype. With one split, the output
     refs are o; with more, each split writes its unnormalised o, running max and sum (o, m, l) for
     `merge.merge_prefill_splits`.
     """
@@ -71,18 +72,23 @@ def _prefill_kernel(layer_ref, lengths_ref, tables_ref, q_pos_ref, q_ref, k_ref,
     full = jnp.clip(jnp.minimum(length, first_pos + 1) // chunk, start, jnp.maximum(last, start))
     ids_of = functools.partial(load_ids, tables_ref=tables_ref,
                                layer_base=program_layer_base(layer_ref, num_blocks, num_layers, kv_heads),
-                               blocks_per_step=blocks_per_step, num_blocks=num_blocks, row_gather=block_size,
-                               rows_from_blocks=True)
-
-    scales = None if scale_refs is None else (*scale_refs, q.dtype)
+                               blocks_per_step=blocks_per_step, num_blocks=num_blocks,
+                               row_gather=0 if quantized else block_size, rows_from_blocks=True)
 
     def steps(masked):
-        def body(i, carry):  # the K/V rows of step i were found in step i - 1
+        def body(i, carry):  # the K/V rows (8-bit pools: blocks) of step i were found in step i - 1
             ids, softmax = carry
-            live = live_positions(i, length, chunk) if masked and masked_loads else None
-            k, v, row_scales = load_kv(ids, k_ref, v_ref, live=live, scales=scales)
-            softmax = update(softmax, q, k, v, i, length, q_pos, scale=scale, masked=masked, v_zeroed=live is not None,
-                             row_scales=row_scales)
+            if quantized:  # V's scales past the length read as 0; the tiles in q's dtype
+                live = live_positions(i, length, chunk) if masked else None
+                k, v, row_scales = load_kv8(ids, k_ref, v_ref, scale_refs, block_size=block_size, live=live,
+                                            dtype=q.dtype)
+                softmax = update(softmax, q, k, v, i, length, q_pos, scale=scale, masked=masked, v_zeroed=True,
+                                 row_scales=row_scales, v_t=True)
+            else:
+                live = live_positions(i, length, chunk) if masked and masked_loads else None
+                k, v = load_kv(ids, k_ref, v_ref, live=live)
+                softmax = update(softmax, q, k, v, i, length, q_pos, scale=scale, masked=masked,
+                                 v_zeroed=live is not None)
             return ids_of(jnp.minimum(i + 1, jnp.maximum(last - 1, start))), softmax
         return body
 
@@ -137,9 +143,9 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     """
     batch, num_q, num_heads, head_dim = q.shape
     quantized = check_scales(k_pool, k_scale, v_scale)
-    (k_pool, v_pool), pool_spec, (num_layers, kv_heads, num_blocks, block_size) = pool_view(k_pool, v_pool, True)
+    (k_pool, v_pool), (k_spec, v_spec), (num_layers, kv_heads, num_blocks, block_size) = pool_view(k_pool, v_pool, True)
     check_inputs(q, k_pool, block_tables, lengths, q_positions, kv_heads=kv_heads)
-    scales, scale_spec = scale_view(k_scale, v_scale, True) if quantized else ((), None)
+    scales, scale_spec = scale_view(k_scale, v_scale) if quantized else ((), None)
     max_blocks = block_tables.shape[1]
     wide = (q if quantized else k_pool).dtype.itemsize * head_dim > 256  # float32 at head dim 128: fewer stages fit shared memory
     blocks_per_step = blocks_per_step or launch.default_blocks_per_step(block_size, max_blocks, positions=64)
@@ -182,8 +188,8 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
             pl.BlockSpec((None, max_blocks), lambda j, h, b: (b, 0)),
             pl.BlockSpec((None, num_q), lambda j, h, b: (b, 0)),
             as_rows,
-            pool_spec,
-            pool_spec,
+            k_spec,
+            v_spec,
             *[scale_spec] * len(scales),
         ],
         out_specs=out_specs,
