@@ -13,7 +13,15 @@ of every next token), with the float32 model and cache beside for scale.
 8-bit operands would see it: turned by K's rotation, quantised per position and head in the pool's
 format (`jaxpaged.quant.quantise`), and back (the reference attention path, patched here).
 
-Run: python benchmarks/kv_quant_model.py [--quantised-q] [--out benchmarks/results/kv_quant_smollm2_CPU.json]
+--int8-products adds the int8 cache as the decode kernel's default int8 products compute it: q
+quantised as above, and each query row's weights (probability times V's scale) rounded onto 0..127
+of the row's largest in each step of 64 positions (`jaxpaged.kernels.common.weigh`). Here every
+query takes them, the prefill chunks' too, where the kernels' prefill converts the tiles instead:
+an upper bound on what the kernels change. V's scale per position and head is taken as the
+dequantised row's largest |value| / 127 (the stored scale up to its float16 rounding).
+
+Run: python benchmarks/kv_quant_model.py [--quantised-q] [--int8-products]
+         [--out benchmarks/results/kv_quant_smollm2_int8_products_CPU.json]
 """
 
 from __future__ import annotations
@@ -68,6 +76,33 @@ def _attend_with_quantised_q(q, *args, **kwargs):
     return _ATTEND(q, *args, **kwargs)
 
 
+_PRODUCT_STEP = None  # positions a step of the int8 products while a run's step is traced (--int8-products)
+
+
+def _attend_as_int8_products(q, k, v, q_positions, kv_lens, scale=None):
+    """The reference attention as int8 products compute it: q quantised (`_attend_with_quantised_q`'s
+    way) and the weights rounded per row and step of _PRODUCT_STEP positions. k, v: dequantised."""
+    if _PRODUCT_STEP is None:
+        return _attend_with_quantised_q(q, k, v, q_positions, kv_lens, scale)
+    turned = rotate(q).astype(q.dtype)
+    q = rotate(dequantise(*quantise(turned, "int8"), jnp.float32))
+    batch, num_q, num_heads, head_dim = q.shape
+    kv_heads, length = k.shape[2], k.shape[1]
+    q = q.reshape(batch, num_q, kv_heads, num_heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) * (head_dim**-0.5 if scale is None else scale)
+    key_pos = jnp.arange(length)[None, None, :]
+    visible = (key_pos <= q_positions[:, :, None]) & (key_pos < kv_lens[:, None, None])  # [B, T, S]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min), axis=-1)
+    v_scale = jnp.abs(v.astype(jnp.float32)).max(-1) / 127  # [B, S, K]
+    weights = probs * jnp.moveaxis(v_scale, 1, 2)[:, :, None, None, :]  # [B, K, G, T, S]
+    steps = weights.reshape(*weights.shape[:-1], length // _PRODUCT_STEP, _PRODUCT_STEP)
+    top = steps.max(-1, keepdims=True)
+    rounded = jnp.floor(steps * jnp.where(top > 0, 127 / top, 0.0) + 0.5) * (top / 127)
+    values = v.astype(jnp.float32) / jnp.where(v_scale > 0, v_scale, 1.0)[..., None]  # the int8 values
+    out = jnp.einsum("bkgts,bskd->btkgd", rounded.reshape(weights.shape), values)
+    return out.reshape(batch, num_q, num_heads, head_dim).astype(v.dtype)
+
+
 def step_fn(model, batch: int, length: int):
     """A jitted chunk step of the model over a paged state: (params, state, ids [B, T]) -> (logits, state)."""
     graphdef, params = nnx.split(model.scanned())
@@ -119,9 +154,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk (default 256)")
     parser.add_argument("--quantised-q", action="store_true",
                         help="also run each 8-bit cache with q quantised in its format (8-bit q . k products)")
+    parser.add_argument("--int8-products", action="store_true",
+                        help="also run the int8 cache as the decode kernel's int8 products compute it")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
-    global _Q_FORMAT
+    if args.int8_products and args.tokens % 64:
+        parser.error("--int8-products rounds the weights in steps of 64 positions: --tokens must be a multiple of 64")
+    global _Q_FORMAT, _PRODUCT_STEP
 
     from jaxpaged.models.gguf_weights import load_gguf
 
@@ -132,9 +171,12 @@ def main() -> None:
     tokens = np.asarray(ids[: rows * args.tokens], np.int32).reshape(rows, args.tokens)
     runs = {"bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
             "float8_e4m3fn": ("bfloat16", "float8_e4m3fn"), "float32 model": ("float32", None)}
+    if args.quantised_q or args.int8_products:
+        attention.attend = _attend_as_int8_products
     if args.quantised_q:
-        attention.attend = _attend_with_quantised_q
         runs.update({f"{f}, q in {f}": ("bfloat16", f) for f in ("int8", "float8_e4m3fn")})
+    if args.int8_products:
+        runs["int8, int8 products"] = ("bfloat16", "int8")
     steps, states = {}, {}
     for name, (dtype, kv_dtype) in runs.items():
         model = models[dtype][0]
@@ -154,6 +196,7 @@ def main() -> None:
         logits = {}
         for name in runs:
             _Q_FORMAT = runs[name][1] if ", q in " in name else None  # fixed in each step's first trace
+            _PRODUCT_STEP = 64 if name.endswith("int8 products") else None
             out, states[name], ok = steps[name](states[name], jnp.asarray(chunk))
             assert bool(ok)
             logits[name] = np.asarray(out, np.float32)

@@ -33,7 +33,7 @@ import numpy as np
 
 import jaxpaged as jp
 from jaxpaged.kernels import paged_decode_attention
-from jaxpaged.quant import dequantise, quantise
+from jaxpaged.quant import dequantise, quantise, v_blocks
 from attention import make_inputs, xla_dense
 from ceilings import spec_bandwidth
 from timing import median_time_in_loop
@@ -87,7 +87,7 @@ def bench_shape(rng, batch, context, heads, kv_heads, head_dim, copies):
     for kv_dtype in FORMATS:
         pools = [(quantised(x["pool_k"], kv_dtype), quantised(x["pool_v"], kv_dtype)) for x in sets]
         quant_bytes = 2 * positions * (head_dim + 2)
-        args = [(x["q"], k, v, x["layer"], x["tables"], x["lengths"], ks, vs)
+        args = [(x["q"], k, v_blocks(v), x["layer"], x["tables"], x["lengths"], ks, vs)  # V's blocks as a cache holds them
                 for x, ((k, ks), (v, vs)) in zip(sets, pools)]
         fn = lambda q, k, v, layer, tables, lengths, ks, vs: paged_decode_attention(  # noqa: E731
             q, k, v, layer, tables, lengths, k_scale=ks, v_scale=vs)

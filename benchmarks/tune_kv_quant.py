@@ -1,17 +1,14 @@
-"""The decode kernel's launch on 8-bit pools: its default (the launch of a bfloat16 pool of the same
-shape) against variants, at a few shapes, with the bfloat16 kernel beside, in one run.
+"""The decode kernel's launch on 8-bit pools: its default (`launch.QUANTIZED_DEFAULTS`) against
+variants, at a few shapes, with the bfloat16 kernel beside, in one run.
 
-Variants: the plain product layout (N: q K^T and p V) or the transposed one (T), float16 rather than
-bfloat16 products (q and the tiles converted to float16; Hopper converts float8 to float16 in one
-packed instruction), and more or fewer pipeline stages and twice the positions per loop step (an
-8-bit tile holds half the bytes of a bfloat16 one). (A run before this file's last change also
-tried int8 to float16 by integer ops, the bits 0x6400 + 128 + x being the float16 1152 + x: no
-faster than the conversions, 0.88-1.05x "N", so it is not kept.) On int8 pools, "i8": q quantised per
-row too and q . k on int8 operands (int32), in either layout. Time: the median of 5
-rounds of a jitted loop of 20 dependent calls; bandwidth counts the bytes read (values and scales).
+Variants: the pipeline stages (3 to 7), the positions a loop step (32 or 128 instead of 64), 8 warps,
+and the products' operands: int8 pools take int8 products by default (q and the weights quantised
+per row), "bf16 tiles"/"f16 tiles" convert the 8-bit tiles instead; float8 pools take float16
+tiles by default, "bf16 tiles" the other. Time: the median of 5 rounds of a jitted loop of 20
+dependent calls; bandwidth counts the bytes read (values and scales).
 
 Run: python benchmarks/tune_kv_quant.py --out tune_kv_quant.json
-     python benchmarks/tune_kv_quant.py --kv-dtypes int8 --variants default "N i8" "T i8"   # int8 products alone
+     python benchmarks/tune_kv_quant.py --kv-dtypes int8 --variants default "stages 6"   # a few alone
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxpaged.kernels import launch, paged_decode_attention
-from jaxpaged.quant import quantise
+from jaxpaged.quant import quantise, v_blocks
 from attention import make_inputs
 from timing import median_time_in_loop
 
@@ -34,25 +31,21 @@ SHAPES = [(8, 8192, 32, 8, 128), (128, 8192, 32, 8, 128), (32, 2048, 32, 8, 64),
 BLOCK_SIZE = 16
 
 
-def variants(plan, max_blocks: int, kv_dtype: str) -> dict:
-    """{name: kernel options} to try on 8-bit pools, from the bfloat16 launch `plan` ("default" is the
-    kernel's own default, which `launch.QUANTIZED_DEFAULTS` now sets from this run)."""
-    wider = 2 * plan.blocks_per_step if max_blocks % (2 * plan.blocks_per_step) == 0 else None
-    plain, f16 = {"transposed": False}, {"transposed": False, "dot_dtype": "float16"}
-    found = {"default": {}, "N": plain, "N f16": f16, "N f16 bps_x2": {**f16, "blocks_per_step": wider},
-             "T f16": {"transposed": True, "dot_dtype": "float16"}}
+def variants(max_blocks: int, kv_dtype: str) -> dict:
+    """{name: kernel options} to try on 8-bit pools ("default": the kernel's own launch)."""
+    found = {"default": {}, **{f"stages {n}": {"num_stages": n} for n in (3, 4, 6, 7)},
+             "32 positions": {"blocks_per_step": 32 // BLOCK_SIZE}, "128 positions": {"blocks_per_step": 128 // BLOCK_SIZE},
+             "8 warps": {"num_warps": 8}, "bf16 tiles": {"dot_dtype": "bfloat16"}}
     if kv_dtype == "int8":
-        found |= {"N i8": {"transposed": False, "dot_dtype": "int8"}, "T i8": {"transposed": True, "dot_dtype": "int8"},
-                  "N f16 stages+1": {**f16, "num_stages": plan.num_stages + 1},
-                  "N f16 bps_x2 stages-1": {**f16, "blocks_per_step": wider, "num_stages": plan.num_stages - 1}}
-    return {name: options for name, options in found.items() if options.get("blocks_per_step", 1) is not None}
+        found["f16 tiles"] = {"dot_dtype": "float16"}
+    return {name: options for name, options in found.items() if max_blocks % options.get("blocks_per_step", 1) == 0}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="tune_kv_quant.json")
     parser.add_argument("--kv-dtypes", nargs="+", default=["int8", "float8_e4m3fn"], choices=("int8", "float8_e4m3fn"))
-    parser.add_argument("--variants", nargs="+", default=None, help='only these variants (e.g. default "N i8")')
+    parser.add_argument("--variants", nargs="+", default=None, help='only these variants (e.g. default "stages 6")')
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -69,7 +62,8 @@ def main():
         for kv_dtype in args.kv_dtypes:
             quant = [(x["q"], *quantise(x["pool_k"], kv_dtype), *quantise(x["pool_v"], kv_dtype), x["layer"],
                       x["tables"], x["lengths"]) for x in sets]
-            for name, options in variants(plan, max_blocks, kv_dtype).items():
+            quant = [(q, k, ks, v_blocks(v), *rest) for q, k, ks, v, *rest in quant]  # V's blocks as a cache holds them
+            for name, options in variants(max_blocks, kv_dtype).items():
                 if args.variants and name not in args.variants:
                     continue
                 def fn(q, k, ks, v, vs, layer, tables, lengths, options=options):
