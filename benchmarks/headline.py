@@ -25,9 +25,12 @@ DECODE_H100 = (("attention_H100.json", (32, 8, 128)), ("attention_H100_32_8_64.j
 DECODE_H200 = "attention_H200.json"  # the current kernels, nine headline shapes
 PREFILL = "prefill_attention_H200.json"
 MEMORY = "memory.json"
-KV_QUANT_SPEED, KV_QUANT_ACCURACY = "kv_quant_speed_H200.json", "kv_quant_smollm2_CPU.json"
+KV_QUANT_SPEED = "kv_quant_speed_H200.json"
+# SmolLM2 on 8-bit caches, --int8-products: the decode kernel's default on int8 pools beside the caches' own rows
+KV_QUANT_ACCURACY = "kv_quant_smollm2_int8_products_CPU.json"
 KV_QUANT_UNROTATED = "archive/kv_quant_smollm2_unrotated_CPU.json"  # K stored as it is, before the rotation
 KV_QUANT_NO_EXCESS = "kv_quant_smollm2_no_excess_precision_CPU.json"  # XLA_FLAGS=--xla_allow_excess_precision=false
+KV_QUANT_ENGINE = "archive/kv_quant_speed_before_v_blocks_H200.json"  # the engine rows: the 8-bit kernel before
 # The engine (llama-1b): A, C and the static peer in one run; A with the launcher on and off and the
 # transformers peer in the run before; B on the engine before packing (NOTES.md)
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
@@ -239,13 +242,14 @@ def headline_kv_quant(results):
     fits = {(r["model"], r["length"]): r for r in speed["capacity"]}
     header = [("K/V", "l"), ("llama-1b seqs of 2,048 in 64 GiB", "r"), ("8B seqs of 8,192 in 64 GiB", "r"),
               ("engine: output tokens/s", "r"), ("peak running", "r"), ("preemptions", "r")]
+    engine = load(results, KV_QUANT_ENGINE)
     table = [[e["kv_dtype"], fits["llama-1b", 2048][e["kv_dtype"]], fits["llama-8b", 8192][e["kv_dtype"]],
               f"{e['output_tokens_per_second']:,.0f} ({e['speedup_vs_bfloat16']:.2f}x)", e["peak_running"],
-              e["preemptions"]] for e in speed["engine"]]
-    capacity = (f"*Capacity from the pools' bytes (scales counted); the engine on {speed['device']}: llama-1b "
-                f"bfloat16, {speed['engine_requests']} requests of workload A in {speed['engine_pool_GiB']:g} GiB "
-                f"of pool. Source: "
-                f"`benchmarks/results/{KV_QUANT_SPEED}`.*\n\n" + markdown(header, table))
+              e["preemptions"]] for e in engine["engine"]]
+    capacity = (f"*Capacity from the pools' bytes (scales counted), `benchmarks/results/{KV_QUANT_SPEED}`; the "
+                f"engine on {engine['device']}: llama-1b bfloat16, {engine['engine_requests']} requests of workload A "
+                f"in {engine['engine_pool_GiB']:g} GiB of pool, with the 8-bit decode kernel before V's blocks were "
+                f"transposed (`benchmarks/results/{KV_QUANT_ENGINE}`).*\n\n" + markdown(header, table))
     accuracy = load(results, KV_QUANT_ACCURACY)
     header = [("kv_dtype", "l"), ("K stored", "l"), ("XLA numerics", "l"), ("mean KL", "r"), ("max KL", "r"),
               ("max abs logit difference", "r"), ("same greedy token", "r"), ("perplexity", "r"),
