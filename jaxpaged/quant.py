@@ -65,8 +65,19 @@ def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
     scaled = x / jnp.where(wide > 0, wide, 1.0)[..., None]
     scaled = jnp.clip(scaled, -largest, largest)  # x / scale may round just past it; float8 overflows to NaN
     if kv_dtype == "int8":
-        scaled = jnp.round(scaled)
+        scaled = round_half_even(scaled)
     return scaled.astype(jnp.dtype(kv_dtype)), scale
+
+
+def round_half_even(x: jax.Array) -> jax.Array:
+    """x [...] (float32, |x| < 2^23) rounded to the nearest integer, ties to even: `jnp.round`'s
+    values, from floor and exact float32 steps, so that it also lowers inside a Pallas Triton kernel
+    (the decode kernel quantises q for int8 products there), where `jnp.round`'s primitive has no
+    lowering. (Adding and taking away 1.5 * 2^23 would do it in two steps, but XLA folds those away.)"""
+    whole = jnp.floor(x)
+    fraction = x - whole  # exact, in [0, 1)
+    odd = whole - 2 * jnp.floor(whole * 0.5) == 1
+    return jnp.where((fraction > 0.5) | ((fraction == 0.5) & odd), whole + 1, whole)
 
 
 def v_blocks(values: jax.Array) -> jax.Array:

@@ -17,8 +17,8 @@ from jaxpaged.models.cli import main
 from jaxpaged.models.config import preset
 from jaxpaged.models.generate import generate
 from jaxpaged.models.llama import MiniLLM
-from jaxpaged.quant import (QUANTIZED_DTYPES, decode, dequantise, encode, hadamard, quantise, rotate, up_to_float16,
-                            v_blocks)
+from jaxpaged.quant import (QUANTIZED_DTYPES, decode, dequantise, encode, hadamard, quantise, rotate, round_half_even,
+                            up_to_float16, v_blocks)
 
 FORMATS = tuple(QUANTIZED_DTYPES)  # int8, float8_e4m3fn
 
@@ -76,6 +76,17 @@ def test_scales_round_up_to_float16_by_exact_operations(rng):
     got = jax.jit(up_to_float16)(jnp.asarray(x))
     assert_bit_equal(got, expected.astype(np.float32), "rounded up")
     assert np.all(np.asarray(got) >= x)
+
+
+def test_int8_rounds_ties_to_even_as_jnp_round_does(rng):
+    """round_half_even (what quantise rounds int8 values with; it also runs inside the decode kernel)
+    gives jnp.round's values, compiled and not, at ties, just off them, around 0 and at random."""
+    ties = np.arange(-130, 130, dtype=np.float32) + np.float32(0.5)
+    x = np.concatenate([ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, ties * 2), rng.uniform(-128, 128, 20000),
+                        rng.normal(0, 1e-3, 1000), [0, -0.0, 2**-149, -(2**-149), 127, -127, 2**22 + 0.5]]).astype(np.float32)
+    expected = np.asarray(jnp.round(jnp.asarray(x)))
+    for got in (jax.jit(round_half_even)(jnp.asarray(x)), round_half_even(jnp.asarray(x))):
+        assert np.array_equal(np.asarray(got), expected), x[np.asarray(got) != expected][:8]
 
 
 @pytest.mark.parametrize("head_dim", [1, 2, 16, 64, 128, 256])
@@ -378,8 +389,8 @@ def _weights_rounding_bound(q, k, v, v_scale, tables, lengths, layer, chunk):
 
 @pytest.mark.parametrize("splits, blocks_per_step", [(1, 4), (3, 4), (1, 8)])
 def test_int8_products_attend_with_q_and_the_weights_quantised_per_row(splits, blocks_per_step, rng):
-    """int8 pools' default products (dot_dtype "int8"): q . k on int8 operands (int32) scaled back by
-    q's row scales and K's position scales, and the weights rounded onto 0..127 per row and loop
+    """int8 pools' default products (dot_dtype "int8"): q quantised per row in the kernel (as
+    `quantise` does), q . k on int8 operands (int32) scaled back by q's row scales and K's position scales, and the weights rounded onto 0..127 per row and loop
     step for an int8 product with V: within the weights' rounding bound of attention of q as
     quantised per row over the dequantised pools, and not equal to it (the weights are rounded);
     float8 pools refuse int8 products."""

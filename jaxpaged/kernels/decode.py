@@ -97,23 +97,25 @@ def _attend_loaded(step, carry, q, tables_ref, k_ref, v_ref, layer_base, length,
 def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, group: int, rows: int,
                    block_size: int, blocks_per_step: int, splits: int, num_blocks: int, num_layers: int,
                    kv_heads: int, scale: float, transposed: bool, masked_loads: bool, row_gather: bool, heads: int,
-                   loads_ahead: bool, quantized: bool, q_scaled: bool, tile_dtype):
+                   loads_ahead: bool, quantized: bool, tile_dtype):
     """One program: sequence b, kv heads h * heads to (h + 1) * heads - 1 (one, unless packed), the
     s-th of `splits` equal slices of the sequence's loop steps; grid (B, K / heads, splits).
 
     It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
     the ones past heads * G are zeros. With 8-bit pools (quantized) the first two of refs are the K
-    and V scales (`scale_view`), and where q is int8 (q_scaled) the next is q's row scales ([H]);
-    tile_dtype: what q and the 8-bit tiles take for the products (None: int8 products, q int8
-    already). With one output ref ([H, D]) it writes its normalised rows there (one split); with
+    and V scales (`scale_view`); tile_dtype: what q and the 8-bit tiles take for the products (None:
+    int8 products, q quantised per row here, as `jaxpaged.quant.quantise` does). With one output ref ([H, D]) it writes its normalised rows there (one split); with
     three, the unnormalised o and its running max and sum, merged outside.
     """
-    scale_refs = refs[:2] if quantized else None
-    q_scale_ref, out_refs = (refs[2], refs[3:]) if q_scaled else (None, refs[2 if quantized else 0:])
+    scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else (None, refs)
     head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
     real = jnp.arange(rows) < heads * group
     q = plgpu.load(q_ref.at[head_rows], mask=real[:, None], other=0)
-    if tile_dtype is not None:
+    q_scale = None
+    if quantized and tile_dtype is None:  # int8 products: q quantised per row here (rows past the heads: 0)
+        q, q_scale = quantise(q, "int8")
+        q_scale = q_scale.astype(jnp.float32)
+    elif tile_dtype is not None:
         q = q.astype(tile_dtype)
     split = pl.program_id(2)
     length = lengths_ref[0]
@@ -127,9 +129,6 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
                   blocks_per_step=blocks_per_step, num_blocks=num_blocks, scale=scale)
     softmax = empty_carry(*q.shape)
     if quantized:
-        q_scale = None
-        if q_scale_ref is not None:
-            q_scale = plgpu.load(q_scale_ref.at[head_rows], mask=real, other=0).astype(jnp.float32)
         step = functools.partial(_attend_chunk8, q=q, block_size=block_size, scale_refs=scale_refs, q_scale=q_scale,
                                  dtype=tile_dtype, **shared)
         o, m, l = jax.lax.fori_loop(first_step, last_step, step, softmax)
@@ -230,7 +229,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     quantized = check_scales(k_pool, k_scale, v_scale)
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
-    out_dtype, q_scale, tile_dtype = q.dtype, (), None
+    out_dtype, tile_dtype = q.dtype, None
     if quantized:  # 8-bit pools' own launch (`launch.QUANTIZED_DEFAULTS`)
         if transposed or row_gather is False or (heads_per_program or 1) > 1:
             raise ValueError("8-bit pools take the plain products of one kv head's rows: transposed, row_gather=False "
@@ -243,14 +242,12 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         if dot_dtype is None:
             dot_dtype = launch.QUANTIZED_DEFAULTS["dot_dtype"][k_pool.dtype.name]
             dot_dtype = q.dtype.name if dot_dtype == "int8" and short_step else dot_dtype
-        if dot_dtype == "int8":  # int8 x int8 -> int32 products: q quantised per row, its scales beside
+        if dot_dtype == "int8":  # int8 x int8 -> int32 products: the kernel quantises q per row
             if k_pool.dtype != jnp.int8:
                 raise ValueError(f"dot_dtype='int8' takes int8 pools, not {k_pool.dtype}")
             if short_step:
                 raise ValueError(f"dot_dtype='int8' takes loop steps of >= {launch.MIN_INT8_STEP} positions, not "
                                  f"{blocks_per_step} blocks of {block_size}")
-            q, scale_of_q = quantise(q, "int8")  # [B, H, D] int8, [B, H] float16
-            q_scale = (scale_of_q,)
         else:
             tile_dtype = jnp.dtype(dot_dtype)
     plan = launch.decode_launch(batch, num_heads, kv_heads, head_dim, block_size, max_blocks, out_dtype.itemsize
@@ -268,7 +265,7 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                                scale=softmax_scale(head_dim), transposed=plan.transposed,
                                masked_loads=(plan.transposed or plan.row_gather) and not interpret,
                                row_gather=plan.row_gather, heads=plan.heads_per_program,
-                               loads_ahead=plan.loads_ahead, quantized=quantized, q_scaled=bool(q_scale),
+                               loads_ahead=plan.loads_ahead, quantized=quantized,
                                tile_dtype=tile_dtype)
     scales, scale_spec = scale_view(k_scale, v_scale) if quantized else ((), None)
     if splits == 1:  # every program writes its rows of sequence b's [H, D]
@@ -297,15 +294,13 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
             k_spec,
             v_spec,
             *[scale_spec] * len(scales),
-            *[pl.BlockSpec((None, num_heads), lambda b, h, s: (b, 0))] * len(q_scale),  # q's row scales
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=plan.num_stages),
         interpret=interpret,
         name="jaxpaged_decode",
-    )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool, *scales,
-      *q_scale)
+    )(layer_operand(layer), lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pool, v_pool, *scales)
 
     if splits == 1:
         return out
