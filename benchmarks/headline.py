@@ -30,7 +30,6 @@ KV_QUANT_SPEED = "kv_quant_speed_H200.json"
 KV_QUANT_ACCURACY = "kv_quant_smollm2_int8_products_CPU.json"
 KV_QUANT_UNROTATED = "archive/kv_quant_smollm2_unrotated_CPU.json"  # K stored as it is, before the rotation
 KV_QUANT_NO_EXCESS = "kv_quant_smollm2_no_excess_precision_CPU.json"  # XLA_FLAGS=--xla_allow_excess_precision=false
-KV_QUANT_ENGINE = "archive/kv_quant_speed_before_v_blocks_H200.json"  # the engine rows: the 8-bit kernel before
 # The engine (llama-1b): A, C and the static peer in one run; A with the launcher on and off and the
 # transformers peer in the run before; B on the engine before packing (NOTES.md)
 ENGINE_AC, ENGINE_A, ENGINE_B = ("engine_llama-1b_AC_H200.json", "engine_llama-1b_A_H200.json",
@@ -226,30 +225,34 @@ def headline_kv_quant(results):
     speed = load(results, KV_QUANT_SPEED)
     us = lambda row, name: row["seconds"][name] * 1e6  # noqa: E731
     header = [("batch x context, heads", "l"), ("ours bfloat16 µs", "r"), ("ours int8 µs", "r"),
-              ("ours float8 µs", "r"), ("jax int8 µs", "r"), ("jax bfloat16 µs", "r")]
+              ("ours float8 µs", "r"), ("jax int8 µs", "r"), ("jax bfloat16 µs", "r"),
+              ("device µs: ours int8 / jax int8", "r")]
     table = []
     for row in speed["decode"]:
+        device = row.get("device_seconds")
         base = us(row, "jaxpaged_bfloat16")
         cells = [f"{row['batch']} x {row['context']}, {row['heads']}/{row['kv_heads']}/{row['head_dim']}", f"{base:.0f}"]
         cells += [f"{us(row, name):.0f} ({base / us(row, name):.2f}x)"
                   for name in ("jaxpaged_int8", "jaxpaged_float8_e4m3fn")]
         cells += [f"{us(row, 'jax_pallas_int8'):.0f} (ours {us(row, 'jax_pallas_int8') / us(row, 'jaxpaged_int8'):.2f}x)",
                   f"{us(row, 'jax_pallas_bfloat16'):.0f}"]
+        cells.append(f"{device['jaxpaged_int8'] * 1e6:.1f} / {device['jax_pallas_int8'] * 1e6:.1f} "
+                     f"(ours {row['int8_device_speedup_vs_jax_int8']:.2f}x)" if device else "—")
         table.append(cells)
     attention = (f"*{speed['device']}, jax {speed['jax']}; time per call, a jitted loop of 20 (the ratios: "
-                 f"speed-up over ours in bfloat16; jax int8: ours int8's speed-up over it). Source: "
+                 f"speed-up over ours in bfloat16; jax int8: ours int8's speed-up over it); device time: the GPU's "
+                 f"busy time per call under the profiler (timed at head dim 64 only). Source: "
                  f"`benchmarks/results/{KV_QUANT_SPEED}`.*\n\n" + markdown(header, table))
     fits = {(r["model"], r["length"]): r for r in speed["capacity"]}
     header = [("K/V", "l"), ("llama-1b seqs of 2,048 in 64 GiB", "r"), ("8B seqs of 8,192 in 64 GiB", "r"),
               ("engine: output tokens/s", "r"), ("peak running", "r"), ("preemptions", "r")]
-    engine = load(results, KV_QUANT_ENGINE)
+    engine = speed
     table = [[e["kv_dtype"], fits["llama-1b", 2048][e["kv_dtype"]], fits["llama-8b", 8192][e["kv_dtype"]],
               f"{e['output_tokens_per_second']:,.0f} ({e['speedup_vs_bfloat16']:.2f}x)", e["peak_running"],
               e["preemptions"]] for e in engine["engine"]]
     capacity = (f"*Capacity from the pools' bytes (scales counted), `benchmarks/results/{KV_QUANT_SPEED}`; the "
                 f"engine on {engine['device']}: llama-1b bfloat16, {engine['engine_requests']} requests of workload A "
-                f"in {engine['engine_pool_GiB']:g} GiB of pool, with the 8-bit decode kernel before V's blocks were "
-                f"transposed (`benchmarks/results/{KV_QUANT_ENGINE}`).*\n\n" + markdown(header, table))
+                f"in {engine['engine_pool_GiB']:g} GiB of pool, random weights.*\n\n" + markdown(header, table))
     accuracy = load(results, KV_QUANT_ACCURACY)
     header = [("kv_dtype", "l"), ("K stored", "l"), ("XLA numerics", "l"), ("mean KL", "r"), ("max KL", "r"),
               ("max abs logit difference", "r"), ("same greedy token", "r"), ("perplexity", "r"),

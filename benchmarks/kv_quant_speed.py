@@ -7,7 +7,9 @@
    8, 32, 128 x context 2048, 4096, 8192 at heads 32/8/128, and x 2048, 8192 at 32/8/64. Each path is checked first
    against float32 attention over the values its pools hold (dequantised for 8-bit). Time: the
    median of 5 rounds of a jitted loop of 20 dependent calls (the device's time, not the host's;
-   the same method for every path). Bandwidth counts the bytes each path must read once: K and V,
+   the same method for every path); and beside it each path's device time per call (the GPU's busy
+   time over 20 calls under the profiler, as benchmarks/attention.py times decode), which leaves out
+   the loop's own time between calls, most of an iteration at the smallest shapes. Bandwidth counts the bytes each path must read once: K and V,
    and for 8-bit their scales (2 bytes a position and kv head for ours, float16; jax's the same,
    given float16 scales).
 2. Capacity: sequences of a given length that fit a pool of fixed bytes, bfloat16 against 8-bit
@@ -36,7 +38,7 @@ from jaxpaged.kernels import paged_decode_attention
 from jaxpaged.quant import dequantise, quantise, v_blocks
 from attention import make_inputs, xla_dense
 from ceilings import spec_bandwidth
-from timing import median_time_in_loop
+from timing import device_time, median_time_in_loop
 
 FORMATS = ("int8", "float8_e4m3fn")
 SHAPES = ([(b, s, 32, 8, 128) for b in (8, 32, 128) for s in (2048, 4096, 8192)]
@@ -73,11 +75,12 @@ def bench_shape(rng, batch, context, heads, kv_heads, head_dim, copies):
     sets = make_inputs(rng, batch, context, heads, kv_heads, head_dim, BLOCK_SIZE, copies)
     positions = batch * context * kv_heads  # per pool
     row = {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-           "seconds": {}, "bytes": {}, "rel_err": {}, "jax_settings": {}}
+           "seconds": {}, "device_seconds": {}, "bytes": {}, "rel_err": {}, "jax_settings": {}}
 
     def record(name, fn, args, nbytes, reference):
         row["rel_err"][name] = rel_err(fn(*args[0]), reference)
         row["seconds"][name] = median_time_in_loop(fn, args)
+        row["device_seconds"][name] = device_time(fn, args)[0]
         row["bytes"][name] = nbytes
 
     bf16_bytes = 2 * positions * head_dim * 2
@@ -106,6 +109,8 @@ def bench_shape(rng, batch, context, heads, kv_heads, head_dim, copies):
     row["speedup_vs_jaxpaged_bfloat16"] = {name: base / sec for name, sec in row["seconds"].items()}
     if "jax_pallas_int8" in row["seconds"]:
         row["int8_speedup_vs_jax_int8"] = row["seconds"]["jax_pallas_int8"] / row["seconds"]["jaxpaged_int8"]
+        row["int8_device_speedup_vs_jax_int8"] = (row["device_seconds"]["jax_pallas_int8"]
+                                                  / row["device_seconds"]["jaxpaged_int8"])
     return row
 
 
@@ -128,11 +133,12 @@ def _tune_jax(row, name, args, blocks_per_seq, nbytes, reference, tolerance=2e-2
             if err < tolerance:
                 seconds = median_time_in_loop(fn, args)
                 if best is None or seconds < best[0]:
-                    best = (seconds, err, {"pages_per_compute_block": ppcb, "k_splits": splits})
+                    best = (seconds, err, {"pages_per_compute_block": ppcb, "k_splits": splits}, fn)
         except Exception as failure:  # a setting the kernel refuses or Triton can not compile
             print(f"  {name} ppcb={ppcb} k_splits={splits}: {type(failure).__name__}: {str(failure)[:200]}")
     if best is not None:
-        row["seconds"][name], row["rel_err"][name], row["jax_settings"][name] = best
+        row["seconds"][name], row["rel_err"][name], row["jax_settings"][name], fn = best
+        row["device_seconds"][name] = device_time(fn, args)[0]
         row["bytes"][name] = nbytes
 
 
@@ -190,6 +196,7 @@ def main():
     parser.add_argument("--skip-engine", action="store_true", help="attention and capacity only")
     parser.add_argument("--skip-attention", action="store_true", help="capacity and the engine only")
     parser.add_argument("--head-dim", type=int, choices=(64, 128), help="only the decode shapes of this head dim")
+    parser.add_argument("--batches", type=int, nargs="+", help="only the decode shapes of these batches")
     parser.add_argument("--pool-gib", type=float, default=1.0, help="the engine's pool, GiB (default 1)")
     parser.add_argument("--num-requests", type=int, default=64, help="the engine's requests (default 64)")
     args = parser.parse_args()
@@ -200,7 +207,8 @@ def main():
               "method": __doc__, "decode": [], "capacity": capacity()}
     rng = np.random.default_rng(0)
     shapes = [(8, 2048, 32, 8, 128), (32, 2048, 32, 8, 64)] if args.quick else SHAPES
-    shapes = [] if args.skip_attention else [s for s in shapes if args.head_dim in (None, s[-1])]
+    shapes = [] if args.skip_attention else [s for s in shapes if args.head_dim in (None, s[-1])
+                                             and (args.batches is None or s[0] in args.batches)]
     from tqdm import tqdm
 
     for batch, context, heads, kv_heads, head_dim in tqdm(shapes, desc="decode shapes"):
@@ -234,6 +242,13 @@ def print_tables(result):
                 cells.append("-")
         print(f"{row['batch']:5} {row['context']:7} {row['heads']}/{row['kv_heads']}/{row['head_dim']:<5}"
               + "".join(f"{c:>20}" for c in cells))
+    print("\nours int8 against jax's int8: in the loop, and by device time (µs a call: ours / jax)")
+    for row in result["decode"]:
+        if "int8_device_speedup_vs_jax_int8" in row:
+            device = row["device_seconds"]
+            print(f"{row['batch']:5} {row['context']:7} {row['heads']}/{row['kv_heads']}/{row['head_dim']:<5}"
+                  f" x{row['int8_speedup_vs_jax_int8']:.2f}  x{row['int8_device_speedup_vs_jax_int8']:.2f}"
+                  f"  ({device['jaxpaged_int8'] * 1e6:.1f} / {device['jax_pallas_int8'] * 1e6:.1f})")
     print("\ncapacity: sequences that fit", result["capacity"][0]["pool_GiB"], "GiB")
     for row in result["capacity"]:
         print(f"  {row['model']:9} {row['length']:5}: bf16 {row['bfloat16']:6}  int8 {row['int8']:6}  "
