@@ -71,7 +71,7 @@ def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
 
 def round_half_even(x: jax.Array) -> jax.Array:
     """x [...] (float32, |x| < 2^23) rounded to the nearest integer, ties to even: `jnp.round`'s
-    values, from floor and exact float32 steps, so that it also lowers inside a Pallas Triton kernel
+    values (but +0.0 for its -0.0, the same int8), from floor and exact float32 steps, so that it also lowers inside a Pallas Triton kernel
     (the decode kernel quantises q for int8 products there), where `jnp.round`'s primitive has no
     lowering. (Adding and taking away 1.5 * 2^23 would do it in two steps, but XLA folds those away.)"""
     whole = jnp.floor(x)

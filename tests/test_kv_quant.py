@@ -464,6 +464,8 @@ def test_the_prefill_kernel_reads_8_bit_pools_as_the_reference_reads_them_dequan
 
 
 def test_the_kernels_take_8_bit_pools_only_with_their_scales(rng):
+    """Clear errors for 8-bit pools without their scales (or float pools with them), scales of the
+    wrong shape or dtype, unknown 8-bit formats, integer q, and a dot_dtype the products can not take."""
     from jaxpaged.kernels.decode import paged_decode_attention
 
     k, v, k_scale, v_scale, tables, _ = _quantised_cache(rng, "int8", lengths=[3])
@@ -477,6 +479,16 @@ def test_the_kernels_take_8_bit_pools_only_with_their_scales(rng):
         paged_decode_attention(q, k, v, *args, k_scale=k_scale[0], v_scale=v_scale[0], interpret=True)
     with pytest.raises(ValueError, match="8-bit pools are int8 or float8_e4m3fn"):
         paged_decode_attention(q, k.view(jnp.uint8), v.view(jnp.uint8), *args, k_scale=k_scale, v_scale=v_scale,
+                               interpret=True)
+    with pytest.raises(ValueError, match=r"must be floats .* got float16\[2, 2, 11, 8\] and int16\[2, 2, 11, 8\]"):
+        paged_decode_attention(q, k, v, *args, k_scale=k_scale, v_scale=v_scale.astype(jnp.int16), interpret=True)
+    with pytest.raises(ValueError, match="q must be floats"):
+        paged_decode_attention(q.astype(jnp.int32), k, v, *args, k_scale=k_scale, v_scale=v_scale, interpret=True)
+    for bad in ("int32", "uint8", "bool", "float8_e4m3fn", "foo"):
+        with pytest.raises(ValueError, match=f"dot_dtype must be one of .*got '{bad}'"):
+            paged_decode_attention(q, k, v, *args, k_scale=k_scale, v_scale=v_scale, dot_dtype=bad, interpret=True)
+    with pytest.raises(ValueError, match="dot_dtype is for 8-bit pools; pools of float32 take q's dtype"):
+        paged_decode_attention(q, k.astype(jnp.float32), v_blocks(v).astype(jnp.float32), *args, dot_dtype="float16",
                                interpret=True)
     config = _config("float8_e4m3fn", head_dim=64, block_size=8)  # 8-bit pools change nothing in the choice
     assert attention.choose_impl("auto", config, backend="cpu") == "reference"

@@ -222,6 +222,8 @@ def check_inputs(q, k_pool, block_tables, lengths, q_positions=None, *, kv_heads
         raise ValueError(f"a pool of {k_pool.size:,} elements of {k_pool.dtype} {tuple(k_pool.shape)} is beyond the "
                          "kernels' offsets (8-bit pools: fewer than 2^31 elements or more than 2^32; at most 2^31 - 1 "
                          "rows of D): use the reference path (jaxpaged.attention) or another number of blocks")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q must be floats (float32, float16 or bfloat16), got {q.dtype}")
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     if head_dim != k_pool.shape[-1] or heads % kv_heads:
         raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}: the head dims must agree and the "
@@ -243,10 +245,11 @@ def check_scales(k_pool, k_scale, v_scale) -> bool:
     given = k_scale is not None and v_scale is not None
     if quantized != given or (k_scale is None) != (v_scale is None):
         raise ValueError(f"pools of {k_pool.dtype} take k_scale and v_scale {'both' if quantized else 'neither'}")
-    if given and (k_scale.shape != k_pool.shape[:-1] or v_scale.shape != k_pool.shape[:-1]
-                  or not jnp.issubdtype(k_scale.dtype, jnp.floating)):
+    if given and any(scale.shape != k_pool.shape[:-1] or not jnp.issubdtype(scale.dtype, jnp.floating)
+                     for scale in (k_scale, v_scale)):
         raise ValueError(f"k_scale and v_scale must be floats of shape {tuple(k_pool.shape[:-1])} (the pools' "
-                         f"[L, K, N, P]), got {k_scale.dtype}{list(k_scale.shape)} and {list(v_scale.shape)}")
+                         f"[L, K, N, P]), got {k_scale.dtype}{list(k_scale.shape)} and "
+                         f"{v_scale.dtype}{list(v_scale.shape)}")
     return quantized
 
 

@@ -164,6 +164,9 @@ def _transposed(softmax, transposed: bool):
     return (softmax[0].T, *softmax[1:]) if transposed else softmax
 
 
+_DOT_DTYPES = ("int8", "float16", "bfloat16", "float32")  # what 8-bit pools' products may take (`dot_dtype`)
+
+
 @functools.partial(jax.jit, static_argnames=("blocks_per_step", "num_splits", "num_warps", "num_stages", "transposed", "dot_dtype",
                                              "row_gather", "heads_per_program", "gpu", "interpret"))
 def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer, block_tables: jax.Array,
@@ -211,10 +214,12 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         products cost no more per byte. Default `launch.default_heads_per_program` (1 with the block
         gather).
       gpu: the card's numbers for the defaults; default `launch.this_gpu()` (the device jax runs on).
-      dot_dtype: with 8-bit pools, the dtype q and the 8-bit tiles take for the products; default
+      dot_dtype: with 8-bit pools, the dtype q and the 8-bit tiles take for the products: "int8",
+        "float16", "bfloat16" or "float32" (float pools take q's dtype and refuse one); default
         `launch.QUANTIZED_DEFAULTS` ("int8" for int8 pools, but q's dtype where a loop step holds fewer
-        than `launch.MIN_INT8_STEP` positions; float16 for float8). "int8" (int8 pools):
-        q is quantised per row too (`jaxpaged.quant.quantise`), q . k runs on int8 operands into
+        than `launch.MIN_INT8_STEP` positions; float16 for float8: q past float16's 65504 becomes
+        inf there). "int8" (int8 pools): q is quantised per row too, in the kernel
+        (`jaxpaged.quant.quantise`: a row holding inf or NaN attends as NaN), q . k runs on int8 operands into
         int32, the scales of q's rows and K's positions turn it back, and the probabilities times
         V's scales are rounded onto 0..127 per row and step for an int8 product with V
         (`common.weigh`). Their accuracy: benchmarks/kv_quant_model.py --int8-products.
@@ -230,6 +235,10 @@ def paged_decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     max_blocks = block_tables.shape[1]
     group = num_heads // kv_heads
     out_dtype, tile_dtype = q.dtype, None
+    if dot_dtype is not None and dot_dtype not in _DOT_DTYPES:
+        raise ValueError(f"dot_dtype must be one of {_DOT_DTYPES} (or None), got {dot_dtype!r}")
+    if dot_dtype is not None and not quantized:
+        raise ValueError(f"dot_dtype is for 8-bit pools; pools of {k_pool.dtype} take q's dtype")
     if quantized:  # 8-bit pools' own launch (`launch.QUANTIZED_DEFAULTS`)
         if transposed or row_gather is False or (heads_per_program or 1) > 1:
             raise ValueError("8-bit pools take the plain products of one kv head's rows: transposed, row_gather=False "
