@@ -246,13 +246,12 @@ def headline_kv_quant(results):
     fits = {(r["model"], r["length"]): r for r in speed["capacity"]}
     header = [("K/V", "l"), ("llama-1b seqs of 2,048 in 64 GiB", "r"), ("8B seqs of 8,192 in 64 GiB", "r"),
               ("engine: output tokens/s", "r"), ("peak running", "r"), ("preemptions", "r")]
-    engine = speed
     table = [[e["kv_dtype"], fits["llama-1b", 2048][e["kv_dtype"]], fits["llama-8b", 8192][e["kv_dtype"]],
               f"{e['output_tokens_per_second']:,.0f} ({e['speedup_vs_bfloat16']:.2f}x)", e["peak_running"],
-              e["preemptions"]] for e in engine["engine"]]
+              e["preemptions"]] for e in speed["engine"]]
     capacity = (f"*Capacity from the pools' bytes (scales counted), `benchmarks/results/{KV_QUANT_SPEED}`; the "
-                f"engine on {engine['device']}: llama-1b bfloat16, {engine['engine_requests']} requests of workload A "
-                f"in {engine['engine_pool_GiB']:g} GiB of pool, random weights.*\n\n" + markdown(header, table))
+                f"engine on {speed['device']}: llama-1b bfloat16, {speed['engine_requests']} requests of workload A "
+                f"in {speed['engine_pool_GiB']:g} GiB of pool, random weights.*\n\n" + markdown(header, table))
     accuracy = load(results, KV_QUANT_ACCURACY)
     header = [("kv_dtype", "l"), ("K stored", "l"), ("XLA numerics", "l"), ("mean KL", "r"), ("max KL", "r"),
               ("max abs logit difference", "r"), ("same greedy token", "r"), ("perplexity", "r"),

@@ -9,9 +9,9 @@
    median of 5 rounds of a jitted loop of 20 dependent calls (the device's time, not the host's;
    the same method for every path); and beside it each path's device time per call (the GPU's busy
    time over 20 calls under the profiler, as benchmarks/attention.py times decode), which leaves out
-   the loop's own time between calls, most of an iteration at the smallest shapes. Bandwidth counts the bytes each path must read once: K and V,
-   and for 8-bit their scales (2 bytes a position and kv head for ours, float16; jax's the same,
-   given float16 scales).
+   the loop's own time between calls, most of an iteration at the smallest shapes. Bandwidth counts
+   the bytes each path must read once: K and V, and for 8-bit their scales (2 bytes a position and
+   kv head for ours, float16; jax's the same, given float16 scales).
 2. Capacity: sequences of a given length that fit a pool of fixed bytes, bfloat16 against 8-bit
    (llama-1b's and an 8B Llama's K/V shapes; from `CacheConfig`, counting the scales).
 3. Generation: the engine on llama-1b (bfloat16, random weights) serving workload A with a pool of

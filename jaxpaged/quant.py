@@ -71,9 +71,10 @@ def quantise(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
 
 def round_half_even(x: jax.Array) -> jax.Array:
     """x [...] (float32, |x| < 2^23) rounded to the nearest integer, ties to even: `jnp.round`'s
-    values (but +0.0 for its -0.0, the same int8), from floor and exact float32 steps, so that it also lowers inside a Pallas Triton kernel
-    (the decode kernel quantises q for int8 products there), where `jnp.round`'s primitive has no
-    lowering. (Adding and taking away 1.5 * 2^23 would do it in two steps, but XLA folds those away.)"""
+    values (but +0.0 for its -0.0, the same int8), from floor and exact float32 steps, so that it
+    also lowers inside a Pallas Triton kernel (the decode kernel quantises q for int8 products
+    there), where `jnp.round`'s primitive has no lowering. (Adding and taking away 1.5 * 2^23 would
+    do it in two steps, but XLA folds those away.)"""
     whole = jnp.floor(x)
     fraction = x - whole  # exact, in [0, 1)
     odd = whole - 2 * jnp.floor(whole * 0.5) == 1

@@ -82,8 +82,9 @@ def test_int8_rounds_ties_to_even_as_jnp_round_does(rng):
     """round_half_even (what quantise rounds int8 values with; it also runs inside the decode kernel)
     gives jnp.round's values, compiled and not, at ties, just off them, around 0 and at random."""
     ties = np.arange(-130, 130, dtype=np.float32) + np.float32(0.5)
-    x = np.concatenate([ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, ties * 2), rng.uniform(-128, 128, 20000),
-                        rng.normal(0, 1e-3, 1000), [0, -0.0, 2**-149, -(2**-149), 127, -127, 2**22 + 0.5]]).astype(np.float32)
+    near = [np.nextafter(ties, np.float32(0)), np.nextafter(ties, ties * 2)]
+    odd = [0, -0.0, 2**-149, -(2**-149), 127, -127, 2**22 + 0.5]
+    x = np.concatenate([ties, *near, rng.uniform(-128, 128, 20000), rng.normal(0, 1e-3, 1000), odd]).astype(np.float32)
     expected = np.asarray(jnp.round(jnp.asarray(x)))
     for got in (jax.jit(round_half_even)(jnp.asarray(x)), round_half_even(jnp.asarray(x))):
         assert np.array_equal(np.asarray(got), expected), x[np.asarray(got) != expected][:8]
@@ -390,10 +391,10 @@ def _weights_rounding_bound(q, k, v, v_scale, tables, lengths, layer, chunk):
 @pytest.mark.parametrize("splits, blocks_per_step", [(1, 4), (3, 4), (1, 8)])
 def test_int8_products_attend_with_q_and_the_weights_quantised_per_row(splits, blocks_per_step, rng):
     """int8 pools' default products (dot_dtype "int8"): q quantised per row in the kernel (as
-    `quantise` does), q . k on int8 operands (int32) scaled back by q's row scales and K's position scales, and the weights rounded onto 0..127 per row and loop
-    step for an int8 product with V: within the weights' rounding bound of attention of q as
-    quantised per row over the dequantised pools, and not equal to it (the weights are rounded);
-    float8 pools refuse int8 products."""
+    `quantise` does), q . k on int8 operands (int32) scaled back by q's row scales and K's position
+    scales, and the weights rounded onto 0..127 per row and loop step for an int8 product with V:
+    within the weights' rounding bound of attention of q as quantised per row over the dequantised
+    pools, and not equal to it (the weights are rounded); float8 pools refuse int8 products."""
     from test_kernels import _reference
 
     from jaxpaged.kernels.decode import paged_decode_attention

@@ -104,8 +104,9 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
     It reads their G query heads each straight from q ([H, D] of sequence b), as `rows` rows of which
     the ones past heads * G are zeros. With 8-bit pools (quantized) the first two of refs are the K
     and V scales (`scale_view`); tile_dtype: what q and the 8-bit tiles take for the products (None:
-    int8 products, q quantised per row here, as `jaxpaged.quant.quantise` does). With one output ref ([H, D]) it writes its normalised rows there (one split); with
-    three, the unnormalised o and its running max and sum, merged outside.
+    int8 products, q quantised per row here, as `jaxpaged.quant.quantise` does). With one output ref
+    ([H, D]) it writes its normalised rows there (one split); with three, the unnormalised o and its
+    running max and sum, merged outside.
     """
     scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else (None, refs)
     head_rows = pl.ds(pl.program_id(1) * heads * group, rows)
